@@ -1,0 +1,160 @@
+//! Map keys, values and names shared by skiff's eBPF programs and the router.
+//!
+//! Everything here is `repr(C)` and free of padding so that the kernel and userspace agree on
+//! every byte. Addresses are stored as IPv6 (IPv4 as v4-mapped, `::ffff:a.b.c.d`) in network
+//! byte order, so an IPv4 socket and a dual-stack socket that talks to an IPv4 peer produce the
+//! same key. Ports are stored in host byte order.
+#![no_std]
+
+/// Name of the SOCKHASH that holds the accelerated sockets, keyed by [`SockKey`].
+pub const SOCKS_MAP: &str = "SKIFF_SOCKS";
+/// Name of the hash of endpoints whose connections are accelerated: [`EndpointKey`] -> `u32` flags.
+pub const ENDPOINTS_MAP: &str = "SKIFF_ENDPOINTS";
+/// Name of the per-CPU array of `u64` counters, indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "SKIFF_COUNTERS";
+
+/// Name of the sock_ops program that fills [`SOCKS_MAP`].
+pub const SOCK_OPS_PROGRAM: &str = "skiff_sock_ops";
+/// Name of the sk_msg program that redirects between sockets of [`SOCKS_MAP`].
+pub const SK_MSG_PROGRAM: &str = "skiff_sk_msg";
+
+/// Capacity of [`SOCKS_MAP`]: two entries per accelerated connection.
+pub const SOCKS_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of [`ENDPOINTS_MAP`].
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 4_096;
+
+/// One established TCP socket as both of its ends see it.
+///
+/// `netns` is the network namespace cookie: the same four-tuple in two namespaces is two
+/// different connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    /// The key of the socket at the other end of the same connection.
+    #[must_use]
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns: self.netns,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// A local endpoint (address and port) whose connections the programs accelerate.
+///
+/// An all-zero `ip` matches every local address (a listener bound to `0.0.0.0` or `::`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub ip: [u32; 4],
+    pub port: u32,
+}
+
+/// The unspecified address: an [`EndpointKey`] with it matches any local address.
+pub const ANY_IP: [u32; 4] = [0; 4];
+
+/// Third word of a v4-mapped IPv6 address (`::ffff:0:0/96`) as it lies in memory.
+pub const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// An IPv4 address, as it lies in memory (network byte order), in the v4-mapped form keys use.
+#[must_use]
+pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_PREFIX, ip4_be]
+}
+
+/// Indexes into [`COUNTERS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Sockets sock_ops put into the sockhash.
+    SocksInserted = 0,
+    /// Sockets sock_ops wanted to insert but the kernel refused (map full, unsupported state).
+    SocksInsertFailed = 1,
+    /// Messages sk_msg redirected to the peer socket.
+    MsgRedirected = 2,
+    /// Bytes in those messages.
+    BytesRedirected = 3,
+    /// Messages whose peer was not in the sockhash: passed on the normal path.
+    MsgMissed = 4,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; 5] = [
+        Self::SocksInserted,
+        Self::SocksInsertFailed,
+        Self::MsgRedirected,
+        Self::BytesRedirected,
+        Self::MsgMissed,
+    ];
+    /// Number of entries in [`COUNTERS_MAP`].
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// A snake_case name for logs and metric labels.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SocksInserted => "socks_inserted",
+            Self::SocksInsertFailed => "socks_insert_failed",
+            Self::MsgRedirected => "msg_redirected",
+            Self::BytesRedirected => "bytes_redirected",
+            Self::MsgMissed => "msg_missed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both are repr(C), Copy, made only of integers, and have no padding
+    // (checked by the size assertions below).
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+}
+
+const _: () = assert!(size_of::<SockKey>() == 8 + 16 + 16 + 4 + 4);
+const _: () = assert!(size_of::<EndpointKey>() == 16 + 4);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_swaps_ends_and_keeps_namespace() {
+        let key = SockKey {
+            netns: 7,
+            local_ip: v4_mapped(1),
+            remote_ip: v4_mapped(2),
+            local_port: 80,
+            remote_port: 40_000,
+        };
+        let peer = key.peer();
+        assert_eq!(peer.netns, 7);
+        assert_eq!((peer.local_ip, peer.local_port), (key.remote_ip, 40_000));
+        assert_eq!((peer.remote_ip, peer.remote_port), (key.local_ip, 80));
+        assert_eq!(peer.peer(), key);
+    }
+
+    #[test]
+    fn v4_mapped_matches_ipv6_octets() {
+        extern crate std;
+        let v4 = std::net::Ipv4Addr::new(127, 0, 0, 1);
+        let mapped = v4.to_ipv6_mapped().octets();
+        let words = v4_mapped(u32::from_ne_bytes(v4.octets()));
+        let mut bytes = [0u8; 16];
+        for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        assert_eq!(bytes, mapped);
+    }
+}

@@ -1,0 +1,81 @@
+//! The maps shared by the programs. Userspace finds them by the names in `ebpf_common`.
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, SockHash},
+};
+use ebpf_common::{
+    ANY_IP, Counter, ENDPOINTS_MAX_ENTRIES, EndpointKey, SOCKS_MAX_ENTRIES, SockKey, v4_mapped,
+};
+
+/// Accelerated sockets. The kernel removes a socket from it when the socket closes.
+#[map]
+pub static SKIFF_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(SOCKS_MAX_ENTRIES, 0);
+
+/// Local endpoints whose connections are accelerated, written by the router.
+#[map]
+pub static SKIFF_ENDPOINTS: HashMap<EndpointKey, u32> =
+    HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
+
+/// Event counters; per-CPU because the bpf target has no 64-bit atomics.
+#[map]
+pub static SKIFF_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Adds `n` to `counter` on this CPU.
+#[inline(always)]
+pub fn count(counter: Counter, n: u64) {
+    if let Some(value) = SKIFF_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the pointer is this CPU's slot of a live map value, and BPF programs do not
+        // preempt each other on one CPU.
+        unsafe { *value += n };
+    }
+}
+
+/// Whether `ip:port` is a registered endpoint, bound to that address or to any address.
+#[inline(always)]
+pub fn is_endpoint(ip: [u32; 4], port: u32) -> bool {
+    SKIFF_ENDPOINTS.get_ptr(EndpointKey { ip, port }).is_some()
+        || SKIFF_ENDPOINTS
+            .get_ptr(EndpointKey { ip: ANY_IP, port })
+            .is_some()
+}
+
+/// An address as keys store it: IPv4 in its v4-mapped form, IPv6 as is.
+#[inline(always)]
+pub fn key_ip(family: u32, ip4: u32, ip6: [u32; 4]) -> Option<[u32; 4]> {
+    match family {
+        AF_INET => Some(v4_mapped(ip4)),
+        AF_INET6 => Some(ip6),
+        _ => None,
+    }
+}
+
+/// The remote port as `bpf_sock_ops` and `sk_msg_md` carry it: the big-endian `u16` shifted into
+/// the upper half of the word on little-endian machines.
+#[inline(always)]
+pub fn remote_port(raw: u32) -> u32 {
+    u32::from(u16::from_be((raw >> 16) as u16))
+}
+
+/// Reads a context's `[u32; 4]` IPv6 address one word at a time, each with its own load.
+///
+/// # Safety
+/// `ip6` must point into the live program context.
+#[inline(always)]
+pub unsafe fn read_ip6(ip6: *const [u32; 4]) -> [u32; 4] {
+    let words = ip6.cast::<u32>();
+    // SAFETY: the caller guarantees `ip6` points at four readable words of the context.
+    unsafe {
+        [
+            read_volatile(words),
+            read_volatile(words.add(1)),
+            read_volatile(words.add(2)),
+            read_volatile(words.add(3)),
+        ]
+    }
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;

@@ -1,0 +1,59 @@
+//! sk_msg: moves each message a sockhash socket sends straight into its peer's receive queue.
+//!
+//! `bpf_msg_redirect_hash` answers `SK_DROP` when the peer is not in the map (it closed, or it
+//! lives outside the attached cgroup). Returning `SK_PASS` then sends the message on the normal
+//! TCP path instead of dropping it: a miss costs speed, never data.
+
+use aya_ebpf::{
+    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    helpers::bpf_get_netns_cookie,
+    macros::sk_msg,
+    programs::SkMsgContext,
+};
+use ebpf_common::{Counter, SockKey};
+
+use core::ptr::read_volatile;
+
+use crate::maps::{SKIFF_SOCKS, count, key_ip, read_ip6, remote_port};
+
+#[sk_msg]
+pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
+    let Some(key) = sock_key(&ctx) else {
+        count(Counter::MsgMissed, 1);
+        return SK_PASS;
+    };
+    let size = u64::from(ctx.size());
+    if SKIFF_SOCKS.redirect_msg(&ctx, key.peer(), u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        count(Counter::MsgRedirected, 1);
+        count(Counter::BytesRedirected, size);
+    } else {
+        count(Counter::MsgMissed, 1);
+    }
+    SK_PASS
+}
+
+fn sock_key(ctx: &SkMsgContext) -> Option<SockKey> {
+    let md = ctx.msg;
+    // Every context field is read with its own load: the verifier rejects a load through a
+    // context pointer the compiler has offset and kept around (`dereference of modified ctx ptr`).
+    // SAFETY: md is the live sk_msg_md the kernel passed in; sk_msg may read all of these.
+    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port_raw) = unsafe {
+        (
+            read_volatile(&raw const (*md).family),
+            read_volatile(&raw const (*md).local_ip4),
+            read_volatile(&raw const (*md).remote_ip4),
+            read_ip6(&raw const (*md).local_ip6),
+            read_ip6(&raw const (*md).remote_ip6),
+            read_volatile(&raw const (*md).local_port),
+            read_volatile(&raw const (*md).remote_port),
+        )
+    };
+    Some(SockKey {
+        // SAFETY: sk_msg may call bpf_get_netns_cookie with its own context.
+        netns: unsafe { bpf_get_netns_cookie(md.cast()) },
+        local_ip: key_ip(family, local_ip4, local_ip6)?,
+        remote_ip: key_ip(family, remote_ip4, remote_ip6)?,
+        local_port,
+        remote_port: remote_port(remote_port_raw),
+    })
+}

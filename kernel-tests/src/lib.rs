@@ -1,0 +1,374 @@
+//! Guards and helpers for privileged tests: each test makes its own network namespace, cgroup
+//! and processes through guards that remove them on drop, so nothing is left behind even when
+//! an assertion fails half-way.
+//!
+//! Names carry the test process id and a sequence number (`skt<pid>-<n>-<tag>`), so tests that
+//! run at the same time never share a namespace or cgroup.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// Fails the test unless it runs as root; outside CI it may skip instead, with a printed reason.
+///
+/// Returns `false` when the caller should skip.
+#[must_use]
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "kernel tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN) and CI is set"
+    );
+    eprintln!("skipping: kernel tests need root");
+    false
+}
+
+fn unique_name(tag: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "skt{}-{}-{tag}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command to completion and fails with its stderr if it does not succeed.
+///
+/// # Errors
+/// When the command cannot start or exits non-zero.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("failed to start {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace with loopback up, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a namespace named after `tag`.
+    ///
+    /// # Errors
+    /// When `ip netns add` fails (no root, no iproute2).
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let name = unique_name(tag);
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name, for `ip netns exec`.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs a command inside the namespace to completion.
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("warning: {e:#}");
+        }
+    }
+}
+
+/// The cgroup v2 mount point, read from /proc/mounts (hybrid hosts mount it at
+/// /sys/fs/cgroup/unified, unified hosts at /sys/fs/cgroup).
+///
+/// # Errors
+/// When no cgroup2 file system is mounted.
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").context("failed to read /proc/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .context("no cgroup2 file system is mounted")
+}
+
+/// A cgroup v2 directory of this test's own, removed on drop.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates a cgroup named after `tag` directly under the cgroup2 mount.
+    ///
+    /// # Errors
+    /// When cgroup2 is not mounted or the directory cannot be created.
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let path = cgroup2_mount()?.join(unique_name(tag));
+        fs::create_dir(&path).with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// The cgroup's directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes the test started are killed by their own guards first; rmdir fails while a
+        // zombie is still being reaped, so retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = fs::remove_dir(&self.path) {
+            if Instant::now() > deadline {
+                eprintln!("warning: failed to remove {}: {e}", self.path.display());
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A process the test started, killed (by its PID) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    /// Starts `argv` inside `netns`, and inside `cgroup` when given.
+    ///
+    /// The process joins the cgroup before it enters the namespace: `ip netns exec` remounts
+    /// /sys, after which the host's cgroup tree is no longer visible to it.
+    ///
+    /// # Errors
+    /// When the process cannot be started.
+    pub fn spawn(netns: &Netns, cgroup: Option<&Cgroup>, argv: &[&str]) -> anyhow::Result<Self> {
+        let procs = cgroup.map_or_else(String::new, |cg| {
+            format!(
+                "echo $$ > '{}' && ",
+                cg.path().join("cgroup.procs").display()
+            )
+        });
+        let script = format!("{procs}exec ip netns exec '{}' \"$@\"", netns.name());
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("failed to start {}", argv.join(" ")))?;
+        Ok(Self {
+            child,
+            what: argv.join(" "),
+        })
+    }
+
+    /// Waits up to `timeout` for the process to exit successfully.
+    ///
+    /// # Errors
+    /// When it exits non-zero (with its stderr) or does not exit in time.
+    pub fn wait(mut self, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                let mut stdout = String::new();
+                let mut stderr = String::new();
+                if let Some(mut out) = self.child.stdout.take() {
+                    std::io::Read::read_to_string(&mut out, &mut stdout)?;
+                }
+                if let Some(mut err) = self.child.stderr.take() {
+                    std::io::Read::read_to_string(&mut err, &mut stderr)?;
+                }
+                ensure!(
+                    status.success(),
+                    "{} exited with {status}: {}",
+                    self.what,
+                    stderr.trim()
+                );
+                return Ok(stdout);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.what);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the process prints a line on stderr that contains `needle`.
+    ///
+    /// # Errors
+    /// When stderr closes first.
+    pub fn wait_for_stderr(&mut self, needle: &str) -> anyhow::Result<()> {
+        let stderr = self.child.stderr.take().context("stderr already taken")?;
+        let mut lines = BufReader::new(stderr).lines();
+        for line in lines.by_ref() {
+            if line?.contains(needle) {
+                // Keep draining so the process never blocks on a full pipe.
+                thread::spawn(move || lines.for_each(drop));
+                return Ok(());
+            }
+        }
+        bail!("{} closed stderr before printing {needle:?}", self.what)
+    }
+
+    /// Sends SIGINT and waits for the process to exit (tcpdump flushes its file on SIGINT).
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn interrupt(mut self) -> anyhow::Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
+        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+        if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
+            bail!("failed to signal {}", self.what);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait()?.is_none() {
+            ensure!(Instant::now() < deadline, "{} ignored SIGINT", self.what);
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // Kill only our own child, by PID; `ip netns exec` execs, so that is the workload.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A packet capture on a namespace's loopback, for proving what did and did not cross it.
+#[derive(Debug)]
+pub struct Capture {
+    tcpdump: Proc,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Starts tcpdump on `netns`'s loopback with a capture `filter`, and waits until it listens.
+    ///
+    /// # Errors
+    /// When tcpdump cannot start.
+    pub fn start(netns: &Netns, filter: &str) -> anyhow::Result<Self> {
+        let file = std::env::temp_dir().join(format!("{}.pcap", unique_name("cap")));
+        let file_arg = file.to_str().context("temp path is not UTF-8")?;
+        let mut argv = vec![
+            "tcpdump", "-i", "lo", "-nn", "-U", "-B", "16384", "-w", file_arg,
+        ];
+        argv.extend(filter.split_whitespace());
+        let mut tcpdump = Proc::spawn(netns, None, &argv)?;
+        tcpdump.wait_for_stderr("listening on")?;
+        Ok(Self { tcpdump, file })
+    }
+
+    /// Stops the capture and returns, for each packet, `(source, destination, payload bytes)`.
+    ///
+    /// # Errors
+    /// When the capture file cannot be read back.
+    pub fn stop(self) -> anyhow::Result<Vec<(String, String, u64)>> {
+        self.tcpdump.interrupt()?;
+        let file = self.file.to_str().context("temp path is not UTF-8")?;
+        let text = run("tcpdump", &["-r", file, "-nn", "-q"]);
+        let _ = fs::remove_file(&self.file);
+        // Lines look like: "12:00:00.000 IP 127.0.0.1.7101 > 127.0.0.1.40000: tcp 1448"
+        Ok(text?
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace().skip(2);
+                let src = words.next()?.to_owned();
+                words.next()?;
+                let dst = words.next()?.trim_end_matches(':').to_owned();
+                let len = line.rsplit(' ').next()?.parse().ok()?;
+                Some((src, dst, len))
+            })
+            .collect())
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a transfer can be checked byte for byte.
+#[must_use]
+pub fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A temporary file removed on drop.
+#[derive(Debug)]
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    /// A new path under the temp directory (the file is not created).
+    #[must_use]
+    pub fn new(tag: &str) -> Self {
+        Self(std::env::temp_dir().join(unique_name(tag)))
+    }
+
+    /// The file's path as a string for command lines.
+    ///
+    /// # Panics
+    /// When the temp directory's path is not UTF-8.
+    #[must_use]
+    pub fn arg(&self) -> &str {
+        self.0.to_str().expect("temp paths are UTF-8 here")
+    }
+
+    /// The file's path.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,258 @@
+//! Userspace side of skiff's socket-redirection programs: load, attach, and typed map access.
+//!
+//! The programs (`ebpf/src/sock_ops.rs`, `ebpf/src/sk_msg.rs`) are embedded in this binary at
+//! build time. [`Accel::attach`] loads them, attaches sk_msg to the sockhash and sock_ops to a
+//! cgroup, and from then on every TCP connection in that cgroup that involves a registered
+//! endpoint ([`Accel::add_endpoint`]) moves its bytes socket to socket inside the kernel.
+//! Dropping the [`Accel`] detaches both programs and frees the maps.
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, ProgramError, SkMsg, SockOps},
+};
+use ebpf_common::{
+    COUNTERS_MAP, Counter, ENDPOINTS_MAP, EndpointKey, SK_MSG_PROGRAM, SOCK_OPS_PROGRAM, SOCKS_MAP,
+    SockKey,
+};
+
+/// The eBPF object built from `ebpf/` by `build.rs`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-ebpf"));
+
+/// Failure to set up or drive the socket-redirection programs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to load the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("failed to open cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to load or attach program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("failed to access map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("failed to duplicate the sockhash file descriptor")]
+    Fd(#[source] std::io::Error),
+}
+
+impl Error {
+    fn map(name: &'static str) -> impl FnOnce(MapError) -> Self {
+        move |source| Self::Map {
+            name,
+            source: Box::new(source),
+        }
+    }
+
+    fn program(name: &'static str) -> impl FnOnce(ProgramError) -> Self {
+        move |source| Self::Program {
+            name,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Loaded and attached socket-redirection programs and their maps.
+pub struct Accel {
+    // Owns the programs and their links: dropping it detaches them.
+    _ebpf: Ebpf,
+    socks: SockHash<MapData, SockKey>,
+    endpoints: HashMap<MapData, EndpointKey, u32>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accel").finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of the programs' counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub socks_inserted: u64,
+    pub socks_insert_failed: u64,
+    pub msg_redirected: u64,
+    pub bytes_redirected: u64,
+    pub msg_missed: u64,
+}
+
+impl Accel {
+    /// Loads the programs and attaches them to the cgroup (v2) directory at `cgroup`.
+    ///
+    /// # Errors
+    /// Fails without CAP_BPF and CAP_NET_ADMIN, when the kernel lacks sock_ops or sk_msg, or when
+    /// `cgroup` is not a cgroup v2 directory.
+    pub fn attach(cgroup: &Path) -> Result<Self, Error> {
+        let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| Error::Load(Box::new(e)))?;
+        let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, SOCKS_MAP)?;
+        let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
+        let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
+
+        // sk_msg first: a socket picks up the map's programs when it is inserted, so the
+        // verdict program must be there before sock_ops starts inserting.
+        let sk_msg: &mut SkMsg = program(&mut ebpf, SK_MSG_PROGRAM)?;
+        sk_msg.load().map_err(Error::program(SK_MSG_PROGRAM))?;
+        sk_msg
+            .attach(socks.fd())
+            .map_err(Error::program(SK_MSG_PROGRAM))?;
+
+        let cgroup_dir = File::open(cgroup).map_err(|source| Error::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        sock_ops.load().map_err(Error::program(SOCK_OPS_PROGRAM))?;
+        sock_ops
+            .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
+            .map_err(Error::program(SOCK_OPS_PROGRAM))?;
+
+        Ok(Self {
+            _ebpf: ebpf,
+            socks,
+            endpoints,
+            counters,
+        })
+    }
+
+    /// Accelerates connections to and from `addr` (unspecified IP: every local address).
+    ///
+    /// # Errors
+    /// Fails when the endpoint map is full.
+    pub fn add_endpoint(&mut self, addr: SocketAddr) -> Result<(), Error> {
+        self.endpoints
+            .insert(endpoint_key(addr), 1, 0)
+            .map_err(Error::map(ENDPOINTS_MAP))
+    }
+
+    /// Stops accelerating new connections of `addr`; established ones keep their shortcut.
+    ///
+    /// # Errors
+    /// Fails when `addr` was not registered.
+    pub fn remove_endpoint(&mut self, addr: SocketAddr) -> Result<(), Error> {
+        self.endpoints
+            .remove(&endpoint_key(addr))
+            .map_err(Error::map(ENDPOINTS_MAP))
+    }
+
+    /// Number of sockets currently in the sockhash.
+    ///
+    /// # Errors
+    /// Fails when the map cannot be read.
+    pub fn socks_len(&self) -> Result<usize, Error> {
+        let mut n = 0;
+        for key in self.socks.keys() {
+            key.map_err(Error::map(SOCKS_MAP))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The programs' counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// Fails when the counter map cannot be read.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        let read = |counter: Counter| -> Result<u64, Error> {
+            let per_cpu = self
+                .counters
+                .get(&(counter as u32), 0)
+                .map_err(Error::map(COUNTERS_MAP))?;
+            Ok(per_cpu.iter().sum())
+        };
+        Ok(Counters {
+            socks_inserted: read(Counter::SocksInserted)?,
+            socks_insert_failed: read(Counter::SocksInsertFailed)?,
+            msg_redirected: read(Counter::MsgRedirected)?,
+            bytes_redirected: read(Counter::BytesRedirected)?,
+            msg_missed: read(Counter::MsgMissed)?,
+        })
+    }
+}
+
+/// The endpoint key for `addr`: IPv4 as v4-mapped, octets in network order.
+#[must_use]
+pub fn endpoint_key(addr: SocketAddr) -> EndpointKey {
+    let v6 = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv6Addr::UNSPECIFIED,
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let octets = v6.octets();
+    let mut ip = [0u32; 4];
+    for (word, chunk) in ip.iter_mut().zip(octets.chunks_exact(4)) {
+        *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
+    EndpointKey {
+        ip,
+        port: u32::from(addr.port()),
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(Error::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(Error::map(name))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(Error::Missing {
+        kind: "program",
+        name,
+    })?;
+    program.try_into().map_err(Error::program(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_keys_of_v4_and_mapped_v6_agree() {
+        let v4: SocketAddr = "127.0.0.1:7000".parse().expect("valid address");
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:7000".parse().expect("valid address");
+        assert_eq!(endpoint_key(v4), endpoint_key(mapped));
+        assert_eq!(
+            endpoint_key(v4).ip,
+            ebpf_common::v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]))
+        );
+    }
+
+    #[test]
+    fn unspecified_addresses_match_any_ip() {
+        for addr in ["0.0.0.0:80", "[::]:80"] {
+            let key = endpoint_key(addr.parse().expect("valid address"));
+            assert_eq!(key.ip, ebpf_common::ANY_IP);
+            assert_eq!(key.port, 80);
+        }
+    }
+}

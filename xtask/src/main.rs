@@ -1,0 +1,64 @@
+//! `cargo xtask`: the project's tasks, so that anyone runs exactly what CI runs.
+
+mod setup;
+mod task;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "skiff project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what a fresh machine lacks: Debian packages, the eBPF toolchain, test clients.
+    Setup,
+    /// Build the router with its embedded eBPF programs.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Formatting and clippy with warnings denied.
+    Lint,
+    /// Everything CI checks: lint, unit and integration tests, kernel tests.
+    Test,
+    /// Only the privileged tests on the real kernel (needs root).
+    KernelTest {
+        /// Extra arguments for the test binaries (a test name filter, --nocapture).
+        args: Vec<String>,
+    },
+    /// Show skiff working on this machine.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run(),
+        Command::Build { release } => {
+            setup::ensure()?;
+            task::build(release)
+        }
+        Command::Lint => {
+            setup::ensure()?;
+            task::lint()
+        }
+        Command::Test => {
+            setup::ensure()?;
+            task::lint()?;
+            task::unit_tests()?;
+            task::kernel_tests(&[])
+        }
+        Command::KernelTest { args } => {
+            setup::ensure()?;
+            task::kernel_tests(&args)
+        }
+        Command::Demo => {
+            setup::ensure()?;
+            task::demo()
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! `cargo xtask setup`: installs what a fresh machine of this kind lacks, idempotently.
+//!
+//! Every step says what it checks, skips what is present, and fails with a message that names
+//! the step. The route is the one verified in ../shared/TOOLCHAIN.md: Debian's rustc-web (a
+//! second Rust toolchain that ships a prebuilt libcore for bpfel-unknown-none), linked into
+//! rustup, and bpf-linker built against Debian's LLVM 22.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::task::{output, status};
+
+/// Debian packages and why skiff needs each.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "Rust 1.96 that builds the eBPF programs"),
+    ("cargo-web", "its cargo"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "prebuilt libcore for bpfel-unknown-none",
+    ),
+    ("llvm-22-dev", "LLVM that bpf-linker links against"),
+    ("bpftool", "inspecting loaded programs and maps"),
+    ("iproute2", "network namespaces for tests and the demo"),
+    ("tcpdump", "proving what does and does not cross the wire"),
+    ("socat", "test workloads"),
+];
+
+/// The rustup name under which Debian's toolchain is linked; router/build.rs uses it
+/// (`SKIFF_EBPF_TOOLCHAIN` in .cargo/config.toml).
+const TOOLCHAIN: &str = "deb196";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Runs every step, installing what is missing.
+pub fn run() -> anyhow::Result<()> {
+    debian_packages().context("setup step 'Debian packages' failed")?;
+    rustup_toolchain().context("setup step 'rustup toolchain link' failed")?;
+    bpf_linker().context("setup step 'bpf-linker' failed")?;
+    cgroup2().context("setup step 'cgroup v2' failed")?;
+    println!("setup: everything skiff needs is installed");
+    Ok(())
+}
+
+/// Makes sure setup has happened; the checks are quick, so this just runs it.
+pub fn ensure() -> anyhow::Result<()> {
+    run()
+}
+
+fn step(name: &str, state: &str) {
+    println!("setup: {name:<28} {state}");
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(pkg, _)| !dpkg_installed(pkg))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages", "present");
+        return Ok(());
+    }
+    for (pkg, why) in DEBIAN_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        step(&format!("installing {pkg}"), why);
+    }
+    require_root("installing Debian packages")?;
+    status(Command::new("apt-get").args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_ok_and(|s| s.contains("install ok installed"))
+}
+
+fn rustup_toolchain() -> anyhow::Result<()> {
+    let list = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to address the eBPF toolchain")?;
+    if list
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(TOOLCHAIN))
+    {
+        step("rustup toolchain", &format!("{TOOLCHAIN} linked"));
+        return Ok(());
+    }
+    step(
+        "rustup toolchain",
+        &format!("linking {TOOLCHAIN} -> /usr (Debian rustc-web)"),
+    );
+    status(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Ok(version) = output(Command::new("bpf-linker").arg("--version"))
+        && version.contains(BPF_LINKER_VERSION)
+    {
+        step("bpf-linker", &format!("{BPF_LINKER_VERSION} present"));
+        return Ok(());
+    }
+    step(
+        "bpf-linker",
+        &format!("building {BPF_LINKER_VERSION} against LLVM 22 (about 3 minutes on 2 cores)"),
+    );
+    require_root("installing bpf-linker into /usr/local")?;
+    // Debian's cargo and rustc, outside this workspace so that none of its config applies.
+    status(
+        Command::new("/usr/bin/cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"])
+            .args(["--root", "/usr/local"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("RUSTC", "/usr/bin/rustc")
+            .env_remove("RUSTC_BOOTSTRAP")
+            .current_dir("/"),
+    )
+}
+
+fn cgroup2() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("failed to read /proc/mounts")?;
+    match mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+    {
+        Some(line) => {
+            let dir = line.split_whitespace().nth(1).unwrap_or("?");
+            step("cgroup v2", &format!("mounted at {dir}"));
+            Ok(())
+        }
+        None => {
+            bail!("no cgroup2 file system is mounted; skiff's kernel hooks attach to cgroup v2")
+        }
+    }
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root: run `cargo xtask setup` as root");
+    }
+    Ok(())
+}
