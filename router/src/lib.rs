@@ -1,3 +1,14 @@
 //! skiff's router: sites, links, routing, services, and the userspace side of the eBPF programs.
 
 pub mod accel;
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod datapath;
+pub mod link;
+pub mod pki;
+pub mod routing;
+pub mod service;
+pub mod site;
+pub mod tls;
+pub mod token;

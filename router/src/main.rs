@@ -1,13 +1,204 @@
-//! `skiff`: the command line of the skiff router.
+//! `skiff`: parses the command line, starts telemetry, and runs the command.
 
-use clap::Parser;
+use std::process::ExitCode;
 
-/// skiff connects services across sites into one application network secured with mutual TLS.
-#[derive(Debug, Parser)]
-#[command(name = "skiff", version, about)]
-struct Cli {}
+use anyhow::Context as _;
+use clap::Parser as _;
+use router::{
+    admin::{self, Request},
+    app,
+    cli::{
+        self, Cli, Command, ConnectorCommand, LinkCommand, ListenerCommand, RouterCommand,
+        SiteCommand, TokenCommand,
+    },
+    service::{Connector, Listener},
+    site::{SiteConfig, StateDir},
+    token::Token,
+};
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("skiff: error: failed to start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed, then its causes.
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("skiff: error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let state = StateDir::new(&cli.state_dir);
+    let socket = state.admin_socket();
+    let call = |request: Request| {
+        let socket = socket.clone();
+        async move { admin::call(&socket, &request).await }
+    };
+    let out = cli.output;
+    match cli.command {
+        Command::Site(SiteCommand::Create { name, link_access }) => {
+            state.create(&SiteConfig {
+                name: name.clone(),
+                link_access,
+            })?;
+            println!("site {name} created in {}", state.root().display());
+        }
+        Command::Site(SiteCommand::Delete) => {
+            state.config()?;
+            // Stop a running router first; none running is fine.
+            match call(Request::Shutdown).await {
+                Ok(_) | Err(admin::Error::NotRunning { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            for _ in 0..100 {
+                if !socket.exists() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            state.remove()?;
+            println!("site deleted: {} removed", state.root().display());
+        }
+        Command::Router(RouterCommand::Run) => app::run(state).await?,
+        Command::Token(TokenCommand::Issue {
+            file,
+            redemptions,
+            expiry,
+        }) => {
+            let token = call(Request::TokenIssue {
+                redemptions,
+                expiry_secs: expiry.as_secs(),
+            })
+            .await?;
+            let text = serde_json::to_vec_pretty(&token)?;
+            router::site::write_atomic(&file, &text, 0o600)?;
+            println!(
+                "token written to {} ({redemptions} redemption(s), valid {}s)",
+                file.display(),
+                expiry.as_secs()
+            );
+        }
+        Command::Token(TokenCommand::Redeem { file, name }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("failed to read token {}", file.display()))?;
+            let token: Token = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a skiff token", file.display()))?;
+            let answer = call(Request::TokenRedeem { token, name }).await?;
+            println!("link {} created", answer["link"].as_str().unwrap_or("?"));
+        }
+        Command::Link(LinkCommand::Status) => cli::print(
+            out,
+            &call(Request::LinkStatus).await?,
+            &[
+                ("NAME", "name"),
+                ("DIRECTION", "direction"),
+                ("PEER", "peer"),
+                ("STATUS", "status"),
+                ("CONNS", "connections"),
+                ("RTT_US", "rttMicros"),
+                ("STREAMS", "streams"),
+                ("BYTES_IN", "bytesIn"),
+                ("BYTES_OUT", "bytesOut"),
+            ],
+        ),
+        Command::Link(LinkCommand::Delete { name }) => {
+            call(Request::LinkDelete { name: name.clone() }).await?;
+            println!("link {name} deleted");
+        }
+        Command::Listener(ListenerCommand::Create(args)) => {
+            let routing_key = args.routing_key.unwrap_or_else(|| args.name.clone());
+            let listener = Listener {
+                name: args.name.clone(),
+                host: args.host,
+                port: args.port,
+                routing_key,
+            };
+            call(Request::ListenerCreate { listener }).await?;
+            println!("listener {} created", args.name);
+        }
+        Command::Listener(ListenerCommand::Status) => cli::print(
+            out,
+            &call(Request::ListenerStatus).await?,
+            &[
+                ("NAME", "name"),
+                ("HOST", "host"),
+                ("PORT", "port"),
+                ("ROUTING_KEY", "routingKey"),
+                ("REACHABLE", "reachable"),
+                ("CONNECTIONS", "connections"),
+            ],
+        ),
+        Command::Listener(ListenerCommand::Delete { name }) => {
+            call(Request::ListenerDelete { name: name.clone() }).await?;
+            println!("listener {name} deleted");
+        }
+        Command::Connector(ConnectorCommand::Create(args)) => {
+            let routing_key = args.routing_key.unwrap_or_else(|| args.name.clone());
+            let connector = Connector {
+                name: args.name.clone(),
+                host: args.host,
+                port: args.port,
+                routing_key,
+            };
+            call(Request::ConnectorCreate { connector }).await?;
+            println!("connector {} created", args.name);
+        }
+        Command::Connector(ConnectorCommand::Status) => cli::print(
+            out,
+            &call(Request::ConnectorStatus).await?,
+            &[
+                ("NAME", "name"),
+                ("HOST", "host"),
+                ("PORT", "port"),
+                ("ROUTING_KEY", "routingKey"),
+            ],
+        ),
+        Command::Connector(ConnectorCommand::Delete { name }) => {
+            call(Request::ConnectorDelete { name: name.clone() }).await?;
+            println!("connector {name} deleted");
+        }
+        Command::Status => cli::print(
+            out,
+            &call(Request::Status).await?,
+            &[
+                ("SITE", "site"),
+                ("LINK_ACCESS", "linkAccess"),
+                ("LINKS", "links"),
+                ("LISTENERS", "listeners"),
+                ("CONNECTORS", "connectors"),
+                ("ACTIVE", "activeConnections"),
+            ],
+        ),
+        Command::Network(cli::NetworkCommand::Status) => cli::print(
+            out,
+            &call(Request::NetworkStatus).await?,
+            &[
+                ("SITE", "site"),
+                ("REACHABLE", "reachable"),
+                ("COST", "cost"),
+                ("ROUTING_KEYS", "routingKeys"),
+                ("LINKS", "links"),
+            ],
+        ),
+    }
     Ok(())
 }

@@ -1,0 +1,143 @@
+//! The admin API: one JSON request line and one JSON response line per connection, on a Unix
+//! socket in the state directory that only the owner may open (mode 0600).
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::warn;
+
+use crate::{
+    service::{Connector, Listener},
+    token::Token,
+};
+
+/// Largest request line.
+const MAX_REQUEST: u64 = 1 << 20;
+
+/// Failure to reach or talk to the router's admin socket.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no router is running for {}: start it with `skiff router run`", path.display())]
+    NotRunning { path: PathBuf },
+    #[error("admin socket i/o failed")]
+    Io(#[from] std::io::Error),
+    #[error("router sent an unreadable answer")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Router(String),
+}
+
+/// A request to the running router.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    NetworkStatus,
+    TokenIssue { redemptions: u32, expiry_secs: u64 },
+    TokenRedeem { token: Token, name: Option<String> },
+    LinkStatus,
+    LinkDelete { name: String },
+    ListenerCreate { listener: Listener },
+    ListenerDelete { name: String },
+    ListenerStatus,
+    ConnectorCreate { connector: Connector },
+    ConnectorDelete { name: String },
+    ConnectorStatus,
+    Shutdown,
+}
+
+/// The router's answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+/// What serves admin requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(self: Arc<Self>, request: Request) -> impl Future<Output = Response> + Send;
+}
+
+/// Binds the admin socket at `path` (replacing a stale one) with owner-only permissions.
+///
+/// # Errors
+/// When binding fails.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    // A socket file left by a crashed router would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves requests until the task is aborted.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(conn, handler).await {
+                warn!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn serve_one<H: Handler>(conn: UnixStream, handler: Arc<H>) -> Result<(), Error> {
+    let (read, mut write) = conn.into_split();
+    let mut line = String::new();
+    BufReader::new(read)
+        .take(MAX_REQUEST)
+        .read_line(&mut line)
+        .await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(request) => handler.handle(request).await,
+        Err(e) => Response::Error(format!("malformed admin request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+/// Sends one request to the router whose admin socket is at `path`.
+///
+/// # Errors
+/// When no router listens there, or it answers with an error.
+pub async fn call(path: &Path, request: &Request) -> Result<serde_json::Value, Error> {
+    let conn = UnixStream::connect(path)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                Error::NotRunning {
+                    path: path.to_owned(),
+                }
+            }
+            _ => Error::Io(e),
+        })?;
+    let (read, mut write) = conn.into_split();
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut answer = String::new();
+    BufReader::new(read)
+        .take(64 << 20)
+        .read_line(&mut answer)
+        .await?;
+    match serde_json::from_str(&answer)? {
+        Response::Ok(value) => Ok(value),
+        Response::Error(message) => Err(Error::Router(message)),
+    }
+}

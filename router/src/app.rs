@@ -1,0 +1,848 @@
+//! The running router: the one place that wires sites, links, routing, services and the admin
+//! API together.
+//!
+//! Threads: one tokio multi-threaded runtime. The control work (links' readers and writers,
+//! routing, admin) and the data path (relays) share it; relays are plain tasks, one per
+//! connection. Shared state sits behind one `std::sync::Mutex` that is never held across an
+//! `.await`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::AbortHandle,
+};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, Request, Response},
+    datapath::{self, Side},
+    link::{
+        self, Events, Link, Open,
+        access::Access,
+        dial::{self, LinkConfig},
+        frame::{Frame, LinkState, ResetCode},
+        stream::{StreamRx, StreamTx},
+    },
+    pki::{self, CertKey},
+    routing::Routing,
+    service::{Connector, Listener, Resources},
+    site::{self, SiteConfig, StateDir},
+    tls,
+    token::{self, Grant, Grants, RedeemRequest, RedeemResponse, Token},
+};
+
+/// How long a backend has to accept a connection.
+const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for open connections to finish.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Failure to start the router.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Site(#[from] site::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    #[error("failed to bind {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to bind the admin socket")]
+    Admin(#[source] std::io::Error),
+    #[error("failed to install the signal handler")]
+    Signal(#[source] std::io::Error),
+}
+
+struct ListenerRt {
+    spec: Listener,
+    task: AbortHandle,
+    connections: Arc<AtomicU64>,
+}
+
+struct OutgoingRt {
+    config: LinkConfig,
+    tasks: Vec<AbortHandle>,
+}
+
+#[derive(Default)]
+struct Inner {
+    links: HashMap<String, Vec<Arc<Link>>>,
+    outgoing: BTreeMap<String, OutgoingRt>,
+    listeners: BTreeMap<String, ListenerRt>,
+    connectors: BTreeMap<String, Connector>,
+    grants: Grants,
+    next_connector: usize,
+}
+
+/// A running router.
+pub struct Router {
+    config: SiteConfig,
+    state: StateDir,
+    ca: CertKey,
+    routing: Mutex<Routing>,
+    inner: Mutex<Inner>,
+    active: AtomicUsize,
+    shutdown: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("site", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the router of the site in `state` until SIGTERM, SIGINT or an admin shutdown.
+///
+/// # Errors
+/// When the site cannot be loaded or a port cannot be bound.
+pub async fn run(state: StateDir) -> Result<(), Error> {
+    let config = state.config()?;
+    let ca = state.cert_key("ca")?;
+    let identity = state.cert_key("router")?;
+    let router = Arc::new(Router {
+        routing: Mutex::new(Routing::new(&config.name)),
+        inner: Mutex::new(Inner {
+            grants: Grants::new(state.read_json_or_default("grants.json")?),
+            ..Inner::default()
+        }),
+        config,
+        state,
+        ca,
+        active: AtomicUsize::new(0),
+        shutdown: tokio::sync::Notify::new(),
+    });
+
+    let mut background = Vec::new();
+    if let Some(addr) = router.config.link_access.clone() {
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| Error::Bind {
+                what: "link access",
+                addr: addr.clone(),
+                source,
+            })?;
+        let acceptor = TlsAcceptor::from(tls::server_config(&identity, &router.ca.cert_pem)?);
+        info!(%addr, "link access listening");
+        background.push(
+            tokio::spawn(link::access::serve(listener, acceptor, Arc::clone(&router)))
+                .abort_handle(),
+        );
+    }
+
+    router.restore().await?;
+
+    let admin = admin::bind(&router.state.admin_socket()).map_err(Error::Admin)?;
+    background.push(tokio::spawn(admin::serve(admin, Arc::clone(&router))).abort_handle());
+    info!(site = %router.config.name, "router running");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::Signal)?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        () = router.shutdown.notified() => info!("shutdown requested"),
+    }
+    router.drain(background).await;
+    let _ = std::fs::remove_file(router.state.admin_socket());
+    Ok(())
+}
+
+impl Router {
+    /// Starts what the state directory says should run: listeners, connectors, links.
+    async fn restore(self: &Arc<Self>) -> Result<(), Error> {
+        let resources: Resources = self.state.read_json_or_default("resources.json")?;
+        for connector in resources.connectors {
+            if let Err(e) = self.add_connector(connector, false) {
+                warn!(error = %e, "failed to restore connector");
+            }
+        }
+        for listener in resources.listeners {
+            if let Err(e) = self.add_listener(listener.clone(), false).await {
+                warn!(listener = %listener.name, error = %e, "failed to restore listener");
+            }
+        }
+        let links_dir = self.state.links_dir();
+        if let Ok(entries) = std::fs::read_dir(&links_dir) {
+            for entry in entries.flatten() {
+                let file = entry.file_name().to_string_lossy().into_owned();
+                let Some(name) = file.strip_suffix(".json") else {
+                    continue;
+                };
+                match self.load_link(name) {
+                    Ok((config, key)) => self.start_link(config, key),
+                    Err(e) => warn!(link = name, error = %e, "failed to restore link"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_link(&self, name: &str) -> Result<(LinkConfig, String), site::Error> {
+        let config: LinkConfig = self.state.read_json(&format!("links/{name}.json"))?;
+        let key = std::fs::read_to_string(self.state.links_dir().join(format!("{name}.key")))
+            .map_err(|source| site::Error::Io {
+                path: self.state.links_dir().join(format!("{name}.key")),
+                source,
+            })?;
+        Ok((config, key))
+    }
+
+    /// Stops accepting, then waits for open connections to finish, up to a deadline.
+    async fn drain(&self, background: Vec<AbortHandle>) {
+        for task in background {
+            task.abort();
+        }
+        {
+            let mut inner = self.inner.lock().expect("router lock");
+            for (_, listener) in std::mem::take(&mut inner.listeners) {
+                listener.task.abort();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
+        while self.active.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.active.load(Ordering::Acquire);
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain deadline passed; closing the rest"
+            );
+        }
+    }
+
+    fn save_resources(&self, inner: &Inner) -> Result<(), site::Error> {
+        let resources = Resources {
+            listeners: inner.listeners.values().map(|l| l.spec.clone()).collect(),
+            connectors: inner.connectors.values().cloned().collect(),
+        };
+        self.state.write_json("resources.json", &resources)
+    }
+
+    /// Sends `frames` to every link (except those to `skip`), in the background.
+    fn flood(&self, states: Vec<LinkState>, skip: Option<&str>) {
+        let links: Vec<Arc<Link>> = {
+            let inner = self.inner.lock().expect("router lock");
+            inner
+                .links
+                .iter()
+                .filter(|(peer, _)| Some(peer.as_str()) != skip)
+                .filter_map(|(_, links)| links.first().cloned())
+                .collect()
+        };
+        for link in links {
+            let states = states.clone();
+            tokio::spawn(async move {
+                for state in states {
+                    if link.send(Frame::LinkState(state)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// The least-loaded connection of the link to `peer`.
+    fn link_to(&self, peer: &str) -> Option<Arc<Link>> {
+        let inner = self.inner.lock().expect("router lock");
+        inner
+            .links
+            .get(peer)?
+            .iter()
+            .filter(|l| !l.is_closed())
+            .min_by_key(|l| l.stream_count())
+            .cloned()
+    }
+
+    /// A local connector for `key`, rotating among several.
+    fn local_backend(&self, key: &str) -> Option<String> {
+        let mut inner = self.inner.lock().expect("router lock");
+        let matching: Vec<String> = inner
+            .connectors
+            .values()
+            .filter(|c| c.routing_key == key)
+            .map(Connector::backend_addr)
+            .collect();
+        if matching.is_empty() {
+            return None;
+        }
+        inner.next_connector = inner.next_connector.wrapping_add(1);
+        Some(matching[inner.next_connector % matching.len()].clone())
+    }
+
+    fn track(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(Arc::clone(self))
+    }
+
+    /// Routes one client connection accepted by a listener for `key`.
+    async fn route_client(self: Arc<Self>, client: TcpStream, key: String) {
+        let _active = self.track();
+        let _ = client.set_nodelay(true);
+        let route = self.routing.lock().expect("routing lock").choose(&key);
+        let Some(route) = route else {
+            warn!(routing_key = %key, "no reachable connector; client reset");
+            datapath::abort(&client);
+            return;
+        };
+        self.routing
+            .lock()
+            .expect("routing lock")
+            .stream_started(&route.dest);
+        let outcome = match route.next_hop {
+            None => match self.connect_backend(&key).await {
+                Ok(backend) => datapath::proxy(client, backend).await,
+                Err(reason) => {
+                    warn!(routing_key = %key, reason, "backend unreachable; client reset");
+                    datapath::abort(&client);
+                    datapath::Outcome::default()
+                }
+            },
+            Some(hop) => match self.link_to(&hop) {
+                None => {
+                    warn!(routing_key = %key, next_hop = %hop, "link to next hop is down; client reset");
+                    datapath::abort(&client);
+                    datapath::Outcome::default()
+                }
+                Some(link) => {
+                    let open = Open {
+                        routing_key: key.clone(),
+                        origin: self.config.name.clone(),
+                        dest: route.dest.clone(),
+                    };
+                    match link.open(&open).await {
+                        Ok((tx, rx)) => datapath::relay(client, Side::Downstream, tx, rx).await,
+                        Err(_) => {
+                            datapath::abort(&client);
+                            datapath::Outcome::default()
+                        }
+                    }
+                }
+            },
+        };
+        self.routing
+            .lock()
+            .expect("routing lock")
+            .stream_ended(&route.dest);
+        if let Some(side) = outcome.failed {
+            info!(routing_key = %key, side = side.as_str(), "connection ended with a failure");
+        }
+    }
+
+    async fn connect_backend(&self, key: &str) -> Result<TcpStream, String> {
+        let addr = self
+            .local_backend(key)
+            .ok_or_else(|| "no local connector".to_owned())?;
+        let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| format!("connect to {addr} timed out"))?
+            .map_err(|e| format!("connect to {addr} failed: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    /// Handles a stream a peer opened: serve it here, or pass it on towards its destination.
+    async fn serve_stream(self: Arc<Self>, open: Open, tx: StreamTx, rx: StreamRx) {
+        let _active = self.track();
+        if open.dest == self.config.name {
+            match self.connect_backend(&open.routing_key).await {
+                Ok(backend) => {
+                    let _ = datapath::relay(backend, Side::Upstream, tx, rx).await;
+                }
+                Err(reason) => {
+                    warn!(routing_key = %open.routing_key, origin = %open.origin, reason, "stream refused");
+                    tx.reset(ResetCode::Refused, &reason).await;
+                }
+            }
+            return;
+        }
+        let hop = self
+            .routing
+            .lock()
+            .expect("routing lock")
+            .next_hop(&open.dest);
+        let next = hop.as_deref().and_then(|h| self.link_to(h));
+        let Some(next) = next else {
+            tx.reset(ResetCode::NoRoute, "no route to destination")
+                .await;
+            return;
+        };
+        match next.open(&open).await {
+            Ok((next_tx, next_rx)) => {
+                let _ = datapath::splice(tx, rx, next_tx, next_rx).await;
+            }
+            Err(_) => tx.reset(ResetCode::LinkLost, "next hop link lost").await,
+        }
+    }
+
+    fn start_link(self: &Arc<Self>, config: LinkConfig, key: String) {
+        let events: Arc<dyn Events> = Arc::clone(self) as Arc<dyn Events>;
+        let tasks = (0..config.connections.max(1))
+            .map(|_| {
+                tokio::spawn(dial::maintain(
+                    config.clone(),
+                    key.clone(),
+                    self.config.name.clone(),
+                    Arc::clone(&events),
+                ))
+                .abort_handle()
+            })
+            .collect();
+        let name = config.name.clone();
+        let old = self
+            .inner
+            .lock()
+            .expect("router lock")
+            .outgoing
+            .insert(name, OutgoingRt { config, tasks });
+        if let Some(old) = old {
+            old.tasks.iter().for_each(AbortHandle::abort);
+        }
+    }
+
+    fn add_connector(&self, connector: Connector, persist: bool) -> Result<(), String> {
+        let key = connector.routing_key.clone();
+        {
+            let mut inner = self.inner.lock().expect("router lock");
+            if inner.connectors.contains_key(&connector.name) {
+                return Err(format!("connector {} already exists", connector.name));
+            }
+            inner.connectors.insert(connector.name.clone(), connector);
+            if persist {
+                self.save_resources(&inner).map_err(|e| e.to_string())?;
+            }
+        }
+        let own = self
+            .routing
+            .lock()
+            .expect("routing lock")
+            .add_local_key(&key);
+        self.flood(vec![own], None);
+        Ok(())
+    }
+
+    async fn add_listener(self: &Arc<Self>, spec: Listener, persist: bool) -> Result<(), String> {
+        if self
+            .inner
+            .lock()
+            .expect("router lock")
+            .listeners
+            .contains_key(&spec.name)
+        {
+            return Err(format!("listener {} already exists", spec.name));
+        }
+        let socket = TcpListener::bind(spec.bind_addr()).await.map_err(|e| {
+            format!(
+                "failed to bind listener {} on {}: {e}",
+                spec.name,
+                spec.bind_addr()
+            )
+        })?;
+        let connections = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept_loop(
+            socket,
+            spec.routing_key.clone(),
+            Arc::clone(&connections),
+            Arc::clone(self),
+        ))
+        .abort_handle();
+        info!(listener = %spec.name, addr = %spec.bind_addr(), routing_key = %spec.routing_key, "listener up");
+        let mut inner = self.inner.lock().expect("router lock");
+        inner.listeners.insert(
+            spec.name.clone(),
+            ListenerRt {
+                spec,
+                task,
+                connections,
+            },
+        );
+        if persist {
+            self.save_resources(&inner).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn issue_token(&self, redemptions: u32, expiry_secs: u64) -> Result<Token, String> {
+        let url = self
+            .config
+            .link_access
+            .clone()
+            .ok_or("this site accepts no links: create it with --link-access HOST:PORT")?;
+        let mut id = [0u8; 8];
+        let mut code = [0u8; 24];
+        tls::random(&mut id).map_err(|e| e.to_string())?;
+        tls::random(&mut code).map_err(|e| e.to_string())?;
+        let (id, code) = (token::hex(&id), token::hex(&code));
+        let mut inner = self.inner.lock().expect("router lock");
+        inner.grants.insert(
+            id.clone(),
+            Grant {
+                code: code.clone(),
+                redemptions_left: redemptions,
+                expires_at: token::now_secs() + expiry_secs,
+            },
+        );
+        self.state
+            .write_json("grants.json", &inner.grants.to_store())
+            .map_err(|e| e.to_string())?;
+        Ok(Token {
+            url,
+            grant: id,
+            code,
+            site: self.config.name.clone(),
+            ca: self.ca.cert_pem.clone(),
+        })
+    }
+
+    async fn redeem_token(
+        self: &Arc<Self>,
+        token: Token,
+        name: Option<String>,
+    ) -> Result<String, String> {
+        let name = name.unwrap_or_else(|| token.site.clone());
+        if token.site == self.config.name {
+            return Err("this token was issued by this site; redeem it at another site".into());
+        }
+        let (config, key) = dial::redeem(&token, &self.config.name, &name)
+            .await
+            .map_err(|e| e.to_string())?;
+        site::write_atomic(
+            &self.state.links_dir().join(format!("{name}.key")),
+            key.as_bytes(),
+            0o600,
+        )
+        .map_err(|e| e.to_string())?;
+        self.state
+            .write_json(&format!("links/{name}.json"), &config)
+            .map_err(|e| e.to_string())?;
+        self.start_link(config, key);
+        Ok(name)
+    }
+
+    fn delete_link(&self, name: &str) -> Result<(), String> {
+        let removed = self
+            .inner
+            .lock()
+            .expect("router lock")
+            .outgoing
+            .remove(name);
+        let Some(link) = removed else {
+            return Err(format!("no link named {name}"));
+        };
+        link.tasks.iter().for_each(AbortHandle::abort);
+        let _ = std::fs::remove_file(self.state.links_dir().join(format!("{name}.json")));
+        let _ = std::fs::remove_file(self.state.links_dir().join(format!("{name}.key")));
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let inner = self.inner.lock().expect("router lock");
+        json!({
+            "site": self.config.name,
+            "linkAccess": self.config.link_access,
+            "links": inner.links.values().filter(|l| !l.is_empty()).count(),
+            "listeners": inner.listeners.len(),
+            "connectors": inner.connectors.len(),
+            "activeConnections": self.active.load(Ordering::Relaxed),
+        })
+    }
+
+    fn link_status(&self) -> serde_json::Value {
+        let inner = self.inner.lock().expect("router lock");
+        let mut rows = Vec::new();
+        let mut described = std::collections::HashSet::new();
+        for (name, out) in &inner.outgoing {
+            let peer = &out.config.peer_site;
+            described.insert(peer.clone());
+            rows.push(link_row(name, "outgoing", peer, inner.links.get(peer)));
+        }
+        for (peer, links) in &inner.links {
+            if !described.contains(peer) && !links.is_empty() {
+                rows.push(link_row(peer, "incoming", peer, Some(links)));
+            }
+        }
+        json!(rows)
+    }
+
+    fn network_status(&self) -> serde_json::Value {
+        let routing = self.routing.lock().expect("routing lock");
+        let rows: Vec<_> = routing
+            .network()
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "site": r.name,
+                    "cost": r.cost,
+                    "reachable": r.cost.is_some(),
+                    "routingKeys": r.keys,
+                    "links": r.links.iter().map(|(n, c)| json!({"peer": n, "cost": c})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!(rows)
+    }
+}
+
+fn link_row(
+    name: &str,
+    direction: &str,
+    peer: &str,
+    links: Option<&Vec<Arc<Link>>>,
+) -> serde_json::Value {
+    let links = links.map(Vec::as_slice).unwrap_or_default();
+    let up = links.iter().filter(|l| !l.is_closed()).count();
+    let sum = |f: fn(&Link) -> u64| links.iter().map(|l| f(l)).sum::<u64>();
+    json!({
+        "name": name,
+        "direction": direction,
+        "peer": peer,
+        "status": if up > 0 { "up" } else { "down" },
+        "connections": up,
+        "rttMicros": links.iter().map(|l| l.stats.rtt_us.load(Ordering::Relaxed)).min(),
+        "streams": links.iter().map(|l| l.stream_count()).sum::<usize>(),
+        "bytesIn": sum(|l| l.stats.bytes_in.load(Ordering::Relaxed)),
+        "bytesOut": sum(|l| l.stats.bytes_out.load(Ordering::Relaxed)),
+    })
+}
+
+/// Counts a connection or stream in flight, for the drain on shutdown.
+struct ActiveGuard(Arc<Router>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    key: String,
+    connections: Arc<AtomicU64>,
+    router: Arc<Router>,
+) {
+    loop {
+        match socket.accept().await {
+            Ok((client, _)) => {
+                connections.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(Arc::clone(&router).route_client(client, key.clone()));
+            }
+            Err(e) => {
+                warn!(routing_key = %key, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl Events for Router {
+    fn link_up(&self, link: &Arc<Link>) {
+        let first = {
+            let mut inner = self.inner.lock().expect("router lock");
+            let links = inner.links.entry(link.peer.clone()).or_default();
+            links.push(Arc::clone(link));
+            links.len() == 1
+        };
+        let cost = match &link.direction {
+            link::Direction::Outgoing(name) => self
+                .inner
+                .lock()
+                .expect("router lock")
+                .outgoing
+                .get(name)
+                .map_or(1, |o| o.config.cost),
+            link::Direction::Incoming => 1,
+        };
+        let (own, all) = {
+            let mut routing = self.routing.lock().expect("routing lock");
+            let own = first.then(|| routing.link_up(&link.peer, cost));
+            (own, routing.all_states())
+        };
+        if let Some(own) = own {
+            self.flood(vec![own], Some(&link.peer));
+        }
+        // The new neighbour learns everything we know.
+        let link = Arc::clone(link);
+        tokio::spawn(async move {
+            for state in all {
+                if link.send(Frame::LinkState(state)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn link_down(&self, link: &Arc<Link>) {
+        let last = {
+            let mut inner = self.inner.lock().expect("router lock");
+            let links = inner.links.entry(link.peer.clone()).or_default();
+            links.retain(|l| !Arc::ptr_eq(l, link));
+            let last = links.is_empty();
+            if last {
+                inner.links.remove(&link.peer);
+            }
+            last
+        };
+        if last {
+            let own = self
+                .routing
+                .lock()
+                .expect("routing lock")
+                .link_down(&link.peer);
+            self.flood(vec![own], None);
+        }
+    }
+
+    fn link_state(&self, from: &Arc<Link>, state: LinkState) {
+        let fresh = self
+            .routing
+            .lock()
+            .expect("routing lock")
+            .receive(state.clone());
+        if fresh {
+            self.flood(vec![state], Some(&from.peer));
+        }
+    }
+
+    fn open(self: Arc<Self>, _link: &Arc<Link>, open: Open, tx: StreamTx, rx: StreamRx) {
+        tokio::spawn(self.serve_stream(open, tx, rx));
+    }
+}
+
+impl Access for Router {
+    fn site_name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn redeem(&self, source: SocketAddr, request: RedeemRequest) -> RedeemResponse {
+        let checked = self.inner.lock().expect("router lock").grants.redeem(
+            source.ip(),
+            &request.grant,
+            &request.code,
+        );
+        if let Err(e) = checked {
+            return RedeemResponse::Error(e.to_string());
+        }
+        {
+            let inner = self.inner.lock().expect("router lock");
+            if let Err(e) = self
+                .state
+                .write_json("grants.json", &inner.grants.to_store())
+            {
+                warn!(error = %e, "failed to persist grants");
+            }
+        }
+        match pki::sign_csr(&self.ca, &request.csr, &request.site) {
+            Ok(certificate) => RedeemResponse::Ok {
+                certificate,
+                ca: self.ca.cert_pem.clone(),
+                site: self.config.name.clone(),
+            },
+            Err(e) => RedeemResponse::Error(format!("certificate signing request refused: {e}")),
+        }
+    }
+}
+
+impl admin::Handler for Router {
+    async fn handle(self: Arc<Self>, request: Request) -> Response {
+        let result: Result<serde_json::Value, String> = match request {
+            Request::Status => Ok(self.status()),
+            Request::NetworkStatus => Ok(self.network_status()),
+            Request::LinkStatus => Ok(self.link_status()),
+            Request::TokenIssue {
+                redemptions,
+                expiry_secs,
+            } => self.issue_token(redemptions, expiry_secs).map(|t| json!(t)),
+            Request::TokenRedeem { token, name } => self
+                .redeem_token(token, name)
+                .await
+                .map(|n| json!({ "link": n })),
+            Request::LinkDelete { name } => self.delete_link(&name).map(|()| json!({})),
+            Request::ListenerCreate { listener } => {
+                self.add_listener(listener, true).await.map(|()| json!({}))
+            }
+            Request::ListenerDelete { name } => {
+                let mut inner = self.inner.lock().expect("router lock");
+                match inner.listeners.remove(&name) {
+                    Some(l) => {
+                        l.task.abort();
+                        self.save_resources(&inner)
+                            .map(|()| json!({}))
+                            .map_err(|e| e.to_string())
+                    }
+                    None => Err(format!("no listener named {name}")),
+                }
+            }
+            Request::ListenerStatus => {
+                let inner = self.inner.lock().expect("router lock");
+                let routing = self.routing.lock().expect("routing lock");
+                Ok(json!(
+                    inner
+                        .listeners
+                        .values()
+                        .map(|l| json!({
+                            "name": l.spec.name,
+                            "host": l.spec.host,
+                            "port": l.spec.port,
+                            "routingKey": l.spec.routing_key,
+                            "reachable": routing.choose(&l.spec.routing_key).is_some(),
+                            "connections": l.connections.load(Ordering::Relaxed),
+                        }))
+                        .collect::<Vec<_>>()
+                ))
+            }
+            Request::ConnectorCreate { connector } => {
+                self.add_connector(connector, true).map(|()| json!({}))
+            }
+            Request::ConnectorDelete { name } => {
+                let removed = {
+                    let mut inner = self.inner.lock().expect("router lock");
+                    let removed = inner.connectors.remove(&name);
+                    if removed.is_some() {
+                        let _ = self.save_resources(&inner);
+                    }
+                    removed
+                };
+                match removed {
+                    Some(c) => {
+                        let own = self
+                            .routing
+                            .lock()
+                            .expect("routing lock")
+                            .remove_local_key(&c.routing_key);
+                        self.flood(vec![own], None);
+                        Ok(json!({}))
+                    }
+                    None => Err(format!("no connector named {name}")),
+                }
+            }
+            Request::ConnectorStatus => {
+                let inner = self.inner.lock().expect("router lock");
+                Ok(json!(inner.connectors.values().collect::<Vec<_>>()))
+            }
+            Request::Shutdown => {
+                self.shutdown.notify_one();
+                Ok(json!({}))
+            }
+        };
+        match result {
+            Ok(value) => Response::Ok(value),
+            Err(message) => Response::Error(message),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The `skiff` command line: parsing, and rendering answers as tables or JSON.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+/// skiff connects services across sites into one application network secured with mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "skiff", version, about)]
+pub struct Cli {
+    /// The site's state directory.
+    #[arg(
+        long,
+        global = true,
+        env = "SKIFF_STATE_DIR",
+        default_value = "/var/lib/skiff"
+    )]
+    pub state_dir: PathBuf,
+    /// How to print answers.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or delete this site.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Run the router.
+    #[command(subcommand)]
+    Router(RouterCommand),
+    /// Issue or redeem link tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Inspect or remove links.
+    #[command(subcommand)]
+    Link(LinkCommand),
+    /// Local addresses that accept connections for a routing key.
+    #[command(subcommand)]
+    Listener(ListenerCommand),
+    /// Routing keys bound to backends at this site.
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+    /// This site.
+    Status,
+    /// Every site, link and routing key the router knows of.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    /// Create the site: state directory, its own CA, a router identity.
+    Create {
+        name: String,
+        /// HOST:PORT where this site accepts links and token redemptions.
+        #[arg(long)]
+        link_access: Option<String>,
+    },
+    /// Stop the router and remove the site's state: nothing is left behind.
+    Delete,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouterCommand {
+    /// Run the router in the foreground until SIGTERM or SIGINT.
+    Run,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an access grant and write a token for it to FILE.
+    Issue {
+        file: PathBuf,
+        /// How many times the token may be redeemed.
+        #[arg(long, default_value_t = crate::token::DEFAULT_REDEMPTIONS)]
+        redemptions: u32,
+        /// How long the token is valid (e.g. 30s, 15m, 2h, 1d).
+        #[arg(long, default_value = "15m", value_parser = crate::token::parse_duration)]
+        expiry: std::time::Duration,
+    },
+    /// Redeem the token in FILE: obtain link credentials and start the link.
+    Redeem {
+        file: PathBuf,
+        /// Name of the link (default: the issuing site's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Every link: state, peer, round-trip time, streams, bytes.
+    Status,
+    /// Stop an outgoing link and forget its credentials.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListenerCommand {
+    Create(ListenerArgs),
+    Status,
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ListenerArgs {
+    pub name: String,
+    #[arg(long)]
+    pub port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Routing key (default: the listener's name).
+    #[arg(long)]
+    pub routing_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorCommand {
+    Create(ConnectorArgs),
+    Status,
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectorArgs {
+    pub name: String,
+    #[arg(long)]
+    pub port: u16,
+    /// Backend host.
+    #[arg(long)]
+    pub host: String,
+    /// Routing key (default: the connector's name).
+    #[arg(long)]
+    pub routing_key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Every site, link and routing key the router knows of.
+    Status,
+}
+
+/// Prints `value` as JSON, or as a table of `columns` (header, JSON field).
+pub fn print(output: Output, value: &Value, columns: &[(&str, &str)]) {
+    if output == Output::Json || columns.is_empty() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+        return;
+    }
+    let rows: Vec<&Value> = match value {
+        Value::Array(items) => items.iter().collect(),
+        other => vec![other],
+    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            columns
+                .iter()
+                .map(|(_, field)| cell(&row[*field]))
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (header, _))| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([header.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |items: Vec<&str>| {
+        let padded: Vec<String> = items
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(columns.iter().map(|(h, _)| *h).collect());
+    for row in &cells {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(cell).collect();
+            if parts.is_empty() {
+                "-".to_owned()
+            } else {
+                parts.join(",")
+            }
+        }
+        Value::Object(map) => map.values().map(cell).collect::<Vec<_>>().join(":"),
+        other => other.to_string(),
+    }
+}

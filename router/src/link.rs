@@ -1,0 +1,429 @@
+//! Links: mutually authenticated TLS connections between routers, carrying multiplexed streams
+//! and link-state advertisements. The frame format is in [`frame`] and `docs/protocol.md`.
+//!
+//! Each link runs three tasks: a reader that decodes frames and dispatches them, a writer that
+//! batches queued frames into TLS records, and a heartbeat that pings every second. A link that
+//! receives nothing for [`DEAD_AFTER`] is closed; all its streams are reset at once so clients
+//! see a reset, not a hang.
+
+pub mod access;
+pub mod dial;
+pub mod frame;
+pub mod stream;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    sync::mpsc,
+};
+use tracing::{debug, info, warn};
+
+use self::{
+    frame::{Frame, FrameError, LinkState, ResetCode},
+    stream::{Slot, StreamRx, StreamTx, new_stream},
+};
+
+/// Interval between heartbeats.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+/// A link that receives nothing for this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(5);
+/// How long the peer has to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued for the writer before senders wait.
+const OUT_QUEUE: usize = 1024;
+/// Bytes the writer gathers into one write.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("link i/o failed")]
+    Io(#[from] std::io::Error),
+    #[error("peer sent a malformed frame")]
+    Frame(#[from] FrameError),
+    #[error("peer violated the protocol: {0}")]
+    Protocol(&'static str),
+    #[error("peer speaks protocol version {0}, this router speaks {v}", v = frame::VERSION)]
+    Version(u16),
+    #[error("peer says it is site {claimed:?} but its certificate names {certified:?}")]
+    Identity { claimed: String, certified: String },
+    #[error("nothing received from the peer for {0:?}")]
+    Timeout(Duration),
+    #[error("peer closed the link")]
+    Closed,
+}
+
+/// Which side dialed. The dialer numbers its streams odd, the acceptor even.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// We dialed, for the outgoing link with this name.
+    Outgoing(String),
+    Incoming,
+}
+
+/// What a router does with what arrives on its links.
+pub trait Events: Send + Sync + 'static {
+    /// The link finished its handshake and is ready for streams.
+    fn link_up(&self, link: &Arc<Link>);
+    /// The link is gone; its streams have been reset.
+    fn link_down(&self, link: &Arc<Link>);
+    /// The peer sent an advertisement.
+    fn link_state(&self, from: &Arc<Link>, state: LinkState);
+    /// The peer opened a stream (already granted its initial credit).
+    fn open(self: Arc<Self>, link: &Arc<Link>, open: Open, tx: StreamTx, rx: StreamRx);
+}
+
+/// The routing fields of an `Open` frame.
+#[derive(Clone, Debug)]
+pub struct Open {
+    pub routing_key: String,
+    pub origin: String,
+    pub dest: String,
+}
+
+/// Counters of one link.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub rtt_us: AtomicU64,
+    pub streams_opened: AtomicU64,
+}
+
+/// One established link.
+#[derive(Debug)]
+pub struct Link {
+    /// The peer's site name, as its certificate names it.
+    pub peer: String,
+    pub direction: Direction,
+    pub stats: Stats,
+    pub since: Instant,
+    out: mpsc::Sender<Frame>,
+    streams: Mutex<HashMap<u32, Slot>>,
+    next_stream: AtomicU32,
+    closed: AtomicBool,
+}
+
+impl Link {
+    /// Queues a frame for the writer.
+    ///
+    /// # Errors
+    /// When the link is gone.
+    pub async fn send(&self, frame: Frame) -> Result<(), Error> {
+        self.out.send(frame).await.map_err(|_| Error::Closed)
+    }
+
+    /// Whether the link has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Number of open streams.
+    pub fn stream_count(&self) -> usize {
+        self.streams.lock().expect("stream table lock").len()
+    }
+
+    /// Opens a stream for `open` on this link.
+    ///
+    /// # Errors
+    /// When the link is gone.
+    pub async fn open(self: &Arc<Self>, open: &Open) -> Result<(StreamTx, StreamRx), Error> {
+        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
+        // Credit to send arrives with the peer's first Window frame.
+        let (tx, rx, slot) = new_stream(self, id, 0);
+        self.streams
+            .lock()
+            .expect("stream table lock")
+            .insert(id, slot);
+        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        self.send(Frame::Open {
+            stream: id,
+            routing_key: open.routing_key.clone(),
+            origin: open.origin.clone(),
+            dest: open.dest.clone(),
+            window: stream::INITIAL_WINDOW,
+        })
+        .await?;
+        Ok((tx, rx))
+    }
+
+    pub(crate) fn forget_stream(&self, id: u32) {
+        self.streams.lock().expect("stream table lock").remove(&id);
+    }
+
+    fn kill_streams(&self, code: ResetCode) {
+        for (_, slot) in self.streams.lock().expect("stream table lock").drain() {
+            slot.kill(code);
+        }
+    }
+
+    fn owns_parity(&self, id: u32) -> bool {
+        // Our ids share next_stream's parity; the peer's have the other one.
+        id % 2 == self.next_stream.load(Ordering::Relaxed) % 2
+    }
+}
+
+/// Runs a link over an established TLS connection until it ends.
+///
+/// `certified_peer` is the site name from the peer's verified certificate; the peer's `Hello`
+/// must agree with it.
+///
+/// # Errors
+/// Whatever ended the link; routine ends (peer closed) are errors too, for the log.
+pub async fn run<S>(
+    conn: S,
+    me: &str,
+    certified_peer: String,
+    direction: Direction,
+    events: Arc<dyn Events>,
+) -> Result<(), Error>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(conn);
+    let mut hello = BytesMut::new();
+    Frame::Hello {
+        version: frame::VERSION,
+        site: me.to_owned(),
+    }
+    .encode(&mut hello);
+    writer.write_all(&hello).await?;
+    writer.flush().await?;
+
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut reader, &mut buf))
+        .await
+        .map_err(|_| Error::Timeout(HELLO_TIMEOUT))??;
+    match first {
+        Frame::Hello { version, .. } if version != frame::VERSION => {
+            return Err(Error::Version(version));
+        }
+        Frame::Hello { site, .. } if site != certified_peer => {
+            return Err(Error::Identity {
+                claimed: site,
+                certified: certified_peer,
+            });
+        }
+        Frame::Hello { .. } => {}
+        _ => return Err(Error::Protocol("first frame is not Hello")),
+    }
+
+    let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+    let first_stream = match direction {
+        Direction::Outgoing(_) => 1,
+        Direction::Incoming => 2,
+    };
+    let link = Arc::new(Link {
+        peer: certified_peer,
+        direction,
+        stats: Stats::default(),
+        since: Instant::now(),
+        out,
+        streams: Mutex::new(HashMap::new()),
+        next_stream: AtomicU32::new(first_stream),
+        closed: AtomicBool::new(false),
+    });
+    info!(peer = %link.peer, direction = ?link.direction, "link up");
+    events.link_up(&link);
+
+    let writer_task = tokio::spawn(write_loop(writer, out_rx, Arc::clone(&link)));
+    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&link)));
+    let result = read_loop(&mut reader, buf, &link, &events).await;
+
+    link.closed.store(true, Ordering::Release);
+    heartbeat.abort();
+    writer_task.abort();
+    link.kill_streams(ResetCode::LinkLost);
+    events.link_down(&link);
+    match &result {
+        Err(Error::Closed) => info!(peer = %link.peer, "link closed by peer"),
+        Err(e) => warn!(peer = %link.peer, error = %e, "link down"),
+        Ok(()) => {}
+    }
+    result
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Frame, Error> {
+    loop {
+        if let Some(frame) = frame::decode(buf)? {
+            return Ok(frame);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(Error::Closed);
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    mut buf: BytesMut,
+    link: &Arc<Link>,
+    events: &Arc<dyn Events>,
+) -> Result<(), Error> {
+    loop {
+        while let Some(frame) = frame::decode(&mut buf)? {
+            dispatch(link, events, frame).await?;
+        }
+        if buf.capacity() - buf.len() < stream::MAX_DATA {
+            buf.reserve(WRITE_BATCH);
+        }
+        let n = tokio::time::timeout(DEAD_AFTER, reader.read_buf(&mut buf))
+            .await
+            .map_err(|_| Error::Timeout(DEAD_AFTER))??;
+        if n == 0 {
+            return Err(Error::Closed);
+        }
+        link.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> Result<(), Error> {
+    match frame {
+        Frame::Data { stream, data } => {
+            let len = i64::try_from(data.len()).expect("frame payloads are bounded");
+            let violated = {
+                let streams = link.streams.lock().expect("stream table lock");
+                match streams.get(&stream) {
+                    // Data for a stream we already dropped: it was in flight; ignore it.
+                    None => false,
+                    Some(slot) => {
+                        if slot.recv_budget.fetch_sub(len, Ordering::AcqRel) < len {
+                            slot.kill(ResetCode::Internal);
+                            true
+                        } else {
+                            let _ = slot.inbound.send(stream::Inbound::Data(data));
+                            false
+                        }
+                    }
+                }
+            };
+            if violated {
+                warn!(peer = %link.peer, stream, "peer sent beyond its credit; stream reset");
+                link.forget_stream(stream);
+                let _ = link
+                    .send(Frame::Reset {
+                        stream,
+                        code: ResetCode::Internal,
+                        reason: "sent beyond credit".into(),
+                    })
+                    .await;
+            }
+        }
+        Frame::Window { stream, increment } => {
+            if let Some(slot) = link.streams.lock().expect("stream table lock").get(&stream) {
+                slot.credit.add_permits(increment as usize);
+            }
+        }
+        Frame::Close { stream } => {
+            if let Some(slot) = link.streams.lock().expect("stream table lock").get(&stream) {
+                let _ = slot.inbound.send(stream::Inbound::Close);
+            }
+        }
+        Frame::Reset {
+            stream,
+            code,
+            reason,
+        } => {
+            debug!(peer = %link.peer, stream, ?code, reason, "stream reset by peer");
+            if let Some(slot) = link
+                .streams
+                .lock()
+                .expect("stream table lock")
+                .remove(&stream)
+            {
+                slot.kill(code);
+            }
+        }
+        Frame::Open {
+            stream,
+            routing_key,
+            origin,
+            dest,
+            window,
+        } => {
+            if link.owns_parity(stream) {
+                return Err(Error::Protocol("stream id has our parity"));
+            }
+            let (tx, rx, slot) = new_stream(link, stream, window);
+            {
+                let mut streams = link.streams.lock().expect("stream table lock");
+                if streams.contains_key(&stream) {
+                    return Err(Error::Protocol("stream id reused while open"));
+                }
+                streams.insert(stream, slot);
+            }
+            link.send(Frame::Window {
+                stream,
+                increment: stream::INITIAL_WINDOW,
+            })
+            .await?;
+            Arc::clone(events).open(
+                link,
+                Open {
+                    routing_key,
+                    origin,
+                    dest,
+                },
+                tx,
+                rx,
+            );
+        }
+        Frame::LinkState(state) => events.link_state(link, state),
+        Frame::Ping { nonce } => link.send(Frame::Pong { nonce }).await?,
+        Frame::Pong { nonce } => {
+            let now = u64::try_from(link.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+            link.stats
+                .rtt_us
+                .store(now.saturating_sub(nonce), Ordering::Relaxed);
+        }
+        Frame::Hello { .. } => return Err(Error::Protocol("second Hello")),
+    }
+    Ok(())
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut frames: mpsc::Receiver<Frame>,
+    link: Arc<Link>,
+) -> Result<(), Error> {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH + stream::MAX_DATA);
+    while let Some(frame) = frames.recv().await {
+        frame.encode(&mut buf);
+        while buf.len() < WRITE_BATCH {
+            match frames.try_recv() {
+                Ok(frame) => frame.encode(&mut buf),
+                Err(_) => break,
+            }
+        }
+        writer.write_all(&buf).await?;
+        writer.flush().await?;
+        link.stats
+            .bytes_out
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        buf.clear();
+    }
+    Ok(())
+}
+
+async fn heartbeat(link: Arc<Link>) {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    loop {
+        tick.tick().await;
+        let nonce = u64::try_from(link.since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if link.send(Frame::Ping { nonce }).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The link-access endpoint: one TLS port for links (`skiff-link/1`, client certificate
+//! required) and token redemption (`skiff-grant/1`, secret code required).
+//!
+//! Every connection is handled in its own task; a bad one (plaintext, garbage, a certificate
+//! from another CA, no certificate on a link, a malformed frame) is logged in one line and
+//! dropped, and nothing else is disturbed.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tracing::{info, warn};
+
+use super::{Direction, Events, frame};
+use crate::{pki, token};
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest redemption request line (a CSR is well under 2 KiB).
+const MAX_REQUEST: u64 = 16 * 1024;
+
+/// What the access endpoint needs from the router.
+pub trait Access: Events {
+    /// This router's site name.
+    fn site_name(&self) -> &str;
+    /// Handles a redemption request from `source`.
+    fn redeem(&self, source: SocketAddr, request: token::RedeemRequest) -> token::RedeemResponse;
+}
+
+/// Accepts connections on `listener` until the task is aborted.
+pub async fn serve<A: Access>(listener: TcpListener, acceptor: TlsAcceptor, router: Arc<A>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                warn!(error = %e, "link-access accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let router = Arc::clone(&router);
+        tokio::spawn(async move {
+            if let Err(reason) = handle(tcp, peer, acceptor, router).await {
+                warn!(%peer, reason, "link-access connection refused");
+            }
+        });
+    }
+}
+
+async fn handle<A: Access>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    router: Arc<A>,
+) -> Result<(), String> {
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| "tls handshake timed out".to_owned())?
+        .map_err(|e| format!("tls handshake failed: {e}"))?;
+    let (_, session) = tls.get_ref();
+    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let cert_name = session
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(pki::common_name);
+    match alpn.as_deref() {
+        Some(frame::ALPN_LINK) => {
+            let peer_site = cert_name.ok_or("link attempt without a client certificate")?;
+            let events: Arc<dyn Events> = router.clone();
+            super::run(
+                tls,
+                router.site_name(),
+                peer_site,
+                Direction::Incoming,
+                events,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }
+        Some(frame::ALPN_GRANT) => redeem(tls, peer, router.as_ref()).await,
+        _ => Err("no supported ALPN protocol".to_owned()),
+    }
+}
+
+async fn redeem<A: Access>(
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    router: &A,
+) -> Result<(), String> {
+    let mut stream = BufReader::new(tls);
+    let mut line = String::new();
+    let mut limited = (&mut stream).take(MAX_REQUEST);
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, limited.read_line(&mut line))
+        .await
+        .map_err(|_| "redemption request timed out".to_owned())?
+        .map_err(|e| format!("failed to read redemption request: {e}"))?;
+    let response = match serde_json::from_str::<token::RedeemRequest>(&line) {
+        Ok(request) => router.redeem(peer, request),
+        Err(e) => token::RedeemResponse::Error(format!("malformed redemption request: {e}")),
+    };
+    if let token::RedeemResponse::Error(reason) = &response {
+        warn!(%peer, reason, "token redemption refused");
+    } else {
+        info!(%peer, "token redeemed");
+    }
+    let mut out = serde_json::to_vec(&response).map_err(|e| e.to_string())?;
+    out.push(b'\n');
+    let tls = stream.get_mut();
+    tls.write_all(&out).await.map_err(|e| e.to_string())?;
+    tls.shutdown().await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,228 @@
+//! The dialing side: redeeming a token for link credentials, and keeping an outgoing link up
+//! with exponential backoff and jitter.
+
+use std::{sync::Arc, time::Duration};
+
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
+
+use super::{Direction, Events};
+use crate::{
+    pki::{self, CertKey},
+    site, tls,
+    token::{RedeemRequest, RedeemResponse, Token},
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A link that stayed up this long resets the backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Failure to redeem a token or dial a link.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to connect to {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {0}")]
+    Timeout(String),
+    #[error("tls handshake with {url} failed")]
+    Tls {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid address {0:?}: expected HOST:PORT")]
+    Address(String),
+    #[error("the issuing site refused the token: {0}")]
+    Refused(String),
+    #[error("the issuing site answered something that is not a redemption response")]
+    BadResponse,
+    #[error("peer certificate names {certified:?}, expected site {expected:?}")]
+    WrongPeer { certified: String, expected: String },
+    #[error(transparent)]
+    Tls2(#[from] tls::Error),
+    #[error(transparent)]
+    Pki(#[from] pki::Error),
+    #[error("i/o with the issuing site failed")]
+    Io(#[from] std::io::Error),
+}
+
+/// An outgoing link as stored in `links/NAME.json` (the key lives in `links/NAME.key`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LinkConfig {
+    pub name: String,
+    /// `HOST:PORT` of the peer's link-access endpoint.
+    pub url: String,
+    /// The peer's site name; its router certificate must name it.
+    pub peer_site: String,
+    /// The peer site's CA (PEM): the only CA this link trusts.
+    pub ca: String,
+    /// Our credential for this link (PEM), signed by the peer's CA.
+    pub cert: String,
+    #[serde(default = "default_cost")]
+    pub cost: u32,
+    /// Parallel TLS connections for this link.
+    #[serde(default = "default_connections")]
+    pub connections: u32,
+}
+
+fn default_cost() -> u32 {
+    1
+}
+
+fn default_connections() -> u32 {
+    1
+}
+
+async fn connect_tls(
+    url: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+    let host = site::host_of(url).ok_or_else(|| Error::Address(url.to_owned()))?;
+    let server_name =
+        ServerName::try_from(host.to_owned()).map_err(|_| Error::Address(url.to_owned()))?;
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(url))
+        .await
+        .map_err(|_| Error::Timeout(url.to_owned()))?
+        .map_err(|source| Error::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TlsConnector::from(config).connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| Error::Timeout(url.to_owned()))?
+    .map_err(|source| Error::Tls {
+        url: url.to_owned(),
+        source,
+    })
+}
+
+/// Redeems `token` for site `me`: returns the link configuration and its private key.
+///
+/// # Errors
+/// When the issuer cannot be reached, its certificate does not chain to the token's CA, or it
+/// refuses the token (expired, used, wrong code, rate-limited).
+pub async fn redeem(token: &Token, me: &str, name: &str) -> Result<(LinkConfig, String), Error> {
+    let (csr, key_pem) = pki::new_csr(me)?;
+    let mut tls = connect_tls(&token.url, tls::grant_client_config(&token.ca)?).await?;
+    let request = RedeemRequest {
+        grant: token.grant.clone(),
+        code: token.code.clone(),
+        site: me.to_owned(),
+        csr,
+    };
+    let mut line = serde_json::to_vec(&request).map_err(|_| Error::BadResponse)?;
+    line.push(b'\n');
+    tls.write_all(&line).await?;
+    tls.flush().await?;
+    let mut answer = String::new();
+    BufReader::new(tls)
+        .take(64 * 1024)
+        .read_line(&mut answer)
+        .await?;
+    match serde_json::from_str::<RedeemResponse>(&answer).map_err(|_| Error::BadResponse)? {
+        RedeemResponse::Error(reason) => Err(Error::Refused(reason)),
+        RedeemResponse::Ok {
+            certificate,
+            ca,
+            site,
+        } => Ok((
+            LinkConfig {
+                name: name.to_owned(),
+                url: token.url.clone(),
+                peer_site: site,
+                ca,
+                cert: certificate,
+                cost: default_cost(),
+                connections: default_connections(),
+            },
+            key_pem,
+        )),
+    }
+}
+
+/// Dials the link once and runs it until it ends.
+async fn dial_once(
+    config: &LinkConfig,
+    client: Arc<rustls::ClientConfig>,
+    me: &str,
+    events: Arc<dyn Events>,
+) -> Result<(), Error> {
+    let tls = connect_tls(&config.url, client).await?;
+    let certified = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(pki::common_name)
+        .unwrap_or_default();
+    if certified != config.peer_site {
+        return Err(Error::WrongPeer {
+            certified,
+            expected: config.peer_site.clone(),
+        });
+    }
+    let direction = Direction::Outgoing(config.name.clone());
+    // The link's own end is logged by super::run.
+    let _ = super::run(tls, me, certified, direction, events).await;
+    Ok(())
+}
+
+/// Keeps one connection of an outgoing link up, forever (abort the task to stop it).
+///
+/// # Errors
+/// Only when the stored credential does not parse; connection failures are retried.
+pub async fn maintain(
+    config: LinkConfig,
+    key_pem: String,
+    me: String,
+    events: Arc<dyn Events>,
+) -> Result<(), Error> {
+    let credential = CertKey {
+        cert_pem: config.cert.clone(),
+        key_pem,
+    };
+    let client = tls::link_client_config(&config.ca, &credential)?;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = tokio::time::Instant::now();
+        match dial_once(&config, Arc::clone(&client), &me, Arc::clone(&events)).await {
+            Ok(()) => {}
+            Err(e) => warn!(link = %config.name, error = %e, "link dial failed"),
+        }
+        if started.elapsed() >= STABLE_AFTER {
+            backoff = BACKOFF_MIN;
+        }
+        let wait = jitter(backoff);
+        info!(link = %config.name, retry_in = ?wait, "link will be retried");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5), so that many routers do not retry in step.
+fn jitter(base: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let factor = if tls::random(&mut byte).is_ok() {
+        0.5 + f64::from(byte[0]) / 256.0
+    } else {
+        1.0
+    };
+    base.mul_f64(factor)
+}

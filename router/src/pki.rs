@@ -1,0 +1,257 @@
+//! Certificates and keys: each site's own CA, router identities, link credentials.
+//!
+//! Every key is ECDSA P-256 made with rcgen over ring. A private key never leaves the site that
+//! made it: link credentials are issued from a certificate signing request, and the issuer picks
+//! the certificate's fields itself instead of trusting what the request asks for.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use time::{Duration, OffsetDateTime};
+
+/// Failure to make, parse or sign a certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to generate a key pair")]
+    KeyGen(#[source] rcgen::Error),
+    #[error("failed to parse a private key")]
+    ParseKey(#[source] rcgen::Error),
+    #[error("failed to parse a CA certificate")]
+    ParseCa(#[source] rcgen::Error),
+    #[error("failed to parse or verify a certificate signing request")]
+    ParseCsr(#[source] rcgen::Error),
+    #[error("failed to sign a certificate")]
+    Sign(#[source] rcgen::Error),
+    #[error("failed to parse PEM {what}")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("invalid subject alternative name")]
+    San(#[source] rcgen::Error),
+}
+
+/// How long a site CA is valid.
+pub const CA_LIFETIME: Duration = Duration::days(5 * 365);
+/// How long router identities and link credentials are valid.
+pub const LEAF_LIFETIME: Duration = Duration::days(365);
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct CertKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// What a leaf certificate may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Usage {
+    /// A router identity: serves links and dials them.
+    ServerAndClient,
+    /// A link credential: only dials.
+    Client,
+}
+
+fn new_key() -> Result<KeyPair, Error> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(Error::KeyGen)
+}
+
+fn validity(params: &mut CertificateParams, lifetime: Duration) {
+    let now = OffsetDateTime::now_utc();
+    // Backdate a little so peers with slightly slow clocks accept a fresh certificate.
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + lifetime;
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "skiff");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// Makes a new self-signed site CA named after `site`.
+///
+/// # Errors
+/// When key generation or signing fails.
+pub fn new_ca(site: &str) -> Result<CertKey, Error> {
+    let key = new_key()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&format!("{site} site CA"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, CA_LIFETIME);
+    let cert = params.self_signed(&key).map_err(Error::Sign)?;
+    Ok(CertKey {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn leaf_params(
+    common_name: &str,
+    sans: &[String],
+    usage: Usage,
+    lifetime: Duration,
+) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::new(sans.to_vec()).map_err(Error::San)?;
+    params.distinguished_name = name(common_name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match usage {
+        Usage::ServerAndClient => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, lifetime);
+    Ok(params)
+}
+
+fn issuer(ca: &CertKey) -> Result<Issuer<'static, KeyPair>, Error> {
+    let key = KeyPair::from_pem(&ca.key_pem).map_err(Error::ParseKey)?;
+    Issuer::from_ca_cert_pem(&ca.cert_pem, key).map_err(Error::ParseCa)
+}
+
+/// Issues a leaf certificate with a new key, signed by `ca`.
+///
+/// `sans` are DNS names or IP addresses (rcgen tells them apart).
+///
+/// # Errors
+/// When `ca` does not parse or a SAN is invalid.
+pub fn issue(
+    ca: &CertKey,
+    common_name: &str,
+    sans: &[String],
+    usage: Usage,
+) -> Result<CertKey, Error> {
+    let key = new_key()?;
+    let params = leaf_params(common_name, sans, usage, LEAF_LIFETIME)?;
+    let cert = params.signed_by(&key, &issuer(ca)?).map_err(Error::Sign)?;
+    Ok(CertKey {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A new key and a certificate signing request for it; the key stays with the caller.
+///
+/// # Errors
+/// When key generation or serialisation fails.
+pub fn new_csr(common_name: &str) -> Result<(String, String), Error> {
+    let key = new_key()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name);
+    let csr = params.serialize_request(&key).map_err(Error::Sign)?;
+    let pem = csr.pem().map_err(Error::Sign)?;
+    Ok((pem, key.serialize_pem()))
+}
+
+/// Signs a link credential (client usage only) for the key in `csr_pem`.
+///
+/// Only the request's public key is used (its signature is checked); the subject is
+/// `common_name` and the usages are fixed here.
+///
+/// # Errors
+/// When the request does not parse or its signature does not verify.
+pub fn sign_csr(ca: &CertKey, csr_pem: &str, common_name: &str) -> Result<String, Error> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(Error::ParseCsr)?;
+    let params = leaf_params(common_name, &[], Usage::Client, LEAF_LIFETIME)?;
+    let cert = params
+        .signed_by(&csr.public_key, &issuer(ca)?)
+        .map_err(Error::Sign)?;
+    Ok(cert.pem())
+}
+
+/// Parses every certificate in a PEM text.
+///
+/// # Errors
+/// When the text holds no certificate or a malformed one.
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| Error::Pem {
+            what: "certificate",
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(Error::Pem {
+            what: "certificate",
+            source: rustls::pki_types::pem::Error::NoItemsFound,
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses the private key in a PEM text.
+///
+/// # Errors
+/// When the text holds no key.
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|source| Error::Pem {
+        what: "private key",
+        source,
+    })
+}
+
+/// The subject common name of a DER certificate, if it has one.
+#[must_use]
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_is_signed_by_its_ca_and_names_its_subject() {
+        let ca = new_ca("west").expect("ca");
+        let leaf = issue(&ca, "west", &["127.0.0.1".into()], Usage::ServerAndClient).expect("leaf");
+        let der = certs_from_pem(&leaf.cert_pem).expect("pem").remove(0);
+        assert_eq!(common_name(&der).as_deref(), Some("west"));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        let ca_der = certs_from_pem(&ca.cert_pem).expect("pem").remove(0);
+        let (_, ca_parsed) = x509_parser::parse_x509_certificate(&ca_der).expect("x509");
+        parsed
+            .verify_signature(Some(ca_parsed.public_key()))
+            .expect("leaf signature verifies with the CA key");
+    }
+
+    #[test]
+    fn csr_signing_ignores_requested_subject_and_keeps_client_usage() {
+        let ca = new_ca("west").expect("ca");
+        let (csr, _key) = new_csr("pretends-to-be-west").expect("csr");
+        let cert = sign_csr(&ca, &csr, "east").expect("signed");
+        let der = certs_from_pem(&cert).expect("pem").remove(0);
+        assert_eq!(common_name(&der).as_deref(), Some("east"));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        let eku = parsed
+            .extended_key_usage()
+            .expect("eku parses")
+            .expect("eku present");
+        assert!(eku.value.client_auth && !eku.value.server_auth);
+        assert!(!parsed.is_ca());
+    }
+
+    #[test]
+    fn garbage_csr_is_rejected() {
+        let ca = new_ca("west").expect("ca");
+        assert!(matches!(
+            sign_csr(
+                &ca,
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                "x"
+            ),
+            Err(Error::ParseCsr(_))
+        ));
+    }
+}

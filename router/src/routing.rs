@@ -1,0 +1,357 @@
+//! Link-state routing.
+//!
+//! Every router floods a [`LinkState`]: its links (neighbour, cost) and the routing keys it has
+//! connectors for, with a sequence number that grows with each change. Every router keeps the
+//! newest state of every other router, and computes shortest paths (Dijkstra over summed costs).
+//! An edge counts only when both ends list it, so a dead router's stale advertisement cannot
+//! attract traffic. New streams for a key go to the cheapest reachable routers that advertise
+//! it, and among those to the one with the fewest outstanding streams from here.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap},
+};
+
+use crate::link::frame::LinkState;
+
+/// Where a new stream for a key goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The router whose connector serves the stream.
+    pub dest: String,
+    /// The neighbour to send it to, or `None` when `dest` is this router.
+    pub next_hop: Option<String>,
+    pub cost: u32,
+}
+
+/// One router as this router sees it, for `skiff network status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouterView {
+    pub name: String,
+    /// Path cost from here; `None` when unreachable.
+    pub cost: Option<u32>,
+    /// Routing keys it has connectors for.
+    pub keys: Vec<String>,
+    /// Its links: (neighbour, cost).
+    pub links: Vec<(String, u32)>,
+}
+
+/// A router's view of the network.
+#[derive(Debug)]
+pub struct Routing {
+    me: String,
+    seq: u64,
+    neighbors: BTreeMap<String, u32>,
+    local_keys: BTreeMap<String, usize>,
+    states: HashMap<String, LinkState>,
+    /// router -> (cost, first hop); recomputed on every change.
+    paths: HashMap<String, (u32, Option<String>)>,
+    outstanding: HashMap<String, usize>,
+}
+
+impl Routing {
+    /// A router named `me` with no links and no keys.
+    #[must_use]
+    pub fn new(me: &str) -> Self {
+        let mut routing = Self {
+            me: me.to_owned(),
+            seq: 0,
+            neighbors: BTreeMap::new(),
+            local_keys: BTreeMap::new(),
+            states: HashMap::new(),
+            paths: HashMap::new(),
+            outstanding: HashMap::new(),
+        };
+        routing.recompute();
+        routing
+    }
+
+    /// This router's current advertisement; every call after a change carries a higher `seq`.
+    #[must_use]
+    pub fn own_state(&self) -> LinkState {
+        LinkState {
+            origin: self.me.clone(),
+            seq: self.seq,
+            links: self
+                .neighbors
+                .iter()
+                .map(|(n, c)| (n.clone(), *c))
+                .collect(),
+            keys: self.local_keys.keys().cloned().collect(),
+        }
+    }
+
+    /// Every advertisement known, this router's own included: what a new neighbour is sent.
+    #[must_use]
+    pub fn all_states(&self) -> Vec<LinkState> {
+        let mut all: Vec<LinkState> = self.states.values().cloned().collect();
+        all.push(self.own_state());
+        all
+    }
+
+    fn changed(&mut self) {
+        self.seq += 1;
+        self.recompute();
+    }
+
+    /// A link to `peer` came up (or its cost changed). Returns the advertisement to flood.
+    pub fn link_up(&mut self, peer: &str, cost: u32) -> LinkState {
+        self.neighbors.insert(peer.to_owned(), cost);
+        self.changed();
+        self.own_state()
+    }
+
+    /// The last link to `peer` went down. Returns the advertisement to flood.
+    pub fn link_down(&mut self, peer: &str) -> LinkState {
+        self.neighbors.remove(peer);
+        self.changed();
+        self.own_state()
+    }
+
+    /// A connector for `key` was added here. Returns the advertisement to flood.
+    pub fn add_local_key(&mut self, key: &str) -> LinkState {
+        *self.local_keys.entry(key.to_owned()).or_default() += 1;
+        self.changed();
+        self.own_state()
+    }
+
+    /// A connector for `key` was removed here. Returns the advertisement to flood.
+    pub fn remove_local_key(&mut self, key: &str) -> LinkState {
+        if let Some(n) = self.local_keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.local_keys.remove(key);
+            }
+        }
+        self.changed();
+        self.own_state()
+    }
+
+    /// Takes in a received advertisement. Returns `true` when it was new (to be re-flooded).
+    pub fn receive(&mut self, state: LinkState) -> bool {
+        if state.origin == self.me {
+            // Our own advertisement from before a restart: jump past it so ours wins again.
+            if state.seq >= self.seq {
+                self.seq = state.seq;
+                self.changed();
+            }
+            return false;
+        }
+        let newer = self
+            .states
+            .get(&state.origin)
+            .is_none_or(|known| state.seq > known.seq);
+        if newer {
+            self.states.insert(state.origin.clone(), state);
+            self.recompute();
+        }
+        newer
+    }
+
+    fn links_of(&self, router: &str) -> Vec<(String, u32)> {
+        if router == self.me {
+            return self
+                .neighbors
+                .iter()
+                .map(|(n, c)| (n.clone(), *c))
+                .collect();
+        }
+        self.states
+            .get(router)
+            .map(|s| s.links.clone())
+            .unwrap_or_default()
+    }
+
+    fn lists(&self, router: &str, neighbor: &str) -> bool {
+        self.links_of(router).iter().any(|(n, _)| n == neighbor)
+    }
+
+    fn recompute(&mut self) {
+        let mut paths: HashMap<String, (u32, Option<String>)> = HashMap::new();
+        let mut heap = BinaryHeap::new();
+        heap.push(Reverse((0u32, self.me.clone(), None::<String>)));
+        while let Some(Reverse((cost, router, first_hop))) = heap.pop() {
+            if paths.contains_key(&router) {
+                continue;
+            }
+            paths.insert(router.clone(), (cost, first_hop.clone()));
+            for (neighbor, link_cost) in self.links_of(&router) {
+                if paths.contains_key(&neighbor) || !self.lists(&neighbor, &router) {
+                    continue;
+                }
+                let hop = first_hop.clone().or_else(|| Some(neighbor.clone()));
+                heap.push(Reverse((
+                    cost.saturating_add(link_cost.max(1)),
+                    neighbor,
+                    hop,
+                )));
+            }
+        }
+        self.paths = paths;
+    }
+
+    /// The neighbour to forward a stream for `dest` to (`None` if unreachable or local).
+    #[must_use]
+    pub fn next_hop(&self, dest: &str) -> Option<String> {
+        self.paths.get(dest).and_then(|(_, hop)| hop.clone())
+    }
+
+    /// Routers that are reachable and advertise `key`, with their costs.
+    fn candidates(&self, key: &str) -> Vec<(u32, String)> {
+        let mut out = Vec::new();
+        if self.local_keys.contains_key(key) {
+            out.push((0, self.me.clone()));
+        }
+        for (origin, state) in &self.states {
+            if state.keys.iter().any(|k| k == key)
+                && let Some((cost, _)) = self.paths.get(origin)
+            {
+                out.push((*cost, origin.clone()));
+            }
+        }
+        out
+    }
+
+    /// Chooses where a new stream for `key` goes: the cheapest routers, then the one with the
+    /// fewest outstanding streams. Call [`Self::stream_started`] when the stream opens.
+    #[must_use]
+    pub fn choose(&self, key: &str) -> Option<Route> {
+        let candidates = self.candidates(key);
+        let cheapest = candidates.iter().map(|(c, _)| *c).min()?;
+        let (cost, dest) = candidates
+            .into_iter()
+            .filter(|(c, _)| *c == cheapest)
+            .min_by_key(|(_, r)| (self.outstanding.get(r).copied().unwrap_or(0), r.clone()))?;
+        let next_hop = if dest == self.me {
+            None
+        } else {
+            self.next_hop(&dest)
+        };
+        Some(Route {
+            dest,
+            next_hop,
+            cost,
+        })
+    }
+
+    /// Counts a stream this router started towards `dest`.
+    pub fn stream_started(&mut self, dest: &str) {
+        *self.outstanding.entry(dest.to_owned()).or_default() += 1;
+    }
+
+    /// Uncounts a stream started with [`Self::stream_started`].
+    pub fn stream_ended(&mut self, dest: &str) {
+        if let Some(n) = self.outstanding.get_mut(dest) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Every router this one knows of.
+    #[must_use]
+    pub fn network(&self) -> Vec<RouterView> {
+        let mut routers: BTreeSet<&String> = self.states.keys().collect();
+        routers.insert(&self.me);
+        routers
+            .into_iter()
+            .map(|r| {
+                let cost = self.paths.get(r).map(|(c, _)| *c);
+                let (keys, links) = if *r == self.me {
+                    let own = self.own_state();
+                    (own.keys, own.links)
+                } else {
+                    let s = &self.states[r];
+                    (s.keys.clone(), s.links.clone())
+                };
+                RouterView {
+                    name: r.clone(),
+                    cost,
+                    keys,
+                    links,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(origin: &str, seq: u64, links: &[(&str, u32)], keys: &[&str]) -> LinkState {
+        LinkState {
+            origin: origin.into(),
+            seq,
+            links: links.iter().map(|(n, c)| ((*n).into(), *c)).collect(),
+            keys: keys.iter().map(|k| (*k).into()).collect(),
+        }
+    }
+
+    /// a - b - c, with the key at c: a reaches it through b.
+    #[test]
+    fn multi_hop_route_goes_through_the_middle_router() {
+        let mut a = Routing::new("a");
+        let _ = a.link_up("b", 1);
+        assert!(a.receive(state("b", 1, &[("a", 1), ("c", 1)], &[])));
+        assert!(a.receive(state("c", 1, &[("b", 1)], &["db"])));
+        let route = a.choose("db").expect("route");
+        assert_eq!(route.dest, "c");
+        assert_eq!(route.next_hop.as_deref(), Some("b"));
+        assert_eq!(route.cost, 2);
+    }
+
+    #[test]
+    fn cheaper_path_wins_and_one_sided_edges_do_not_count() {
+        let mut a = Routing::new("a");
+        let _ = a.link_up("b", 1);
+        let _ = a.link_up("c", 10);
+        a.receive(state("b", 1, &[("a", 1), ("c", 1)], &[]));
+        a.receive(state("c", 1, &[("a", 10), ("b", 1)], &["db"]));
+        assert_eq!(
+            a.choose("db").expect("route").next_hop.as_deref(),
+            Some("b")
+        );
+        // b drops its link to c, but c has not noticed yet: the edge is one-sided, so unused.
+        a.receive(state("b", 2, &[("a", 1)], &[]));
+        assert_eq!(
+            a.choose("db").expect("route").next_hop.as_deref(),
+            Some("c")
+        );
+    }
+
+    #[test]
+    fn streams_balance_among_equally_cheap_connectors() {
+        let mut a = Routing::new("a");
+        let _ = a.link_up("b", 1);
+        let _ = a.link_up("c", 1);
+        a.receive(state("b", 1, &[("a", 1)], &["web"]));
+        a.receive(state("c", 1, &[("a", 1)], &["web"]));
+        let first = a.choose("web").expect("route").dest;
+        a.stream_started(&first);
+        let second = a.choose("web").expect("route").dest;
+        assert_ne!(first, second);
+        a.stream_started(&second);
+        a.stream_ended(&first);
+        assert_eq!(a.choose("web").expect("route").dest, first);
+    }
+
+    #[test]
+    fn local_connector_is_cheapest_and_dead_router_is_unreachable() {
+        let mut a = Routing::new("a");
+        let _ = a.link_up("b", 1);
+        a.receive(state("b", 1, &[("a", 1)], &["web"]));
+        assert_eq!(a.choose("web").expect("route").dest, "b");
+        let _ = a.add_local_key("web");
+        assert_eq!(a.choose("web").expect("route").next_hop, None);
+        let _ = a.remove_local_key("web");
+        let _ = a.link_down("b");
+        assert_eq!(a.choose("web"), None);
+    }
+
+    #[test]
+    fn old_advertisements_are_ignored() {
+        let mut a = Routing::new("a");
+        assert!(a.receive(state("b", 5, &[], &["x"])));
+        assert!(!a.receive(state("b", 4, &[], &[])));
+        assert!(!a.receive(state("b", 5, &[], &[])));
+    }
+}

@@ -1,0 +1,337 @@
+//! A site's state directory: its configuration, its CA and router identity, its links and
+//! resources. Everything is written atomically (temporary file, fsync, rename); keys are 0600.
+//!
+//! ```text
+//! STATE/site.json            name, link-access endpoint
+//! STATE/ca.crt  ca.key       the site's own CA
+//! STATE/router.crt router.key the router identity, signed by the site CA
+//! STATE/grants.json          access grants this site issued
+//! STATE/links/NAME.json      outgoing links (peer address, peer CA, our credential)
+//! STATE/links/NAME.key       the credential's private key
+//! STATE/resources.json       listeners and connectors
+//! STATE/admin.sock           the running router's admin socket (owner only)
+//! ```
+
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::pki::{self, CertKey};
+
+/// Failure to read or write the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to access {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to parse {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{} already holds a site; delete it first or choose another --state-dir", path.display())]
+    Exists { path: PathBuf },
+    #[error("no site in {}: run `skiff site create NAME` first", path.display())]
+    NoSite { path: PathBuf },
+    #[error("invalid site name {0:?}: use 1-63 characters of a-z, 0-9 and '-'")]
+    BadName(String),
+    #[error(transparent)]
+    Pki(#[from] pki::Error),
+}
+
+/// A site's configuration, as stored in `site.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SiteConfig {
+    pub name: String,
+    /// `HOST:PORT` where this site accepts links (and token redemptions), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_access: Option<String>,
+}
+
+/// A state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// The state directory at `root` (not checked).
+    #[must_use]
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory itself.
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A file inside it.
+    #[must_use]
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The admin socket's path.
+    #[must_use]
+    pub fn admin_socket(&self) -> PathBuf {
+        self.file("admin.sock")
+    }
+
+    /// The directory of outgoing links.
+    #[must_use]
+    pub fn links_dir(&self) -> PathBuf {
+        self.file("links")
+    }
+
+    /// Creates a site: configuration, a new CA and a router identity signed by it.
+    ///
+    /// # Errors
+    /// When the directory already holds a site, the name is invalid, or writing fails.
+    pub fn create(&self, config: &SiteConfig) -> Result<(), Error> {
+        validate_name(&config.name)?;
+        if self.file("site.json").exists() {
+            return Err(Error::Exists {
+                path: self.root.clone(),
+            });
+        }
+        create_private_dir(&self.root)?;
+        create_private_dir(&self.links_dir())?;
+        let ca = pki::new_ca(&config.name)?;
+        let identity = pki::issue(
+            &ca,
+            &config.name,
+            &router_sans(config),
+            pki::Usage::ServerAndClient,
+        )?;
+        self.write_cert_key("ca", &ca)?;
+        self.write_cert_key("router", &identity)?;
+        // site.json last: its presence says the site is complete.
+        self.write_json("site.json", config)
+    }
+
+    /// Reads the site's configuration.
+    ///
+    /// # Errors
+    /// When there is no site here or it does not parse.
+    pub fn config(&self) -> Result<SiteConfig, Error> {
+        let path = self.file("site.json");
+        if !path.exists() {
+            return Err(Error::NoSite {
+                path: self.root.clone(),
+            });
+        }
+        self.read_json("site.json")
+    }
+
+    /// Reads a certificate and key pair stored as `NAME.crt` and `NAME.key`.
+    ///
+    /// # Errors
+    /// When either file is missing.
+    pub fn cert_key(&self, name: &str) -> Result<CertKey, Error> {
+        Ok(CertKey {
+            cert_pem: read_string(&self.file(&format!("{name}.crt")))?,
+            key_pem: read_string(&self.file(&format!("{name}.key")))?,
+        })
+    }
+
+    /// Writes a certificate (0644) and its key (0600) as `NAME.crt` and `NAME.key`.
+    ///
+    /// # Errors
+    /// When writing fails.
+    pub fn write_cert_key(&self, name: &str, pair: &CertKey) -> Result<(), Error> {
+        write_atomic(
+            &self.file(&format!("{name}.key")),
+            pair.key_pem.as_bytes(),
+            0o600,
+        )?;
+        write_atomic(
+            &self.file(&format!("{name}.crt")),
+            pair.cert_pem.as_bytes(),
+            0o644,
+        )
+    }
+
+    /// Reads a JSON file of the state directory, or `T::default()` when it does not exist.
+    ///
+    /// # Errors
+    /// When it exists but cannot be read or parsed.
+    pub fn read_json_or_default<T: DeserializeOwned + Default>(
+        &self,
+        name: &str,
+    ) -> Result<T, Error> {
+        if self.file(name).exists() {
+            self.read_json(name)
+        } else {
+            Ok(T::default())
+        }
+    }
+
+    /// Reads and parses a JSON file of the state directory.
+    ///
+    /// # Errors
+    /// When it cannot be read or parsed.
+    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T, Error> {
+        let path = self.file(name);
+        let text = read_string(&path)?;
+        serde_json::from_str(&text).map_err(|source| Error::Parse { path, source })
+    }
+
+    /// Writes a JSON file of the state directory atomically, owner-only.
+    ///
+    /// # Errors
+    /// When writing fails.
+    pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), Error> {
+        let text = serde_json::to_vec_pretty(value).map_err(|source| Error::Parse {
+            path: self.file(name),
+            source,
+        })?;
+        write_atomic(&self.file(name), &text, 0o600)
+    }
+
+    /// Removes the whole state directory.
+    ///
+    /// # Errors
+    /// When removal fails.
+    pub fn remove(&self) -> Result<(), Error> {
+        fs::remove_dir_all(&self.root).map_err(io_error(&self.root))
+    }
+}
+
+/// The names a router identity certificate carries: the link-access host, and the site name so
+/// that a peer can also verify by name.
+fn router_sans(config: &SiteConfig) -> Vec<String> {
+    let mut sans = vec![config.name.clone()];
+    if let Some(host) = config.link_access.as_deref().and_then(host_of)
+        && !sans.iter().any(|s| s == host)
+    {
+        sans.push(host.to_owned());
+    }
+    sans
+}
+
+/// The host part of `HOST:PORT` (IPv6 in brackets).
+#[must_use]
+pub fn host_of(endpoint: &str) -> Option<&str> {
+    let (host, _port) = endpoint.rsplit_once(':')?;
+    Some(host.trim_start_matches('[').trim_end_matches(']'))
+}
+
+fn validate_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadName(name.to_owned()))
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn read_string(path: &Path) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(io_error(path))
+}
+
+fn create_private_dir(path: &Path) -> Result<(), Error> {
+    fs::create_dir_all(path).map_err(io_error(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_error(path))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, so a reader sees
+/// the old content or the new, never a mix; `mode` applies from the first byte.
+///
+/// # Errors
+/// When any step fails; the temporary file is removed.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_error(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("skiff-site-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn create_writes_private_keys_and_refuses_to_overwrite() {
+        let dir = temp_dir("create");
+        let state = StateDir::new(&dir);
+        let config = SiteConfig {
+            name: "west".into(),
+            link_access: Some("127.0.0.1:9090".into()),
+        };
+        state.create(&config).expect("create");
+        for key in ["ca.key", "router.key"] {
+            let mode = fs::metadata(dir.join(key))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        assert_eq!(state.config().expect("config"), config);
+        assert!(matches!(state.create(&config), Err(Error::Exists { .. })));
+        state.remove().expect("remove");
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let state = StateDir::new(temp_dir("badname"));
+        for name in ["", "West", "a_b", "-x", &"x".repeat(64)] {
+            let config = SiteConfig {
+                name: name.into(),
+                link_access: None,
+            };
+            assert!(
+                matches!(state.create(&config), Err(Error::BadName(_))),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn host_of_handles_ipv6_brackets() {
+        assert_eq!(host_of("10.0.0.1:80"), Some("10.0.0.1"));
+        assert_eq!(host_of("[::1]:80"), Some("::1"));
+        assert_eq!(host_of("router.example:443"), Some("router.example"));
+    }
+}

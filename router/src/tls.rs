@@ -1,0 +1,105 @@
+//! rustls configurations for links and token redemption: TLS 1.3 only, ring as the provider.
+//!
+//! The link-access port serves two ALPN ids. `skiff-link/1` needs a client certificate signed
+//! by this site's CA; `skiff-grant/1` (token redemption) has none yet, which is the point of
+//! redeeming, and is authorised by the token's secret code instead.
+
+use std::sync::Arc;
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    crypto::{CryptoProvider, ring},
+    server::WebPkiClientVerifier,
+    version::TLS13,
+};
+
+use crate::{
+    link::frame::{ALPN_GRANT, ALPN_LINK},
+    pki::{self, CertKey},
+};
+
+/// Failure to build a TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Pki(#[from] pki::Error),
+    #[error("failed to build the TLS configuration")]
+    Rustls(#[from] rustls::Error),
+    #[error("failed to build the client certificate verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, Error> {
+    let mut roots = RootCertStore::empty();
+    for cert in pki::certs_from_pem(ca_pem)? {
+        roots.add(cert)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The link-access server: presents the router identity; accepts client certificates signed by
+/// `site_ca_pem` and, for token redemption only, no certificate at all.
+///
+/// # Errors
+/// When a certificate or key does not parse.
+pub fn server_config(identity: &CertKey, site_ca_pem: &str) -> Result<Arc<ServerConfig>, Error> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(site_ca_pem)?, provider())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            pki::certs_from_pem(&identity.cert_pem)?,
+            pki::key_from_pem(&identity.key_pem)?,
+        )?;
+    config.alpn_protocols = vec![ALPN_LINK.to_vec(), ALPN_GRANT.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The dialing side of a link: trusts only the peer site's CA and presents `credential`.
+///
+/// # Errors
+/// When a certificate or key does not parse.
+pub fn link_client_config(
+    peer_ca_pem: &str,
+    credential: &CertKey,
+) -> Result<Arc<ClientConfig>, Error> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])?
+        .with_root_certificates(roots(peer_ca_pem)?)
+        .with_client_auth_cert(
+            pki::certs_from_pem(&credential.cert_pem)?,
+            pki::key_from_pem(&credential.key_pem)?,
+        )?;
+    config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The redeeming side of a token: trusts only the issuer's CA from the token, no certificate.
+///
+/// # Errors
+/// When the CA does not parse.
+pub fn grant_client_config(issuer_ca_pem: &str) -> Result<Arc<ClientConfig>, Error> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])?
+        .with_root_certificates(roots(issuer_ca_pem)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_GRANT.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Fills `buf` from the provider's secure random source.
+///
+/// # Errors
+/// When the system random source fails.
+pub fn random(buf: &mut [u8]) -> Result<(), rustls::Error> {
+    ring::default_provider()
+        .secure_random
+        .fill(buf)
+        .map_err(|_| rustls::Error::FailedToGetRandomBytes)
+}

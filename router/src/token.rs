@@ -1,0 +1,282 @@
+//! Access grants and tokens.
+//!
+//! The issuing site records a grant (redemptions left, expiry, secret code) and writes a token
+//! holding the grant's address, id and code and the issuer's CA certificate. The redeeming
+//! site connects to that address over TLS (ALPN `skiff-grant/1`), verifying the issuer's CA,
+//! and sends the grant id, the code and a certificate signing request; the issuer answers with a
+//! link credential signed by its CA. The private key never leaves the redeeming site.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default number of redemptions a grant allows.
+pub const DEFAULT_REDEMPTIONS: u32 = 1;
+/// Default lifetime of a grant.
+pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(15 * 60);
+
+/// Failed redemptions from one source address allowed per [`FAILURE_WINDOW`].
+const MAX_FAILURES: u32 = 5;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Why a redemption was refused. The messages go back to the redeeming site verbatim.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RedeemError {
+    #[error("the token is unknown to the issuing site (deleted, or from another site)")]
+    UnknownGrant,
+    #[error("the token has expired; issue a new one")]
+    Expired,
+    #[error("the token has already been redeemed; issue a new one")]
+    UsedUp,
+    #[error("the token's code is wrong")]
+    WrongCode,
+    #[error("too many failed redemptions from this address; wait a minute")]
+    RateLimited,
+}
+
+/// One access grant, as the issuer stores it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Grant {
+    pub code: String,
+    pub redemptions_left: u32,
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+/// The token file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Token {
+    /// `HOST:PORT` of the issuer's link-access endpoint.
+    pub url: String,
+    pub grant: String,
+    pub code: String,
+    /// The issuing site's name.
+    pub site: String,
+    /// The issuing site's CA certificate (PEM): the redeemer trusts nothing else.
+    pub ca: String,
+}
+
+/// What the redeeming site sends, as one JSON line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemRequest {
+    pub grant: String,
+    pub code: String,
+    pub site: String,
+    pub csr: String,
+}
+
+/// What the issuer answers, as one JSON line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum RedeemResponse {
+    Ok {
+        certificate: String,
+        ca: String,
+        site: String,
+    },
+    Error(String),
+}
+
+/// The grants a site issued, and the failed-attempt counters that rate-limit redemption.
+#[derive(Debug, Default)]
+pub struct Grants {
+    grants: BTreeMap<String, Grant>,
+    failures: HashMap<IpAddr, (u32, Instant)>,
+}
+
+/// Seconds since the Unix epoch.
+#[must_use]
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Grants {
+    /// Grants as loaded from the state directory.
+    #[must_use]
+    pub fn new(grants: BTreeMap<String, Grant>) -> Self {
+        Self {
+            grants,
+            failures: HashMap::new(),
+        }
+    }
+
+    /// The grants to persist (expired and used-up ones are dropped).
+    #[must_use]
+    pub fn to_store(&self) -> BTreeMap<String, Grant> {
+        let now = now_secs();
+        self.grants
+            .iter()
+            .filter(|(_, g)| g.redemptions_left > 0 && g.expires_at > now)
+            .map(|(id, g)| (id.clone(), g.clone()))
+            .collect()
+    }
+
+    /// Records a new grant under `id`.
+    pub fn insert(&mut self, id: String, grant: Grant) {
+        self.grants.insert(id, grant);
+    }
+
+    /// Checks a redemption attempt from `source` and, when it is good, uses one redemption.
+    ///
+    /// # Errors
+    /// When the grant is unknown, expired, used up, the code is wrong, or `source` failed too
+    /// often in the last minute.
+    pub fn redeem(
+        &mut self,
+        source: IpAddr,
+        grant_id: &str,
+        code: &str,
+    ) -> Result<(), RedeemError> {
+        let now = Instant::now();
+        if let Some((count, since)) = self.failures.get(&source)
+            && *count >= MAX_FAILURES
+            && now.duration_since(*since) < FAILURE_WINDOW
+        {
+            return Err(RedeemError::RateLimited);
+        }
+        let result = self.check(grant_id, code);
+        if result.is_err() {
+            let entry = self.failures.entry(source).or_insert((0, now));
+            if now.duration_since(entry.1) >= FAILURE_WINDOW {
+                *entry = (0, now);
+            }
+            entry.0 += 1;
+        }
+        result
+    }
+
+    fn check(&mut self, grant_id: &str, code: &str) -> Result<(), RedeemError> {
+        let grant = self
+            .grants
+            .get_mut(grant_id)
+            .ok_or(RedeemError::UnknownGrant)?;
+        if !constant_time_eq(grant.code.as_bytes(), code.as_bytes()) {
+            return Err(RedeemError::WrongCode);
+        }
+        if grant.expires_at <= now_secs() {
+            return Err(RedeemError::Expired);
+        }
+        if grant.redemptions_left == 0 {
+            return Err(RedeemError::UsedUp);
+        }
+        grant.redemptions_left -= 1;
+        Ok(())
+    }
+}
+
+/// Compares secrets without an early exit that would leak how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Lowercase hex of `bytes`: grant ids and codes.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Parses durations like `15m`, `2h`, `30s`, `1d`.
+///
+/// # Errors
+/// When the text is not a number followed by s, m, h or d.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 15m, 2h, 1d"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?}: use s, m, h or d"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(redemptions: u32, expires_in: i64) -> Grants {
+        let mut g = Grants::default();
+        g.insert(
+            "g1".into(),
+            Grant {
+                code: "secret".into(),
+                redemptions_left: redemptions,
+                expires_at: now_secs().saturating_add_signed(expires_in),
+            },
+        );
+        g
+    }
+
+    const SRC: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[test]
+    fn single_use_grant_redeems_once() {
+        let mut g = grants(1, 60);
+        assert_eq!(g.redeem(SRC, "g1", "secret"), Ok(()));
+        assert_eq!(g.redeem(SRC, "g1", "secret"), Err(RedeemError::UsedUp));
+        assert!(g.to_store().is_empty(), "used-up grants are not persisted");
+    }
+
+    #[test]
+    fn expired_wrong_code_and_unknown_are_refused() {
+        assert_eq!(
+            grants(1, -1).redeem(SRC, "g1", "secret"),
+            Err(RedeemError::Expired)
+        );
+        assert_eq!(
+            grants(1, 60).redeem(SRC, "g1", "guess"),
+            Err(RedeemError::WrongCode)
+        );
+        assert_eq!(
+            grants(1, 60).redeem(SRC, "nope", "secret"),
+            Err(RedeemError::UnknownGrant)
+        );
+    }
+
+    #[test]
+    fn repeated_failures_are_rate_limited_even_with_the_right_code() {
+        let mut g = grants(1, 60);
+        for _ in 0..MAX_FAILURES {
+            assert_eq!(g.redeem(SRC, "g1", "guess"), Err(RedeemError::WrongCode));
+        }
+        assert_eq!(g.redeem(SRC, "g1", "secret"), Err(RedeemError::RateLimited));
+        let other: IpAddr = "127.0.0.2".parse().expect("ip");
+        assert_eq!(
+            g.redeem(other, "g1", "secret"),
+            Ok(()),
+            "other sources are unaffected"
+        );
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}
