@@ -69,6 +69,8 @@ pub enum Error {
 
 struct ListenerRt {
     spec: Listener,
+    /// The address actually bound (the spec's port may be 0).
+    bound: Option<SocketAddr>,
     task: AbortHandle,
     connections: Arc<AtomicU64>,
 }
@@ -97,6 +99,8 @@ pub struct Router {
     inner: Mutex<Inner>,
     active: AtomicUsize,
     shutdown: tokio::sync::Notify,
+    /// The link-access address actually bound (the configured port may be 0).
+    link_access: std::sync::OnceLock<SocketAddr>,
 }
 
 impl std::fmt::Debug for Router {
@@ -126,6 +130,7 @@ pub async fn run(state: StateDir) -> Result<(), Error> {
         ca,
         active: AtomicUsize::new(0),
         shutdown: tokio::sync::Notify::new(),
+        link_access: std::sync::OnceLock::new(),
     });
 
     let mut background = Vec::new();
@@ -138,6 +143,9 @@ pub async fn run(state: StateDir) -> Result<(), Error> {
                 source,
             })?;
         let acceptor = TlsAcceptor::from(tls::server_config(&identity, &router.ca.cert_pem)?);
+        if let Ok(bound) = listener.local_addr() {
+            let _ = router.link_access.set(bound);
+        }
         info!(%addr, "link access listening");
         background.push(
             tokio::spawn(link::access::serve(listener, acceptor, Arc::clone(&router)))
@@ -454,6 +462,7 @@ impl Router {
                 spec.bind_addr()
             )
         })?;
+        let bound = socket.local_addr().ok();
         let connections = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(accept_loop(
             socket,
@@ -468,6 +477,7 @@ impl Router {
             spec.name.clone(),
             ListenerRt {
                 spec,
+                bound,
                 task,
                 connections,
             },
@@ -479,11 +489,19 @@ impl Router {
     }
 
     fn issue_token(&self, redemptions: u32, expiry_secs: u64) -> Result<Token, String> {
-        let url = self
+        let configured = self
             .config
             .link_access
-            .clone()
+            .as_deref()
             .ok_or("this site accepts no links: create it with --link-access HOST:PORT")?;
+        // The configured host (the name peers reach us by), with the port actually bound.
+        let host = site::host_of(configured).unwrap_or(configured);
+        let port = self.link_access.get().map_or(0, SocketAddr::port);
+        let url = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
         let mut id = [0u8; 8];
         let mut code = [0u8; 24];
         tls::random(&mut id).map_err(|e| e.to_string())?;
@@ -736,7 +754,7 @@ impl Access for Router {
             &request.code,
         );
         if let Err(e) = checked {
-            return RedeemResponse::Error(e.to_string());
+            return RedeemResponse::error(e.to_string());
         }
         {
             let inner = self.inner.lock().expect("router lock");
@@ -753,7 +771,7 @@ impl Access for Router {
                 ca: self.ca.cert_pem.clone(),
                 site: self.config.name.clone(),
             },
-            Err(e) => RedeemResponse::Error(format!("certificate signing request refused: {e}")),
+            Err(e) => RedeemResponse::error(format!("certificate signing request refused: {e}")),
         }
     }
 }
@@ -798,7 +816,7 @@ impl admin::Handler for Router {
                         .map(|l| json!({
                             "name": l.spec.name,
                             "host": l.spec.host,
-                            "port": l.spec.port,
+                            "port": l.bound.map_or(l.spec.port, |b| b.port()),
                             "routingKey": l.spec.routing_key,
                             "reachable": routing.choose(&l.spec.routing_key).is_some(),
                             "connections": l.connections.load(Ordering::Relaxed),

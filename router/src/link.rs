@@ -40,6 +40,8 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for the writer before senders wait.
 const OUT_QUEUE: usize = 1024;
+/// Most send credit a stream may hold (docs/protocol.md).
+const MAX_CREDIT: usize = (1 << 31) - 1;
 /// Bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -137,13 +139,15 @@ impl Link {
     /// # Errors
     /// When the link is gone.
     pub async fn open(self: &Arc<Self>, open: &Open) -> Result<(StreamTx, StreamRx), Error> {
-        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        // Credit to send arrives with the peer's first Window frame.
-        let (tx, rx, slot) = new_stream(self, id, 0);
-        self.streams
-            .lock()
-            .expect("stream table lock")
-            .insert(id, slot);
+        let (tx, rx) = {
+            let mut streams = self.streams.lock().expect("stream table lock");
+            let id = self.allocate_id(&streams);
+            // Credit to send arrives with the peer's first Window frame.
+            let (tx, rx, slot) = new_stream(self, id, 0);
+            streams.insert(id, slot);
+            (tx, rx)
+        };
+        let id = tx.id();
         self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
         self.send(Frame::Open {
             stream: id,
@@ -154,6 +158,17 @@ impl Link {
         })
         .await?;
         Ok((tx, rx))
+    }
+
+    /// The next free stream id of our parity. Ids wrap after 2^32 and skip 0 and ids still open,
+    /// so a long-lived link never reuses an open stream's id.
+    fn allocate_id(&self, streams: &HashMap<u32, Slot>) -> u32 {
+        loop {
+            let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
+            if id != 0 && !streams.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     pub(crate) fn forget_stream(&self, id: u32) {
@@ -323,6 +338,10 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
         }
         Frame::Window { stream, increment } => {
             if let Some(slot) = link.streams.lock().expect("stream table lock").get(&stream) {
+                // Bounded so a hostile peer cannot overflow the semaphore (which would panic).
+                if slot.credit.available_permits() + increment as usize > MAX_CREDIT {
+                    return Err(Error::Protocol("window grows credit beyond 2^31-1 bytes"));
+                }
                 slot.credit.add_permits(increment as usize);
             }
         }

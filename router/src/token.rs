@@ -72,16 +72,28 @@ pub struct RedeemRequest {
     pub csr: String,
 }
 
-/// What the issuer answers, as one JSON line.
+/// What the issuer answers, as one JSON line: the credential, or `{"error": "..."}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
+#[serde(untagged, deny_unknown_fields)]
 pub enum RedeemResponse {
     Ok {
         certificate: String,
         ca: String,
         site: String,
     },
-    Error(String),
+    Error {
+        error: String,
+    },
+}
+
+impl RedeemResponse {
+    /// A refusal with a one-line reason.
+    #[must_use]
+    pub fn error(reason: impl Into<String>) -> Self {
+        Self::Error {
+            error: reason.into(),
+        }
+    }
 }
 
 /// The grants a site issued, and the failed-attempt counters that rate-limit redemption.

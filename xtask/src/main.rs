@@ -49,12 +49,18 @@ fn main() -> anyhow::Result<()> {
         Command::Test => {
             setup::ensure()?;
             task::lint()?;
-            task::unit_tests()?;
-            task::kernel_tests(&[])
+            let mut tally = task::Tally::default();
+            let result =
+                task::unit_tests(&mut tally).and_then(|()| task::kernel_tests(&[], &mut tally));
+            tally.print();
+            result
         }
         Command::KernelTest { args } => {
             setup::ensure()?;
-            task::kernel_tests(&args)
+            let mut tally = task::Tally::default();
+            let result = task::kernel_tests(&args, &mut tally);
+            tally.print();
+            result
         }
         Command::Demo => {
             setup::ensure()?;

@@ -1,8 +1,72 @@
 //! The build, lint, test and demo tasks, and the small process helpers they share.
 
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, bail, ensure};
+
+/// Tests counted over every `cargo test` run of one task, for one closing summary line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Tally {
+    fn add(&mut self, line: &str) {
+        // "test result: ok. 48 passed; 0 failed; 0 ignored; 0 measured; ..."
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+
+    /// Prints the closing line CI reads.
+    pub fn print(self) {
+        println!(
+            "skiff: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        );
+    }
+}
+
+/// Runs `cargo test ARGS`, echoing its output and counting its results into `tally`.
+fn cargo_test(args: &[&str], extra: &[String], tally: &mut Tally) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.arg("test").args(args);
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to start {shown}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        tally.add(&line);
+    }
+    let st = child.wait()?;
+    ensure!(st.success(), "{shown} failed with {st}");
+    Ok(())
+}
 
 /// Runs `cmd`, streaming its output, and fails if it exits non-zero.
 pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
@@ -55,12 +119,12 @@ pub fn lint() -> anyhow::Result<()> {
     ]))
 }
 
-pub fn unit_tests() -> anyhow::Result<()> {
+pub fn unit_tests(tally: &mut Tally) -> anyhow::Result<()> {
     println!("test: unit and in-process integration tests");
-    status(cargo().arg("test"))
+    cargo_test(&[], &[], tally)
 }
 
-pub fn kernel_tests(args: &[String]) -> anyhow::Result<()> {
+pub fn kernel_tests(args: &[String], tally: &mut Tally) -> anyhow::Result<()> {
     if !is_root() {
         if std::env::var_os("CI").is_some() {
             bail!("kernel tests need root (CAP_BPF, CAP_NET_ADMIN) and CI is set");
@@ -69,11 +133,7 @@ pub fn kernel_tests(args: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("kernel-test: privileged tests on the real kernel");
-    status(
-        cargo()
-            .args(["test", "--package", "kernel-tests", "--"])
-            .args(args),
-    )
+    cargo_test(&["--package", "kernel-tests"], args, tally)
 }
 
 pub fn demo() -> anyhow::Result<()> {

@@ -101,9 +101,9 @@ async fn redeem<A: Access>(
         .map_err(|e| format!("failed to read redemption request: {e}"))?;
     let response = match serde_json::from_str::<token::RedeemRequest>(&line) {
         Ok(request) => router.redeem(peer, request),
-        Err(e) => token::RedeemResponse::Error(format!("malformed redemption request: {e}")),
+        Err(e) => token::RedeemResponse::error(format!("malformed redemption request: {e}")),
     };
-    if let token::RedeemResponse::Error(reason) = &response {
+    if let token::RedeemResponse::Error { error: reason } = &response {
         warn!(%peer, reason, "token redemption refused");
     } else {
         info!(%peer, "token redeemed");

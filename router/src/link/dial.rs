@@ -137,7 +137,7 @@ pub async fn redeem(token: &Token, me: &str, name: &str) -> Result<(LinkConfig, 
         .read_line(&mut answer)
         .await?;
     match serde_json::from_str::<RedeemResponse>(&answer).map_err(|_| Error::BadResponse)? {
-        RedeemResponse::Error(reason) => Err(Error::Refused(reason)),
+        RedeemResponse::Error { error } => Err(Error::Refused(error)),
         RedeemResponse::Ok {
             certificate,
             ca,

@@ -118,6 +118,12 @@ pub(super) fn new_stream(
 pub struct Gone;
 
 impl StreamTx {
+    /// The stream's id on its link.
+    #[must_use]
+    pub fn id(&self) -> u32 {
+        self.reg.id
+    }
+
     /// The link this stream runs on.
     #[must_use]
     pub fn link(&self) -> &Arc<Link> {
