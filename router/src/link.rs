@@ -250,21 +250,42 @@ where
     info!(peer = %link.peer, direction = ?link.direction, "link up");
     events.link_up(&link);
 
-    let writer_task = tokio::spawn(write_loop(writer, out_rx, Arc::clone(&link)));
-    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&link)));
+    // Tear-down lives in a guard so that it also runs when this future is dropped (the link's
+    // task aborted by `link delete` or router shutdown), not only when the reader returns.
+    let guard = Teardown {
+        tasks: [
+            tokio::spawn(write_loop(writer, out_rx, Arc::clone(&link))).abort_handle(),
+            tokio::spawn(heartbeat(Arc::clone(&link))).abort_handle(),
+        ],
+        link: Arc::clone(&link),
+        events: Arc::clone(&events),
+    };
     let result = read_loop(&mut reader, buf, &link, &events).await;
-
-    link.closed.store(true, Ordering::Release);
-    heartbeat.abort();
-    writer_task.abort();
-    link.kill_streams(ResetCode::LinkLost);
-    events.link_down(&link);
+    drop(guard);
     match &result {
         Err(Error::Closed) => info!(peer = %link.peer, "link closed by peer"),
         Err(e) => warn!(peer = %link.peer, error = %e, "link down"),
         Ok(()) => {}
     }
     result
+}
+
+/// Ends a link: stops its writer and heartbeat, resets its streams, tells the router.
+struct Teardown {
+    tasks: [tokio::task::AbortHandle; 2],
+    link: Arc<Link>,
+    events: Arc<dyn Events>,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        self.link.closed.store(true, Ordering::Release);
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.link.kill_streams(ResetCode::LinkLost);
+        self.events.link_down(&self.link);
+    }
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(

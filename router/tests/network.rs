@@ -303,3 +303,344 @@ async fn gigabyte_crosses_an_mtls_link_byte_exact_with_half_close() {
     let links = east.call(Request::LinkStatus).await.expect("link status");
     assert!(links[0]["bytesOut"].as_u64() > Some(1 << 30), "{links}");
 }
+
+/// Reads from `conn` until it ends: `Err` when it ended with a reset, `Ok` on a clean EOF.
+async fn ends_within(conn: &mut TcpStream, limit: Duration) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(limit, async {
+        loop {
+            if conn.read(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        }
+    })
+    .await
+    .expect("connection ended in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_hop_reaches_a_connector_through_the_middle_router() {
+    // a -> b <- c: both edge sites link to the hub; the key lives at c.
+    let b = Site::start("hub", true).await;
+    let a = Site::start("edge-a", false).await;
+    let c = Site::start("edge-c", false).await;
+    a.link_to(&b).await;
+    c.link_to(&b).await;
+    let (backend, _server) = checksum_backend().await;
+    c.connector("db", "db", backend).await;
+    let port = a.listener("db", "db").await;
+    transfer(port, 8 << 20).await;
+    let network = a.call(Request::NetworkStatus).await.expect("network");
+    let row = network
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["site"] == "edge-c"))
+        .expect("edge-c known at edge-a");
+    assert_eq!(row["cost"], 2, "{network}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_fail_over_and_dead_paths_reset_at_once() {
+    let hub = Site::start("hub", true).await;
+    let left = Site::start("left", false).await;
+    let right = Site::start("right", false).await;
+    left.link_to(&hub).await;
+    right.link_to(&hub).await;
+    let (backend_left, _s1) = checksum_backend().await;
+    let (backend_right, _s2) = checksum_backend().await;
+    left.connector("web", "web", backend_left).await;
+    right.connector("web", "web", backend_right).await;
+    let port = hub.listener("web", "web").await;
+
+    // Two open streams are balanced over the two equally cheap connectors.
+    let mut first = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    first.write_all(b"x").await.expect("write");
+    let mut second = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    second.write_all(b"y").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let links = hub.call(Request::LinkStatus).await.expect("links");
+    let busy: Vec<u64> = links
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|l| l["streams"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(busy, vec![1, 1], "one stream on each link: {links}");
+
+    // The left site's link goes away: the stream through it is reset at once, not left hanging.
+    left.call(Request::LinkDelete { name: "hub".into() })
+        .await
+        .expect("link delete");
+    // Exactly one of the two streams ran through the deleted link; it must end with a reset
+    // (an error, not a clean EOF) well within the deadline, and the other must stay open.
+    let limit = Duration::from_secs(DEAD_PATH_SECS);
+    let (mut buf, mut buf2) = ([0u8; 16], [0u8; 16]);
+    let (ended, other) = tokio::select! {
+        r = first.read(&mut buf) => (r, second),
+        r = second.read(&mut buf2) => (r, first),
+        () = tokio::time::sleep(limit) => panic!("no stream ended within {limit:?}"),
+    };
+    assert!(
+        ended.is_err(),
+        "a stream on a dead path ends with a reset, got {ended:?}"
+    );
+    let mut other = other;
+    let still_open = tokio::time::timeout(Duration::from_millis(300), other.read(&mut buf)).await;
+    assert!(
+        still_open.is_err(),
+        "the stream on the surviving path stays open"
+    );
+    // New streams go to the survivor.
+    hub.wait_for(
+        |v| v.as_array().is_some_and(|rows| rows.len() == 1),
+        Request::LinkStatus,
+    )
+    .await;
+    transfer(port, 1 << 20).await;
+}
+
+/// The peer notices a dead router when its TCP connection closes (immediately here) or, at the
+/// latest, after the heartbeat deadline.
+const DEAD_PATH_SECS: u64 = 7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_backend_resets_the_client_promptly() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    // A port nothing listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    west.connector("gone", "gone", dead_port).await;
+    let port = east.listener("gone", "gone").await;
+    let mut client = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    client.write_all(b"hello").await.expect("write");
+    assert!(
+        ends_within(&mut client, Duration::from_secs(3))
+            .await
+            .is_err(),
+        "refused backend: client sees a reset"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_links_listeners_and_connectors() {
+    let west = Site::start("west", true).await;
+    let mut east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let (backend, _server) = checksum_backend().await;
+    west.connector("sink", "sink", backend).await;
+    let port = east.listener("sink", "sink").await;
+    transfer(port, 1 << 20).await;
+
+    east.stop().await;
+    east.run().await;
+    east.wait_for(|v| v["links"] == 1, Request::Status).await;
+    // The listener spec says port 0, so the restarted listener has a new port.
+    let status = east
+        .wait_for(
+            |v| {
+                v.as_array()
+                    .is_some_and(|ls| ls.iter().any(|l| l["reachable"] == true))
+            },
+            Request::ListenerStatus,
+        )
+        .await;
+    let new_port = u16::try_from(status[0]["port"].as_u64().expect("port")).expect("fits");
+    assert_ne!(new_port, 0);
+    let _ = port;
+    transfer(new_port, 1 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    let north = Site::start("north", false).await;
+
+    let token = west.token().await;
+    east.call(Request::TokenRedeem {
+        token: token.clone(),
+        name: None,
+    })
+    .await
+    .expect("first redemption");
+    let reused = north
+        .call(Request::TokenRedeem { token, name: None })
+        .await
+        .expect_err("second redemption");
+    assert!(
+        reused.to_string().contains("already been redeemed"),
+        "{reused}"
+    );
+
+    let expiring = west
+        .call(Request::TokenIssue {
+            redemptions: 1,
+            expiry_secs: 0,
+        })
+        .await
+        .expect("issue");
+    let expiring: Token = serde_json::from_value(expiring).expect("token");
+    let expired = north
+        .call(Request::TokenRedeem {
+            token: expiring,
+            name: None,
+        })
+        .await
+        .expect_err("expired");
+    assert!(expired.to_string().contains("expired"), "{expired}");
+
+    let mut forged = west.token().await;
+    forged.code = "0".repeat(forged.code.len());
+    let wrong = north
+        .call(Request::TokenRedeem {
+            token: forged,
+            name: None,
+        })
+        .await
+        .expect_err("wrong code");
+    assert!(wrong.to_string().contains("code is wrong"), "{wrong}");
+
+    // A token whose CA is not the issuer's: the TLS check fails before any secret is sent.
+    let mut foreign = west.token().await;
+    foreign.ca = router::pki::new_ca("mallory").expect("ca").cert_pem;
+    let untrusted = north
+        .call(Request::TokenRedeem {
+            token: foreign,
+            name: None,
+        })
+        .await
+        .expect_err("untrusted issuer");
+    assert!(
+        untrusted.to_string().contains("tls handshake"),
+        "{untrusted}"
+    );
+}
+
+/// Connects to `west`'s link-access port with TLS `config` and returns the stream, or the
+/// handshake error.
+async fn tls_to(
+    west: &Site,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let url = west.token().await.url;
+    let tcp = TcpStream::connect(&url).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("ip name");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3 servers reject a client certificate after the client's handshake completes:
+    // the refusal shows up on the first read.
+    tls.write_all(&[]).await?;
+    Ok(tls)
+}
+
+/// Whether the server ends the connection (EOF or error) within a few seconds.
+async fn server_hangs_up(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(DEAD_PATH_SECS);
+    loop {
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let (backend, _server) = checksum_backend().await;
+    west.connector("sink", "sink", backend).await;
+    let port = east.listener("sink", "sink").await;
+    let west_ca = west.token().await.ca;
+    let link_alpn = router::link::frame::ALPN_LINK.to_vec();
+
+    // Plaintext garbage instead of a TLS ClientHello.
+    let url = west.token().await.url;
+    let mut plain = TcpStream::connect(&url).await.expect("connect");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .expect("write");
+    // The server answers garbage by hanging up (ends_within panics if it does not).
+    let _ = ends_within(&mut plain, Duration::from_secs(5)).await;
+
+    // A client certificate from another CA.
+    let mallory = router::pki::new_ca("mallory").expect("ca");
+    let forged =
+        router::pki::issue(&mallory, "east", &[], router::pki::Usage::Client).expect("leaf");
+    let config = router::tls::link_client_config(&west_ca, &forged).expect("config");
+    let refused = match tls_to(&west, config).await {
+        Err(_) => true,
+        Ok(mut tls) => server_hangs_up(&mut tls).await,
+    };
+    assert!(refused, "certificate from another CA must be refused");
+
+    // The link protocol without a client certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in router::pki::certs_from_pem(&west_ca).expect("ca") {
+        roots.add(cert).expect("root");
+    }
+    let mut anonymous = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls13")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    anonymous.alpn_protocols = vec![link_alpn];
+    let mut tls = tls_to(&west, std::sync::Arc::new(anonymous))
+        .await
+        .expect("handshake");
+    assert!(
+        server_hangs_up(&mut tls).await,
+        "link without a certificate must be closed"
+    );
+
+    // A properly credentialed peer that sends malformed frames after its Hello.
+    let token = west.token().await;
+    let (link, key) = router::link::dial::redeem(&token, "intruder", "west")
+        .await
+        .expect("redeem");
+    let credential = router::pki::CertKey {
+        cert_pem: link.cert,
+        key_pem: key,
+    };
+    let config = router::tls::link_client_config(&west_ca, &credential).expect("config");
+    let mut tls = tls_to(&west, config).await.expect("handshake");
+    let mut hello = bytes::BytesMut::new();
+    router::link::frame::Frame::Hello {
+        version: 1,
+        site: "intruder".into(),
+    }
+    .encode(&mut hello);
+    tls.write_all(&hello).await.expect("hello");
+    tls.write_all(&[0xff; 64]).await.expect("garbage");
+    assert!(
+        server_hangs_up(&mut tls).await,
+        "malformed frames must close the link"
+    );
+
+    // Through all of that, the real link kept serving.
+    transfer(port, 4 << 20).await;
+    let links = west.call(Request::LinkStatus).await.expect("links");
+    assert!(
+        links
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|l| l["peer"] == "east" && l["status"] == "up"),
+        "{links}"
+    );
+}

@@ -30,9 +30,12 @@ pub trait Access: Events {
     fn redeem(&self, source: SocketAddr, request: token::RedeemRequest) -> token::RedeemResponse;
 }
 
-/// Accepts connections on `listener` until the task is aborted.
+/// Accepts connections on `listener` until the task is aborted; aborting it also ends every
+/// connection it accepted, links included.
 pub async fn serve<A: Access>(listener: TcpListener, acceptor: TlsAcceptor, router: Arc<A>) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (tcp, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -43,7 +46,7 @@ pub async fn serve<A: Access>(listener: TcpListener, acceptor: TlsAcceptor, rout
         };
         let acceptor = acceptor.clone();
         let router = Arc::clone(&router);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(reason) = handle(tcp, peer, acceptor, router).await {
                 warn!(%peer, reason, "link-access connection refused");
             }
