@@ -17,6 +17,8 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
+pub mod skiff;
+
 /// Fails the test unless it runs as root; outside CI it may skip instead, with a printed reason.
 ///
 /// Returns `false` when the caller should skip.
@@ -94,6 +96,87 @@ impl Netns {
         let mut full = vec!["netns", "exec", &self.name];
         full.extend_from_slice(args);
         run("ip", &full)
+    }
+}
+
+impl Netns {
+    /// Waits until something in the namespace listens on TCP `port`.
+    ///
+    /// # Errors
+    /// When nothing does within `timeout`.
+    pub fn wait_listening(&self, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let filter = format!("sport = :{port}");
+        loop {
+            let out = self.run(&["ss", "-Hltn", &filter])?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "nothing listens on port {port} in {}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Connects this namespace to `other` with a veth pair on the /30 `10.231.<subnet>.0`, and
+    /// returns (this side's address, the other side's address).
+    ///
+    /// Interface names are short (the kernel allows 15 bytes) and carry the test's pid.
+    ///
+    /// # Errors
+    /// When any `ip` command fails.
+    pub fn link(&self, other: &Self, subnet: u8) -> anyhow::Result<(String, String)> {
+        let tag = format!("{}{subnet}", std::process::id() % 100_000);
+        let (a, b) = (format!("ska{tag}"), format!("skb{tag}"));
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &a,
+                "netns",
+                &self.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &other.name,
+            ],
+        )?;
+        let (ip_a, ip_b) = (format!("10.231.{subnet}.1"), format!("10.231.{subnet}.2"));
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.name,
+                "addr",
+                "add",
+                &format!("{ip_a}/30"),
+                "dev",
+                &a,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &other.name,
+                "addr",
+                "add",
+                &format!("{ip_b}/30"),
+                "dev",
+                &b,
+            ],
+        )?;
+        run("ip", &["-n", &self.name, "link", "set", &a, "up"])?;
+        run("ip", &["-n", &other.name, "link", "set", &b, "up"])?;
+        // The veth pair goes away with the namespaces.
+        Ok((ip_a, ip_b))
     }
 }
 
@@ -178,6 +261,28 @@ impl Proc {
     /// # Errors
     /// When the process cannot be started.
     pub fn spawn(netns: &Netns, cgroup: Option<&Cgroup>, argv: &[&str]) -> anyhow::Result<Self> {
+        Self::start(netns, cgroup, argv, Stdio::piped(), Stdio::piped())
+    }
+
+    /// Like [`Proc::spawn`], for long-running processes: output goes to `log`, so a chatty
+    /// process never blocks on a pipe nobody reads.
+    ///
+    /// # Errors
+    /// When the log cannot be created or the process cannot be started.
+    pub fn spawn_logged(netns: &Netns, argv: &[&str], log: &Path) -> anyhow::Result<Self> {
+        let file =
+            fs::File::create(log).with_context(|| format!("failed to create {}", log.display()))?;
+        let file2 = file.try_clone()?;
+        Self::start(netns, None, argv, file.into(), file2.into())
+    }
+
+    fn start(
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        argv: &[&str],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> anyhow::Result<Self> {
         let procs = cgroup.map_or_else(String::new, |cg| {
             format!(
                 "echo $$ > '{}' && ",
@@ -191,8 +296,8 @@ impl Proc {
             .arg("sh")
             .args(argv)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("failed to start {}", argv.join(" ")))?;
         Ok(Self {
@@ -259,7 +364,8 @@ impl Proc {
         if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
             bail!("failed to signal {}", self.what);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Long enough for a router to drain its connections (10 s) and exit.
+        let deadline = Instant::now() + Duration::from_secs(15);
         while self.child.try_wait()?.is_none() {
             ensure!(Instant::now() < deadline, "{} ignored SIGINT", self.what);
             thread::sleep(Duration::from_millis(20));
@@ -370,5 +476,34 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A temporary directory removed (with its contents) on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a new directory under the temp directory.
+    ///
+    /// # Errors
+    /// When it cannot be created.
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(unique_name(tag));
+        fs::create_dir_all(&path)
+            .with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
     }
 }

@@ -610,6 +610,7 @@ impl Router {
                     "reachable": r.cost.is_some(),
                     "routingKeys": r.keys,
                     "links": r.links.iter().map(|(n, c)| json!({"peer": n, "cost": c})).collect::<Vec<_>>(),
+                    "linkSummary": r.links.iter().map(|(n, c)| format!("{n}(cost {c})")).collect::<Vec<_>>(),
                 })
             })
             .collect();

@@ -196,7 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("REACHABLE", "reachable"),
                 ("COST", "cost"),
                 ("ROUTING_KEYS", "routingKeys"),
-                ("LINKS", "links"),
+                ("LINKS", "linkSummary"),
             ],
         ),
     }

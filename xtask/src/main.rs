@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's tasks, so that anyone runs exactly what CI runs.
 
+mod demo;
 mod setup;
 mod task;
 
@@ -64,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo => {
             setup::ensure()?;
-            task::demo()
+            demo::run()
         }
     }
 }

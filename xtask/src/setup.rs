@@ -24,6 +24,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces for tests and the demo"),
     ("tcpdump", "proving what does and does not cross the wire"),
     ("socat", "test workloads"),
+    ("curl", "HTTP client in end-to-end tests"),
+    ("python3", "HTTP server in end-to-end tests and the demo"),
+    ("redis-server", "a real service in end-to-end tests"),
+    ("redis-tools", "redis-cli and redis-benchmark"),
+    ("iperf3", "throughput through the service network"),
 ];
 
 /// The rustup name under which Debian's toolchain is linked; router/build.rs uses it

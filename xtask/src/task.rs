@@ -87,7 +87,7 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -133,26 +133,7 @@ pub fn kernel_tests(args: &[String], tally: &mut Tally) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("kernel-test: privileged tests on the real kernel");
+    // The tests run the real `skiff` binary inside network namespaces.
+    status(cargo().args(["build", "--package", "router", "--bin", "skiff"]))?;
     cargo_test(&["--package", "kernel-tests"], args, tally)
-}
-
-pub fn demo() -> anyhow::Result<()> {
-    ensure!(
-        is_root(),
-        "the demo creates network namespaces and loads BPF programs: run it as root"
-    );
-    println!("demo: sock_ops + sk_msg attached to a fresh cgroup in a fresh network namespace;");
-    println!(
-        "demo: a 4 MiB transfer inside the cgroup goes socket to socket, a control one outside"
-    );
-    println!("demo: it crosses loopback. The capture and counters below show the difference.");
-    status(cargo().args([
-        "test",
-        "--package",
-        "kernel-tests",
-        "--test",
-        "redirect",
-        "--",
-        "--nocapture",
-    ]))
 }

@@ -1,0 +1,187 @@
+//! A skiff site running as a real process inside a network namespace, driven through the real
+//! `skiff` command line.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::{Netns, Proc};
+
+/// The `skiff` binary: `$SKIFF_BIN`, or the one built in the same target directory as the
+/// running executable (a test in `target/<profile>/deps/`, or xtask in `target/<profile>/`).
+///
+/// # Errors
+/// When it has not been built.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SKIFF_BIN") {
+        return Ok(bin.into());
+    }
+    let exe = std::env::current_exe().context("no current exe")?;
+    let dir = exe.parent().context("executable has no directory")?;
+    [dir.join("skiff"), dir.join("../skiff")]
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "no skiff binary next to {}: build it with `cargo build -p router` (cargo xtask kernel-test does)",
+                exe.display()
+            )
+        })
+}
+
+/// A site: its state directory and its router process. Dropping it stops the router (by PID)
+/// and removes the state directory.
+#[derive(Debug)]
+pub struct Site {
+    pub name: String,
+    state: PathBuf,
+    router: Option<Proc>,
+    log: PathBuf,
+}
+
+impl Site {
+    /// Creates the site and starts its router inside `netns`.
+    ///
+    /// # Errors
+    /// When `skiff site create` fails or the router does not come up.
+    pub fn start(netns: &Netns, name: &str, link_access: Option<&str>) -> anyhow::Result<Self> {
+        let state = std::env::temp_dir().join(format!("{}-{name}", netns.name()));
+        let log = state.with_extension("log");
+        let mut site = Self {
+            name: name.to_owned(),
+            state,
+            router: None,
+            log,
+        };
+        let mut args = vec!["site", "create", name];
+        if let Some(addr) = link_access {
+            args.extend(["--link-access", addr]);
+        }
+        site.cli(&args)?;
+        site.run(netns)?;
+        Ok(site)
+    }
+
+    /// Starts (or restarts) the router process and waits for its admin socket.
+    ///
+    /// # Errors
+    /// When it does not answer within five seconds.
+    pub fn run(&mut self, netns: &Netns) -> anyhow::Result<()> {
+        let bin = binary()?;
+        let state = self.state.to_str().context("state path not UTF-8")?;
+        let bin = bin.to_str().context("binary path not UTF-8")?;
+        self.router = Some(Proc::spawn_logged(
+            netns,
+            &[bin, "--state-dir", state, "router", "run"],
+            &self.log,
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.cli(&["status"]).is_err() {
+            if Instant::now() > deadline {
+                bail!("router {} did not start: {}", self.name, self.log_tail());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Runs `skiff --state-dir STATE ARGS...` and returns its stdout.
+    ///
+    /// # Errors
+    /// When it exits non-zero (the error carries its one-line stderr).
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(binary()?)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .context("failed to run skiff")?;
+        ensure!(
+            out.status.success(),
+            "skiff {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Polls `skiff ARGS --output json` until `ok` accepts the answer.
+    ///
+    /// # Errors
+    /// When it does not within `timeout`.
+    pub fn wait_for(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut full = args.to_vec();
+        full.extend(["--output", "json"]);
+        loop {
+            if let Ok(out) = self.cli(&full)
+                && ok(&out)
+            {
+                return Ok(out);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: skiff {} never satisfied the condition",
+                    self.name,
+                    args.join(" ")
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Issues a token here and redeems it at `other`; waits until the link is up at `other`.
+    ///
+    /// # Errors
+    /// When issuing, redeeming or linking fails.
+    pub fn link_from(&self, other: &Self) -> anyhow::Result<()> {
+        let token = self.state.with_extension("token");
+        let token_arg = token.to_str().context("token path not UTF-8")?;
+        self.cli(&["token", "issue", token_arg])?;
+        other.cli(&["token", "redeem", token_arg])?;
+        let _ = std::fs::remove_file(&token);
+        other.wait_for(&["link", "status"], Duration::from_secs(10), |out| {
+            out.contains("\"up\"")
+        })?;
+        Ok(())
+    }
+
+    /// The last lines of the router's log, for error messages.
+    #[must_use]
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(10).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Stops the router gracefully (SIGINT) and waits for it.
+    ///
+    /// # Errors
+    /// When it does not exit.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(router) = self.router.take() {
+            router.interrupt()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(router) = self.router.take() {
+            drop(router);
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,111 @@
+//! `cargo xtask demo`: two sites in network namespaces, linked by a token, a real web server
+//! exposed at one and fetched with curl from the other. Every command is printed as it runs;
+//! namespaces, processes and state are removed at the end, also on failure.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kernel_tests::{Netns, Proc, TempDir, skiff::Site};
+
+use crate::task::status;
+
+fn say(step: &str) {
+    println!("\ndemo: {step}");
+}
+
+fn show(site: &Site, args: &[&str]) -> anyhow::Result<()> {
+    println!("$ skiff --state-dir <{}> {}", site.name, args.join(" "));
+    print!("{}", site.cli(args)?);
+    Ok(())
+}
+
+pub fn run() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() } == 0,
+        "the demo creates network namespaces and loads BPF programs: run it as root"
+    );
+    say("building the skiff binary");
+    status(crate::task::cargo().args(["build", "--package", "router", "--bin", "skiff"]))?;
+
+    say("two hosts: network namespaces 'west' and 'east', joined by a veth pair");
+    let west_ns = Netns::new("west")?;
+    let east_ns = Netns::new("east")?;
+    let (west_ip, east_ip) = west_ns.link(&east_ns, 200)?;
+    println!("west {west_ip}  <-veth->  east {east_ip}");
+
+    say("a site in each, each with its own CA; west accepts links on its veth address");
+    let link_access = format!("{west_ip}:55671");
+    let west = Site::start(&west_ns, "west", Some(&link_access))?;
+    let east = Site::start(&east_ns, "east", None)?;
+    show(&west, &["status"])?;
+
+    say("west issues a one-time token; east redeems it (CSR, signed by west's CA) and links");
+    west.link_from(&east)?;
+    show(&east, &["link", "status"])?;
+
+    say("a real web server in west, reachable only from west's own loopback");
+    let www = TempDir::new("demo-www")?;
+    std::fs::write(
+        www.path().join("index.html"),
+        "<h1>hello from west, through skiff</h1>\n",
+    )?;
+    let www_arg = www.path().to_str().context("temp path not UTF-8")?;
+    let _server = Proc::spawn(
+        &west_ns,
+        None,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            www_arg,
+        ],
+    )?;
+    west_ns.wait_listening(8080, Duration::from_secs(10))?;
+
+    say("expose it: a connector at west, a listener at east, bound by the routing key 'web'");
+    show(
+        &west,
+        &[
+            "connector",
+            "create",
+            "web",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8080",
+        ],
+    )?;
+    show(
+        &east,
+        &[
+            "listener",
+            "create",
+            "web",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "9080",
+        ],
+    )?;
+    east.wait_for(&["listener", "status"], Duration::from_secs(10), |out| {
+        out.contains("\"reachable\": true")
+    })?;
+    show(&east, &["network", "status"])?;
+
+    say("curl in east fetches west's page through the mTLS link");
+    let url = "http://127.0.0.1:9080/index.html";
+    println!("$ ip netns exec east curl -sS {url}");
+    print!(
+        "{}",
+        east_ns.run(&["curl", "-sS", "--max-time", "10", url])?
+    );
+    show(&east, &["link", "status"])?;
+
+    say("cleaning up: routers stopped, namespaces and state removed");
+    Ok(())
+}
