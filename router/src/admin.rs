@@ -15,7 +15,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    service::{Connector, Listener},
+    service::{Connector, Listener, Resources},
     token::Token,
 };
 
@@ -41,16 +41,40 @@ pub enum Error {
 pub enum Request {
     Status,
     NetworkStatus,
-    TokenIssue { redemptions: u32, expiry_secs: u64 },
-    TokenRedeem { token: Token, name: Option<String> },
+    TokenIssue {
+        redemptions: u32,
+        expiry_secs: u64,
+    },
+    TokenRedeem {
+        token: Token,
+        name: Option<String>,
+        #[serde(default)]
+        cost: Option<u32>,
+        #[serde(default)]
+        connections: Option<u32>,
+    },
     LinkStatus,
-    LinkDelete { name: String },
-    ListenerCreate { listener: Listener },
-    ListenerDelete { name: String },
+    LinkDelete {
+        name: String,
+    },
+    ListenerCreate {
+        listener: Listener,
+    },
+    ListenerDelete {
+        name: String,
+    },
     ListenerStatus,
-    ConnectorCreate { connector: Connector },
-    ConnectorDelete { name: String },
+    ConnectorCreate {
+        connector: Connector,
+    },
+    ConnectorDelete {
+        name: String,
+    },
     ConnectorStatus,
+    /// Creates or replaces listeners and connectors; leaves identical ones alone.
+    Apply {
+        resources: Resources,
+    },
     Shutdown,
 }
 

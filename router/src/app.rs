@@ -488,6 +488,83 @@ impl Router {
         Ok(())
     }
 
+    /// Brings listeners and connectors to `resources`: creates missing ones, replaces changed
+    /// ones, leaves identical ones alone. Returns one row per resource.
+    async fn apply(self: &Arc<Self>, resources: Resources) -> serde_json::Value {
+        let mut rows = Vec::new();
+        for connector in resources.connectors {
+            let existing = self
+                .inner
+                .lock()
+                .expect("router lock")
+                .connectors
+                .get(&connector.name)
+                .cloned();
+            let name = connector.name.clone();
+            let result = match existing {
+                Some(old) if old == connector => Ok("unchanged"),
+                Some(_) => self
+                    .delete_connector(&name)
+                    .and_then(|()| self.add_connector(connector, true))
+                    .map(|()| "configured"),
+                None => self.add_connector(connector, true).map(|()| "created"),
+            };
+            rows.push(apply_row("Connector", &name, result));
+        }
+        for listener in resources.listeners {
+            let existing = self
+                .inner
+                .lock()
+                .expect("router lock")
+                .listeners
+                .get(&listener.name)
+                .map(|l| l.spec.clone());
+            let name = listener.name.clone();
+            let result = match existing {
+                Some(old) if old == listener => Ok("unchanged"),
+                Some(_) => match self.delete_listener(&name) {
+                    Ok(()) => self
+                        .add_listener(listener, true)
+                        .await
+                        .map(|()| "configured"),
+                    Err(e) => Err(e),
+                },
+                None => self.add_listener(listener, true).await.map(|()| "created"),
+            };
+            rows.push(apply_row("Listener", &name, result));
+        }
+        json!(rows)
+    }
+
+    fn delete_listener(&self, name: &str) -> Result<(), String> {
+        let mut inner = self.inner.lock().expect("router lock");
+        let listener = inner
+            .listeners
+            .remove(name)
+            .ok_or_else(|| format!("no listener named {name}"))?;
+        listener.task.abort();
+        self.save_resources(&inner).map_err(|e| e.to_string())
+    }
+
+    fn delete_connector(&self, name: &str) -> Result<(), String> {
+        let removed = {
+            let mut inner = self.inner.lock().expect("router lock");
+            let removed = inner
+                .connectors
+                .remove(name)
+                .ok_or_else(|| format!("no connector named {name}"))?;
+            self.save_resources(&inner).map_err(|e| e.to_string())?;
+            removed
+        };
+        let own = self
+            .routing
+            .lock()
+            .expect("routing lock")
+            .remove_local_key(&removed.routing_key);
+        self.flood(vec![own], None);
+        Ok(())
+    }
+
     fn issue_token(&self, redemptions: u32, expiry_secs: u64) -> Result<Token, String> {
         let configured = self
             .config
@@ -532,14 +609,18 @@ impl Router {
         self: &Arc<Self>,
         token: Token,
         name: Option<String>,
+        cost: Option<u32>,
+        connections: Option<u32>,
     ) -> Result<String, String> {
         let name = name.unwrap_or_else(|| token.site.clone());
         if token.site == self.config.name {
             return Err("this token was issued by this site; redeem it at another site".into());
         }
-        let (config, key) = dial::redeem(&token, &self.config.name, &name)
+        let (mut config, key) = dial::redeem(&token, &self.config.name, &name)
             .await
             .map_err(|e| e.to_string())?;
+        config.cost = cost.unwrap_or(config.cost).max(1);
+        config.connections = connections.unwrap_or(config.connections).clamp(1, 16);
         site::write_atomic(
             &self.state.links_dir().join(format!("{name}.key")),
             key.as_bytes(),
@@ -615,6 +696,13 @@ impl Router {
             })
             .collect();
         json!(rows)
+    }
+}
+
+fn apply_row(kind: &str, name: &str, result: Result<&str, String>) -> serde_json::Value {
+    match result {
+        Ok(outcome) => json!({"kind": kind, "name": name, "result": outcome}),
+        Err(error) => json!({"kind": kind, "name": name, "result": "failed", "error": error}),
     }
 }
 
@@ -787,26 +875,20 @@ impl admin::Handler for Router {
                 redemptions,
                 expiry_secs,
             } => self.issue_token(redemptions, expiry_secs).map(|t| json!(t)),
-            Request::TokenRedeem { token, name } => self
-                .redeem_token(token, name)
+            Request::TokenRedeem {
+                token,
+                name,
+                cost,
+                connections,
+            } => self
+                .redeem_token(token, name, cost, connections)
                 .await
                 .map(|n| json!({ "link": n })),
             Request::LinkDelete { name } => self.delete_link(&name).map(|()| json!({})),
             Request::ListenerCreate { listener } => {
                 self.add_listener(listener, true).await.map(|()| json!({}))
             }
-            Request::ListenerDelete { name } => {
-                let mut inner = self.inner.lock().expect("router lock");
-                match inner.listeners.remove(&name) {
-                    Some(l) => {
-                        l.task.abort();
-                        self.save_resources(&inner)
-                            .map(|()| json!({}))
-                            .map_err(|e| e.to_string())
-                    }
-                    None => Err(format!("no listener named {name}")),
-                }
-            }
+            Request::ListenerDelete { name } => self.delete_listener(&name).map(|()| json!({})),
             Request::ListenerStatus => {
                 let inner = self.inner.lock().expect("router lock");
                 let routing = self.routing.lock().expect("routing lock");
@@ -828,32 +910,12 @@ impl admin::Handler for Router {
             Request::ConnectorCreate { connector } => {
                 self.add_connector(connector, true).map(|()| json!({}))
             }
-            Request::ConnectorDelete { name } => {
-                let removed = {
-                    let mut inner = self.inner.lock().expect("router lock");
-                    let removed = inner.connectors.remove(&name);
-                    if removed.is_some() {
-                        let _ = self.save_resources(&inner);
-                    }
-                    removed
-                };
-                match removed {
-                    Some(c) => {
-                        let own = self
-                            .routing
-                            .lock()
-                            .expect("routing lock")
-                            .remove_local_key(&c.routing_key);
-                        self.flood(vec![own], None);
-                        Ok(json!({}))
-                    }
-                    None => Err(format!("no connector named {name}")),
-                }
-            }
+            Request::ConnectorDelete { name } => self.delete_connector(&name).map(|()| json!({})),
             Request::ConnectorStatus => {
                 let inner = self.inner.lock().expect("router lock");
                 Ok(json!(inner.connectors.values().collect::<Vec<_>>()))
             }
+            Request::Apply { resources } => Ok(self.apply(resources).await),
             Request::Shutdown => {
                 self.shutdown.notify_one();
                 Ok(json!({}))

@@ -29,6 +29,7 @@ pub struct Cli {
 pub enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,6 +57,12 @@ pub enum Command {
     /// Every site, link and routing key the router knows of.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Create or update listeners and connectors from a YAML file (the CRDs' schema).
+    Apply {
+        /// The YAML file; several resources separated by `---`.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +102,12 @@ pub enum TokenCommand {
         /// Name of the link (default: the issuing site's name).
         #[arg(long)]
         name: Option<String>,
+        /// Routing cost of the link (default 1); traffic prefers cheaper paths.
+        #[arg(long)]
+        cost: Option<u32>,
+        /// Parallel TLS connections for the link (1-16, default 1).
+        #[arg(long)]
+        connections: Option<u32>,
     },
 }
 

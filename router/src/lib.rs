@@ -7,6 +7,7 @@ pub mod cli;
 pub mod datapath;
 pub mod link;
 pub mod pki;
+pub mod resource;
 pub mod routing;
 pub mod service;
 pub mod site;

@@ -97,12 +97,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 expiry.as_secs()
             );
         }
-        Command::Token(TokenCommand::Redeem { file, name }) => {
+        Command::Token(TokenCommand::Redeem {
+            file,
+            name,
+            cost,
+            connections,
+        }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("failed to read token {}", file.display()))?;
             let token: Token = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a skiff token", file.display()))?;
-            let answer = call(Request::TokenRedeem { token, name }).await?;
+            let answer = call(Request::TokenRedeem {
+                token,
+                name,
+                cost,
+                connections,
+            })
+            .await?;
             println!("link {} created", answer["link"].as_str().unwrap_or("?"));
         }
         Command::Link(LinkCommand::Status) => cli::print(
@@ -188,6 +199,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("ACTIVE", "activeConnections"),
             ],
         ),
+        Command::Apply { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("failed to read {}", file.display()))?;
+            let resources = router::resource::parse(&text)?;
+            let rows = call(Request::Apply { resources }).await?;
+            cli::print(
+                out,
+                &rows,
+                &[
+                    ("KIND", "kind"),
+                    ("NAME", "name"),
+                    ("RESULT", "result"),
+                    ("ERROR", "error"),
+                ],
+            );
+            if rows
+                .as_array()
+                .is_some_and(|r| r.iter().any(|row| row["result"] == "failed"))
+            {
+                anyhow::bail!("some resources were not applied");
+            }
+        }
         Command::Network(cli::NetworkCommand::Status) => cli::print(
             out,
             &call(Request::NetworkStatus).await?,

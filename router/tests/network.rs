@@ -97,9 +97,14 @@ impl Site {
     /// Links `self` to `to` (self redeems a token issued by `to`) and waits until it is up.
     async fn link_to(&self, to: &Site) {
         let token = to.token().await;
-        self.call(Request::TokenRedeem { token, name: None })
-            .await
-            .expect("redeem");
+        self.call(Request::TokenRedeem {
+            token,
+            name: None,
+            cost: None,
+            connections: None,
+        })
+        .await
+        .expect("redeem");
         self.wait_for(
             |v| v["links"] == 1 || v["links"].as_u64() > Some(0),
             Request::Status,
@@ -473,11 +478,18 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
     east.call(Request::TokenRedeem {
         token: token.clone(),
         name: None,
+        cost: None,
+        connections: None,
     })
     .await
     .expect("first redemption");
     let reused = north
-        .call(Request::TokenRedeem { token, name: None })
+        .call(Request::TokenRedeem {
+            token,
+            name: None,
+            cost: None,
+            connections: None,
+        })
         .await
         .expect_err("second redemption");
     assert!(
@@ -497,6 +509,8 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
         .call(Request::TokenRedeem {
             token: expiring,
             name: None,
+            cost: None,
+            connections: None,
         })
         .await
         .expect_err("expired");
@@ -508,6 +522,8 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
         .call(Request::TokenRedeem {
             token: forged,
             name: None,
+            cost: None,
+            connections: None,
         })
         .await
         .expect_err("wrong code");
@@ -520,6 +536,8 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
         .call(Request::TokenRedeem {
             token: foreign,
             name: None,
+            cost: None,
+            connections: None,
         })
         .await
         .expect_err("untrusted issuer");
@@ -648,4 +666,45 @@ async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
             .any(|l| l["peer"] == "east" && l["status"] == "up"),
         "{links}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_creates_changes_and_leaves_identical_resources_alone() {
+    let site = Site::start("west", false).await;
+    let yaml = |port: u16| {
+        format!(
+            "apiVersion: skiff.io/v1alpha1\nkind: Connector\nmetadata: {{name: db}}\nspec: {{host: 127.0.0.1, port: {port}}}\n---\napiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {{name: db}}\nspec: {{host: 127.0.0.1, port: 0}}\n"
+        )
+    };
+    let results = |rows: &Value| -> Vec<String> {
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r["kind"].as_str().unwrap_or("?"),
+                    r["result"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    let apply = |text: String| {
+        let resources = router::resource::parse(&text).expect("yaml");
+        site.call(Request::Apply { resources })
+    };
+    let first = apply(yaml(5432)).await.expect("apply");
+    assert_eq!(results(&first), ["Connector/created", "Listener/created"]);
+    let again = apply(yaml(5432)).await.expect("apply");
+    assert_eq!(
+        results(&again),
+        ["Connector/unchanged", "Listener/unchanged"]
+    );
+    let changed = apply(yaml(5433)).await.expect("apply");
+    assert_eq!(
+        results(&changed),
+        ["Connector/configured", "Listener/unchanged"]
+    );
+    let connectors = site.call(Request::ConnectorStatus).await.expect("status");
+    assert_eq!(connectors[0]["port"], 5433);
 }

@@ -1,0 +1,157 @@
+//! Declarative resources: the YAML form of listeners and connectors that `skiff apply -f`
+//! reads, with the same schema as the CRDs (`apiVersion`, `kind`, `metadata.name`, `spec`).
+//!
+//! ```yaml
+//! apiVersion: skiff.io/v1alpha1
+//! kind: Listener
+//! metadata: {name: web}
+//! spec: {port: 8080, routingKey: web}
+//! ---
+//! apiVersion: skiff.io/v1alpha1
+//! kind: Connector
+//! metadata: {name: web}
+//! spec: {host: 127.0.0.1, port: 8080}
+//! ```
+
+use serde::Deserialize;
+
+use crate::service::{Connector, Listener, Resources};
+
+/// The API group and version every resource carries.
+pub const API_VERSION: &str = "skiff.io/v1alpha1";
+
+/// A YAML file that cannot be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("document {index} is not valid YAML for a skiff resource")]
+    Parse {
+        index: usize,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("document {index}: apiVersion {found:?} is not {API_VERSION}")]
+    ApiVersion { index: usize, found: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Metadata {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ListenerSpec {
+    #[serde(default)]
+    host: Option<String>,
+    port: u16,
+    #[serde(default)]
+    routing_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ConnectorSpec {
+    host: String,
+    port: u16,
+    #[serde(default)]
+    routing_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", deny_unknown_fields, rename_all_fields = "camelCase")]
+enum Document {
+    Listener {
+        api_version: String,
+        metadata: Metadata,
+        spec: ListenerSpec,
+    },
+    Connector {
+        api_version: String,
+        metadata: Metadata,
+        spec: ConnectorSpec,
+    },
+}
+
+/// Parses every YAML document in `text` into listeners and connectors. Routing keys default to
+/// the resource's name; a listener's host defaults to every IPv4 address.
+///
+/// # Errors
+/// On the first document that is not a valid resource.
+pub fn parse(text: &str) -> Result<Resources, Error> {
+    let mut resources = Resources::default();
+    for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let index = index + 1;
+        let value = serde_yaml_ng::Value::deserialize(doc)
+            .map_err(|source| Error::Parse { index, source })?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing `---`
+        }
+        let doc: Document =
+            serde_yaml_ng::from_value(value).map_err(|source| Error::Parse { index, source })?;
+        let (api_version, name) = match &doc {
+            Document::Listener {
+                api_version,
+                metadata,
+                ..
+            }
+            | Document::Connector {
+                api_version,
+                metadata,
+                ..
+            } => (api_version, &metadata.name),
+        };
+        if api_version != API_VERSION {
+            return Err(Error::ApiVersion {
+                index,
+                found: api_version.clone(),
+            });
+        }
+        let name = name.clone();
+        match doc {
+            Document::Listener { spec, .. } => resources.listeners.push(Listener {
+                routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
+                host: spec.host.unwrap_or_else(|| "0.0.0.0".to_owned()),
+                port: spec.port,
+                name,
+            }),
+            Document::Connector { spec, .. } => resources.connectors.push(Connector {
+                routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
+                host: spec.host,
+                port: spec.port,
+                name,
+            }),
+        }
+    }
+    Ok(resources)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_several_documents_with_defaults() {
+        let text = "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: web}\nspec: {port: 8080}\n---\napiVersion: skiff.io/v1alpha1\nkind: Connector\nmetadata: {name: db}\nspec: {host: 10.0.0.5, port: 5432, routingKey: pg}\n---\n";
+        let r = parse(text).expect("parses");
+        assert_eq!(r.listeners.len(), 1);
+        assert_eq!(r.listeners[0].routing_key, "web");
+        assert_eq!(r.listeners[0].host, "0.0.0.0");
+        assert_eq!(r.connectors[0].routing_key, "pg");
+        assert_eq!(r.connectors[0].backend_addr(), "10.0.0.5:5432");
+    }
+
+    #[test]
+    fn typos_and_wrong_versions_are_refused_with_the_document_number() {
+        let typo = "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: web}\nspec: {prot: 8080}\n";
+        let err = parse(typo).expect_err("unknown field");
+        assert!(err.to_string().contains("document 1"), "{err}");
+        let version = "apiVersion: skiff.io/v2\nkind: Connector\nmetadata: {name: x}\nspec: {host: h, port: 1}\n";
+        assert!(matches!(
+            parse(version),
+            Err(Error::ApiVersion { index: 1, .. })
+        ));
+        let kind = "apiVersion: skiff.io/v1alpha1\nkind: Gateway\nmetadata: {name: x}\nspec: {}\n";
+        assert!(parse(kind).is_err());
+    }
+}
