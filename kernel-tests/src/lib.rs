@@ -255,9 +255,6 @@ pub struct Proc {
 impl Proc {
     /// Starts `argv` inside `netns`, and inside `cgroup` when given.
     ///
-    /// The process joins the cgroup before it enters the namespace: `ip netns exec` remounts
-    /// /sys, after which the host's cgroup tree is no longer visible to it.
-    ///
     /// # Errors
     /// When the process cannot be started.
     pub fn spawn(netns: &Netns, cgroup: Option<&Cgroup>, argv: &[&str]) -> anyhow::Result<Self> {
@@ -269,11 +266,22 @@ impl Proc {
     ///
     /// # Errors
     /// When the log cannot be created or the process cannot be started.
-    pub fn spawn_logged(netns: &Netns, argv: &[&str], log: &Path) -> anyhow::Result<Self> {
+    pub fn spawn_logged(
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        argv: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let file =
             fs::File::create(log).with_context(|| format!("failed to create {}", log.display()))?;
         let file2 = file.try_clone()?;
-        Self::start(netns, None, argv, file.into(), file2.into())
+        Self::start(netns, cgroup, argv, file.into(), file2.into())
+    }
+
+    /// The process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn start(
@@ -289,7 +297,12 @@ impl Proc {
                 cg.path().join("cgroup.procs").display()
             )
         });
-        let script = format!("{procs}exec ip netns exec '{}' \"$@\"", netns.name());
+        // nsenter switches only the network namespace; `ip netns exec` would also remount /sys,
+        // hiding the host's cgroup tree and bpffs from a router that attaches programs.
+        let script = format!(
+            "{procs}exec nsenter --net=/run/netns/'{}' -- \"$@\"",
+            netns.name()
+        );
         let child = Command::new("sh")
             .arg("-c")
             .arg(script)
@@ -359,6 +372,9 @@ impl Proc {
     /// # Errors
     /// When the signal cannot be sent.
     pub fn interrupt(mut self) -> anyhow::Result<()> {
+        if self.child.try_wait()?.is_some() {
+            return Ok(());
+        }
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
         // SAFETY: kill has no memory-safety preconditions; pid is our own child.
         if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
@@ -377,7 +393,7 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            // Kill only our own child, by PID; `ip netns exec` execs, so that is the workload.
+            // Kill only our own child, by PID; the shell and nsenter exec, so that is the workload.
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -434,15 +450,10 @@ impl Capture {
 
 /// Deterministic pseudo-random bytes (xorshift), so a transfer can be checked byte for byte.
 #[must_use]
-pub fn pattern(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut state = seed;
+    fill(&mut out, &mut state);
     out
 }
 
@@ -506,4 +517,92 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// A word-at-a-time streaming checksum, independent of how bytes are split into reads.
+#[derive(Debug, Default)]
+pub struct Checksum {
+    hash: u64,
+    pending: Vec<u8>,
+    total: u64,
+}
+
+impl Checksum {
+    /// Adds `data`.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.total += data.len() as u64;
+        if !self.pending.is_empty() {
+            let take = (8 - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == 8 {
+                let word = std::mem::take(&mut self.pending);
+                self.mix(&word);
+            }
+        }
+        let whole = data.len() / 8 * 8;
+        for word in data[..whole].chunks_exact(8) {
+            self.mix(word);
+        }
+        self.pending.extend_from_slice(&data[whole..]);
+    }
+
+    fn mix(&mut self, word: &[u8]) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        self.hash = (self.hash ^ u64::from_le_bytes(w))
+            .wrapping_mul(0x0100_0000_01b3)
+            .rotate_left(5);
+    }
+
+    /// The checksum and byte count, as 16 little-endian bytes.
+    #[must_use]
+    pub fn finish_bytes(mut self) -> [u8; 16] {
+        for byte in std::mem::take(&mut self.pending) {
+            self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.hash.to_le_bytes());
+        out[8..].copy_from_slice(&self.total.to_le_bytes());
+        out
+    }
+}
+
+/// Fills `buf` with xorshift output from `state`.
+pub fn fill(buf: &mut [u8], state: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        let bytes = state.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+/// Sends `data` one way with socat, from a client at `connect` to a server listening on
+/// `listen_ip:listen_port` (each inside `cgroup` when given), and returns what the server wrote
+/// out. Nothing flows back, so the transfer never depends on data sent after a half-close.
+///
+/// # Errors
+/// When either socat fails or times out.
+pub fn socat_transfer(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    listen_ip: &str,
+    listen_port: u16,
+    connect: &str,
+    data: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    let input = TempFile::new("in");
+    let output = TempFile::new("out");
+    fs::write(input.path(), data)?;
+    let listen = format!("TCP-LISTEN:{listen_port},bind={listen_ip},reuseaddr");
+    let sink = format!("OPEN:{},creat,trunc", output.arg());
+    let server = Proc::spawn(ns, cgroup, &["socat", "-u", &listen, &sink])?;
+    ns.wait_listening(listen_port, Duration::from_secs(10))?;
+    let connect = format!("TCP:{connect},retry=50,interval=0.1");
+    let source = format!("OPEN:{}", input.arg());
+    Proc::spawn(ns, cgroup, &["socat", "-u", &source, &connect])?.wait(Duration::from_secs(60))?;
+    server.wait(Duration::from_secs(60))?;
+    Ok(fs::read(output.path())?)
 }

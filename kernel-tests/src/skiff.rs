@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::{Netns, Proc};
+use crate::{Cgroup, Netns, Proc};
 
 /// The `skiff` binary: `$SKIFF_BIN`, or the one built in the same target directory as the
 /// running executable (a test in `target/<profile>/deps/`, or xtask in `target/<profile>/`).
@@ -50,6 +50,20 @@ impl Site {
     /// # Errors
     /// When `skiff site create` fails or the router does not come up.
     pub fn start(netns: &Netns, name: &str, link_access: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_in(netns, None, name, link_access)
+    }
+
+    /// Like [`Site::start`], with the router inside `cgroup` and socket acceleration attached
+    /// to it (`--accel sockmap --cgroup`).
+    ///
+    /// # Errors
+    /// When the site cannot be created or its router does not come up.
+    pub fn start_in(
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        name: &str,
+        link_access: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let state = std::env::temp_dir().join(format!("{}-{name}", netns.name()));
         let log = state.with_extension("log");
         let mut site = Self {
@@ -63,7 +77,7 @@ impl Site {
             args.extend(["--link-access", addr]);
         }
         site.cli(&args)?;
-        site.run(netns)?;
+        site.run(netns, cgroup)?;
         Ok(site)
     }
 
@@ -71,15 +85,21 @@ impl Site {
     ///
     /// # Errors
     /// When it does not answer within five seconds.
-    pub fn run(&mut self, netns: &Netns) -> anyhow::Result<()> {
+    pub fn run(&mut self, netns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<()> {
         let bin = binary()?;
         let state = self.state.to_str().context("state path not UTF-8")?;
         let bin = bin.to_str().context("binary path not UTF-8")?;
-        self.router = Some(Proc::spawn_logged(
-            netns,
-            &[bin, "--state-dir", state, "router", "run"],
-            &self.log,
-        )?);
+        let mut argv = vec![bin, "--state-dir", state, "router", "run"];
+        let cgroup_arg;
+        if let Some(cg) = cgroup {
+            cgroup_arg = cg
+                .path()
+                .to_str()
+                .context("cgroup path not UTF-8")?
+                .to_owned();
+            argv.extend(["--accel", "sockmap", "--cgroup", &cgroup_arg]);
+        }
+        self.router = Some(Proc::spawn_logged(netns, cgroup, &argv, &self.log)?);
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.cli(&["status"]).is_err() {
             if Instant::now() > deadline {
@@ -164,6 +184,11 @@ impl Site {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
+    /// Kills the router with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        drop(self.router.take());
+    }
+
     /// Stops the router gracefully (SIGINT) and waits for it.
     ///
     /// # Errors
@@ -178,8 +203,11 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
-        if let Some(router) = self.router.take() {
-            drop(router);
+        // Gracefully, so the router removes its eBPF pins; SIGKILL only if that fails.
+        if let Some(router) = self.router.take()
+            && let Err(e) = router.interrupt()
+        {
+            eprintln!("warning: router {} did not stop on SIGINT: {e:#}", self.name);
         }
         let _ = std::fs::remove_dir_all(&self.state);
         let _ = std::fs::remove_file(&self.log);

@@ -1,29 +1,13 @@
 //! Socket redirection on the real kernel: sock_ops and sk_msg attached to a cgroup this test
 //! creates, inside a network namespace of its own.
 
-use std::{fs, net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
-use kernel_tests::{Capture, Cgroup, Netns, Proc, TempFile, pattern, require_root};
+use kernel_tests::{Capture, Cgroup, Netns, pattern, require_root, socat_transfer};
 use router::accel::Accel;
 
 const PORT: u16 = 7101;
 const PAYLOAD: usize = 4 << 20;
-
-/// Sends `data` from a socat client to a socat server at `ip:PORT` inside `ns` (both in
-/// `cgroup` when given) and returns what the server wrote out.
-fn transfer(ns: &Netns, cgroup: Option<&Cgroup>, ip: &str, data: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let input = TempFile::new("in");
-    let output = TempFile::new("out");
-    fs::write(input.path(), data)?;
-    let listen = format!("TCP-LISTEN:{PORT},bind={ip},reuseaddr");
-    let sink = format!("OPEN:{},creat,trunc", output.arg());
-    let server = Proc::spawn(ns, cgroup, &["socat", "-u", &listen, &sink])?;
-    let connect = format!("TCP:{ip}:{PORT},retry=50,interval=0.1");
-    let source = format!("OPEN:{}", input.arg());
-    Proc::spawn(ns, cgroup, &["socat", "-u", &source, &connect])?.wait(Duration::from_secs(30))?;
-    server.wait(Duration::from_secs(30))?;
-    Ok(fs::read(output.path())?)
-}
 
 #[test]
 fn sockmap_redirects_payload_inside_cgroup_only() -> anyhow::Result<()> {
@@ -32,15 +16,16 @@ fn sockmap_redirects_payload_inside_cgroup_only() -> anyhow::Result<()> {
     }
     let ns = Netns::new("redir")?;
     let cgroup = Cgroup::new("redir")?;
-    let mut accel = Accel::attach(cgroup.path())?;
+    let mut accel = Accel::attach(cgroup.path(), None)?;
     // Any local address: the accelerated pair uses 127.0.0.1, the control pair 127.0.0.2.
     accel.add_endpoint(SocketAddr::from(([0, 0, 0, 0], PORT)))?;
     let baseline = accel.socks_len()?;
 
     let capture = Capture::start(&ns, &format!("tcp port {PORT}"))?;
     let data = pattern(PAYLOAD, 0x5eed);
-    let accelerated = transfer(&ns, Some(&cgroup), "127.0.0.1", &data)?;
-    let control = transfer(&ns, None, "127.0.0.2", &data)?;
+    let (a, c) = ("127.0.0.1", "127.0.0.2");
+    let accelerated = socat_transfer(&ns, Some(&cgroup), a, PORT, &format!("{a}:{PORT}"), &data)?;
+    let control = socat_transfer(&ns, None, c, PORT, &format!("{c}:{PORT}"), &data)?;
     let packets = capture.stop()?;
 
     assert!(accelerated == data, "accelerated transfer corrupted");

@@ -5,6 +5,11 @@
 //! cgroup, and from then on every TCP connection in that cgroup that involves a registered
 //! endpoint ([`Accel::add_endpoint`]) moves its bytes socket to socket inside the kernel.
 //! Dropping the [`Accel`] detaches both programs and frees the maps.
+//!
+//! When a pin directory is given (bpffs, one directory per site), the maps and the sock_ops
+//! link are pinned there so that `bpftool` can see them while the router runs; the directory is
+//! emptied and removed on drop, and a directory left by a crashed router is cleared before
+//! loading, which also detaches the crashed router's sock_ops program.
 
 use std::{
     fs::File,
@@ -16,7 +21,10 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, ProgramError, SkMsg, SockOps},
+    programs::{
+        CgroupAttachMode, ProgramError, SkMsg, SockOps,
+        links::{FdLink, PinnedLink},
+    },
 };
 use ebpf_common::{
     COUNTERS_MAP, Counter, ENDPOINTS_MAP, EndpointKey, SK_MSG_PROGRAM, SOCK_OPS_PROGRAM, SOCKS_MAP,
@@ -54,9 +62,22 @@ pub enum Error {
         #[source]
         source: Box<MapError>,
     },
-    #[error("failed to duplicate the sockhash file descriptor")]
-    Fd(#[source] std::io::Error),
+    #[error("failed to pin {} under bpffs", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("failed to clear leftover pins in {}", path.display())]
+    Cleanup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+/// File name of the pinned sock_ops link inside the pin directory.
+const SOCK_OPS_LINK_PIN: &str = "sock_ops_link";
 
 impl Error {
     fn map(name: &'static str) -> impl FnOnce(MapError) -> Self {
@@ -78,6 +99,7 @@ impl Error {
 pub struct Accel {
     // Owns the programs and their links: dropping it detaches them.
     _ebpf: Ebpf,
+    pins: Option<Pins>,
     socks: SockHash<MapData, SockKey>,
     endpoints: HashMap<MapData, EndpointKey, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -100,13 +122,36 @@ pub struct Counters {
 }
 
 impl Accel {
-    /// Loads the programs and attaches them to the cgroup (v2) directory at `cgroup`.
+    /// Loads the programs and attaches them to the cgroup (v2) directory at `cgroup`, pinning
+    /// maps and the sock_ops link under `pin_dir` when given.
     ///
     /// # Errors
-    /// Fails without CAP_BPF and CAP_NET_ADMIN, when the kernel lacks sock_ops or sk_msg, or when
-    /// `cgroup` is not a cgroup v2 directory.
-    pub fn attach(cgroup: &Path) -> Result<Self, Error> {
+    /// Fails without CAP_BPF and CAP_NET_ADMIN, when the kernel lacks sock_ops or sk_msg, when
+    /// `cgroup` is not a cgroup v2 directory, or when pinning fails.
+    pub fn attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Self, Error> {
+        if let Some(dir) = pin_dir {
+            clear_pins(dir)?;
+            std::fs::create_dir_all(dir).map_err(|source| Error::Cleanup {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        // From here on, a failure removes whatever was pinned.
+        let mut pins = pin_dir.map(|dir| Pins {
+            dir: dir.to_owned(),
+            link: None,
+        });
         let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| Error::Load(Box::new(e)))?;
+        if let Some(pins) = &pins {
+            for name in [SOCKS_MAP, ENDPOINTS_MAP, COUNTERS_MAP] {
+                let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+                let path = pins.dir.join(name);
+                map.pin(&path).map_err(|e| Error::Pin {
+                    path,
+                    source: Box::new(e),
+                })?;
+            }
+        }
         let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, SOCKS_MAP)?;
         let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
@@ -125,16 +170,37 @@ impl Accel {
         })?;
         let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
         sock_ops.load().map_err(Error::program(SOCK_OPS_PROGRAM))?;
-        sock_ops
+        let link = sock_ops
             .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
             .map_err(Error::program(SOCK_OPS_PROGRAM))?;
+        if let Some(pins) = &mut pins {
+            let link = sock_ops
+                .take_link(link)
+                .map_err(Error::program(SOCK_OPS_PROGRAM))?;
+            let path = pins.dir.join(SOCK_OPS_LINK_PIN);
+            let fd_link = FdLink::try_from(link).map_err(|e| Error::Pin {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
+            pins.link = Some(fd_link.pin(&path).map_err(|e| Error::Pin {
+                path,
+                source: Box::new(e),
+            })?);
+        }
 
         Ok(Self {
             _ebpf: ebpf,
+            pins,
             socks,
             endpoints,
             counters,
         })
+    }
+
+    /// The pin directory, if the objects are pinned.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.dir.as_path())
     }
 
     /// Accelerates connections to and from `addr` (unspecified IP: every local address).
@@ -190,6 +256,54 @@ impl Accel {
             msg_missed: read(Counter::MsgMissed)?,
         })
     }
+}
+
+/// What is pinned for one site; removed on drop, which detaches the sock_ops program.
+#[derive(Debug)]
+struct Pins {
+    dir: PathBuf,
+    link: Option<PinnedLink>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Some(link) = self.link.take() {
+            // Unpinning hands back the FdLink; dropping it detaches the program.
+            drop(link.unpin());
+        }
+        if let Err(e) = clear_pins(&self.dir) {
+            tracing::warn!(error = %e, "failed to remove pinned eBPF objects");
+        }
+    }
+}
+
+/// Removes a pin directory and everything pinned in it (a bpffs directory holds only pins).
+fn clear_pins(dir: &Path) -> Result<(), Error> {
+    let cleanup = |source| Error::Cleanup {
+        path: dir.to_owned(),
+        source,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(cleanup(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(cleanup)?;
+        std::fs::remove_file(entry.path()).map_err(cleanup)?;
+    }
+    std::fs::remove_dir(dir).map_err(cleanup)
+}
+
+/// The bpffs mount point, from /proc/mounts, if bpffs is mounted.
+#[must_use]
+pub fn bpffs_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "bpf").then(|| PathBuf::from(dir))
+    })
 }
 
 /// The endpoint key for `addr`: IPv4 as v4-mapped, octets in network order.

@@ -9,6 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -25,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::{
+    accel::{self, Accel},
     admin::{self, Request, Response},
     datapath::{self, Side},
     link::{
@@ -47,6 +49,26 @@ const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for open connections to finish.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How the router uses the kernel's socket redirection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccelMode {
+    /// Never.
+    #[default]
+    Off,
+    /// Always: failing to load or attach the programs fails the start.
+    Sockmap,
+    /// Where the kernel and privileges allow; otherwise log why not and run without.
+    Auto,
+}
+
+/// Options of `skiff router run`.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub accel: AccelMode,
+    /// The cgroup (v2 directory) whose sockets the programs see.
+    pub cgroup: Option<PathBuf>,
+}
+
 /// Failure to start the router.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,6 +87,10 @@ pub enum Error {
     Admin(#[source] std::io::Error),
     #[error("failed to install the signal handler")]
     Signal(#[source] std::io::Error),
+    #[error("--accel sockmap needs --cgroup PATH: the cgroup whose sockets are accelerated")]
+    AccelNeedsCgroup,
+    #[error("socket acceleration failed to start")]
+    Accel(#[source] accel::Error),
 }
 
 struct ListenerRt {
@@ -101,6 +127,9 @@ pub struct Router {
     shutdown: tokio::sync::Notify,
     /// The link-access address actually bound (the configured port may be 0).
     link_access: std::sync::OnceLock<SocketAddr>,
+    /// Socket redirection, when on; `accel_note` says why it is off otherwise.
+    accel: Mutex<Option<Accel>>,
+    accel_note: String,
 }
 
 impl std::fmt::Debug for Router {
@@ -115,10 +144,11 @@ impl std::fmt::Debug for Router {
 ///
 /// # Errors
 /// When the site cannot be loaded or a port cannot be bound.
-pub async fn run(state: StateDir) -> Result<(), Error> {
+pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
     let config = state.config()?;
     let ca = state.cert_key("ca")?;
     let identity = state.cert_key("router")?;
+    let (accel, accel_note) = start_accel(&config.name, &state, &options)?;
     let router = Arc::new(Router {
         routing: Mutex::new(Routing::new(&config.name)),
         inner: Mutex::new(Inner {
@@ -131,6 +161,8 @@ pub async fn run(state: StateDir) -> Result<(), Error> {
         active: AtomicUsize::new(0),
         shutdown: tokio::sync::Notify::new(),
         link_access: std::sync::OnceLock::new(),
+        accel: Mutex::new(accel),
+        accel_note,
     });
 
     let mut background = Vec::new();
@@ -167,8 +199,67 @@ pub async fn run(state: StateDir) -> Result<(), Error> {
         () = router.shutdown.notified() => info!("shutdown requested"),
     }
     router.drain(background).await;
+    // Detaches the programs and removes their pins: nothing is left in the kernel.
+    drop(router.accel.lock().expect("accel lock").take());
     let _ = std::fs::remove_file(router.state.admin_socket());
     Ok(())
+}
+
+/// Loads and attaches the socket-redirection programs as `options` ask. Returns them (or
+/// `None`) and a one-line description of the state for `skiff status`.
+fn start_accel(
+    site: &str,
+    state: &StateDir,
+    options: &RunOptions,
+) -> Result<(Option<Accel>, String), Error> {
+    let cgroup = match (options.accel, &options.cgroup) {
+        (AccelMode::Off, _) => return Ok((None, "off".into())),
+        (AccelMode::Sockmap, None) => return Err(Error::AccelNeedsCgroup),
+        (AccelMode::Auto, None) => {
+            info!("socket acceleration off: no --cgroup given");
+            return Ok((None, "off: no --cgroup given".into()));
+        }
+        (_, Some(cgroup)) => cgroup,
+    };
+    let pin_dir = accel::bpffs_mount().map(|bpffs| bpffs.join("skiff").join(pin_name(site, state)));
+    if pin_dir.is_none() {
+        info!(
+            "bpffs is not mounted: eBPF objects stay unpinned (they still go away with the router)"
+        );
+    }
+    match Accel::attach(cgroup, pin_dir.as_deref()) {
+        Ok(accel) => {
+            info!(cgroup = %cgroup.display(), pins = ?accel.pin_dir(), "socket acceleration on");
+            Ok((Some(accel), format!("sockmap on {}", cgroup.display())))
+        }
+        Err(e) if options.accel == AccelMode::Auto => {
+            let reason = error_chain(&e);
+            warn!(reason, "socket acceleration off");
+            Ok((None, format!("off: {reason}")))
+        }
+        Err(e) => Err(Error::Accel(e)),
+    }
+}
+
+/// A per-site, per-state-directory name for the bpffs pin directory, so that several sites on
+/// one node (even with the same name, as in tests) never share pins.
+fn pin_name(site: &str, state: &StateDir) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::fs::canonicalize(state.root())
+        .unwrap_or_else(|_| state.root().to_owned())
+        .hash(&mut hasher);
+    format!("{site}-{:08x}", hasher.finish() as u32)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(cause) = source {
+        parts.push(cause.to_string());
+        source = cause.source();
+    }
+    parts.join(": ")
 }
 
 impl Router {
@@ -431,6 +522,9 @@ impl Router {
             if inner.connectors.contains_key(&connector.name) {
                 return Err(format!("connector {} already exists", connector.name));
             }
+            if let Ok(addr) = connector.backend_addr().parse::<SocketAddr>() {
+                self.accel_endpoint(addr, true);
+            }
             inner.connectors.insert(connector.name.clone(), connector);
             if persist {
                 self.save_resources(&inner).map_err(|e| e.to_string())?;
@@ -463,6 +557,9 @@ impl Router {
             )
         })?;
         let bound = socket.local_addr().ok();
+        if let Some(addr) = bound {
+            self.accel_endpoint(addr, true);
+        }
         let connections = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(accept_loop(
             socket,
@@ -543,7 +640,24 @@ impl Router {
             .remove(name)
             .ok_or_else(|| format!("no listener named {name}"))?;
         listener.task.abort();
+        if let Some(addr) = listener.bound {
+            self.accel_endpoint(addr, false);
+        }
         self.save_resources(&inner).map_err(|e| e.to_string())
+    }
+
+    /// Adds or removes an accelerated endpoint; a failure costs speed, never correctness.
+    fn accel_endpoint(&self, addr: SocketAddr, add: bool) {
+        let mut accel = self.accel.lock().expect("accel lock");
+        let Some(accel) = accel.as_mut() else { return };
+        let result = if add {
+            accel.add_endpoint(addr)
+        } else {
+            accel.remove_endpoint(addr)
+        };
+        if let Err(e) = result {
+            warn!(%addr, add, error = %e, "failed to update accelerated endpoints");
+        }
     }
 
     fn delete_connector(&self, name: &str) -> Result<(), String> {
@@ -554,6 +668,13 @@ impl Router {
                 .remove(name)
                 .ok_or_else(|| format!("no connector named {name}"))?;
             self.save_resources(&inner).map_err(|e| e.to_string())?;
+            let shared = inner
+                .connectors
+                .values()
+                .any(|c| c.backend_addr() == removed.backend_addr());
+            if !shared && let Ok(addr) = removed.backend_addr().parse::<SocketAddr>() {
+                self.accel_endpoint(addr, false);
+            }
             removed
         };
         let own = self
@@ -659,6 +780,26 @@ impl Router {
             "listeners": inner.listeners.len(),
             "connectors": inner.connectors.len(),
             "activeConnections": self.active.load(Ordering::Relaxed),
+            "accel": self.accel_status(),
+            "accelSummary": self.accel_note,
+        })
+    }
+
+    fn accel_status(&self) -> serde_json::Value {
+        let accel = self.accel.lock().expect("accel lock");
+        let Some(accel) = accel.as_ref() else {
+            return json!({ "mode": self.accel_note });
+        };
+        let counters = accel.counters().unwrap_or_default();
+        json!({
+            "mode": self.accel_note,
+            "pinDir": accel.pin_dir(),
+            "sockets": accel.socks_len().ok(),
+            "socketsInserted": counters.socks_inserted,
+            "insertFailures": counters.socks_insert_failed,
+            "messagesRedirected": counters.msg_redirected,
+            "bytesRedirected": counters.bytes_redirected,
+            "messagesMissed": counters.msg_missed,
         })
     }
 

@@ -81,7 +81,36 @@ pub enum SiteCommand {
 #[derive(Debug, Subcommand)]
 pub enum RouterCommand {
     /// Run the router in the foreground until SIGTERM or SIGINT.
-    Run,
+    Run {
+        /// Socket redirection between local workloads and the router (sock_ops + sk_msg).
+        #[arg(long, value_enum, default_value_t = Accel::Off, env = "SKIFF_ACCEL")]
+        accel: Accel,
+        /// The cgroup v2 directory whose workloads' sockets are accelerated (the router's own
+        /// process must be inside it too). Required by --accel sockmap.
+        #[arg(long, env = "SKIFF_CGROUP")]
+        cgroup: Option<PathBuf>,
+    },
+}
+
+/// `--accel` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Accel {
+    /// Use it, or fail to start.
+    Sockmap,
+    /// Never.
+    Off,
+    /// Use it where the kernel and privileges allow; say why not otherwise.
+    Auto,
+}
+
+impl From<Accel> for crate::app::AccelMode {
+    fn from(value: Accel) -> Self {
+        match value {
+            Accel::Sockmap => Self::Sockmap,
+            Accel::Off => Self::Off,
+            Accel::Auto => Self::Auto,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

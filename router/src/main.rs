@@ -78,7 +78,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state.remove()?;
             println!("site deleted: {} removed", state.root().display());
         }
-        Command::Router(RouterCommand::Run) => app::run(state).await?,
+        Command::Router(RouterCommand::Run { accel, cgroup }) => {
+            app::run(
+                state,
+                app::RunOptions {
+                    accel: accel.into(),
+                    cgroup,
+                },
+            )
+            .await?;
+        }
         Command::Token(TokenCommand::Issue {
             file,
             redemptions,
@@ -197,6 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("LISTENERS", "listeners"),
                 ("CONNECTORS", "connectors"),
                 ("ACTIVE", "activeConnections"),
+                ("ACCEL", "accelSummary"),
             ],
         ),
         Command::Apply { file } => {

@@ -55,7 +55,9 @@ impl Site {
     async fn run(&mut self) {
         let state = self.state.clone();
         self.task = Some(tokio::spawn(async move {
-            app::run(state).await.expect("router runs");
+            app::run(state, app::RunOptions::default())
+                .await
+                .expect("router runs");
         }));
         for _ in 0..200 {
             if admin::call(&self.state.admin_socket(), &Request::Status)

@@ -42,6 +42,7 @@ pub fn run() -> anyhow::Result<()> {
     rustup_toolchain().context("setup step 'rustup toolchain link' failed")?;
     bpf_linker().context("setup step 'bpf-linker' failed")?;
     cgroup2().context("setup step 'cgroup v2' failed")?;
+    bpffs().context("setup step 'bpffs' failed")?;
     println!("setup: everything skiff needs is installed");
     Ok(())
 }
@@ -141,6 +142,22 @@ fn cgroup2() -> anyhow::Result<()> {
             bail!("no cgroup2 file system is mounted; skiff's kernel hooks attach to cgroup v2")
         }
     }
+}
+
+/// The router pins its maps and links under bpffs; mount it where BPF tooling expects it.
+fn bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("failed to read /proc/mounts")?;
+    if let Some(line) = mounts
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    {
+        let dir = line.split_whitespace().nth(1).unwrap_or("?");
+        step("bpffs", &format!("mounted at {dir}"));
+        return Ok(());
+    }
+    step("bpffs", "mounting at /sys/fs/bpf (eBPF pins)");
+    require_root("mounting bpffs")?;
+    status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {

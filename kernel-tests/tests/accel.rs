@@ -1,0 +1,263 @@
+//! The router with socket acceleration (`--accel sockmap --cgroup`): both local legs of a
+//! connection (client -> listener, router -> backend) move socket to socket in the kernel.
+//! Every test runs the router and its workloads in a cgroup and network namespace of its own.
+
+use std::{path::PathBuf, time::Duration};
+
+use kernel_tests::{
+    Capture, Cgroup, Netns, Proc, pattern, require_root, run, skiff::Site, socat_transfer,
+};
+
+/// The loadgen helper binary built with the tests.
+fn loadgen() -> String {
+    env!("CARGO_BIN_EXE_loadgen").to_owned()
+}
+
+/// An accelerated site in its own namespace and cgroup, with listener `port` routed to a
+/// connector for a backend at `port - 1`. Fields drop in order: router first, then the cgroup
+/// (which must be empty), then the namespace.
+struct Fixture {
+    site: Site,
+    cgroup: Cgroup,
+    ns: Netns,
+    port: u16,
+}
+
+fn fixture(tag: &str, port: u16) -> anyhow::Result<Fixture> {
+    let ns = Netns::new(tag)?;
+    let cgroup = Cgroup::new(tag)?;
+    let site = Site::start_in(&ns, Some(&cgroup), "west", None)?;
+    let backend = (port - 1).to_string();
+    site.cli(&[
+        "connector",
+        "create",
+        "sink",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &backend,
+    ])?;
+    site.cli(&[
+        "listener",
+        "create",
+        "sink",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+    ])?;
+    ns.wait_listening(port, Duration::from_secs(10))?;
+    Ok(Fixture {
+        site,
+        cgroup,
+        ns,
+        port,
+    })
+}
+
+impl Fixture {
+    fn backend(&self) -> u16 {
+        self.port - 1
+    }
+
+    /// Starts a loadgen checksum sink as the backend, inside the cgroup.
+    fn sink(&self) -> anyhow::Result<Proc> {
+        let addr = format!("127.0.0.1:{}", self.backend());
+        let sink = Proc::spawn(&self.ns, Some(&self.cgroup), &[&loadgen(), "sink", &addr])?;
+        self.ns
+            .wait_listening(self.backend(), Duration::from_secs(10))?;
+        Ok(sink)
+    }
+
+    /// Runs `loadgen MODE` against the listener from inside the cgroup.
+    fn load(&self, mode: &str, conns: usize, bytes: u64, parallel: usize) -> anyhow::Result<()> {
+        let addr = format!("127.0.0.1:{}", self.port);
+        let (conns, bytes, parallel) = (conns.to_string(), bytes.to_string(), parallel.to_string());
+        Proc::spawn(
+            &self.ns,
+            Some(&self.cgroup),
+            &[&loadgen(), mode, &addr, &conns, &bytes, &parallel],
+        )?
+        .wait(Duration::from_secs(300))?;
+        Ok(())
+    }
+
+    fn accel(&self) -> anyhow::Result<serde_json::Value> {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.site.cli(&["status", "--output", "json"])?)?;
+        Ok(status["accel"].clone())
+    }
+}
+
+/// Payload bytes in `packets` to or from `port`.
+fn payload_on(packets: &[(String, String, u64)], port: u16) -> u64 {
+    let suffix = format!(".{port}");
+    packets
+        .iter()
+        .filter(|(src, dst, _)| src.ends_with(&suffix) || dst.ends_with(&suffix))
+        .map(|(_, _, len)| len)
+        .sum()
+}
+
+#[test]
+fn both_local_legs_skip_the_network_stack_and_outsiders_still_work() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let f = fixture("acc1", 7302)?;
+    let (port, backend) = (f.port, f.backend());
+    let data = pattern(8 << 20, 7);
+    let listener = format!("127.0.0.1:{port}");
+
+    let capture = Capture::start(&f.ns, &format!("tcp port {port} or tcp port {backend}"))?;
+    let got = socat_transfer(
+        &f.ns,
+        Some(&f.cgroup),
+        "127.0.0.1",
+        backend,
+        &listener,
+        &data,
+    )?;
+    let packets = capture.stop()?;
+    let accel = f.accel()?;
+    eprintln!("client in the cgroup: {accel}");
+    assert!(
+        got == data,
+        "transfer through the accelerated router corrupted"
+    );
+    assert_eq!(payload_on(&packets, port), 0, "client leg crossed loopback");
+    assert_eq!(
+        payload_on(&packets, backend),
+        0,
+        "backend leg crossed loopback"
+    );
+    assert!(
+        accel["bytesRedirected"].as_u64() >= Some(2 * (8 << 20)),
+        "both legs redirected: {accel}"
+    );
+
+    // A client outside the cgroup is served too; only its own leg uses the network stack.
+    let backend_server = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[
+            "socat",
+            "-u",
+            &format!("TCP-LISTEN:{backend},bind=127.0.0.1,reuseaddr"),
+            "OPEN:/dev/null",
+        ],
+    )?;
+    f.ns.wait_listening(backend, Duration::from_secs(10))?;
+    let capture = Capture::start(&f.ns, &format!("tcp port {port} or tcp port {backend}"))?;
+    Proc::spawn(
+        &f.ns,
+        None,
+        &[
+            "socat",
+            "-u",
+            "OPEN:/dev/zero,readbytes=4194304",
+            &format!("TCP:{listener}"),
+        ],
+    )?
+    .wait(Duration::from_secs(60))?;
+    backend_server.wait(Duration::from_secs(30))?;
+    let packets = capture.stop()?;
+    assert!(
+        payload_on(&packets, port) > 0,
+        "outsider's leg should use the network stack"
+    );
+    assert_eq!(
+        payload_on(&packets, backend),
+        0,
+        "backend leg stays redirected"
+    );
+    Ok(())
+}
+
+#[test]
+fn sockhash_returns_to_baseline_after_ten_thousand_connections() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let f = fixture("acc3", 7322)?;
+    let _sink = f.sink()?;
+    let baseline = f.accel()?["sockets"].as_u64().unwrap_or(0);
+    f.load("push", 10_000, 64, 16)?;
+    // Sockets leave the map as they close; the last ones may still be closing.
+    let mut sockets = u64::MAX;
+    for _ in 0..100 {
+        sockets = f.accel()?["sockets"].as_u64().unwrap_or(u64::MAX);
+        if sockets <= baseline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let accel = f.accel()?;
+    eprintln!("after 10,000 connections: {accel}");
+    assert_eq!(sockets, baseline, "sockhash back at its baseline");
+    assert!(
+        accel["socketsInserted"].as_u64() >= Some(4 * 10_000),
+        "{accel}"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "known bug (issue 4): with sk_msg redirection, a reply sent towards a socket that has \
+            half-closed is lost in about 1 of 10 connections, on this kernel even without skiff's \
+            router in the path"]
+fn replies_after_half_close_survive_redirection() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let f = fixture("acc2", 7312)?;
+    let _sink = f.sink()?;
+    // Each connection half-closes, then waits for the sink's checksum reply.
+    f.load("send", 300, 100_000, 1)?;
+    f.load("send", 200, 256 << 10, 200)?;
+    f.load("send", 1, 1 << 30, 1)?;
+    Ok(())
+}
+
+#[test]
+fn nothing_is_left_in_the_kernel_after_exit_or_after_a_crash() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut f = fixture("acc4", 7332)?;
+    let pins = PathBuf::from(f.accel()?["pinDir"].as_str().unwrap_or_default());
+    assert!(
+        pins.join("SKIFF_SOCKS").exists(),
+        "maps pinned under {}",
+        pins.display()
+    );
+    let cgroup = f.cgroup.path().to_str().expect("utf-8").to_owned();
+    let attached = || -> anyhow::Result<usize> {
+        Ok(run("bpftool", &["cgroup", "show", &cgroup])?
+            .matches("skiff_sock_ops")
+            .count())
+    };
+    assert_eq!(attached()?, 1, "sock_ops attached while running");
+
+    // A crash leaves the pinned link, so the program stays attached...
+    f.site.kill();
+    assert!(pins.exists(), "a crashed router leaves its pins");
+    assert_eq!(attached()?, 1);
+    // ...until the next start clears the leftovers and attaches afresh, once.
+    f.site.run(&f.ns, Some(&f.cgroup))?;
+    f.ns.wait_listening(f.port, Duration::from_secs(10))?;
+    let _sink = f.sink()?;
+    f.load("push", 4, 1 << 20, 4)?;
+    assert_eq!(
+        attached()?,
+        1,
+        "exactly one program attached after the restart"
+    );
+    assert!(f.accel()?["bytesRedirected"].as_u64() > Some(0));
+
+    // A clean exit detaches and unpins everything.
+    f.site.stop()?;
+    assert!(!pins.exists(), "pins removed on exit");
+    assert_eq!(attached()?, 0, "program detached on exit");
+    Ok(())
+}
