@@ -184,6 +184,12 @@ impl Site {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
+    /// The router's process id, while it runs.
+    #[must_use]
+    pub fn router_pid(&self) -> Option<u32> {
+        self.router.as_ref().map(Proc::pid)
+    }
+
     /// Kills the router with SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         drop(self.router.take());
@@ -207,7 +213,10 @@ impl Drop for Site {
         if let Some(router) = self.router.take()
             && let Err(e) = router.interrupt()
         {
-            eprintln!("warning: router {} did not stop on SIGINT: {e:#}", self.name);
+            eprintln!(
+                "warning: router {} did not stop on SIGINT: {e:#}",
+                self.name
+            );
         }
         let _ = std::fs::remove_dir_all(&self.state);
         let _ = std::fs::remove_file(&self.log);

@@ -34,6 +34,12 @@ enum Command {
     },
     /// Show skiff working on this machine.
     Demo,
+    /// Benchmarks: skiff against direct loopback and other relays, as ratios (needs root).
+    Bench {
+        /// Arguments for the bench binary: scenario names, --quick, --runs N, --seconds S, --out DIR.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +72,10 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => {
             setup::ensure()?;
             demo::run()
+        }
+        Command::Bench { args } => {
+            setup::ensure()?;
+            task::bench(&args)
         }
     }
 }

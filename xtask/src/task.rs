@@ -137,3 +137,27 @@ pub fn kernel_tests(args: &[String], tally: &mut Tally) -> anyhow::Result<()> {
     status(cargo().args(["build", "--package", "router", "--bin", "skiff"]))?;
     cargo_test(&["--package", "kernel-tests"], args, tally)
 }
+
+/// Builds skiff and the harness with the release profile and runs the harness.
+pub fn bench(args: &[String]) -> anyhow::Result<()> {
+    ensure!(
+        is_root(),
+        "the benchmarks create network namespaces and cgroups: run them as root"
+    );
+    status(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "router",
+        "--bin",
+        "skiff",
+    ]))?;
+    status(cargo().args(["build", "--release", "--package", "bench"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| "target".into(), std::path::PathBuf::from);
+    status(
+        Command::new(target.join("release/bench"))
+            .args(args)
+            .env("SKIFF_BIN", target.join("release/skiff")),
+    )
+}
