@@ -48,10 +48,11 @@ fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
-    // Fields after the command name (which may contain spaces): utime is the 12th, stime 13th.
+    // Fields after the command name (which may contain spaces): utime, stime, and cutime,
+    // cstime for reaped children (socat forks a child per connection).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
+    let ticks: f64 = [11, 12, 13, 14]
         .iter()
         .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
         .sum();
