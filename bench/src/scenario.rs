@@ -177,13 +177,26 @@ pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
                 _extra_ns: vec![],
             })
         }
-        "skiff-mtls" => {
-            let west_ns = Netns::new("bwest")?;
-            let east_ns = Netns::new("beast")?;
+        "skiff-mtls" | "skiff-mtls-accel" => {
+            let accel = name == "skiff-mtls-accel";
+            let west_ns = Netns::new(if accel { "bwesta" } else { "bwest" })?;
+            let east_ns = Netns::new(if accel { "beasta" } else { "beast" })?;
+            // One cgroup for both sites' routers and workloads: the sockhash keys carry the
+            // network namespace, so the two sides never mix.
+            let cgroup = if accel {
+                Some(Cgroup::new("bmtlsacc")?)
+            } else {
+                None
+            };
             let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
-            let server = iperf3_server(&west_ns, None)?;
-            let west = Site::start(&west_ns, "west", Some(&format!("{west_ip}:55671")))?;
-            let east = Site::start(&east_ns, "east", None)?;
+            let server = iperf3_server(&west_ns, cgroup.as_ref())?;
+            let west = Site::start_in(
+                &west_ns,
+                cgroup.as_ref(),
+                "west",
+                Some(&format!("{west_ip}:55671")),
+            )?;
+            let east = Site::start_in(&east_ns, cgroup.as_ref(), "east", None)?;
             west.link_from(&east)?;
             west.cli(&[
                 "connector",
@@ -208,14 +221,22 @@ pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
             })?;
             let relays = vec![router_pid(&east)?, router_pid(&west)?];
             Ok(Scenario {
-                name: "skiff-mtls",
-                description: "client -> router east -> mTLS link over veth -> router west -> server",
-                client_ns: east_ns,
-                client_cgroup: None,
+                name: if accel {
+                    "skiff-mtls-accel"
+                } else {
+                    "skiff-mtls"
+                },
+                description: if accel {
+                    "the mTLS path with sockmap on the local legs at both ends"
+                } else {
+                    "client -> router east -> mTLS link over veth -> router west -> server"
+                },
                 target: local(5303),
                 relays,
                 _sites: vec![east, west],
                 _procs: vec![server],
+                client_cgroup: cgroup,
+                client_ns: east_ns,
                 _extra_ns: vec![west_ns],
             })
         }

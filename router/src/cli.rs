@@ -73,6 +73,18 @@ pub enum SiteCommand {
         /// HOST:PORT where this site accepts links and token redemptions.
         #[arg(long)]
         link_access: Option<String>,
+        /// Use this CA certificate (PEM) as the site CA instead of generating one.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The site CA's private key (PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// Use this router identity certificate (PEM), signed by the site CA.
+        #[arg(long, requires = "router_key")]
+        router_cert: Option<PathBuf>,
+        /// The router identity's private key (PEM).
+        #[arg(long, requires = "router_cert")]
+        router_key: Option<PathBuf>,
     },
     /// Stop the router and remove the site's state: nothing is left behind.
     Delete,

@@ -11,8 +11,9 @@ use router::{
         self, Cli, Command, ConnectorCommand, LinkCommand, ListenerCommand, RouterCommand,
         SiteCommand, TokenCommand,
     },
+    pki::CertKey,
     service::{Connector, Listener},
-    site::{SiteConfig, StateDir},
+    site::{SiteConfig, StateDir, Supplied},
     token::Token,
 };
 
@@ -46,6 +47,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reads a PEM certificate and key given on the command line.
+fn read_pair(
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<CertKey>> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))
+    };
+    Ok(Some(CertKey {
+        cert_pem: read(&cert)?,
+        key_pem: read(&key)?,
+    }))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let state = StateDir::new(&cli.state_dir);
     let socket = state.admin_socket();
@@ -55,11 +73,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let out = cli.output;
     match cli.command {
-        Command::Site(SiteCommand::Create { name, link_access }) => {
-            state.create(&SiteConfig {
-                name: name.clone(),
-                link_access,
-            })?;
+        Command::Site(SiteCommand::Create {
+            name,
+            link_access,
+            ca_cert,
+            ca_key,
+            router_cert,
+            router_key,
+        }) => {
+            let supplied = Supplied {
+                ca: read_pair(ca_cert, ca_key)?,
+                router: read_pair(router_cert, router_key)?,
+            };
+            state.create_with(
+                &SiteConfig {
+                    name: name.clone(),
+                    link_access,
+                },
+                &supplied,
+            )?;
             println!("site {name} created in {}", state.root().display());
         }
         Command::Site(SiteCommand::Delete) => {

@@ -33,6 +33,8 @@ pub enum Error {
     },
     #[error("invalid subject alternative name")]
     San(#[source] rcgen::Error),
+    #[error("{what}: {problem}")]
+    Invalid { what: &'static str, problem: String },
 }
 
 /// How long a site CA is valid.
@@ -200,6 +202,85 @@ pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, Error> {
     })
 }
 
+fn invalid(what: &'static str, problem: impl Into<String>) -> Error {
+    Error::Invalid {
+        what,
+        problem: problem.into(),
+    }
+}
+
+/// Checks a user-supplied certificate and key: they parse, the key is the certificate's, and
+/// the certificate is valid now.
+fn check_pair<'a>(
+    what: &'static str,
+    pair: &CertKey,
+    der: &'a CertificateDer<'static>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, Error> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| invalid(what, format!("certificate does not parse: {e}")))?;
+    let key = KeyPair::from_pem(&pair.key_pem)
+        .map_err(|e| invalid(what, format!("private key does not parse: {e}")))?;
+    if key.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
+        return Err(invalid(
+            what,
+            "the private key does not match the certificate",
+        ));
+    }
+    let validity = cert.validity();
+    if !validity.is_valid() {
+        return Err(invalid(
+            what,
+            format!(
+                "certificate is not valid now (valid from {} to {})",
+                validity.not_before, validity.not_after
+            ),
+        ));
+    }
+    Ok(cert)
+}
+
+/// Validates a user-supplied site CA: parses, key matches, valid now, and is a CA.
+///
+/// # Errors
+/// With one line that says what is wrong.
+pub fn validate_ca(ca: &CertKey) -> Result<(), Error> {
+    const WHAT: &str = "site CA";
+    let der = certs_from_pem(&ca.cert_pem)?.remove(0);
+    let cert = check_pair(WHAT, ca, &der)?;
+    if !cert.is_ca() {
+        return Err(invalid(
+            WHAT,
+            "certificate is not a CA (basicConstraints CA:TRUE missing)",
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a user-supplied router identity: parses, key matches, valid now, usable as both
+/// TLS server and client, and signed by `ca_pem`.
+///
+/// # Errors
+/// With one line that says what is wrong.
+pub fn validate_router(identity: &CertKey, ca_pem: &str) -> Result<(), Error> {
+    const WHAT: &str = "router certificate";
+    let der = certs_from_pem(&identity.cert_pem)?.remove(0);
+    let cert = check_pair(WHAT, identity, &der)?;
+    if let Ok(Some(eku)) = cert.extended_key_usage()
+        && !(eku.value.any || (eku.value.server_auth && eku.value.client_auth))
+    {
+        return Err(invalid(
+            WHAT,
+            "extended key usage must allow both serverAuth and clientAuth",
+        ));
+    }
+    let ca_der = certs_from_pem(ca_pem)?.remove(0);
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| invalid("site CA", format!("certificate does not parse: {e}")))?;
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| invalid(WHAT, "it is not signed by the site CA"))?;
+    Ok(())
+}
+
 /// The subject common name of a DER certificate, if it has one.
 #[must_use]
 pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
@@ -240,6 +321,52 @@ mod tests {
             .expect("eku present");
         assert!(eku.value.client_auth && !eku.value.server_auth);
         assert!(!parsed.is_ca());
+    }
+
+    #[test]
+    fn user_supplied_certificates_are_checked() {
+        let ca = new_ca("west").expect("ca");
+        validate_ca(&ca).expect("own CA is valid");
+        let leaf = issue(&ca, "west", &["west".into()], Usage::ServerAndClient).expect("leaf");
+        validate_router(&leaf, &ca.cert_pem).expect("router cert is valid");
+
+        let other = new_ca("other").expect("ca");
+        let mismatched = CertKey {
+            cert_pem: ca.cert_pem.clone(),
+            key_pem: other.key_pem.clone(),
+        };
+        let err = validate_ca(&mismatched).expect_err("wrong key");
+        assert!(err.to_string().contains("does not match"), "{err}");
+
+        let err = validate_ca(&leaf).expect_err("leaf is no CA");
+        assert!(err.to_string().contains("not a CA"), "{err}");
+
+        let err = validate_router(&leaf, &other.cert_pem).expect_err("other CA");
+        assert!(
+            err.to_string().contains("not signed by the site CA"),
+            "{err}"
+        );
+
+        let client_only = issue(&ca, "west", &[], Usage::Client).expect("client leaf");
+        let err = validate_router(&client_only, &ca.cert_pem).expect_err("client-only usage");
+        assert!(err.to_string().contains("serverAuth"), "{err}");
+    }
+
+    #[test]
+    fn expired_certificate_is_refused() {
+        let key = new_key().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name("old CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_before = OffsetDateTime::now_utc() - Duration::days(30);
+        params.not_after = OffsetDateTime::now_utc() - Duration::days(1);
+        let cert = params.self_signed(&key).expect("cert");
+        let old = CertKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        let err = validate_ca(&old).expect_err("expired");
+        assert!(err.to_string().contains("not valid now"), "{err}");
     }
 
     #[test]

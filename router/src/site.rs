@@ -46,6 +46,15 @@ pub enum Error {
     BadName(String),
     #[error(transparent)]
     Pki(#[from] pki::Error),
+    #[error("--router-cert needs --ca-cert and --ca-key: the CA that signed it")]
+    RouterWithoutCa,
+}
+
+/// Certificates a user brings instead of letting the site generate them.
+#[derive(Clone, Debug, Default)]
+pub struct Supplied {
+    pub ca: Option<CertKey>,
+    pub router: Option<CertKey>,
 }
 
 /// A site's configuration, as stored in `site.json`.
@@ -100,21 +109,44 @@ impl StateDir {
     /// # Errors
     /// When the directory already holds a site, the name is invalid, or writing fails.
     pub fn create(&self, config: &SiteConfig) -> Result<(), Error> {
+        self.create_with(config, &Supplied::default())
+    }
+
+    /// Creates a site with user-supplied certificates where given (each validated first), and
+    /// generated ones otherwise.
+    ///
+    /// # Errors
+    /// As [`StateDir::create`], and when a supplied certificate or key is unusable (the message
+    /// says why), or a router certificate is given without the CA that signed it.
+    pub fn create_with(&self, config: &SiteConfig, supplied: &Supplied) -> Result<(), Error> {
         validate_name(&config.name)?;
         if self.file("site.json").exists() {
             return Err(Error::Exists {
                 path: self.root.clone(),
             });
         }
+        let ca = match &supplied.ca {
+            Some(ca) => {
+                pki::validate_ca(ca)?;
+                ca.clone()
+            }
+            None if supplied.router.is_some() => return Err(Error::RouterWithoutCa),
+            None => pki::new_ca(&config.name)?,
+        };
+        let identity = match &supplied.router {
+            Some(identity) => {
+                pki::validate_router(identity, &ca.cert_pem)?;
+                identity.clone()
+            }
+            None => pki::issue(
+                &ca,
+                &config.name,
+                &router_sans(config),
+                pki::Usage::ServerAndClient,
+            )?,
+        };
         create_private_dir(&self.root)?;
         create_private_dir(&self.links_dir())?;
-        let ca = pki::new_ca(&config.name)?;
-        let identity = pki::issue(
-            &ca,
-            &config.name,
-            &router_sans(config),
-            pki::Usage::ServerAndClient,
-        )?;
         self.write_cert_key("ca", &ca)?;
         self.write_cert_key("router", &identity)?;
         // site.json last: its presence says the site is complete.

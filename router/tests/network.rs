@@ -30,6 +30,10 @@ struct Site {
 
 impl Site {
     async fn start(name: &str, link_access: bool) -> Self {
+        Self::start_with(name, link_access, &router::site::Supplied::default()).await
+    }
+
+    async fn start_with(name: &str, link_access: bool, supplied: &router::site::Supplied) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "skiff-it-{}-{}-{name}",
@@ -38,10 +42,13 @@ impl Site {
         ));
         let state = StateDir::new(&dir);
         state
-            .create(&SiteConfig {
-                name: name.into(),
-                link_access: link_access.then(|| "127.0.0.1:0".into()),
-            })
+            .create_with(
+                &SiteConfig {
+                    name: name.into(),
+                    link_access: link_access.then(|| "127.0.0.1:0".into()),
+                },
+                supplied,
+            )
             .expect("site create");
         let mut site = Self {
             name: name.into(),
@@ -709,4 +716,104 @@ async fn apply_creates_changes_and_leaves_identical_resources_alone() {
     );
     let connectors = site.call(Request::ConnectorStatus).await.expect("status");
     assert_eq!(connectors[0]["port"], 5433);
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_with_an_openssl_made_ca_and_router_certificate_links_and_serves() {
+    let dir = std::env::temp_dir().join(format!("skiff-it-{}-pki", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=corp CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &dir,
+        &[
+            &["req"][..],
+            &ec,
+            &["-keyout", "r.key", "-out", "r.csr", "-subj", "/CN=west"],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:west,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .expect("ext");
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "r.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "r.crt",
+            "-days",
+            "10",
+            "-extfile",
+            "ext",
+        ],
+    );
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect("pem");
+    let supplied = router::site::Supplied {
+        ca: Some(router::pki::CertKey {
+            cert_pem: read("ca.crt"),
+            key_pem: read("ca.key"),
+        }),
+        router: Some(router::pki::CertKey {
+            cert_pem: read("r.crt"),
+            key_pem: read("r.key"),
+        }),
+    };
+    let west = Site::start_with("west", true, &supplied).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let (backend, _server) = checksum_backend().await;
+    west.connector("sink", "sink", backend).await;
+    let port = east.listener("sink", "sink").await;
+    transfer(port, 1 << 20).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -29,6 +29,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "a real service in end-to-end tests"),
     ("redis-tools", "redis-cli and redis-benchmark"),
     ("iperf3", "throughput through the service network"),
+    ("openssl", "user-supplied certificates in tests"),
 ];
 
 /// The rustup name under which Debian's toolchain is linked; router/build.rs uses it
