@@ -406,7 +406,14 @@ impl Router {
             .stream_started(&route.dest);
         let outcome = match route.next_hop {
             None => match self.connect_backend(&key).await {
-                Ok(backend) => datapath::proxy(client, backend).await,
+                Ok(backend) => {
+                    let copy = if self.accel.lock().expect("accel lock").is_some() {
+                        datapath::Copy::Read
+                    } else {
+                        datapath::Copy::Splice
+                    };
+                    datapath::proxy(client, backend, copy).await
+                }
                 Err(reason) => {
                     warn!(routing_key = %key, reason, "backend unreachable; client reset");
                     datapath::abort(&client);

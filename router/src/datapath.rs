@@ -6,9 +6,10 @@
 //! another link stream, at an interior router). Today one backend implements them on tokio's
 //! epoll reactor ([`tokio_rt`]); an io_uring backend slots in behind the same functions.
 
+mod splice;
 mod tokio_rt;
 
-pub use tokio_rt::{abort, proxy, relay, splice};
+pub use tokio_rt::{Copy, abort, proxy, relay, splice};
 
 /// Read buffer per direction of a relayed connection. On this machine a relay with tokio's
 /// default 8 KiB buffers reached 29% of direct loopback throughput, with 256 KiB 58%.

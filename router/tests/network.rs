@@ -817,3 +817,14 @@ async fn a_site_with_an_openssl_made_ca_and_router_certificate_links_and_serves(
     transfer(port, 1 << 20).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_connector_is_served_by_splice_byte_exact_with_half_close() {
+    // Listener and connector at one site: no link, the router splices socket to socket.
+    let site = Site::start("west", false).await;
+    let (backend, _server) = checksum_backend().await;
+    site.connector("sink", "sink", backend).await;
+    let port = site.listener("sink", "sink").await;
+    transfer(port, 256 << 20).await;
+    transfer(port, 1).await;
+}

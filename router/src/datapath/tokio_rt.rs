@@ -21,30 +21,58 @@ use crate::link::{
     stream::{Inbound, StreamRx, StreamTx},
 };
 
-/// Copies between a client socket and a local backend socket until both directions end.
-pub async fn proxy(mut client: TcpStream, mut backend: TcpStream) -> Outcome {
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut backend,
-        BUFFER_SIZE,
-        BUFFER_SIZE,
-    )
-    .await
-    {
+/// Moves bytes between a client socket and a local backend socket until both directions end;
+/// each direction half-closes the other side when it ends.
+///
+/// With [`Copy::Splice`] the bytes never enter user space (splice(2)). Sockets whose data
+/// the kernel redirects with sk_msg need [`Copy::Read`]: redirected bytes wait in the socket's
+/// psock queue, which `recvmsg` drains but splice does not see.
+pub async fn proxy(mut client: TcpStream, mut backend: TcpStream, copy: Copy) -> Outcome {
+    if copy == Copy::Read {
+        return match tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut backend,
+            BUFFER_SIZE,
+            BUFFER_SIZE,
+        )
+        .await
+        {
+            Ok((bytes_out, bytes_in)) => Outcome {
+                bytes_out,
+                bytes_in,
+                failed: None,
+            },
+            Err(_) => failed_both(&client, &backend),
+        };
+    }
+    let up = super::splice::one_way(&client, &backend);
+    let down = super::splice::one_way(&backend, &client);
+    match tokio::try_join!(up, down) {
         Ok((bytes_out, bytes_in)) => Outcome {
             bytes_out,
             bytes_in,
             failed: None,
         },
-        Err(_) => {
-            // copy_bidirectional does not say which side failed; reset both.
-            abort(&client);
-            abort(&backend);
-            Outcome {
-                failed: Some(Side::Downstream),
-                ..Outcome::default()
-            }
-        }
+        Err(_) => failed_both(&client, &backend),
+    }
+}
+
+/// How [`proxy`] moves bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Copy {
+    /// splice(2) through a pipe: zero-copy.
+    Splice,
+    /// read and write through a user-space buffer.
+    Read,
+}
+
+/// Neither copy loop says which socket failed: reset both.
+fn failed_both(client: &TcpStream, backend: &TcpStream) -> Outcome {
+    abort(client);
+    abort(backend);
+    Outcome {
+        failed: Some(Side::Downstream),
+        ..Outcome::default()
     }
 }
 
