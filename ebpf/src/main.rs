@@ -9,6 +9,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod cgroup_sock_addr;
 mod maps;
 mod sk_msg;
 mod sock_ops;

@@ -228,6 +228,16 @@ impl Cgroup {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Creates a child cgroup named `name` (drop it before its parent).
+    ///
+    /// # Errors
+    /// When the directory cannot be created.
+    pub fn child(&self, name: &str) -> anyhow::Result<Self> {
+        let path = self.path.join(name);
+        fs::create_dir(&path).with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(Self { path })
+    }
 }
 
 impl Drop for Cgroup {

@@ -42,6 +42,7 @@ pub struct Site {
     state: PathBuf,
     router: Option<Proc>,
     log: PathBuf,
+    run_args: Vec<String>,
 }
 
 impl Site {
@@ -64,6 +65,27 @@ impl Site {
         name: &str,
         link_access: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let accel: &[&str] = if cgroup.is_some() {
+            &["--accel", "sockmap"]
+        } else {
+            &[]
+        };
+        Self::start_with(netns, cgroup, name, link_access, &[], accel)
+    }
+
+    /// The most general start: extra `site create` arguments, and `router run` arguments
+    /// (`--cgroup` is added when `cgroup` is given).
+    ///
+    /// # Errors
+    /// When the site cannot be created or its router does not come up.
+    pub fn start_with(
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        name: &str,
+        link_access: Option<&str>,
+        create_args: &[&str],
+        run_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let state = std::env::temp_dir().join(format!("{}-{name}", netns.name()));
         let log = state.with_extension("log");
         let mut site = Self {
@@ -71,11 +93,13 @@ impl Site {
             state,
             router: None,
             log,
+            run_args: run_args.iter().map(|a| (*a).to_owned()).collect(),
         };
         let mut args = vec!["site", "create", name];
         if let Some(addr) = link_access {
             args.extend(["--link-access", addr]);
         }
+        args.extend(create_args);
         site.cli(&args)?;
         site.run(netns, cgroup)?;
         Ok(site)
@@ -90,6 +114,7 @@ impl Site {
         let state = self.state.to_str().context("state path not UTF-8")?;
         let bin = bin.to_str().context("binary path not UTF-8")?;
         let mut argv = vec![bin, "--state-dir", state, "router", "run"];
+        argv.extend(self.run_args.iter().map(String::as_str));
         let cgroup_arg;
         if let Some(cg) = cgroup {
             cgroup_arg = cg
@@ -97,7 +122,7 @@ impl Site {
                 .to_str()
                 .context("cgroup path not UTF-8")?
                 .to_owned();
-            argv.extend(["--accel", "sockmap", "--cgroup", &cgroup_arg]);
+            argv.extend(["--cgroup", &cgroup_arg]);
         }
         self.router = Some(Proc::spawn_logged(netns, cgroup, &argv, &self.log)?);
         let deadline = Instant::now() + Duration::from_secs(5);

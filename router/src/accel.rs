@@ -34,6 +34,12 @@ use ebpf_common::{
 /// The eBPF object built from `ebpf/` by `build.rs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-ebpf"));
 
+/// The embedded eBPF object (every program and map skiff has).
+#[must_use]
+pub fn programs() -> &'static [u8] {
+    PROGRAMS
+}
+
 /// Failure to set up or drive the socket-redirection programs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -29,6 +29,7 @@ use crate::{
     accel::{self, Accel},
     admin::{self, Request, Response},
     datapath::{self, Side},
+    isolation::{self, Isolation, Protection},
     link::{
         self, Events, Link, Open,
         access::Access,
@@ -91,9 +92,17 @@ pub enum Error {
     AccelNeedsCgroup,
     #[error("socket acceleration failed to start")]
     Accel(#[source] accel::Error),
+    #[error(
+        "this site isolates namespaces: start the router with --cgroup PATH (the cgroup that contains the namespaces)"
+    )]
+    IsolationNeedsCgroup,
+    #[error("namespace isolation failed to start")]
+    Isolation(#[source] isolation::Error),
 }
 
 struct ListenerRt {
+    /// Its protection at connect(), when namespaces are isolated.
+    protection: Option<Protection>,
     spec: Listener,
     /// The address actually bound (the spec's port may be 0).
     bound: Option<SocketAddr>,
@@ -114,6 +123,8 @@ struct Inner {
     connectors: BTreeMap<String, Connector>,
     grants: Grants,
     next_connector: usize,
+    /// Ids of protected endpoints (listeners, link access); 0 is never used.
+    next_protection_id: u32,
 }
 
 /// A running router.
@@ -130,7 +141,22 @@ pub struct Router {
     /// Socket redirection, when on; `accel_note` says why it is off otherwise.
     accel: Mutex<Option<Accel>>,
     accel_note: String,
+    /// The connect() hooks, when the site isolates its namespaces.
+    isolation: Mutex<Option<Isolation>>,
+    denials: Mutex<Denials>,
 }
+
+/// What the deny events told us, for `skiff status` and rate-limited logs.
+#[derive(Default)]
+struct Denials {
+    recent: std::collections::VecDeque<serde_json::Value>,
+    by_namespace: BTreeMap<String, u64>,
+    last_log: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+/// Deny events kept for `skiff status`.
+const RECENT_DENIALS: usize = 16;
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,6 +175,8 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
     let ca = state.cert_key("ca")?;
     let identity = state.cert_key("router")?;
     let (accel, accel_note) = start_accel(&config.name, &state, &options)?;
+    let mut isolation = start_isolation(&config, &options)?;
+    let deny_events = isolation.as_mut().and_then(Isolation::take_events);
     let router = Arc::new(Router {
         routing: Mutex::new(Routing::new(&config.name)),
         inner: Mutex::new(Inner {
@@ -163,6 +191,8 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         link_access: std::sync::OnceLock::new(),
         accel: Mutex::new(accel),
         accel_note,
+        isolation: Mutex::new(isolation),
+        denials: Mutex::new(Denials::default()),
     });
 
     let mut background = Vec::new();
@@ -177,6 +207,11 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         let acceptor = TlsAcceptor::from(tls::server_config(&identity, &router.ca.cert_pem)?);
         if let Ok(bound) = listener.local_addr() {
             let _ = router.link_access.set(bound);
+            // Workload namespaces may not reach the link-access port; callers in no
+            // namespace (other routers, the host) may.
+            if let Err(e) = router.protect(bound, None, &[]) {
+                warn!(error = %e, "failed to protect the link-access port");
+            }
         }
         info!(%addr, "link access listening");
         background.push(
@@ -185,6 +220,9 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         );
     }
 
+    if let Some(events) = deny_events {
+        background.push(tokio::spawn(read_denials(Arc::clone(&router), events)).abort_handle());
+    }
     router.restore().await?;
 
     let admin = admin::bind(&router.state.admin_socket()).map_err(Error::Admin)?;
@@ -201,6 +239,7 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
     router.drain(background).await;
     // Detaches the programs and removes their pins: nothing is left in the kernel.
     drop(router.accel.lock().expect("accel lock").take());
+    drop(router.isolation.lock().expect("isolation lock").take());
     let _ = std::fs::remove_file(router.state.admin_socket());
     Ok(())
 }
@@ -238,6 +277,44 @@ fn start_accel(
             Ok((None, format!("off: {reason}")))
         }
         Err(e) => Err(Error::Accel(e)),
+    }
+}
+
+/// Attaches the connect() hooks when the site isolates its namespaces.
+fn start_isolation(config: &SiteConfig, options: &RunOptions) -> Result<Option<Isolation>, Error> {
+    if !config.isolate_namespaces {
+        return Ok(None);
+    }
+    let cgroup = options.cgroup.as_ref().ok_or(Error::IsolationNeedsCgroup)?;
+    let namespaces = config
+        .namespaces
+        .iter()
+        .map(|(name, path)| (name.clone(), PathBuf::from(path)))
+        .collect();
+    let isolation = Isolation::attach(cgroup, &namespaces).map_err(Error::Isolation)?;
+    info!(cgroup = %cgroup.display(), namespaces = config.namespaces.len(), "namespace isolation on");
+    Ok(Some(isolation))
+}
+
+/// Reads deny events from the kernel until the task is aborted.
+async fn read_denials(router: Arc<Router>, events: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the ring buffer owns its map's file descriptor, which stays open and the same
+    // for as long as the AsyncFd (which owns the ring buffer) lives.
+    let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(events) }) else {
+        warn!("cannot poll the deny-event ring buffer; denials are counted but not listed");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if let Some(event) = isolation::decode_event(&item) {
+                router.record_denial(&event);
+            }
+        }
+        guard.clear_ready();
     }
 }
 
@@ -567,6 +644,10 @@ impl Router {
         if let Some(addr) = bound {
             self.accel_endpoint(addr, true);
         }
+        let protection = match bound {
+            Some(addr) => self.protect(addr, spec.namespace.clone(), &spec.allow_namespaces)?,
+            None => None,
+        };
         let connections = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(accept_loop(
             socket,
@@ -580,6 +661,7 @@ impl Router {
         inner.listeners.insert(
             spec.name.clone(),
             ListenerRt {
+                protection,
                 spec,
                 bound,
                 task,
@@ -650,7 +732,99 @@ impl Router {
         if let Some(addr) = listener.bound {
             self.accel_endpoint(addr, false);
         }
+        if let Some(protection) = &listener.protection
+            && let Some(isolation) = self.isolation.lock().expect("isolation lock").as_mut()
+        {
+            isolation.unprotect(protection);
+        }
         self.save_resources(&inner).map_err(|e| e.to_string())
+    }
+
+    /// Protects `addr` at connect() for `namespace` and `allow` (no-op without isolation).
+    fn protect(
+        &self,
+        addr: SocketAddr,
+        namespace: Option<String>,
+        allow: &[String],
+    ) -> Result<Option<Protection>, String> {
+        // Lock order is inner, then isolation: take the id first and let go of inner.
+        let id = {
+            let mut inner = self.inner.lock().expect("router lock");
+            inner.next_protection_id += 1;
+            inner.next_protection_id
+        };
+        let mut isolation = self.isolation.lock().expect("isolation lock");
+        let Some(isolation) = isolation.as_mut() else {
+            return Ok(None);
+        };
+        let mut namespaces = vec![namespace];
+        namespaces.extend(allow.iter().cloned().map(Some));
+        let protection = Protection {
+            id,
+            addr,
+            allow: namespaces,
+        };
+        isolation.protect(&protection).map_err(|e| e.to_string())?;
+        Ok(Some(protection))
+    }
+
+    fn record_denial(&self, event: &ebpf_common::DenyEvent) {
+        let namespace = self
+            .isolation
+            .lock()
+            .expect("isolation lock")
+            .as_ref()
+            .and_then(|i| i.namespace_name(event.namespace).map(str::to_owned))
+            .unwrap_or_else(|| "(none)".to_owned());
+        let mut words = [0u8; 16];
+        for (chunk, word) in words.chunks_exact_mut(4).zip(event.ip) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        let ip = std::net::Ipv6Addr::from(words);
+        let target = match ip.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), u16::try_from(event.port).unwrap_or(0)),
+            None => SocketAddr::new(ip.into(), u16::try_from(event.port).unwrap_or(0)),
+        };
+        let mut denials = self.denials.lock().expect("denials lock");
+        *denials.by_namespace.entry(namespace.clone()).or_default() += 1;
+        if denials.recent.len() == RECENT_DENIALS {
+            denials.recent.pop_front();
+        }
+        denials.recent.push_back(json!({
+            "time": token::now_secs(),
+            "namespace": namespace,
+            "cgroup": event.cgroup,
+            "target": target.to_string(),
+        }));
+        // At most one log line a second, however many connects are refused.
+        denials.unlogged += 1;
+        let now = std::time::Instant::now();
+        if denials
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            warn!(namespace, %target, cgroup = event.cgroup, refused = denials.unlogged, "connect refused by namespace isolation");
+            denials.last_log = Some(now);
+            denials.unlogged = 0;
+        }
+    }
+
+    fn isolation_status(&self) -> serde_json::Value {
+        let isolation = self.isolation.lock().expect("isolation lock");
+        let Some(isolation) = isolation.as_ref() else {
+            return json!({ "mode": "off" });
+        };
+        let counters = isolation.counters().unwrap_or_default();
+        let denials = self.denials.lock().expect("denials lock");
+        json!({
+            "mode": "on",
+            "namespaces": self.config.namespaces,
+            "allowed": counters.allowed,
+            "denied": counters.denied,
+            "eventsLost": counters.events_lost,
+            "deniedByNamespace": denials.by_namespace,
+            "recentDenials": denials.recent,
+        })
     }
 
     /// Adds or removes an accelerated endpoint; a failure costs speed, never correctness.
@@ -789,6 +963,7 @@ impl Router {
             "activeConnections": self.active.load(Ordering::Relaxed),
             "accel": self.accel_status(),
             "accelSummary": self.accel_note,
+            "isolation": self.isolation_status(),
         })
     }
 

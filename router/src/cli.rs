@@ -73,6 +73,13 @@ pub enum SiteCommand {
         /// HOST:PORT where this site accepts links and token redemptions.
         #[arg(long)]
         link_access: Option<String>,
+        /// A namespace of this node: NAME=CGROUP_PATH (the cgroup v2 subtree of its workloads).
+        #[arg(long, value_parser = parse_namespace)]
+        namespace: Vec<(String, String)>,
+        /// Make every listener reachable only from its own namespace and those it allows
+        /// (enforced at connect() in the kernel; needs `router run --cgroup`).
+        #[arg(long)]
+        isolate_namespaces: bool,
         /// Use this CA certificate (PEM) as the site CA instead of generating one.
         #[arg(long, requires = "ca_key")]
         ca_cert: Option<PathBuf>,
@@ -178,6 +185,21 @@ pub struct ListenerArgs {
     /// Routing key (default: the listener's name).
     #[arg(long)]
     pub routing_key: Option<String>,
+    /// The namespace the listener belongs to.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Another namespace that may connect (repeatable).
+    #[arg(long)]
+    pub allow_namespace: Vec<String>,
+}
+
+fn parse_namespace(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, path)) if !name.is_empty() && path.starts_with('/') => {
+            Ok((name.to_owned(), path.to_owned()))
+        }
+        _ => Err(format!("expected NAME=/path/to/cgroup, got {text:?}")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

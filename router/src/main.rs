@@ -76,6 +76,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Site(SiteCommand::Create {
             name,
             link_access,
+            namespace,
+            isolate_namespaces,
             ca_cert,
             ca_key,
             router_cert,
@@ -89,6 +91,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &SiteConfig {
                     name: name.clone(),
                     link_access,
+                    namespaces: namespace.into_iter().collect(),
+                    isolate_namespaces,
                 },
                 &supplied,
             )?;
@@ -183,6 +187,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 host: args.host,
                 port: args.port,
                 routing_key,
+                namespace: args.namespace,
+                allow_namespaces: args.allow_namespace,
             };
             call(Request::ListenerCreate { listener }).await?;
             println!("listener {} created", args.name);

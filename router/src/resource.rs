@@ -47,6 +47,10 @@ struct ListenerSpec {
     port: u16,
     #[serde(default)]
     routing_key: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    allow_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +117,8 @@ pub fn parse(text: &str) -> Result<Resources, Error> {
                 routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
                 host: spec.host.unwrap_or_else(|| "0.0.0.0".to_owned()),
                 port: spec.port,
+                namespace: spec.namespace,
+                allow_namespaces: spec.allow_namespaces,
                 name,
             }),
             Document::Connector { spec, .. } => resources.connectors.push(Connector {

@@ -14,6 +14,12 @@ pub struct Listener {
     pub host: String,
     pub port: u16,
     pub routing_key: String,
+    /// The namespace the listener belongs to (with `--isolate-namespaces`: who may connect).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Other namespaces that may connect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_namespaces: Vec<String>,
 }
 
 /// Binds a routing key at this site to a backend `host:port`.

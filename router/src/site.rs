@@ -13,6 +13,7 @@
 //! ```
 
 use std::{
+    collections::BTreeMap,
     fs,
     io::Write as _,
     os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
@@ -58,13 +59,19 @@ pub struct Supplied {
 }
 
 /// A site's configuration, as stored in `site.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SiteConfig {
     pub name: String,
     /// `HOST:PORT` where this site accepts links (and token redemptions), if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_access: Option<String>,
+    /// Namespaces of this node: name -> cgroup v2 directory whose subtree is the namespace.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespaces: BTreeMap<String, String>,
+    /// Whether listeners are reachable only from their own and explicitly allowed namespaces.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolate_namespaces: bool,
 }
 
 /// A state directory.
@@ -331,6 +338,7 @@ mod tests {
         let config = SiteConfig {
             name: "west".into(),
             link_access: Some("127.0.0.1:9090".into()),
+            ..SiteConfig::default()
         };
         state.create(&config).expect("create");
         for key in ["ca.key", "router.key"] {
@@ -351,7 +359,7 @@ mod tests {
         for name in ["", "West", "a_b", "-x", &"x".repeat(64)] {
             let config = SiteConfig {
                 name: name.into(),
-                link_access: None,
+                ..SiteConfig::default()
             };
             assert!(
                 matches!(state.create(&config), Err(Error::BadName(_))),

@@ -46,6 +46,7 @@ impl Site {
                 &SiteConfig {
                     name: name.into(),
                     link_access: link_access.then(|| "127.0.0.1:0".into()),
+                    ..SiteConfig::default()
                 },
                 supplied,
             )
@@ -152,6 +153,8 @@ impl Site {
             host: "127.0.0.1".into(),
             port: 0,
             routing_key: key.into(),
+            namespace: None,
+            allow_namespaces: vec![],
         };
         self.call(Request::ListenerCreate { listener })
             .await

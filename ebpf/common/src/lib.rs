@@ -158,3 +158,75 @@ mod tests {
         assert_eq!(bytes, mapped);
     }
 }
+
+/// Name of the hash of protected listener addresses: [`EndpointKey`] -> listener id.
+pub const PROTECTED_MAP: &str = "SKIFF_PROTECTED";
+/// Name of the hash of namespace roots: cgroup id -> namespace id.
+pub const NAMESPACES_MAP: &str = "SKIFF_NAMESPACES";
+/// Name of the hash of allowed pairs: [`AllowKey`] -> 1.
+pub const ALLOWED_MAP: &str = "SKIFF_ALLOWED";
+/// Name of the ring buffer of [`DenyEvent`]s.
+pub const DENY_EVENTS_MAP: &str = "SKIFF_DENY_EVENTS";
+/// Name of the per-CPU array of isolation counters, indexed by [`IsolationCounter`].
+pub const ISOLATION_COUNTERS_MAP: &str = "SKIFF_ISOLATION_COUNTERS";
+/// Name of the connect4 program.
+pub const CONNECT4_PROGRAM: &str = "skiff_connect4";
+/// Name of the connect6 program.
+pub const CONNECT6_PROGRAM: &str = "skiff_connect6";
+
+/// Capacity of the protected, namespace and allowed maps.
+pub const ISOLATION_MAX_ENTRIES: u32 = 16_384;
+/// How many cgroup levels above the caller the programs look for a namespace root.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+/// Namespace id of callers in no registered namespace.
+pub const NO_NAMESPACE: u32 = 0;
+
+/// A (protected listener, caller namespace) pair that may connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AllowKey {
+    pub listener: u32,
+    pub namespace: u32,
+}
+
+/// One refused connect(), as sent to userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// The caller's cgroup id.
+    pub cgroup: u64,
+    /// The caller's namespace id ([`NO_NAMESPACE`] if none).
+    pub namespace: u32,
+    /// The protected listener's id.
+    pub listener: u32,
+    /// Destination address (v4-mapped for IPv4) and port, as in [`EndpointKey`].
+    pub ip: [u32; 4],
+    pub port: u32,
+    pub _pad: u32,
+}
+
+/// Indexes into [`ISOLATION_COUNTERS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IsolationCounter {
+    /// connect() calls to a protected listener that were allowed.
+    Allowed = 0,
+    /// connect() calls refused with EPERM.
+    Denied = 1,
+    /// Deny events lost because the ring buffer was full.
+    EventsLost = 2,
+}
+
+impl IsolationCounter {
+    /// Number of entries in [`ISOLATION_COUNTERS_MAP`].
+    pub const COUNT: u32 = 3;
+}
+
+#[cfg(feature = "user")]
+mod user_isolation {
+    // SAFETY: repr(C), Copy, integers only, no padding (checked below).
+    unsafe impl aya::Pod for super::AllowKey {}
+}
+
+const _: () = assert!(size_of::<AllowKey>() == 8);
+const _: () = assert!(size_of::<DenyEvent>() == 8 + 4 + 4 + 16 + 4 + 4);

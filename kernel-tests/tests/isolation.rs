@@ -1,0 +1,254 @@
+//! Namespace isolation at connect(): the cgroup connect4/connect6 hooks refuse (EPERM)
+//! connections to a listener from namespaces it does not allow. Namespaces are child cgroups
+//! of a cgroup each test creates; the router runs in the parent.
+
+use std::time::Duration;
+
+use kernel_tests::{Cgroup, Netns, Proc, require_root, skiff::Site};
+
+const CONNECT: &str = "import socket, sys
+host, port = sys.argv[1].rsplit(':', 1)
+host = host.strip('[]')
+s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+s.settimeout(3)
+try:
+    s.connect((host, int(port)))
+    print('ok')
+except OSError as e:
+    print(e.errno)";
+
+/// Connects from a process in `cgroup`: "ok", or the errno ("1" is EPERM, "111" refused).
+fn connect(ns: &Netns, cgroup: &Cgroup, addr: &str) -> anyhow::Result<String> {
+    let out = Proc::spawn(ns, Some(cgroup), &["python3", "-c", CONNECT, addr])?
+        .wait(Duration::from_secs(10))?;
+    let out = out.trim();
+    // ECONNRESET means the handshake completed and the router then reset the connection (these
+    // listeners have no connector): connect() itself got past the hook.
+    Ok(if out == "104" { "ok" } else { out }.to_owned())
+}
+
+const EPERM: &str = "1";
+const REFUSED: &str = "111";
+
+fn status(site: &Site) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(
+        &site.cli(&["status", "--output", "json"])?,
+    )?)
+}
+
+#[test]
+fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("iso")?;
+    let parent = Cgroup::new("iso")?;
+    let (a, b, c) = (parent.child("a")?, parent.child("b")?, parent.child("c")?);
+    let path = |cg: &Cgroup| cg.path().to_str().expect("utf-8").to_owned();
+    let (pa, pb, pc) = (
+        format!("a={}", path(&a)),
+        format!("b={}", path(&b)),
+        format!("c={}", path(&c)),
+    );
+    let mut site = Site::start_with(
+        &ns,
+        Some(&parent),
+        "west",
+        None,
+        &[
+            "--namespace",
+            &pa,
+            "--namespace",
+            &pb,
+            "--namespace",
+            &pc,
+            "--isolate-namespaces",
+        ],
+        &[],
+    )?;
+    site.cli(&[
+        "listener",
+        "create",
+        "web",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8601",
+        "--namespace",
+        "a",
+    ])?;
+    site.cli(&[
+        "listener",
+        "create",
+        "api",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8602",
+        "--namespace",
+        "a",
+        "--allow-namespace",
+        "b",
+    ])?;
+    site.cli(&[
+        "listener",
+        "create",
+        "six",
+        "--host",
+        "::",
+        "--port",
+        "8603",
+        "--namespace",
+        "a",
+    ])?;
+
+    // Own namespace in, others out, at every address the listener answers on.
+    assert_eq!(connect(&ns, &a, "127.0.0.1:8601")?, "ok");
+    assert_eq!(connect(&ns, &b, "127.0.0.1:8601")?, EPERM);
+    assert_eq!(connect(&ns, &c, "127.0.0.1:8601")?, EPERM);
+    assert_eq!(
+        connect(&ns, &b, "127.0.0.1:8602")?,
+        "ok",
+        "b is allowed on api"
+    );
+    assert_eq!(connect(&ns, &c, "127.0.0.1:8602")?, EPERM);
+    assert_eq!(
+        connect(&ns, &c, "127.0.0.5:8602")?,
+        EPERM,
+        "loopback alias of a wildcard listener"
+    );
+    assert_eq!(connect(&ns, &a, "[::1]:8603")?, "ok");
+    assert_eq!(connect(&ns, &b, "[::1]:8603")?, EPERM, "IPv6");
+    assert_eq!(
+        connect(&ns, &b, "127.0.0.1:8603")?,
+        EPERM,
+        "IPv4 to a dual-stack listener"
+    );
+    assert_eq!(
+        connect(&ns, &b, "[::ffff:127.0.0.1]:8603")?,
+        EPERM,
+        "v4-mapped"
+    );
+    // Callers in no namespace (the router's own cgroup) are outside every namespace.
+    assert_eq!(connect(&ns, &parent, "127.0.0.1:8601")?, EPERM);
+
+    // A cgroup created under a namespace root belongs to it at once.
+    let a_new = a.child("new")?;
+    assert_eq!(connect(&ns, &a_new, "127.0.0.1:8601")?, "ok");
+    let c_new = c.child("new")?;
+    assert_eq!(connect(&ns, &c_new, "127.0.0.1:8601")?, EPERM);
+
+    // Unrelated traffic is untouched.
+    let other = Proc::spawn(
+        &ns,
+        Some(&a),
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8700",
+            "--bind",
+            "127.0.0.1",
+        ],
+    )?;
+    ns.wait_listening(8700, Duration::from_secs(10))?;
+    assert_eq!(connect(&ns, &c, "127.0.0.1:8700")?, "ok");
+
+    // Changes apply at once: a deleted listener is just a closed port, a new one protects again.
+    site.cli(&["listener", "delete", "web"])?;
+    assert_eq!(connect(&ns, &b, "127.0.0.1:8601")?, REFUSED);
+    site.cli(&[
+        "listener",
+        "create",
+        "web",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8601",
+        "--namespace",
+        "a",
+        "--allow-namespace",
+        "b",
+    ])?;
+    assert_eq!(connect(&ns, &b, "127.0.0.1:8601")?, "ok");
+    assert_eq!(connect(&ns, &c, "127.0.0.1:8601")?, EPERM);
+
+    // Denials are counted and listed, with the namespace they came from.
+    std::thread::sleep(Duration::from_millis(200));
+    let isolation = status(&site)?["isolation"].clone();
+    eprintln!("{isolation}");
+    assert!(isolation["denied"].as_u64() >= Some(9), "{isolation}");
+    assert!(
+        isolation["deniedByNamespace"]["c"].as_u64() >= Some(4),
+        "{isolation}"
+    );
+    assert!(
+        isolation["recentDenials"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+    );
+
+    // A restarted router protects its restored listeners again.
+    site.stop()?;
+    assert_eq!(
+        connect(&ns, &c, "127.0.0.1:8601")?,
+        REFUSED,
+        "router gone: nothing listens"
+    );
+    site.run(&ns, Some(&parent))?;
+    ns.wait_listening(8601, Duration::from_secs(10))?;
+    assert_eq!(connect(&ns, &c, "127.0.0.1:8601")?, EPERM);
+    assert_eq!(connect(&ns, &b, "127.0.0.1:8601")?, "ok");
+
+    // Processes first, then the cgroups they ran in, children before parents.
+    drop((site, other));
+    drop((a_new, c_new));
+    drop((a, b, c));
+    Ok(())
+}
+
+#[test]
+fn fifty_namespaces_each_see_only_what_they_may() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("iso50")?;
+    let parent = Cgroup::new("iso50")?;
+    let children = (0..50)
+        .map(|i| parent.child(&format!("n{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let specs: Vec<String> = children
+        .iter()
+        .enumerate()
+        .map(|(i, cg)| format!("n{i}={}", cg.path().display()))
+        .collect();
+    let mut create = vec!["--isolate-namespaces"];
+    for spec in &specs {
+        create.extend(["--namespace", spec.as_str()]);
+    }
+    let site = Site::start_with(&ns, Some(&parent), "west", None, &create, &[])?;
+    site.cli(&[
+        "listener",
+        "create",
+        "db",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8611",
+        "--namespace",
+        "n7",
+        "--allow-namespace",
+        "n42",
+    ])?;
+    for (i, cg) in children.iter().enumerate() {
+        let expected = if i == 7 || i == 42 { "ok" } else { EPERM };
+        assert_eq!(
+            connect(&ns, cg, "127.0.0.1:8611")?,
+            expected,
+            "namespace n{i}"
+        );
+    }
+    drop(site);
+    drop(children);
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! Userspace side of per-namespace isolation: the cgroup connect4/connect6 hooks
+//! (`ebpf/src/cgroup_sock_addr.rs`) and their maps.
+//!
+//! A namespace is a set of cgroups: every cgroup under a registered root. A protected listener
+//! belongs to one namespace (or none) and may allow others; a connect() to it from any other
+//! namespace fails with EPERM, in the kernel, before a packet is sent. Changes take effect on
+//! the next connect(): listeners are (un)protected as they are created and deleted.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+};
+use ebpf_common::{
+    ALLOWED_MAP, AllowKey, CONNECT4_PROGRAM, CONNECT6_PROGRAM, DENY_EVENTS_MAP, DenyEvent,
+    EndpointKey, ISOLATION_COUNTERS_MAP, IsolationCounter, NAMESPACES_MAP, NO_NAMESPACE,
+    PROTECTED_MAP,
+};
+
+use crate::accel::endpoint_key;
+
+/// Failure to set up or drive the isolation hooks.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to load the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("failed to load or attach {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("failed to access map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("namespace {namespace}: cgroup {} is not usable", path.display())]
+    Cgroup {
+        namespace: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "unknown namespace {0:?}: register it with `skiff site create --namespace NAME=CGROUP_PATH`"
+    )]
+    UnknownNamespace(String),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// Counters of the connect hooks, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub events_lost: u64,
+}
+
+/// Loaded and attached connect hooks.
+pub struct Isolation {
+    _ebpf: Ebpf,
+    protected: HashMap<MapData, EndpointKey, u32>,
+    allowed: HashMap<MapData, AllowKey, u8>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    /// Namespace name -> id (1-based; 0 is "no namespace").
+    namespaces: BTreeMap<String, u32>,
+}
+
+impl std::fmt::Debug for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Isolation")
+            .field("namespaces", &self.namespaces)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one protected endpoint allows.
+#[derive(Clone, Debug)]
+pub struct Protection {
+    pub id: u32,
+    pub addr: SocketAddr,
+    /// Namespaces that may connect; `None` in the list means "callers in no namespace".
+    pub allow: Vec<Option<String>>,
+}
+
+impl Isolation {
+    /// Loads the hooks, registers `namespaces` (name -> cgroup v2 directory) and attaches
+    /// connect4 and connect6 to `cgroup`.
+    ///
+    /// # Errors
+    /// Without CAP_BPF/CAP_NET_ADMIN, or when a cgroup path is not a cgroup v2 directory.
+    pub fn attach(cgroup: &Path, namespaces: &BTreeMap<String, PathBuf>) -> Result<Self, Error> {
+        let mut ebpf =
+            Ebpf::load(crate::accel::programs()).map_err(|e| Error::Load(Box::new(e)))?;
+        let take =
+            |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(Error::Missing(name));
+        let protected =
+            HashMap::try_from(take(&mut ebpf, PROTECTED_MAP)?).map_err(map_err(PROTECTED_MAP))?;
+        let mut roots: HashMap<MapData, u64, u32> =
+            HashMap::try_from(take(&mut ebpf, NAMESPACES_MAP)?).map_err(map_err(NAMESPACES_MAP))?;
+        let allowed =
+            HashMap::try_from(take(&mut ebpf, ALLOWED_MAP)?).map_err(map_err(ALLOWED_MAP))?;
+        let counters = PerCpuArray::try_from(take(&mut ebpf, ISOLATION_COUNTERS_MAP)?)
+            .map_err(map_err(ISOLATION_COUNTERS_MAP))?;
+        let events = RingBuf::try_from(take(&mut ebpf, DENY_EVENTS_MAP)?)
+            .map_err(map_err(DENY_EVENTS_MAP))?;
+
+        let mut ids = BTreeMap::new();
+        for (index, (name, path)) in namespaces.iter().enumerate() {
+            let id = u32::try_from(index + 1).unwrap_or(u32::MAX);
+            // A cgroup v2 directory's inode number is its cgroup id.
+            let cgroup_id = std::fs::metadata(path)
+                .map_err(|source| Error::Cgroup {
+                    namespace: name.clone(),
+                    path: path.clone(),
+                    source,
+                })?
+                .ino();
+            roots
+                .insert(cgroup_id, id, 0)
+                .map_err(map_err(NAMESPACES_MAP))?;
+            ids.insert(name.clone(), id);
+        }
+
+        let dir = File::open(cgroup).map_err(|source| Error::Cgroup {
+            namespace: "(--cgroup)".into(),
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(Error::Missing(name))?
+                .try_into()
+                .map_err(|e| Error::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
+            program.load().map_err(|e| Error::Program {
+                name,
+                source: Box::new(e),
+            })?;
+            program
+                .attach(dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(|e| Error::Program {
+                    name,
+                    source: Box::new(e),
+                })?;
+        }
+        drop(roots);
+        Ok(Self {
+            _ebpf: ebpf,
+            protected,
+            allowed,
+            counters,
+            events: Some(events),
+            namespaces: ids,
+        })
+    }
+
+    /// The id of namespace `name`.
+    ///
+    /// # Errors
+    /// When it is not registered.
+    pub fn namespace_id(&self, name: &str) -> Result<u32, Error> {
+        self.namespaces
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownNamespace(name.to_owned()))
+    }
+
+    /// The name of namespace `id`.
+    #[must_use]
+    pub fn namespace_name(&self, id: u32) -> Option<&str> {
+        self.namespaces
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(k, _)| k.as_str())
+    }
+
+    /// Protects `p.addr` (every local address for a wildcard bind) for the namespaces it allows.
+    ///
+    /// # Errors
+    /// When a namespace is unknown or a map is full.
+    pub fn protect(&mut self, p: &Protection) -> Result<(), Error> {
+        let allow = p
+            .allow
+            .iter()
+            .map(|ns| {
+                ns.as_deref()
+                    .map_or(Ok(NO_NAMESPACE), |n| self.namespace_id(n))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for namespace in allow {
+            self.allowed
+                .insert(
+                    AllowKey {
+                        listener: p.id,
+                        namespace,
+                    },
+                    1,
+                    0,
+                )
+                .map_err(map_err(ALLOWED_MAP))?;
+        }
+        for addr in reachable_addrs(p.addr) {
+            self.protected
+                .insert(endpoint_key(addr), p.id, 0)
+                .map_err(map_err(PROTECTED_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the protection `protect` added; connect() then behaves as without skiff.
+    pub fn unprotect(&mut self, p: &Protection) {
+        for addr in reachable_addrs(p.addr) {
+            let _ = self.protected.remove(&endpoint_key(addr));
+        }
+        let keys: Vec<AllowKey> = self
+            .allowed
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.listener == p.id)
+            .collect();
+        for key in keys {
+            let _ = self.allowed.remove(&key);
+        }
+    }
+
+    /// The hooks' counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// When the counter map cannot be read.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        let read = |c: IsolationCounter| -> Result<u64, Error> {
+            Ok(self
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(map_err(ISOLATION_COUNTERS_MAP))?
+                .iter()
+                .sum())
+        };
+        Ok(Counters {
+            allowed: read(IsolationCounter::Allowed)?,
+            denied: read(IsolationCounter::Denied)?,
+            events_lost: read(IsolationCounter::EventsLost)?,
+        })
+    }
+
+    /// Hands out the deny-event ring buffer (once) for a reader task.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+}
+
+/// Decodes one ring buffer record.
+#[must_use]
+pub fn decode_event(bytes: &[u8]) -> Option<DenyEvent> {
+    if bytes.len() < size_of::<DenyEvent>() {
+        return None;
+    }
+    // SAFETY: DenyEvent is repr(C), made of integers, any bit pattern is valid, and the record
+    // holds at least size_of::<DenyEvent>() bytes; read_unaligned needs no alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DenyEvent>()) })
+}
+
+/// Every address at which a listener bound to `addr` can be reached from this node: itself,
+/// or for a wildcard bind every local address (loopback is one entry: the hooks fold
+/// 127.0.0.0/8 into 127.0.0.1).
+fn reachable_addrs(addr: SocketAddr) -> Vec<SocketAddr> {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_loopback() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        other => other,
+    };
+    if !ip.is_unspecified() {
+        return vec![SocketAddr::new(ip, addr.port())];
+    }
+    let mut out = vec![
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), addr.port()),
+    ];
+    out.extend(
+        local_ips()
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, addr.port())),
+    );
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The addresses configured on this network namespace's interfaces.
+fn local_ips() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur walks the list getifaddrs returned; ifa_addr may be null.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: the family says which sockaddr type the pointer refers to.
+            unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
+                        out.push(IpAddr::V6(sin6.sin6_addr.s6_addr.into()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_aliases_fold_and_wildcards_expand() {
+        let alias: SocketAddr = "127.0.0.9:80".parse().expect("addr");
+        assert_eq!(
+            reachable_addrs(alias),
+            vec!["127.0.0.1:80".parse().expect("addr")]
+        );
+        let any: SocketAddr = "0.0.0.0:80".parse().expect("addr");
+        let all = reachable_addrs(any);
+        assert!(all.contains(&"127.0.0.1:80".parse().expect("addr")));
+        assert!(all.contains(&"[::1]:80".parse().expect("addr")));
+    }
+
+    #[test]
+    fn deny_events_decode_from_their_bytes() {
+        let event = DenyEvent {
+            cgroup: 42,
+            namespace: 2,
+            listener: 7,
+            ip: [0, 0, 0, 1],
+            port: 8080,
+            _pad: 0,
+        };
+        // SAFETY: viewing a repr(C) value as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DenyEvent>())
+        };
+        assert_eq!(decode_event(bytes), Some(event));
+        assert_eq!(decode_event(&bytes[..4]), None);
+    }
+}
