@@ -64,7 +64,7 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
             &pc,
             "--isolate-namespaces",
         ],
-        &[],
+        &["--metrics-addr", "127.0.0.1:9464"],
     )?;
     site.cli(&[
         "listener",
@@ -187,6 +187,18 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
             .as_array()
             .is_some_and(|d| !d.is_empty())
     );
+    let metrics = ns.run(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:9464/metrics",
+    ])?;
+    let denied_c = metrics
+        .lines()
+        .find(|l| l.starts_with("skiff_isolation_denied_connects_total{namespace=\"c\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(denied_c >= Some(4), "metrics: {metrics}");
 
     // A restarted router protects its restored listeners again.
     site.stop()?;

@@ -37,6 +37,7 @@ use crate::{
         frame::{Frame, LinkState, ResetCode},
         stream::{StreamRx, StreamTx},
     },
+    metrics,
     pki::{self, CertKey},
     routing::Routing,
     service::{Connector, Listener, Resources},
@@ -68,6 +69,8 @@ pub struct RunOptions {
     pub accel: AccelMode,
     /// The cgroup (v2 directory) whose sockets the programs see.
     pub cgroup: Option<PathBuf>,
+    /// `HOST:PORT` to serve Prometheus metrics on (`/metrics`), if any.
+    pub metrics_addr: Option<String>,
 }
 
 /// Failure to start the router.
@@ -144,6 +147,7 @@ pub struct Router {
     /// The connect() hooks, when the site isolates its namespaces.
     isolation: Mutex<Option<Isolation>>,
     denials: Mutex<Denials>,
+    metrics_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 /// What the deny events told us, for `skiff status` and rate-limited logs.
@@ -193,6 +197,7 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         accel_note,
         isolation: Mutex::new(isolation),
         denials: Mutex::new(Denials::default()),
+        metrics_addr: std::sync::OnceLock::new(),
     });
 
     let mut background = Vec::new();
@@ -220,6 +225,23 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         );
     }
 
+    if let Some(addr) = &options.metrics_addr {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind {
+                what: "metrics",
+                addr: addr.clone(),
+                source,
+            })?;
+        if let Ok(bound) = listener.local_addr() {
+            let _ = router.metrics_addr.set(bound);
+            info!(addr = %bound, "metrics on /metrics");
+        }
+        let source = Arc::clone(&router);
+        background.push(
+            tokio::spawn(async move { metrics::serve(listener, &source).await }).abort_handle(),
+        );
+    }
     if let Some(events) = deny_events {
         background.push(tokio::spawn(read_denials(Arc::clone(&router), events)).abort_handle());
     }
@@ -964,6 +986,7 @@ impl Router {
             "accel": self.accel_status(),
             "accelSummary": self.accel_note,
             "isolation": self.isolation_status(),
+            "metricsAddr": self.metrics_addr.get(),
         })
     }
 
@@ -1151,6 +1174,44 @@ impl Events for Router {
 
     fn open(self: Arc<Self>, _link: &Arc<Link>, open: Open, tx: StreamTx, rx: StreamRx) {
         tokio::spawn(self.serve_stream(open, tx, rx));
+    }
+}
+
+impl metrics::Source for Router {
+    fn snapshot(&self) -> metrics::Snapshot {
+        let link_connections = {
+            let inner = self.inner.lock().expect("router lock");
+            inner.links.values().map(|l| l.len() as u64).sum()
+        };
+        let (accel, accel_sockets) = {
+            let accel = self.accel.lock().expect("accel lock");
+            match accel.as_ref() {
+                Some(a) => (a.counters().ok(), a.socks_len().ok().map(|n| n as u64)),
+                None => (None, None),
+            }
+        };
+        let isolation = self
+            .isolation
+            .lock()
+            .expect("isolation lock")
+            .as_ref()
+            .and_then(|i| i.counters().ok());
+        let denied_by_namespace = self
+            .denials
+            .lock()
+            .expect("denials lock")
+            .by_namespace
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        metrics::Snapshot {
+            active_connections: self.active.load(Ordering::Relaxed) as u64,
+            link_connections,
+            accel,
+            accel_sockets,
+            isolation,
+            denied_by_namespace,
+        }
     }
 }
 

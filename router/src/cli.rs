@@ -108,6 +108,9 @@ pub enum RouterCommand {
         /// process must be inside it too). Required by --accel sockmap.
         #[arg(long, env = "SKIFF_CGROUP")]
         cgroup: Option<PathBuf>,
+        /// Serve Prometheus metrics on HOST:PORT (path /metrics).
+        #[arg(long, env = "SKIFF_METRICS_ADDR")]
+        metrics_addr: Option<String>,
     },
 }
 

@@ -114,12 +114,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state.remove()?;
             println!("site deleted: {} removed", state.root().display());
         }
-        Command::Router(RouterCommand::Run { accel, cgroup }) => {
+        Command::Router(RouterCommand::Run {
+            accel,
+            cgroup,
+            metrics_addr,
+        }) => {
             app::run(
                 state,
                 app::RunOptions {
                     accel: accel.into(),
                     cgroup,
+                    metrics_addr,
                 },
             )
             .await?;

@@ -63,9 +63,11 @@ impl Site {
     async fn run(&mut self) {
         let state = self.state.clone();
         self.task = Some(tokio::spawn(async move {
-            app::run(state, app::RunOptions::default())
-                .await
-                .expect("router runs");
+            let options = app::RunOptions {
+                metrics_addr: Some("127.0.0.1:0".into()),
+                ..app::RunOptions::default()
+            };
+            app::run(state, options).await.expect("router runs");
         }));
         for _ in 0..200 {
             if admin::call(&self.state.admin_socket(), &Request::Status)
@@ -830,4 +832,36 @@ async fn a_local_connector_is_served_by_splice_byte_exact_with_half_close() {
     let port = site.listener("sink", "sink").await;
     transfer(port, 256 << 20).await;
     transfer(port, 1).await;
+}
+
+/// Fetches `/metrics` from the site's metrics endpoint.
+async fn scrape(site: &Site) -> String {
+    let status = site.call(Request::Status).await.expect("status");
+    let addr = status["metricsAddr"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let mut conn = TcpStream::connect(addr).await.expect("connect metrics");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_expose_links_and_connections_in_prometheus_text() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let text = scrape(&east).await;
+    assert!(
+        text.contains("# TYPE skiff_link_connections gauge"),
+        "{text}"
+    );
+    assert!(text.contains("skiff_link_connections 1"), "{text}");
+    assert!(text.contains("skiff_active_connections 0"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
 }

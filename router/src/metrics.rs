@@ -1,0 +1,188 @@
+//! Prometheus metrics: one collector, read at scrape time from the router's own counters and
+//! the kernel maps, served as text exposition on `router run --metrics-addr HOST:PORT`.
+//!
+//! Names start with `skiff_` and end in their unit; labels never carry addresses or ports.
+
+use std::{
+    fmt,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, text},
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+use tracing::debug;
+
+/// Values read at scrape time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub active_connections: u64,
+    pub link_connections: u64,
+    pub accel: Option<crate::accel::Counters>,
+    pub accel_sockets: Option<u64>,
+    pub isolation: Option<crate::isolation::Counters>,
+    pub denied_by_namespace: Vec<(String, u64)>,
+}
+
+/// Something that can be measured: the router implements it.
+pub trait Source: Send + Sync + 'static {
+    /// The current values.
+    fn snapshot(&self) -> Snapshot;
+}
+
+struct RouterCollector<S>(Weak<S>);
+
+impl<S> fmt::Debug for RouterCollector<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RouterCollector")
+    }
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let c = ConstCounter::new(value);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let g = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl<S: Source> Collector for RouterCollector<S> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let Some(source) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let s = source.snapshot();
+        gauge(
+            &mut encoder,
+            "skiff_active_connections",
+            "Client connections and transit streams in flight.",
+            s.active_connections,
+        )?;
+        gauge(
+            &mut encoder,
+            "skiff_link_connections",
+            "Established link connections to other routers.",
+            s.link_connections,
+        )?;
+        if let Some(a) = s.accel {
+            counter(
+                &mut encoder,
+                "skiff_accel_redirected_bytes",
+                "Bytes sk_msg moved socket to socket.",
+                a.bytes_redirected,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_redirected_messages",
+                "Messages sk_msg moved socket to socket.",
+                a.msg_redirected,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_missed_messages",
+                "Messages that took the normal path (peer not in the sockhash).",
+                a.msg_missed,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_inserted_sockets",
+                "Sockets sock_ops put into the sockhash.",
+                a.socks_inserted,
+            )?;
+        }
+        if let Some(n) = s.accel_sockets {
+            gauge(
+                &mut encoder,
+                "skiff_accel_sockets",
+                "Sockets in the sockhash now.",
+                n,
+            )?;
+        }
+        if let Some(i) = s.isolation {
+            counter(
+                &mut encoder,
+                "skiff_isolation_allowed_connects",
+                "connect() calls to protected listeners that were allowed.",
+                i.allowed,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_isolation_lost_events",
+                "Deny events lost to a full ring buffer.",
+                i.events_lost,
+            )?;
+            let denied = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(
+                "skiff_isolation_denied_connects",
+                "connect() calls refused with EPERM, by the caller's namespace.",
+                None,
+                denied.metric_type(),
+            )?;
+            for (namespace, n) in &s.denied_by_namespace {
+                let labels = [("namespace", namespace.as_str())];
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics` for `source` on `listener` until the task is aborted.
+pub async fn serve<S: Source>(listener: TcpListener, source: &Arc<S>) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(RouterCollector(Arc::downgrade(source))));
+    let registry = Arc::new(registry);
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = Arc::clone(&registry);
+        tokio::spawn(async move {
+            if let Err(e) = answer(conn, &registry).await {
+                debug!(error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+/// Answers one HTTP/1.x request: the exposition for `GET /metrics`, 404 otherwise.
+async fn answer(mut conn: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // Read the request head (bounded), with a deadline so an idle client cannot pin a task.
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let (status, body) = if request.starts_with(b"GET /metrics ")
+        || request.starts_with(b"GET /metrics?")
+    {
+        let mut body = String::new();
+        text::encode(&mut body, registry).map_err(|_| std::io::Error::other("encoding failed"))?;
+        ("200 OK", body)
+    } else {
+        ("404 Not Found", "only /metrics is served here\n".to_owned())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await
+}
