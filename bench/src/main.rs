@@ -6,6 +6,7 @@
 //! with min and max. Throughput comes from iperf3 (one TCP stream), CPU cost from the relaying
 //! processes' user + system time per Gbit moved. Nothing here is a pass/fail threshold.
 
+mod connect;
 mod report;
 mod scenario;
 
@@ -33,6 +34,9 @@ struct Args {
     /// One run of one second: proves the harness works, measures nothing worth reading.
     #[arg(long)]
     smoke: bool,
+    /// Also measure connect() latency with namespace isolation (1,000 protected listeners).
+    #[arg(long)]
+    connect_latency: bool,
     /// Where to write results.json, results.md and throughput.svg.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
@@ -77,10 +81,20 @@ fn main() -> anyhow::Result<()> {
     }
 
     let report = report::Report::new(&scenarios, &samples, args.runs, args.seconds);
+    // Free the scenarios' namespaces and routers before the next measurement.
+    drop(scenarios);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("failed to create {}", args.out.display()))?;
     report.write(&args.out)?;
-    println!("{}", report.markdown());
+    let mut md = report.markdown();
+    if args.connect_latency {
+        eprintln!("bench: connect() latency with 1,001 protected listeners");
+        let connects = if args.smoke { 200 } else { 5_000 };
+        let section = connect::run(args.runs, connects)?;
+        std::fs::write(args.out.join("connect.md"), &section)?;
+        md.push_str(&section);
+    }
+    println!("{md}");
     eprintln!("bench: results in {}", args.out.display());
     Ok(())
 }

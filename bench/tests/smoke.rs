@@ -9,7 +9,13 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
     }
     let out = kernel_tests::TempDir::new("bench-smoke")?;
     let status = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["--smoke", "direct", "skiff-hop", "--out"])
+        .args([
+            "--smoke",
+            "--connect-latency",
+            "direct",
+            "skiff-hop",
+            "--out",
+        ])
         .arg(out.path())
         .status()?;
     assert!(status.success(), "bench exited with {status}");
@@ -25,5 +31,7 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
         );
     }
     assert!(out.path().join("results.md").exists() && out.path().join("throughput.svg").exists());
+    let connect = std::fs::read_to_string(out.path().join("connect.md"))?;
+    assert!(connect.contains("added by the hooks"), "{connect}");
     Ok(())
 }

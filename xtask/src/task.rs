@@ -121,6 +121,9 @@ pub fn lint() -> anyhow::Result<()> {
 
 pub fn unit_tests(tally: &mut Tally) -> anyhow::Result<()> {
     println!("test: unit and in-process integration tests");
+    // The benchmark smoke test drives the real skiff binary and the loadgen helper.
+    status(cargo().args(["build", "--package", "router", "--bin", "skiff"]))?;
+    status(cargo().args(["build", "--package", "kernel-tests", "--bins"]))?;
     cargo_test(&[], &[], tally)
 }
 
@@ -152,7 +155,15 @@ pub fn bench(args: &[String]) -> anyhow::Result<()> {
         "--bin",
         "skiff",
     ]))?;
-    status(cargo().args(["build", "--release", "--package", "bench"]))?;
+    status(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "bench",
+        "--package",
+        "kernel-tests",
+        "--bins",
+    ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| "target".into(), std::path::PathBuf::from);
     status(

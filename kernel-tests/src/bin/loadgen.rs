@@ -6,6 +6,7 @@
 //! loadgen send ADDR CONNS BYTES [PAR]    CONNS connections of BYTES each, PAR at a time
 //!                                        (default: all at once); verify every answer
 //! loadgen push ADDR CONNS BYTES [PAR]    the same, but close after sending: no answer
+//! loadgen connects ADDR N                time N connect() calls; print p50/p99/mean in µs
 //! ```
 
 use std::{
@@ -36,7 +37,10 @@ fn main() -> anyhow::Result<()> {
         ["push", addr, conns, bytes, par] => {
             send(addr, conns.parse()?, bytes.parse()?, par.parse()?, false)
         }
-        _ => bail!("usage: loadgen sink ADDR | loadgen send ADDR CONNS BYTES [PARALLEL]"),
+        ["connects", addr, n] => connects(addr, n.parse()?),
+        _ => bail!(
+            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N"
+        ),
     }
 }
 
@@ -87,6 +91,31 @@ fn send(addr: &str, conns: usize, bytes: u64, parallel: usize, answer: bool) -> 
     }
     println!("{{\"connections\": {conns}, \"failed\": {}}}", failed.len());
     ensure!(failed.is_empty(), "{}", failed.join("; "));
+    Ok(())
+}
+
+fn connects(addr: &str, n: usize) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let mut micros = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = std::time::Instant::now();
+        match TcpStream::connect(addr) {
+            Ok(conn) => drop(conn),
+            // The handshake completed and the server already reset the connection: the connect
+            // itself succeeded, which is what is timed.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => return Err(e.into()),
+        }
+        micros.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    micros.sort_by(f64::total_cmp);
+    let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q) as usize];
+    let mean = micros.iter().sum::<f64>() / micros.len().max(1) as f64;
+    println!(
+        "{{\"n\": {n}, \"p50_us\": {:.2}, \"p99_us\": {:.2}, \"mean_us\": {mean:.2}}}",
+        at(0.5),
+        at(0.99)
+    );
     Ok(())
 }
 
