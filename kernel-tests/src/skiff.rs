@@ -86,15 +86,7 @@ impl Site {
         create_args: &[&str],
         run_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let state = std::env::temp_dir().join(format!("{}-{name}", netns.name()));
-        let log = state.with_extension("log");
-        let mut site = Self {
-            name: name.to_owned(),
-            state,
-            router: None,
-            log,
-            run_args: run_args.iter().map(|a| (*a).to_owned()).collect(),
-        };
+        let mut site = Self::unstarted(netns, name, run_args);
         let mut args = vec!["site", "create", name];
         if let Some(addr) = link_access {
             args.extend(["--link-access", addr]);
@@ -103,6 +95,37 @@ impl Site {
         site.cli(&args)?;
         site.run(netns, cgroup)?;
         Ok(site)
+    }
+
+    /// Creates the site declared in the YAML file `site_yaml` with `skiff apply -f`, then
+    /// starts its router.
+    ///
+    /// # Errors
+    /// When the apply fails or the router does not come up.
+    pub fn start_from_yaml(
+        netns: &Netns,
+        cgroup: Option<&Cgroup>,
+        name: &str,
+        site_yaml: &std::path::Path,
+        run_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut site = Self::unstarted(netns, name, run_args);
+        let yaml = site_yaml.to_str().context("yaml path not UTF-8")?;
+        site.cli(&["apply", "-f", yaml])?;
+        site.run(netns, cgroup)?;
+        Ok(site)
+    }
+
+    fn unstarted(netns: &Netns, name: &str, run_args: &[&str]) -> Self {
+        let state = std::env::temp_dir().join(format!("{}-{name}", netns.name()));
+        let log = state.with_extension("log");
+        Self {
+            name: name.to_owned(),
+            state,
+            router: None,
+            log,
+            run_args: run_args.iter().map(|a| (*a).to_owned()).collect(),
+        }
     }
 
     /// Starts (or restarts) the router process and waits for its admin socket.

@@ -54,7 +54,7 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
         &ns,
         Some(&parent),
         "west",
-        None,
+        Some("127.0.0.1:55690"),
         &[
             "--namespace",
             &pa,
@@ -131,6 +131,18 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
     );
     // Callers in no namespace (the router's own cgroup) are outside every namespace.
     assert_eq!(connect(&ns, &parent, "127.0.0.1:8601")?, EPERM);
+
+    // The router's link-access port is closed to workload namespaces, open to the rest.
+    assert_eq!(
+        connect(&ns, &a, "127.0.0.1:55690")?,
+        EPERM,
+        "link access from a workload"
+    );
+    assert_eq!(
+        connect(&ns, &parent, "127.0.0.1:55690")?,
+        "ok",
+        "link access from outside namespaces"
+    );
 
     // A cgroup created under a namespace root belongs to it at once.
     let a_new = a.child("new")?;
@@ -229,16 +241,16 @@ fn fifty_namespaces_each_see_only_what_they_may() -> anyhow::Result<()> {
     let children = (0..50)
         .map(|i| parent.child(&format!("n{i}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let specs: Vec<String> = children
-        .iter()
-        .enumerate()
-        .map(|(i, cg)| format!("n{i}={}", cg.path().display()))
-        .collect();
-    let mut create = vec!["--isolate-namespaces"];
-    for spec in &specs {
-        create.extend(["--namespace", spec.as_str()]);
+    // This site is declared in YAML (the CRD schema), namespaces and all.
+    let mut yaml = String::from(
+        "apiVersion: skiff.io/v1alpha1\nkind: Site\nmetadata: {name: west}\nspec:\n  isolateNamespaces: true\n  namespaces:\n",
+    );
+    for (i, cg) in children.iter().enumerate() {
+        yaml.push_str(&format!("    n{i}: {}\n", cg.path().display()));
     }
-    let site = Site::start_with(&ns, Some(&parent), "west", None, &create, &[])?;
+    let file = kernel_tests::TempFile::new("site.yaml");
+    std::fs::write(file.path(), yaml)?;
+    let site = Site::start_from_yaml(&ns, Some(&parent), "west", file.path(), &[])?;
     site.cli(&[
         "listener",
         "create",

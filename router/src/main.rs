@@ -47,6 +47,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Creates the declared site, or checks that the existing one matches it.
+fn apply_site(state: &StateDir, site: &SiteConfig) -> anyhow::Result<()> {
+    match state.config() {
+        Ok(existing) if existing == *site => println!("Site {} unchanged", site.name),
+        Ok(existing) => anyhow::bail!(
+            "site {} already exists in {} with other settings; a site's settings change only by `skiff site delete` and applying again",
+            existing.name,
+            state.root().display()
+        ),
+        Err(router::site::Error::NoSite { .. }) => {
+            state.create(site)?;
+            println!("Site {} created", site.name);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 /// Reads a PEM certificate and key given on the command line.
 fn read_pair(
     cert: Option<std::path::PathBuf>,
@@ -255,23 +273,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
-            let resources = router::resource::parse(&text)?;
-            let rows = call(Request::Apply { resources }).await?;
-            cli::print(
-                out,
-                &rows,
-                &[
-                    ("KIND", "kind"),
-                    ("NAME", "name"),
-                    ("RESULT", "result"),
-                    ("ERROR", "error"),
-                ],
-            );
-            if rows
-                .as_array()
-                .is_some_and(|r| r.iter().any(|row| row["result"] == "failed"))
-            {
-                anyhow::bail!("some resources were not applied");
+            let declared = router::resource::parse(&text)?;
+            if let Some(site) = &declared.site {
+                apply_site(&state, site)?;
+            }
+            let empty =
+                declared.resources.listeners.is_empty() && declared.resources.connectors.is_empty();
+            if !empty {
+                let rows = call(Request::Apply {
+                    resources: declared.resources,
+                })
+                .await?;
+                cli::print(
+                    out,
+                    &rows,
+                    &[
+                        ("KIND", "kind"),
+                        ("NAME", "name"),
+                        ("RESULT", "result"),
+                        ("ERROR", "error"),
+                    ],
+                );
+                if rows
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|row| row["result"] == "failed"))
+                {
+                    anyhow::bail!("some resources were not applied");
+                }
             }
         }
         Command::Network(cli::NetworkCommand::Status) => cli::print(

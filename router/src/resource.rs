@@ -15,7 +15,10 @@
 
 use serde::Deserialize;
 
-use crate::service::{Connector, Listener, Resources};
+use crate::{
+    service::{Connector, Listener, Resources},
+    site::SiteConfig,
+};
 
 /// The API group and version every resource carries.
 pub const API_VERSION: &str = "skiff.io/v1alpha1";
@@ -31,6 +34,8 @@ pub enum Error {
     },
     #[error("document {index}: apiVersion {found:?} is not {API_VERSION}")]
     ApiVersion { index: usize, found: String },
+    #[error("document {index}: a file declares at most one Site")]
+    SecondSite { index: usize },
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,8 +68,24 @@ struct ConnectorSpec {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SiteSpec {
+    #[serde(default)]
+    link_access: Option<String>,
+    #[serde(default)]
+    namespaces: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    isolate_namespaces: bool,
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(tag = "kind", deny_unknown_fields, rename_all_fields = "camelCase")]
 enum Document {
+    Site {
+        api_version: String,
+        metadata: Metadata,
+        spec: SiteSpec,
+    },
     Listener {
         api_version: String,
         metadata: Metadata,
@@ -77,13 +98,21 @@ enum Document {
     },
 }
 
-/// Parses every YAML document in `text` into listeners and connectors. Routing keys default to
-/// the resource's name; a listener's host defaults to every IPv4 address.
+/// What a YAML file declares: at most one site, and listeners and connectors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Declared {
+    pub site: Option<SiteConfig>,
+    pub resources: Resources,
+}
+
+/// Parses every YAML document in `text`. Routing keys default to the resource's name; a
+/// listener's host defaults to every IPv4 address.
 ///
 /// # Errors
-/// On the first document that is not a valid resource.
-pub fn parse(text: &str) -> Result<Resources, Error> {
-    let mut resources = Resources::default();
+/// On the first document that is not a valid resource, or a second Site.
+pub fn parse(text: &str) -> Result<Declared, Error> {
+    let mut declared = Declared::default();
+    let resources = &mut declared.resources;
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let index = index + 1;
         let value = serde_yaml_ng::Value::deserialize(doc)
@@ -94,7 +123,12 @@ pub fn parse(text: &str) -> Result<Resources, Error> {
         let doc: Document =
             serde_yaml_ng::from_value(value).map_err(|source| Error::Parse { index, source })?;
         let (api_version, name) = match &doc {
-            Document::Listener {
+            Document::Site {
+                api_version,
+                metadata,
+                ..
+            }
+            | Document::Listener {
                 api_version,
                 metadata,
                 ..
@@ -113,6 +147,17 @@ pub fn parse(text: &str) -> Result<Resources, Error> {
         }
         let name = name.clone();
         match doc {
+            Document::Site { spec, .. } => {
+                if declared.site.is_some() {
+                    return Err(Error::SecondSite { index });
+                }
+                declared.site = Some(SiteConfig {
+                    name,
+                    link_access: spec.link_access,
+                    namespaces: spec.namespaces,
+                    isolate_namespaces: spec.isolate_namespaces,
+                });
+            }
             Document::Listener { spec, .. } => resources.listeners.push(Listener {
                 routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
                 host: spec.host.unwrap_or_else(|| "0.0.0.0".to_owned()),
@@ -129,7 +174,7 @@ pub fn parse(text: &str) -> Result<Resources, Error> {
             }),
         }
     }
-    Ok(resources)
+    Ok(declared)
 }
 
 #[cfg(test)]
@@ -139,12 +184,24 @@ mod tests {
     #[test]
     fn parses_several_documents_with_defaults() {
         let text = "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: web}\nspec: {port: 8080}\n---\napiVersion: skiff.io/v1alpha1\nkind: Connector\nmetadata: {name: db}\nspec: {host: 10.0.0.5, port: 5432, routingKey: pg}\n---\n";
-        let r = parse(text).expect("parses");
+        let r = parse(text).expect("parses").resources;
         assert_eq!(r.listeners.len(), 1);
         assert_eq!(r.listeners[0].routing_key, "web");
         assert_eq!(r.listeners[0].host, "0.0.0.0");
         assert_eq!(r.connectors[0].routing_key, "pg");
         assert_eq!(r.connectors[0].backend_addr(), "10.0.0.5:5432");
+    }
+
+    #[test]
+    fn a_site_with_namespaces_parses_once() {
+        let site = "apiVersion: skiff.io/v1alpha1\nkind: Site\nmetadata: {name: west}\nspec:\n  isolateNamespaces: true\n  namespaces: {team-a: /sys/fs/cgroup/a}\n";
+        let declared = parse(site).expect("parses");
+        let config = declared.site.expect("site");
+        assert_eq!(config.name, "west");
+        assert!(config.isolate_namespaces);
+        assert_eq!(config.namespaces["team-a"], "/sys/fs/cgroup/a");
+        let twice = format!("{site}---\n{site}");
+        assert!(matches!(parse(&twice), Err(Error::SecondSite { index: 2 })));
     }
 
     #[test]

@@ -704,7 +704,7 @@ async fn apply_creates_changes_and_leaves_identical_resources_alone() {
             .collect()
     };
     let apply = |text: String| {
-        let resources = router::resource::parse(&text).expect("yaml");
+        let resources = router::resource::parse(&text).expect("yaml").resources;
         site.call(Request::Apply { resources })
     };
     let first = apply(yaml(5432)).await.expect("apply");
