@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         .map(|(i, name)| scenario::build(name, 240 + u8::try_from(i).unwrap_or(0)))
         .collect::<anyhow::Result<Vec<_>>>()?;
 
+    let jiffies_before = report::cpu_jiffies();
     let mut samples: Vec<Vec<report::Sample>> = vec![Vec::new(); scenarios.len()];
     for run in 1..=args.runs {
         for (i, s) in scenarios.iter().enumerate() {
@@ -80,7 +81,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let report = report::Report::new(&scenarios, &samples, args.runs, args.seconds);
+    let steal = report::steal_percent(jiffies_before, report::cpu_jiffies());
+    if steal > 5.0 {
+        eprintln!(
+            "bench: warning: the hypervisor stole {steal:.0}% of CPU time during the run; absolute figures are unreliable"
+        );
+    }
+    let report = report::Report::new(&scenarios, &samples, args.runs, args.seconds, steal);
     // Free the scenarios' namespaces and routers before the next measurement.
     drop(scenarios);
     std::fs::create_dir_all(&args.out)

@@ -57,13 +57,22 @@ pub struct Row {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub machine: String,
+    /// Share of CPU time the hypervisor took from this machine during the run (steal, from
+    /// /proc/stat). Above a few percent, absolute figures are unreliable; ratios less so.
+    pub steal_percent: f64,
     pub runs: usize,
     pub seconds_per_run: u32,
     pub rows: Vec<Row>,
 }
 
 impl Report {
-    pub fn new(scenarios: &[Scenario], samples: &[Vec<Sample>], runs: usize, seconds: u32) -> Self {
+    pub fn new(
+        scenarios: &[Scenario],
+        samples: &[Vec<Sample>],
+        runs: usize,
+        seconds: u32,
+        steal_percent: f64,
+    ) -> Self {
         let spreads: Vec<Spread> = samples
             .iter()
             .map(|s| Spread::of(s.iter().map(|x| x.gbps).collect()))
@@ -93,6 +102,7 @@ impl Report {
             .collect();
         Self {
             machine: machine(),
+            steal_percent,
             runs,
             seconds_per_run: seconds,
             rows,
@@ -101,8 +111,8 @@ impl Report {
 
     pub fn markdown(&self) -> String {
         let mut md = format!(
-            "Machine: {}. {} interleaved runs of {} s per scenario, iperf3 single stream; median (min-max).\n\n",
-            self.machine, self.runs, self.seconds_per_run
+            "Machine: {}. {} interleaved runs of {} s per scenario, iperf3 single stream; median (min-max). CPU steal during the run: {:.1}%.\n\n",
+            self.machine, self.runs, self.seconds_per_run, self.steal_percent
         );
         md.push_str("| scenario | throughput Gbit/s | vs direct | relay CPU s/Gbit | path |\n|---|---|---|---|---|\n");
         for r in &self.rows {
@@ -163,6 +173,35 @@ impl Report {
         std::fs::write(dir.join("results.md"), self.markdown())?;
         std::fs::write(dir.join("throughput.svg"), self.svg())?;
         Ok(())
+    }
+}
+
+/// Total and steal jiffies of all CPUs, from the first line of /proc/stat.
+#[must_use]
+pub fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let total = fields.iter().take(8).sum();
+    (total, fields.get(7).copied().unwrap_or(0))
+}
+
+/// Steal as a percentage of all CPU time between two [`cpu_jiffies`] readings.
+#[must_use]
+pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.0.saturating_sub(before.0);
+    let steal = after.1.saturating_sub(before.1);
+    if total == 0 {
+        0.0
+    } else {
+        steal as f64 * 100.0 / total as f64
     }
 }
 
