@@ -831,6 +831,15 @@ impl Router {
         }
     }
 
+    fn isolation_summary(&self) -> String {
+        let isolation = self.isolation.lock().expect("isolation lock");
+        match isolation.as_ref().map(Isolation::counters) {
+            None => "off".to_owned(),
+            Some(Ok(c)) => format!("on: {} denied", c.denied),
+            Some(Err(_)) => "on".to_owned(),
+        }
+    }
+
     fn isolation_status(&self) -> serde_json::Value {
         let isolation = self.isolation.lock().expect("isolation lock");
         let Some(isolation) = isolation.as_ref() else {
@@ -986,6 +995,7 @@ impl Router {
             "accel": self.accel_status(),
             "accelSummary": self.accel_note,
             "isolation": self.isolation_status(),
+            "isolationSummary": self.isolation_summary(),
             "metricsAddr": self.metrics_addr.get(),
         })
     }

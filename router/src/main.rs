@@ -268,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("CONNECTORS", "connectors"),
                 ("ACTIVE", "activeConnections"),
                 ("ACCEL", "accelSummary"),
+                ("ISOLATION", "isolationSummary"),
             ],
         ),
         Command::Apply { file } => {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kernel_tests::{Netns, Proc, TempDir, skiff::Site};
+use kernel_tests::{Cgroup, Netns, Proc, TempDir, skiff::Site};
 
 use crate::task::status;
 
@@ -34,10 +34,30 @@ pub fn run() -> anyhow::Result<()> {
     let (west_ip, east_ip) = west_ns.link(&east_ns, 200)?;
     println!("west {west_ip}  <-veth->  east {east_ip}");
 
+    say("east's workloads live in two namespaces (cgroups team-a and team-b); east isolates them");
+    let east_cgroup = Cgroup::new("demo-east")?;
+    let (team_a, team_b) = (east_cgroup.child("team-a")?, east_cgroup.child("team-b")?);
+    let ns_a = format!("team-a={}", team_a.path().display());
+    let ns_b = format!("team-b={}", team_b.path().display());
+    println!("{ns_a}\n{ns_b}");
+
     say("a site in each, each with its own CA; west accepts links on its veth address");
     let link_access = format!("{west_ip}:55671");
     let west = Site::start(&west_ns, "west", Some(&link_access))?;
-    let east = Site::start(&east_ns, "east", None)?;
+    let east = Site::start_with(
+        &east_ns,
+        Some(&east_cgroup),
+        "east",
+        None,
+        &[
+            "--namespace",
+            &ns_a,
+            "--namespace",
+            &ns_b,
+            "--isolate-namespaces",
+        ],
+        &[],
+    )?;
     show(&west, &["status"])?;
 
     say("west issues a one-time token; east redeems it (CSR, signed by west's CA) and links");
@@ -90,6 +110,8 @@ pub fn run() -> anyhow::Result<()> {
             "127.0.0.1",
             "--port",
             "9080",
+            "--namespace",
+            "team-a",
         ],
     )?;
     east.wait_for(&["listener", "status"], Duration::from_secs(10), |out| {
@@ -97,15 +119,26 @@ pub fn run() -> anyhow::Result<()> {
     })?;
     show(&east, &["network", "status"])?;
 
-    say("curl in east fetches west's page through the mTLS link");
+    say("curl in east's team-a fetches west's page through the mTLS link");
     let url = "http://127.0.0.1:9080/index.html";
-    println!("$ ip netns exec east curl -sS {url}");
+    let curl = ["curl", "-sS", "--max-time", "10", url];
+    println!("$ (in team-a) curl -sS {url}");
     print!(
         "{}",
-        east_ns.run(&["curl", "-sS", "--max-time", "10", url])?
+        Proc::spawn(&east_ns, Some(&team_a), &curl)?.wait(Duration::from_secs(15))?
     );
     show(&east, &["link", "status"])?;
 
-    say("cleaning up: routers stopped, namespaces and state removed");
+    say("the same curl from team-b is refused by the kernel at connect(): EPERM, no packet sent");
+    println!("$ (in team-b) curl -sS {url}");
+    match Proc::spawn(&east_ns, Some(&team_b), &curl)?.wait(Duration::from_secs(15)) {
+        Ok(body) => anyhow::bail!("team-b should have been refused, got: {body}"),
+        Err(e) => println!("{e:#}"),
+    }
+    show(&east, &["status"])?;
+
+    say("cleaning up: routers stopped, namespaces, cgroups and state removed");
+    drop((west, east));
+    drop((team_a, team_b));
     Ok(())
 }
