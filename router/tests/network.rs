@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use kernel_tests::Checksum;
 use router::{
     admin::{self, Request},
     app,
@@ -193,50 +194,6 @@ impl Drop for Site {
     }
 }
 
-/// A word-at-a-time streaming checksum: cheap enough to run over a gigabyte in a debug build,
-/// and independent of how the bytes are split into reads.
-#[derive(Default)]
-struct Checksum {
-    hash: u64,
-    pending: Vec<u8>,
-    total: u64,
-}
-
-impl Checksum {
-    fn update(&mut self, mut data: &[u8]) {
-        self.total += data.len() as u64;
-        if !self.pending.is_empty() {
-            let take = (8 - self.pending.len()).min(data.len());
-            self.pending.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.pending.len() == 8 {
-                let word = std::mem::take(&mut self.pending);
-                self.mix(&word);
-            }
-        }
-        let whole = data.len() / 8 * 8;
-        for word in data[..whole].chunks_exact(8) {
-            self.mix(word);
-        }
-        self.pending.extend_from_slice(&data[whole..]);
-    }
-
-    fn mix(&mut self, word: &[u8]) {
-        let word = u64::from_le_bytes(word.try_into().expect("8 bytes"));
-        self.hash = (self.hash ^ word)
-            .wrapping_mul(0x0100_0000_01b3)
-            .rotate_left(5);
-    }
-
-    fn finish(mut self) -> (u64, u64) {
-        let tail = std::mem::take(&mut self.pending);
-        for byte in tail {
-            self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-        (self.hash, self.total)
-    }
-}
-
 /// A backend that reads until EOF, then answers with the checksum and byte count of what it
 /// read and closes: a transfer is byte-exact and half-close is carried end to end.
 async fn checksum_backend() -> (u16, JoinHandle<()>) {
@@ -259,11 +216,7 @@ async fn checksum_backend() -> (u16, JoinHandle<()>) {
                         Err(_) => return,
                     }
                 }
-                let (sum, total) = sum.finish();
-                let mut answer = [0u8; 16];
-                answer[..8].copy_from_slice(&sum.to_le_bytes());
-                answer[8..].copy_from_slice(&total.to_le_bytes());
-                let _ = conn.write_all(&answer).await;
+                let _ = conn.write_all(&sum.finish_bytes()).await;
             });
         }
     });
@@ -280,34 +233,20 @@ async fn transfer(port: u16, len: u64) {
     let (mut sum, mut sent) = (Checksum::default(), 0u64);
     while sent < len {
         let n = usize::try_from((len - sent).min(block.len() as u64)).expect("fits");
-        for word in block[..n].chunks_mut(8) {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let bytes = seed.to_le_bytes();
-            word.copy_from_slice(&bytes[..word.len()]);
-        }
+        kernel_tests::fill(&mut block[..n], &mut seed);
         sum.update(&block[..n]);
         conn.write_all(&block[..n]).await.expect("send");
         sent += n as u64;
     }
     conn.shutdown().await.expect("half-close");
-    let (sum, _) = sum.finish();
+    let expected = sum.finish_bytes();
     let mut answer = [0u8; 16];
     tokio::time::timeout(Duration::from_secs(60), conn.read_exact(&mut answer))
         .await
         .expect("answer in time")
         .expect("answer after half-close");
-    assert_eq!(
-        u64::from_le_bytes(answer[8..].try_into().expect("8")),
-        len,
-        "byte count"
-    );
-    assert_eq!(
-        u64::from_le_bytes(answer[..8].try_into().expect("8")),
-        sum,
-        "checksum"
-    );
+    assert_eq!(answer[8..], expected[8..], "byte count");
+    assert_eq!(answer[..8], expected[..8], "checksum");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
