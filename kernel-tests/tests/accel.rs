@@ -258,6 +258,22 @@ fn nothing_is_left_in_the_kernel_after_exit_or_after_a_crash() -> anyhow::Result
     // A clean exit detaches and unpins everything.
     f.site.stop()?;
     assert!(!pins.exists(), "pins removed on exit");
+    // The shared parent goes too when no other site pins there (other tests may be between
+    // removing their pins and removing the parent, so allow them a moment).
+    if let Some(parent) = pins.parent() {
+        let empty_and_present =
+            || std::fs::read_dir(parent).is_ok_and(|mut entries| entries.next().is_none());
+        let mut tries = 0;
+        while empty_and_present() && tries < 40 {
+            std::thread::sleep(Duration::from_millis(50));
+            tries += 1;
+        }
+        assert!(
+            !empty_and_present(),
+            "{} left behind empty",
+            parent.display()
+        );
+    }
     assert_eq!(attached()?, 0, "program detached on exit");
     Ok(())
 }

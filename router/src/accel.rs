@@ -280,6 +280,11 @@ impl Drop for Pins {
         if let Err(e) = clear_pins(&self.dir) {
             tracing::warn!(error = %e, "failed to remove pinned eBPF objects");
         }
+        // The shared `<bpffs>/skiff` directory goes too once the last site's pins are gone;
+        // while other sites still pin there, this fails harmlessly.
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
