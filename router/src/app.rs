@@ -144,6 +144,9 @@ pub struct Router {
     /// Socket redirection, when on; `accel_note` says why it is off otherwise.
     accel: Mutex<Option<Accel>>,
     accel_note: String,
+    /// How a local proxy moves bytes; fixed at start, since acceleration is on or off for the
+    /// router's whole life (splice cannot see sk_msg-redirected bytes).
+    local_copy: datapath::Copy,
     /// The connect() hooks, when the site isolates its namespaces.
     isolation: Mutex<Option<Isolation>>,
     denials: Mutex<Denials>,
@@ -193,6 +196,11 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         active: AtomicUsize::new(0),
         shutdown: tokio::sync::Notify::new(),
         link_access: std::sync::OnceLock::new(),
+        local_copy: if accel.is_some() {
+            datapath::Copy::Read
+        } else {
+            datapath::Copy::Splice
+        },
         accel: Mutex::new(accel),
         accel_note,
         isolation: Mutex::new(isolation),
@@ -505,14 +513,7 @@ impl Router {
             .stream_started(&route.dest);
         let outcome = match route.next_hop {
             None => match self.connect_backend(&key).await {
-                Ok(backend) => {
-                    let copy = if self.accel.lock().expect("accel lock").is_some() {
-                        datapath::Copy::Read
-                    } else {
-                        datapath::Copy::Splice
-                    };
-                    datapath::proxy(client, backend, copy).await
-                }
+                Ok(backend) => datapath::proxy(client, backend, self.local_copy).await,
                 Err(reason) => {
                     warn!(routing_key = %key, reason, "backend unreachable; client reset");
                     datapath::abort(&client);

@@ -107,9 +107,8 @@ impl Site {
         serde_json::from_value(value).expect("token")
     }
 
-    /// Links `self` to `to` (self redeems a token issued by `to`) and waits until it is up.
-    async fn link_to(&self, to: &Site) {
-        let token = to.token().await;
+    /// Redeems `token` here with default link settings.
+    async fn redeem(&self, token: Token) -> Result<Value, admin::Error> {
         self.call(Request::TokenRedeem {
             token,
             name: None,
@@ -117,7 +116,12 @@ impl Site {
             connections: None,
         })
         .await
-        .expect("redeem");
+    }
+
+    /// Links `self` to `to` (self redeems a token issued by `to`) and waits until it is up.
+    async fn link_to(&self, to: &Site) {
+        let token = to.token().await;
+        self.redeem(token).await.expect("redeem");
         self.wait_for(
             |v| v["links"] == 1 || v["links"].as_u64() > Some(0),
             Request::Status,
@@ -428,23 +432,8 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
     let north = Site::start("north", false).await;
 
     let token = west.token().await;
-    east.call(Request::TokenRedeem {
-        token: token.clone(),
-        name: None,
-        cost: None,
-        connections: None,
-    })
-    .await
-    .expect("first redemption");
-    let reused = north
-        .call(Request::TokenRedeem {
-            token,
-            name: None,
-            cost: None,
-            connections: None,
-        })
-        .await
-        .expect_err("second redemption");
+    east.redeem(token.clone()).await.expect("first redemption");
+    let reused = north.redeem(token).await.expect_err("second redemption");
     assert!(
         reused.to_string().contains("already been redeemed"),
         "{reused}"
@@ -458,42 +447,18 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
         .await
         .expect("issue");
     let expiring: Token = serde_json::from_value(expiring).expect("token");
-    let expired = north
-        .call(Request::TokenRedeem {
-            token: expiring,
-            name: None,
-            cost: None,
-            connections: None,
-        })
-        .await
-        .expect_err("expired");
+    let expired = north.redeem(expiring).await.expect_err("expired");
     assert!(expired.to_string().contains("expired"), "{expired}");
 
     let mut forged = west.token().await;
     forged.code = "0".repeat(forged.code.len());
-    let wrong = north
-        .call(Request::TokenRedeem {
-            token: forged,
-            name: None,
-            cost: None,
-            connections: None,
-        })
-        .await
-        .expect_err("wrong code");
+    let wrong = north.redeem(forged).await.expect_err("wrong code");
     assert!(wrong.to_string().contains("code is wrong"), "{wrong}");
 
     // A token whose CA is not the issuer's: the TLS check fails before any secret is sent.
     let mut foreign = west.token().await;
     foreign.ca = router::pki::new_ca("mallory").expect("ca").cert_pem;
-    let untrusted = north
-        .call(Request::TokenRedeem {
-            token: foreign,
-            name: None,
-            cost: None,
-            connections: None,
-        })
-        .await
-        .expect_err("untrusted issuer");
+    let untrusted = north.redeem(foreign).await.expect_err("untrusted issuer");
     assert!(
         untrusted.to_string().contains("tls handshake"),
         "{untrusted}"
