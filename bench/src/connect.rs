@@ -4,22 +4,11 @@
 
 use std::{fmt::Write as _, time::Duration};
 
-use anyhow::Context as _;
 use kernel_tests::{Cgroup, Netns, Proc, TempFile, skiff::Site};
 
 /// Protected listeners registered besides the measured one.
 const LISTENERS: u16 = 1_000;
 const MEASURED_PORT: u16 = 12_000;
-
-fn loadgen() -> anyhow::Result<String> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no exe dir")?;
-    let path = [dir.join("loadgen"), dir.join("../loadgen")]
-        .into_iter()
-        .find(|p| p.exists())
-        .context("loadgen is not built: cargo build -p kernel-tests --bins")?;
-    Ok(path.to_string_lossy().into_owned())
-}
 
 /// One timing run: p50, p99, mean in µs.
 fn time_connects(ns: &Netns, cgroup: &Cgroup, n: usize) -> anyhow::Result<(f64, f64, f64)> {
@@ -27,7 +16,12 @@ fn time_connects(ns: &Netns, cgroup: &Cgroup, n: usize) -> anyhow::Result<(f64, 
     let out = Proc::spawn(
         ns,
         Some(cgroup),
-        &[&loadgen()?, "connects", &addr, &n.to_string()],
+        &[
+            &crate::scenario::loadgen()?,
+            "connects",
+            &addr,
+            &n.to_string(),
+        ],
     )?
     .wait(Duration::from_secs(120))?;
     let v: serde_json::Value = serde_json::from_str(&out)?;

@@ -3,8 +3,11 @@
 //!
 //! Method: every scenario is set up once; runs are interleaved (A B C A B C ...) so that drift
 //! in the machine's state affects all scenarios alike; each figure is the median of the runs,
-//! with min and max. Throughput comes from iperf3 (one TCP stream), CPU cost from the relaying
-//! processes' user + system time per Gbit moved. Nothing here is a pass/fail threshold.
+//! with min and max. Each run drives the same real clients through every path: iperf3 with one
+//! stream and with [`PARALLEL`], sockperf ping-pong (round-trip p50 and p99), and a
+//! connection-rate client; memory per 1,000 idle streams is read once per scenario at the end.
+//! CPU cost is the relaying processes' user + system time per Gbit moved. Nothing here is a
+//! pass/fail threshold.
 
 mod connect;
 mod report;
@@ -20,7 +23,8 @@ use kernel_tests::Proc;
 #[derive(Debug, Parser)]
 #[command(name = "bench")]
 struct Args {
-    /// Scenarios to run (default: all). Known: direct, socat, skiff-hop, skiff-hop-accel, skiff-mtls.
+    /// Scenarios to run (default: all). Known: direct, socat, haproxy, nginx, skiff-hop,
+    /// skiff-hop-accel, haproxy-tls, stunnel, skiff-mtls, skiff-mtls-accel.
     scenarios: Vec<String>,
     /// Runs per scenario.
     #[arg(long, default_value_t = 5)]
@@ -28,7 +32,8 @@ struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
-    /// Three runs of two seconds: under two minutes for every scenario.
+    /// Three runs of one second per client, and (unless scenarios are named) only direct and
+    /// skiff's own paths: under two minutes, for judging a change to skiff.
     #[arg(long)]
     quick: bool,
     /// One run of one second: proves the harness works, measures nothing worth reading.
@@ -45,13 +50,18 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if args.quick {
-        (args.runs, args.seconds) = (3, 2);
+        (args.runs, args.seconds) = (3, 1);
     }
     if args.smoke {
         (args.runs, args.seconds) = (1, 1);
     }
     let names: Vec<String> = if args.scenarios.is_empty() {
-        scenario::ALL.iter().map(|s| (*s).to_owned()).collect()
+        let all = if args.quick {
+            scenario::QUICK
+        } else {
+            scenario::ALL
+        };
+        all.iter().map(|s| (*s).to_owned()).collect()
     } else {
         args.scenarios.clone()
     };
@@ -74,12 +84,32 @@ fn main() -> anyhow::Result<()> {
             let sample =
                 measure(s, args.seconds).with_context(|| format!("scenario {}", s.name))?;
             eprintln!(
-                "bench: run {run}/{} {:<16} {:>7.2} Gbit/s",
-                args.runs, s.name, sample.gbps
+                "bench: run {run}/{} {:<16} {:>6.2} Gbit/s, x{PARALLEL} {:>6.2} Gbit/s, rtt p50 {:>6.1} µs, {:>7.0} conn/s",
+                args.runs,
+                s.name,
+                sample.gbps,
+                sample.gbps_parallel,
+                sample.rtt_p50_us,
+                sample.conns_per_s
             );
             samples[i].push(sample);
         }
     }
+
+    let idle = if args.smoke { 100 } else { IDLE_STREAMS };
+    let memory = scenarios
+        .iter()
+        .map(|s| {
+            let m = idle_memory(s, idle).with_context(|| format!("scenario {}", s.name))?;
+            if let Some(kib) = m {
+                eprintln!(
+                    "bench: {:<16} {kib:>8.0} KiB per 1,000 idle streams",
+                    s.name
+                );
+            }
+            Ok(m)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let steal = report::steal_percent(jiffies_before, report::cpu_jiffies());
     if steal > 5.0 {
@@ -87,7 +117,14 @@ fn main() -> anyhow::Result<()> {
             "bench: warning: the hypervisor stole {steal:.0}% of CPU time during the run; absolute figures are unreliable"
         );
     }
-    let report = report::Report::new(&scenarios, &samples, args.runs, args.seconds, steal);
+    let report = report::Report::new(
+        &scenarios,
+        &samples,
+        &memory,
+        args.runs,
+        args.seconds,
+        steal,
+    );
     // Free the scenarios' namespaces and routers before the next measurement.
     drop(scenarios);
     std::fs::create_dir_all(&args.out)
@@ -106,34 +143,137 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One iperf3 run through `s`, with the relays' CPU time over the same interval.
+/// Streams in iperf3's parallel run.
+pub const PARALLEL: u32 = 4;
+/// Connections the connection-rate client keeps in flight.
+const CONNRATE_PARALLEL: u32 = 16;
+/// Idle streams held open for the memory reading.
+const IDLE_STREAMS: usize = 1_000;
+
+/// Runs `argv` as a client of `s` (in its namespace and cgroup) and returns its stdout.
+fn client(s: &scenario::Scenario, argv: &[&str], seconds: u32) -> anyhow::Result<String> {
+    Proc::spawn(&s.client_ns, s.client_cgroup.as_ref(), argv)?
+        .wait(Duration::from_secs(u64::from(seconds) + 30))
+}
+
+/// One run of every client through `s`.
 fn measure(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<report::Sample> {
-    let (host, port) = &s.target;
     let cpu_before = s.relay_cpu_seconds();
-    let client = Proc::spawn(
-        &s.client_ns,
-        s.client_cgroup.as_ref(),
+    let (gbps, bytes) = iperf3(s, seconds, 1)?;
+    let cpu = s.relay_cpu_seconds() - cpu_before;
+    let gbit = bytes * 8.0 / 1e9;
+    let (gbps_parallel, _) = iperf3(s, seconds, PARALLEL)?;
+    let (rtt_p50_us, rtt_p99_us) = sockperf(s, seconds)?;
+    Ok(report::Sample {
+        gbps,
+        cpu_per_gbit: if gbit > 0.0 { cpu / gbit } else { 0.0 },
+        gbps_parallel,
+        rtt_p50_us,
+        rtt_p99_us,
+        conns_per_s: connrate(s, seconds)?,
+    })
+}
+
+/// iperf3 with `streams` streams: (Gbit/s received, bytes received).
+fn iperf3(s: &scenario::Scenario, seconds: u32, streams: u32) -> anyhow::Result<(f64, f64)> {
+    let out = client(
+        s,
         &[
             "iperf3",
             "-c",
-            host,
+            "127.0.0.1",
             "-p",
-            &port.to_string(),
+            &s.ports.iperf.to_string(),
             "-t",
             &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
             "-J",
         ],
+        seconds,
     )?;
-    let out = client.wait(Duration::from_secs(u64::from(seconds) + 30))?;
-    let cpu = s.relay_cpu_seconds() - cpu_before;
     let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 printed no JSON")?;
     let bps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 report has no received rate")?;
     let bytes = json["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-    let gbit = bytes * 8.0 / 1e9;
-    Ok(report::Sample {
-        gbps: bps / 1e9,
-        cpu_per_gbit: if gbit > 0.0 { cpu / gbit } else { 0.0 },
-    })
+    Ok((bps / 1e9, bytes))
+}
+
+/// sockperf ping-pong over one TCP connection: round-trip (p50, p99) in µs. sockperf spends
+/// the first 400 ms warming up, so a one-second run measures about 0.6 s.
+fn sockperf(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<(f64, f64)> {
+    let time = seconds.to_string();
+    let out = client(
+        s,
+        &[
+            "sockperf",
+            "ping-pong",
+            "--tcp",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &s.ports.ping.to_string(),
+            "-t",
+            &time,
+            "--full-rtt",
+        ],
+        seconds,
+    )?;
+    let percentile = |p: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("sockperf printed no {p} percentile: {out}"))
+    };
+    Ok((percentile("50.000")?, percentile("99.000")?))
+}
+
+/// New connections per second: connect, one byte there and back, close.
+fn connrate(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<f64> {
+    let out = client(
+        s,
+        &[
+            &scenario::loadgen()?,
+            "connrate",
+            &format!("127.0.0.1:{}", s.ports.echo),
+            &seconds.to_string(),
+            &CONNRATE_PARALLEL.to_string(),
+        ],
+        seconds,
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("loadgen printed no JSON")?;
+    json["per_second"]
+        .as_f64()
+        .context("loadgen report has no rate")
+}
+
+/// The relays' memory per 1,000 idle streams, in KiB (None when nothing relays): the growth
+/// of their proportional set size while `n` established, idle connections go through them.
+fn idle_memory(s: &scenario::Scenario, n: usize) -> anyhow::Result<Option<f64>> {
+    if !s.has_relay() {
+        return Ok(None);
+    }
+    let before = s.relay_pss_kib();
+    let mut hold = Proc::spawn(
+        &s.client_ns,
+        s.client_cgroup.as_ref(),
+        &[
+            &scenario::loadgen()?,
+            "hold",
+            &format!("127.0.0.1:{}", s.ports.echo),
+            &n.to_string(),
+        ],
+    )?;
+    hold.wait_for_stderr("ready")?;
+    // Let the relays finish their side of the last connections.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = s.relay_pss_kib();
+    drop(hold);
+    // Let the relays notice the closes before the next scenario is measured.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Some(
+        (after.saturating_sub(before)) as f64 * 1000.0 / n as f64,
+    ))
 }

@@ -6,12 +6,21 @@ use serde::Serialize;
 
 use crate::scenario::Scenario;
 
-/// One measured run.
+/// One measured run of every client through one scenario.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Sample {
+    /// iperf3, one stream.
     pub gbps: f64,
-    /// CPU seconds of the relaying processes per Gbit moved (0 for the direct path).
+    /// CPU seconds of the relaying processes per Gbit moved in the one-stream run (0 for the
+    /// direct path).
     pub cpu_per_gbit: f64,
+    /// iperf3 with [`crate::PARALLEL`] streams.
+    pub gbps_parallel: f64,
+    /// sockperf ping-pong round trip.
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    /// New connections per second (connect, one byte there and back, close).
+    pub conns_per_s: f64,
 }
 
 /// Median, min and max of one figure.
@@ -41,17 +50,31 @@ impl Spread {
     }
 }
 
-/// One scenario's results.
+/// One scenario's results. Every `*_vs_direct` is this scenario's median over the direct
+/// baseline's median of the same run.
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub scenario: String,
     pub description: String,
     pub throughput_gbps: Spread,
-    /// Median throughput over the direct baseline's median, same run.
-    pub ratio_to_direct: f64,
+    pub throughput_vs_direct: f64,
+    pub parallel_gbps: Spread,
+    pub parallel_vs_direct: f64,
     pub relay_cpu_seconds_per_gbit: Spread,
+    pub rtt_p50_us: Spread,
+    /// Round trip added to direct loopback's, at the median.
+    pub rtt_p50_added_us: f64,
+    pub rtt_p50_vs_direct: f64,
+    pub rtt_p99_us: Spread,
+    pub conns_per_second: Spread,
+    pub conns_vs_direct: f64,
+    /// Growth of the relays' proportional set size per 1,000 idle streams, KiB.
+    pub kib_per_1000_idle_streams: Option<f64>,
     pub samples: Vec<Sample>,
 }
+
+/// Picks a figure and its ratio to direct from a row, for a chart.
+type Pick = fn(&Row) -> (Spread, f64);
 
 /// A whole run.
 #[derive(Debug, Serialize)]
@@ -65,39 +88,54 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
 impl Report {
     pub fn new(
         scenarios: &[Scenario],
         samples: &[Vec<Sample>],
+        memory: &[Option<f64>],
         runs: usize,
         seconds: u32,
         steal_percent: f64,
     ) -> Self {
-        let spreads: Vec<Spread> = samples
-            .iter()
-            .map(|s| Spread::of(s.iter().map(|x| x.gbps).collect()))
-            .collect();
-        let direct = scenarios
-            .iter()
-            .position(|s| s.name == "direct")
-            .map_or(1.0, |i| spreads[i].median);
+        let spread =
+            |i: usize, f: fn(&Sample) -> f64| Spread::of(samples[i].iter().map(f).collect());
+        let direct = scenarios.iter().position(|s| s.name == "direct");
+        let base = |f: fn(&Sample) -> f64| direct.map_or(0.0, |i| spread(i, f).median);
+        let (gbps, par, p50, conns) = (
+            base(|x| x.gbps),
+            base(|x| x.gbps_parallel),
+            base(|x| x.rtt_p50_us),
+            base(|x| x.conns_per_s),
+        );
         let rows = scenarios
             .iter()
-            .zip(samples)
-            .zip(&spreads)
-            .map(|((s, samples), spread)| Row {
-                scenario: s.name.to_owned(),
-                description: s.description.to_owned(),
-                throughput_gbps: *spread,
-                ratio_to_direct: if direct > 0.0 {
-                    spread.median / direct
-                } else {
-                    0.0
-                },
-                relay_cpu_seconds_per_gbit: Spread::of(
-                    samples.iter().map(|x| x.cpu_per_gbit).collect(),
-                ),
-                samples: samples.clone(),
+            .enumerate()
+            .map(|(i, s)| {
+                let throughput = spread(i, |x| x.gbps);
+                let parallel = spread(i, |x| x.gbps_parallel);
+                let rtt = spread(i, |x| x.rtt_p50_us);
+                let conns_per_second = spread(i, |x| x.conns_per_s);
+                Row {
+                    scenario: s.name.to_owned(),
+                    description: s.description.to_owned(),
+                    throughput_gbps: throughput,
+                    throughput_vs_direct: ratio(throughput.median, gbps),
+                    parallel_gbps: parallel,
+                    parallel_vs_direct: ratio(parallel.median, par),
+                    relay_cpu_seconds_per_gbit: spread(i, |x| x.cpu_per_gbit),
+                    rtt_p50_us: rtt,
+                    rtt_p50_added_us: rtt.median - p50,
+                    rtt_p50_vs_direct: ratio(rtt.median, p50),
+                    rtt_p99_us: spread(i, |x| x.rtt_p99_us),
+                    conns_per_second,
+                    conns_vs_direct: ratio(conns_per_second.median, conns),
+                    kib_per_1000_idle_streams: memory.get(i).copied().flatten(),
+                    samples: samples[i].clone(),
+                }
             })
             .collect();
         Self {
@@ -109,60 +147,171 @@ impl Report {
         }
     }
 
+    fn row(&self, name: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.scenario == name)
+    }
+
     pub fn markdown(&self) -> String {
         let mut md = format!(
-            "Machine: {}. {} interleaved runs of {} s per scenario, iperf3 single stream; median (min-max). CPU steal during the run: {:.1}%.\n\n",
+            "Machine: {}. {} interleaved runs of {} s per client and scenario; median (min-max). CPU steal during the run: {:.1}%.\n\n",
             self.machine, self.runs, self.seconds_per_run, self.steal_percent
         );
-        md.push_str("| scenario | throughput Gbit/s | vs direct | relay CPU s/Gbit | path |\n|---|---|---|---|---|\n");
+        let _ = writeln!(
+            md,
+            "Throughput (iperf3):\n\n| scenario | 1 stream Gbit/s | vs direct | {p} streams Gbit/s | vs direct | relay CPU s/Gbit |\n|---|---|---|---|---|---|",
+            p = crate::PARALLEL
+        );
+        let cell = |s: Spread, digits: usize| {
+            format!(
+                "{:.digits$} ({:.digits$}-{:.digits$})",
+                s.median, s.min, s.max
+            )
+        };
         for r in &self.rows {
-            let t = r.throughput_gbps;
-            let c = r.relay_cpu_seconds_per_gbit;
             let _ = writeln!(
                 md,
-                "| {} | {:.2} ({:.2}-{:.2}) | {:.0}% | {:.3} | {} |",
+                "| {} | {} | {:.0}% | {} | {:.0}% | {:.3} |",
                 r.scenario,
-                t.median,
-                t.min,
-                t.max,
-                r.ratio_to_direct * 100.0,
-                c.median,
-                r.description
+                cell(r.throughput_gbps, 2),
+                r.throughput_vs_direct * 100.0,
+                cell(r.parallel_gbps, 2),
+                r.parallel_vs_direct * 100.0,
+                r.relay_cpu_seconds_per_gbit.median,
             );
+        }
+        md.push_str("\nLatency (sockperf ping-pong round trip), new connections, idle memory:\n\n| scenario | RTT p50 µs | added p50 µs | RTT p99 µs | new conn/s | vs direct | relay KiB per 1,000 idle streams |\n|---|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:+.1} | {} | {} | {:.0}% | {} |",
+                r.scenario,
+                cell(r.rtt_p50_us, 1),
+                r.rtt_p50_added_us,
+                cell(r.rtt_p99_us, 1),
+                cell(r.conns_per_second, 0),
+                r.conns_vs_direct * 100.0,
+                r.kib_per_1000_idle_streams
+                    .map_or_else(|| "-".to_owned(), |k| format!("{k:.0}")),
+            );
+        }
+        let goals = self.goals();
+        if !goals.is_empty() {
+            md.push_str("\nGoals (issues 3, 4, 7), from this run:\n\n| goal | measured | met |\n|---|---|---|\n");
+            for (goal, measured, met) in goals {
+                let _ = writeln!(
+                    md,
+                    "| {goal} | {measured} | {} |",
+                    if met { "yes" } else { "no" }
+                );
+            }
+        }
+        md.push_str("\nPaths:\n\n| scenario | path |\n|---|---|\n");
+        for r in &self.rows {
+            let _ = writeln!(md, "| {} | {} |", r.scenario, r.description);
         }
         md
     }
 
-    /// A horizontal bar chart of median throughput, with min-max whiskers.
-    pub fn svg(&self) -> String {
-        let (left, bar_h, gap, width) = (150.0, 22.0, 10.0, 520.0);
-        let max = self
-            .rows
-            .iter()
-            .map(|r| r.throughput_gbps.max)
-            .fold(1.0_f64, f64::max);
-        let height = 40.0 + self.rows.len() as f64 * (bar_h + gap);
-        let mut svg = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"10\" y=\"18\">iperf3 throughput, Gbit/s (median, min-max)</text>\n",
-            w = left + width + 80.0
+    /// The product's performance goals, each with what this run measured. Only goals whose
+    /// scenarios ran are listed.
+    fn goals(&self) -> Vec<(&'static str, String, bool)> {
+        let mut goals = Vec::new();
+        let mut at_least = |goal, value: Option<f64>, target: f64, unit: &str| {
+            if let Some(v) = value {
+                goals.push((goal, format!("{:.0}{unit}", v * 100.0), v >= target));
+            }
+        };
+        let vs = |name: &str| self.row(name).map(|r| r.throughput_vs_direct);
+        at_least("one plain hop >= 75% of direct", vs("skiff-hop"), 0.75, "%");
+        at_least(
+            "one hop with acceleration >= 100% of direct",
+            vs("skiff-hop-accel"),
+            1.0,
+            "%",
         );
-        for (i, r) in self.rows.iter().enumerate() {
-            let y = 30.0 + i as f64 * (bar_h + gap);
-            let scale = |v: f64| v / max * width;
-            let t = r.throughput_gbps;
-            let _ = writeln!(
-                svg,
-                "<text x=\"10\" y=\"{ty}\">{name}</text><rect x=\"{left}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"#4a7fb5\"/><line x1=\"{x1:.1}\" x2=\"{x2:.1}\" y1=\"{my}\" y2=\"{my}\" stroke=\"black\"/><text x=\"{lx:.1}\" y=\"{ty}\">{m:.2} ({p:.0}%)</text>",
-                ty = y + 15.0,
-                name = r.scenario,
-                bw = scale(t.median),
-                x1 = left + scale(t.min),
-                x2 = left + scale(t.max),
-                my = y + bar_h / 2.0,
-                lx = left + scale(t.max) + 6.0,
-                m = t.median,
-                p = r.ratio_to_direct * 100.0,
-            );
+        at_least("mTLS path >= 60% of direct", vs("skiff-mtls"), 0.6, "%");
+        let over = |a: &str, b: &str| {
+            Some(self.row(a)?.throughput_gbps.median / self.row(b)?.throughput_gbps.median)
+        };
+        at_least(
+            "mTLS path >= 1.5x a stunnel pair",
+            over("skiff-mtls", "stunnel"),
+            1.5,
+            "% of stunnel",
+        );
+        at_least(
+            "acceleration >= 1.7x the same hop without",
+            over("skiff-hop-accel", "skiff-hop"),
+            1.7,
+            "% of skiff-hop",
+        );
+        at_least(
+            "new connections/s through the router >= 25% of direct",
+            self.row("skiff-hop").map(|r| r.conns_vs_direct),
+            0.25,
+            "%",
+        );
+        if let (Some(hop), Some(direct)) = (self.row("skiff-hop-accel"), self.row("direct")) {
+            goals.push((
+                "accelerated hop adds no more p50 RTT than direct loopback has",
+                format!(
+                    "+{:.1} µs vs {:.1} µs",
+                    hop.rtt_p50_added_us, direct.rtt_p50_us.median
+                ),
+                hop.rtt_p50_added_us <= direct.rtt_p50_us.median,
+            ));
+        }
+        goals
+    }
+
+    /// Two bar charts, one above the other: single-stream throughput and p50 round trip, each
+    /// median with a min-max whisker and the ratio to direct.
+    pub fn svg(&self) -> String {
+        let (bar_h, gap) = (20.0, 8.0);
+        let panel_h = 34.0 + self.rows.len() as f64 * (bar_h + gap);
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"780\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n",
+            h = 2.0 * panel_h + 10.0
+        );
+        let panels: [(&str, Pick, &str); 2] = [
+            (
+                "iperf3 one stream, Gbit/s (median, min-max; % of direct)",
+                |r| (r.throughput_gbps, r.throughput_vs_direct),
+                "#4a7fb5",
+            ),
+            (
+                "sockperf round trip p50, µs (median, min-max; % of direct)",
+                |r| (r.rtt_p50_us, r.rtt_p50_vs_direct),
+                "#c0793a",
+            ),
+        ];
+        for (p, (title, pick, colour)) in panels.into_iter().enumerate() {
+            let top = p as f64 * panel_h;
+            let (left, width) = (150.0, 520.0);
+            let max = self
+                .rows
+                .iter()
+                .map(|r| pick(r).0.max)
+                .fold(1e-9_f64, f64::max);
+            let _ = writeln!(svg, "<text x=\"10\" y=\"{}\">{title}</text>", top + 18.0);
+            for (i, r) in self.rows.iter().enumerate() {
+                let (s, vs) = pick(r);
+                let y = top + 28.0 + i as f64 * (bar_h + gap);
+                let scale = |v: f64| v / max * width;
+                let _ = writeln!(
+                    svg,
+                    "<text x=\"10\" y=\"{ty}\">{name}</text><rect x=\"{left}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><line x1=\"{x1:.1}\" x2=\"{x2:.1}\" y1=\"{my}\" y2=\"{my}\" stroke=\"black\"/><text x=\"{lx:.1}\" y=\"{ty}\">{m:.2} ({pct:.0}%)</text>",
+                    ty = y + 14.0,
+                    name = r.scenario,
+                    bw = scale(s.median),
+                    x1 = left + scale(s.min),
+                    x2 = left + scale(s.max),
+                    my = y + bar_h / 2.0,
+                    lx = left + scale(s.max) + 6.0,
+                    m = s.median,
+                    pct = vs * 100.0,
+                );
+            }
         }
         svg.push_str("</svg>\n");
         svg
@@ -171,7 +320,7 @@ impl Report {
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(self)?)?;
         std::fs::write(dir.join("results.md"), self.markdown())?;
-        std::fs::write(dir.join("throughput.svg"), self.svg())?;
+        std::fs::write(dir.join("chart.svg"), self.svg())?;
         Ok(())
     }
 }

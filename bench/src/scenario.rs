@@ -1,37 +1,76 @@
-//! The paths under test. Each scenario owns its namespaces, cgroups, servers and routers
-//! (guards: everything is removed when it drops) and knows where its client connects.
+//! The paths under test. Each scenario owns its namespaces, cgroups, backends, relays and
+//! configuration files (guards: everything is removed when it drops) and knows where its
+//! clients connect.
+//!
+//! Every path carries the same three services, so that every client measures every path:
+//! iperf3 (throughput), sockperf (ping-pong latency) and an echo server (connection rate and
+//! idle streams). A relay listens for them on [`FRONT`] + 0, 1, 2.
 
-use std::time::Duration;
+use std::{fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::Context as _;
-use kernel_tests::{Cgroup, Netns, Proc, skiff::Site};
+use kernel_tests::{Cgroup, Netns, Proc, TempDir, skiff::Site};
 
-/// Port of the iperf3 server behind every path.
-const SERVER_PORT: u16 = 5201;
+/// The services behind every path: (routing key, backend port on 127.0.0.1).
+pub const SERVICES: [(&str, u16); 3] = [("iperf", 5201), ("ping", 11111), ("echo", 7007)];
+/// The first port a relay listens on; service `i` is at `FRONT + i`.
+const FRONT: u16 = 6000;
+/// The first port of the TLS tunnel between two relays, on the west namespace's veth address.
+const TUNNEL: u16 = 6100;
 
-/// One path from an iperf3 client to an iperf3 server.
+/// Where a client reaches each service.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub iperf: u16,
+    pub ping: u16,
+    pub echo: u16,
+}
+
+impl Ports {
+    fn starting_at(base: u16) -> Self {
+        Self {
+            iperf: base,
+            ping: base + 1,
+            echo: base + 2,
+        }
+    }
+}
+
+/// One path from the clients to the backends.
 ///
-/// Fields drop in declaration order: routers and servers first, then the (by then empty)
-/// cgroup, then the namespaces.
+/// Fields drop in declaration order: relays and backends first, then the (by then empty)
+/// cgroup, then the namespaces, then the configuration files.
 pub struct Scenario {
     pub name: &'static str,
     pub description: &'static str,
-    /// Where the client connects.
-    pub target: (String, u16),
-    /// The relaying processes, whose CPU time is charged to the scenario.
+    /// Where the clients connect (always 127.0.0.1 inside `client_ns`).
+    pub ports: Ports,
+    /// The relaying processes (each with its descendants), charged with CPU and memory.
     relays: Vec<u32>,
+    _relay_procs: Vec<Graceful>,
     _sites: Vec<Site>,
-    _procs: Vec<Proc>,
-    /// Where the client runs, and inside which cgroup.
+    _backends: Vec<Proc>,
+    /// Where the clients run, and inside which cgroup.
     pub client_cgroup: Option<Cgroup>,
     pub client_ns: Netns,
     _extra_ns: Vec<Netns>,
+    _files: Option<TempDir>,
 }
 
 impl Scenario {
-    /// CPU seconds (user + system) used so far by the relaying processes.
+    /// CPU seconds (user + system) used so far by the relaying processes and their children.
     pub fn relay_cpu_seconds(&self) -> f64 {
-        self.relays.iter().map(|pid| cpu_seconds(*pid)).sum()
+        self.relays.iter().map(|pid| tree_cpu_seconds(*pid)).sum()
+    }
+
+    /// Proportional set size of the relaying processes and their children, in KiB.
+    pub fn relay_pss_kib(&self) -> u64 {
+        self.relays.iter().map(|pid| tree_pss_kib(*pid)).sum()
+    }
+
+    /// Whether anything relays on this path (direct has nothing to charge).
+    pub fn has_relay(&self) -> bool {
+        !self.relays.is_empty()
     }
 }
 
@@ -39,93 +78,351 @@ impl Scenario {
 pub const ALL: &[&str] = &[
     "direct",
     "socat",
+    "haproxy",
+    "nginx",
+    "skiff-hop",
+    "skiff-hop-accel",
+    "haproxy-tls",
+    "stunnel",
+    "skiff-mtls",
+    "skiff-mtls-accel",
+];
+
+/// The scenarios of a `--quick` run: the baseline and skiff's own paths.
+pub const QUICK: &[&str] = &[
+    "direct",
     "skiff-hop",
     "skiff-hop-accel",
     "skiff-mtls",
+    "skiff-mtls-accel",
 ];
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may contain spaces): utime, stime, and cutime,
-    // cstime for reaped children (socat forks a child per connection).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12, 13, 14]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz.max(1.0)
+/// A peer process stopped with SIGINT on drop, so that a master (nginx) takes its workers
+/// with it instead of leaving them behind as orphans.
+struct Graceful(Option<Proc>);
+
+impl Drop for Graceful {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = p.interrupt();
+        }
+    }
 }
 
-fn iperf3_server(ns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<Proc> {
-    let server = Proc::spawn(
-        ns,
-        cgroup,
-        &[
-            "iperf3",
-            "-s",
-            "-B",
-            "127.0.0.1",
-            "-p",
-            &SERVER_PORT.to_string(),
-        ],
-    )?;
-    ns.wait_listening(SERVER_PORT, Duration::from_secs(10))?;
-    Ok(server)
+/// `pid` and its live descendants.
+fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for task in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                all.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+    all
+}
+
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = (unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64).max(1.0);
+    tree(pid)
+        .into_iter()
+        .map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // Fields after the command name (which may contain spaces): utime, stime, and
+            // cutime, cstime for reaped children (socat forks a child per connection).
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            [11, 12, 13, 14]
+                .iter()
+                .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+                .sum::<f64>()
+                / hz
+        })
+        .sum()
+}
+
+fn tree_pss_kib(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let rollup = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// The path of the load generator built next to the bench binary.
+pub fn loadgen() -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("no exe dir")?;
+    let path = [dir.join("loadgen"), dir.join("../loadgen")]
+        .into_iter()
+        .find(|p| p.exists())
+        .context("loadgen is not built: cargo build -p kernel-tests --bins")?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// The three backends, on 127.0.0.1 in `ns`.
+fn backends(ns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<Vec<Proc>> {
+    let [(_, iperf), (_, ping), (_, echo)] = SERVICES;
+    let loadgen = loadgen()?;
+    let procs = vec![
+        Proc::spawn(
+            ns,
+            cgroup,
+            &["iperf3", "-s", "-B", "127.0.0.1", "-p", &iperf.to_string()],
+        )?,
+        Proc::spawn(
+            ns,
+            cgroup,
+            &[
+                "sockperf",
+                "server",
+                "--tcp",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &ping.to_string(),
+            ],
+        )?,
+        Proc::spawn(
+            ns,
+            cgroup,
+            &[&loadgen, "echo", &format!("127.0.0.1:{echo}")],
+        )?,
+    ];
+    for (_, port) in SERVICES {
+        ns.wait_listening(port, Duration::from_secs(10))?;
+    }
+    Ok(procs)
+}
+
+/// Waits for the relay to listen on every front port; on failure, says what the relays logged
+/// (their logs are in `logs`).
+fn wait_front(ns: &Netns, logs: Option<&TempDir>) -> anyhow::Result<()> {
+    for i in 0..3 {
+        if let Err(e) = ns.wait_listening(FRONT + i, Duration::from_secs(10)) {
+            let mut said = String::new();
+            for entry in logs
+                .and_then(|d| std::fs::read_dir(d.path()).ok())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if entry.path().extension().is_some_and(|x| x == "log") {
+                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                    let _ = write!(said, " [{}: {}]", entry.file_name().display(), text.trim());
+                }
+            }
+            return Err(e.context(format!("the relay did not start;{said}")));
+        }
+    }
+    Ok(())
 }
 
 fn router_pid(site: &Site) -> anyhow::Result<u32> {
     site.router_pid().context("router not running")
 }
 
+/// Starts `argv` as a relay, its output in `log`.
+fn relay(ns: &Netns, argv: &[&str], log: &Path) -> anyhow::Result<Graceful> {
+    Ok(Graceful(Some(Proc::spawn_logged(ns, None, argv, log)?)))
+}
+
+/// A throwaway CA and two certificates signed by it (ECDSA P-256, as skiff's own), for the
+/// TLS peers: `server.{crt,key}` with `west_ip` as its address, `client.{crt,key}`, and
+/// `*.pem` with certificate and key together (HAProxy's format).
+fn certificates(dir: &Path, west_ip: &str) -> anyhow::Result<()> {
+    let sh = |script: &str| -> anyhow::Result<()> {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .context("failed to run openssl")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    sh(&format!(
+        "openssl req -x509 {key} -keyout ca.key -out ca.crt -days 2 -subj /CN=bench-ca"
+    ))?;
+    for (name, ext) in [
+        (
+            "server",
+            format!("subjectAltName=IP:{west_ip}\nextendedKeyUsage=serverAuth"),
+        ),
+        ("client", "extendedKeyUsage=clientAuth".to_owned()),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+        sh(&format!(
+            "openssl req {key} -keyout {name}.key -out {name}.csr -subj /CN={name} && \
+             openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+               -days 2 -extfile {name}.ext -out {name}.crt 2>/dev/null && \
+             cat {name}.crt {name}.key > {name}.pem"
+        ))?;
+    }
+    Ok(())
+}
+
 /// Builds scenario `name`. `subnet` keeps veth addresses apart between scenarios.
+#[allow(clippy::too_many_lines)] // one arm per scenario reads better than ten functions
 pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
-    let local = |port: u16| ("127.0.0.1".to_owned(), port);
-    match name {
+    let front = Ports::starting_at(FRONT);
+    let s = match name {
         "direct" => {
             let ns = Netns::new("bdirect")?;
-            let server = iperf3_server(&ns, None)?;
-            Ok(Scenario {
+            Scenario {
                 name: "direct",
                 description: "client -> server on loopback (the baseline)",
-                client_ns: ns,
-                client_cgroup: None,
-                target: local(SERVER_PORT),
+                ports: Ports {
+                    iperf: SERVICES[0].1,
+                    ping: SERVICES[1].1,
+                    echo: SERVICES[2].1,
+                },
                 relays: vec![],
+                _relay_procs: vec![],
                 _sites: vec![],
-                _procs: vec![server],
+                _backends: backends(&ns, None)?,
+                client_cgroup: None,
+                client_ns: ns,
                 _extra_ns: vec![],
-            })
+                _files: None,
+            }
         }
         "socat" => {
             let ns = Netns::new("bsocat")?;
-            let server = iperf3_server(&ns, None)?;
-            let relay = Proc::spawn(
-                &ns,
-                None,
-                &[
-                    "socat",
-                    "TCP-LISTEN:5301,bind=127.0.0.1,fork,reuseaddr",
-                    "TCP:127.0.0.1:5201",
-                ],
-            )?;
-            ns.wait_listening(5301, Duration::from_secs(10))?;
-            let pid = relay.pid();
-            Ok(Scenario {
+            let files = TempDir::new("bsocat")?;
+            let backends = backends(&ns, None)?;
+            let procs = SERVICES
+                .iter()
+                .zip(FRONT..)
+                .map(|((key, port), listen)| {
+                    relay(
+                        &ns,
+                        &[
+                            "socat",
+                            &format!(
+                                "TCP-LISTEN:{listen},bind=127.0.0.1,fork,reuseaddr,backlog=1024"
+                            ),
+                            &format!("TCP:127.0.0.1:{port}"),
+                        ],
+                        &files.path().join(format!("{key}.log")),
+                    )
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            wait_front(&ns, Some(&files))?;
+            Scenario {
                 name: "socat",
-                description: "client -> socat (plain TCP relay) -> server",
-                client_ns: ns,
-                client_cgroup: None,
-                target: local(5301),
-                relays: vec![pid],
+                description: "client -> socat (plain TCP relay, a process per connection) -> server",
+                ports: front,
+                relays: procs
+                    .iter()
+                    .filter_map(|p| p.0.as_ref().map(Proc::pid))
+                    .collect(),
+                _relay_procs: procs,
                 _sites: vec![],
-                _procs: vec![server, relay],
+                _backends: backends,
+                client_cgroup: None,
+                client_ns: ns,
                 _extra_ns: vec![],
-            })
+                _files: Some(files),
+            }
+        }
+        "haproxy" => {
+            let ns = Netns::new("bhaproxy")?;
+            let files = TempDir::new("bhaproxy")?;
+            let backends = backends(&ns, None)?;
+            let mut cfg = haproxy_global();
+            for ((key, port), listen) in SERVICES.iter().zip(FRONT..) {
+                let _ = write!(
+                    cfg,
+                    "listen {key}\n  bind 127.0.0.1:{listen}\n  server backend 127.0.0.1:{port}\n"
+                );
+            }
+            let conf = files.path().join("haproxy.cfg");
+            std::fs::write(&conf, cfg)?;
+            let p = relay(
+                &ns,
+                &["haproxy", "-db", "-f", &conf.to_string_lossy()],
+                &files.path().join("haproxy.log"),
+            )?;
+            wait_front(&ns, Some(&files))?;
+            Scenario {
+                name: "haproxy",
+                description: "client -> HAProxy (mode tcp) -> server",
+                ports: front,
+                relays: p.0.as_ref().map(Proc::pid).into_iter().collect(),
+                _relay_procs: vec![p],
+                _sites: vec![],
+                _backends: backends,
+                client_cgroup: None,
+                client_ns: ns,
+                _extra_ns: vec![],
+                _files: Some(files),
+            }
+        }
+        "nginx" => {
+            let ns = Netns::new("bnginx")?;
+            let files = TempDir::new("bnginx")?;
+            let backends = backends(&ns, None)?;
+            let dir = files.path().to_string_lossy().into_owned();
+            let mut cfg = format!(
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\nevents {{ worker_connections 20000; }}\nstream {{\n"
+            );
+            for ((_, port), listen) in SERVICES.iter().zip(FRONT..) {
+                let _ = writeln!(
+                    cfg,
+                    "  server {{ listen 127.0.0.1:{listen}; proxy_pass 127.0.0.1:{port}; }}"
+                );
+            }
+            cfg.push_str("}\n");
+            let conf = files.path().join("nginx.conf");
+            std::fs::write(&conf, cfg)?;
+            let p = relay(
+                &ns,
+                &[
+                    "nginx",
+                    "-p",
+                    &dir,
+                    "-c",
+                    &conf.to_string_lossy(),
+                    "-g",
+                    "daemon off;",
+                ],
+                &files.path().join("nginx.log"),
+            )?;
+            wait_front(&ns, Some(&files))?;
+            Scenario {
+                name: "nginx",
+                description: "client -> nginx stream proxy -> server",
+                ports: front,
+                relays: p.0.as_ref().map(Proc::pid).into_iter().collect(),
+                _relay_procs: vec![p],
+                _sites: vec![],
+                _backends: backends,
+                client_cgroup: None,
+                client_ns: ns,
+                _extra_ns: vec![],
+                _files: Some(files),
+            }
         }
         "skiff-hop" | "skiff-hop-accel" => {
             let accel = name == "skiff-hop-accel";
@@ -135,29 +432,14 @@ pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
             } else {
                 None
             };
-            let server = iperf3_server(&ns, cgroup.as_ref())?;
+            let backends = backends(&ns, cgroup.as_ref())?;
             let site = Site::start_in(&ns, cgroup.as_ref(), "hop", None)?;
-            site.cli(&[
-                "connector",
-                "create",
-                "perf",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "5201",
-            ])?;
-            site.cli(&[
-                "listener",
-                "create",
-                "perf",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "5302",
-            ])?;
-            ns.wait_listening(5302, Duration::from_secs(10))?;
-            let pid = router_pid(&site)?;
-            Ok(Scenario {
+            for ((key, port), listen) in SERVICES.iter().zip(FRONT..) {
+                site.connector(key, *port)?;
+                site.listener(key, listen)?;
+            }
+            wait_front(&ns, None)?;
+            Scenario {
                 name: if accel {
                     "skiff-hop-accel"
                 } else {
@@ -168,14 +450,85 @@ pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
                 } else {
                     "client -> skiff listener -> connector -> server (one router, plain TCP)"
                 },
-                client_ns: ns,
-                client_cgroup: cgroup,
-                target: local(5302),
-                relays: vec![pid],
+                ports: front,
+                relays: vec![router_pid(&site)?],
+                _relay_procs: vec![],
                 _sites: vec![site],
-                _procs: vec![server],
+                _backends: backends,
+                client_cgroup: cgroup,
+                client_ns: ns,
                 _extra_ns: vec![],
-            })
+                _files: None,
+            }
+        }
+        "haproxy-tls" | "stunnel" => {
+            let west_ns = Netns::new(if name == "stunnel" { "bstunw" } else { "bhatw" })?;
+            let east_ns = Netns::new(if name == "stunnel" { "bstune" } else { "bhate" })?;
+            let files = TempDir::new(name)?;
+            let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
+            certificates(files.path(), &west_ip)?;
+            let backends = backends(&west_ns, None)?;
+            let dir = files.path().display().to_string();
+            let (east_cfg, west_cfg, program): (String, String, &[&str]) = if name == "stunnel" {
+                let (mut east, mut west) = (stunnel_global(), stunnel_global());
+                for (((key, port), listen), tunnel) in SERVICES.iter().zip(FRONT..).zip(TUNNEL..) {
+                    let _ = write!(
+                        east,
+                        "[{key}]\nclient = yes\naccept = 127.0.0.1:{listen}\nconnect = {west_ip}:{tunnel}\ncert = {dir}/client.crt\nkey = {dir}/client.key\nCAfile = {dir}/ca.crt\nverifyChain = yes\n"
+                    );
+                    let _ = write!(
+                        west,
+                        "[{key}]\naccept = {west_ip}:{tunnel}\nconnect = 127.0.0.1:{port}\ncert = {dir}/server.crt\nkey = {dir}/server.key\nCAfile = {dir}/ca.crt\nverifyChain = yes\nrequireCert = yes\n"
+                    );
+                }
+                (east, west, &["stunnel"])
+            } else {
+                let (mut east, mut west) = (haproxy_global(), haproxy_global());
+                for (((key, port), listen), tunnel) in SERVICES.iter().zip(FRONT..).zip(TUNNEL..) {
+                    let _ = write!(
+                        east,
+                        "listen {key}\n  bind 127.0.0.1:{listen}\n  server west {west_ip}:{tunnel} ssl verify required ca-file {dir}/ca.crt crt {dir}/client.pem\n"
+                    );
+                    let _ = write!(
+                        west,
+                        "listen {key}\n  bind {west_ip}:{tunnel} ssl crt {dir}/server.pem ca-file {dir}/ca.crt verify required\n  server backend 127.0.0.1:{port}\n"
+                    );
+                }
+                (east, west, &["haproxy", "-db", "-f"])
+            };
+            let mut procs = Vec::new();
+            for (side, ns, cfg) in [("west", &west_ns, west_cfg), ("east", &east_ns, east_cfg)] {
+                let conf = files.path().join(format!("{side}.conf"));
+                std::fs::write(&conf, cfg)?;
+                let conf = conf.to_string_lossy();
+                let args: Vec<&str> = program.iter().copied().chain([conf.as_ref()]).collect();
+                procs.push(relay(ns, &args, &files.path().join(format!("{side}.log")))?);
+            }
+            wait_front(&east_ns, Some(&files))?;
+            Scenario {
+                name: if name == "stunnel" {
+                    "stunnel"
+                } else {
+                    "haproxy-tls"
+                },
+                description: if name == "stunnel" {
+                    "client -> stunnel client -> TLS 1.3 mTLS over veth -> stunnel server -> server"
+                } else {
+                    "client -> HAProxy -> TLS 1.3 mTLS over veth -> HAProxy -> server"
+                },
+                ports: front,
+                relays: procs
+                    .iter()
+                    .filter_map(|p| p.0.as_ref().map(Proc::pid))
+                    .collect(),
+                _relay_procs: procs,
+                _sites: vec![],
+                _backends: backends,
+                client_cgroup: None,
+                client_ns: east_ns,
+                _extra_ns: vec![west_ns],
+                _files: Some(files),
+            }
         }
         "skiff-mtls" | "skiff-mtls-accel" => {
             let accel = name == "skiff-mtls-accel";
@@ -189,7 +542,7 @@ pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
                 None
             };
             let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
-            let server = iperf3_server(&west_ns, cgroup.as_ref())?;
+            let backends = backends(&west_ns, cgroup.as_ref())?;
             let west = Site::start_in(
                 &west_ns,
                 cgroup.as_ref(),
@@ -198,48 +551,61 @@ pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
             )?;
             let east = Site::start_in(&east_ns, cgroup.as_ref(), "east", None)?;
             west.link_from(&east)?;
-            west.cli(&[
-                "connector",
-                "create",
-                "perf",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "5201",
-            ])?;
-            east.cli(&[
-                "listener",
-                "create",
-                "perf",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "5303",
-            ])?;
+            for ((key, port), listen) in SERVICES.iter().zip(FRONT..) {
+                west.connector(key, *port)?;
+                east.listener(key, listen)?;
+            }
             east.wait_for(&["listener", "status"], Duration::from_secs(10), |out| {
-                out.contains("\"reachable\": true")
+                out.matches("\"reachable\": true").count() == SERVICES.len()
             })?;
-            let relays = vec![router_pid(&east)?, router_pid(&west)?];
-            Ok(Scenario {
+            Scenario {
                 name: if accel {
                     "skiff-mtls-accel"
                 } else {
                     "skiff-mtls"
                 },
                 description: if accel {
-                    "the mTLS path with sockmap on the local legs at both ends"
+                    "the skiff mTLS path with sockmap on the local legs at both ends"
                 } else {
-                    "client -> router east -> mTLS link over veth -> router west -> server"
+                    "client -> router east -> TLS 1.3 mTLS link over veth -> router west -> server"
                 },
-                target: local(5303),
-                relays,
+                ports: front,
+                relays: vec![router_pid(&east)?, router_pid(&west)?],
+                _relay_procs: vec![],
                 _sites: vec![east, west],
-                _procs: vec![server],
+                _backends: backends,
                 client_cgroup: cgroup,
                 client_ns: east_ns,
                 _extra_ns: vec![west_ns],
-            })
+                _files: None,
+            }
         }
         other => anyhow::bail!("unknown scenario {other:?}; known: {}", ALL.join(", ")),
+    };
+    tune(&s.client_ns)?;
+    for ns in &s._extra_ns {
+        tune(ns)?;
     }
+    Ok(s)
+}
+
+/// Lets a connection-rate run reuse client ports: tens of thousands of short connections in a
+/// few seconds would otherwise exhaust them in TIME_WAIT, in every scenario alike.
+fn tune(ns: &Netns) -> anyhow::Result<()> {
+    ns.run(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_local_port_range=10000 65000",
+    ])?;
+    ns.run(&["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"])?;
+    Ok(())
+}
+
+fn haproxy_global() -> String {
+    "global\n  maxconn 8000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n  ssl-default-server-options ssl-min-ver TLSv1.3\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n".to_owned()
+}
+
+fn stunnel_global() -> String {
+    "foreground = yes\npid =\ndebug = err\nsslVersionMin = TLSv1.3\n".to_owned()
 }

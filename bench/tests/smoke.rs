@@ -1,4 +1,5 @@
-//! The benchmark harness runs end to end and writes its results (no timing is asserted).
+//! The benchmark harness runs end to end, through every scenario with every client, and
+//! writes its results (no timing is asserted).
 
 use std::process::Command;
 
@@ -9,13 +10,7 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
     }
     let out = kernel_tests::TempDir::new("bench-smoke")?;
     let status = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args([
-            "--smoke",
-            "--connect-latency",
-            "direct",
-            "skiff-hop",
-            "--out",
-        ])
+        .args(["--smoke", "--connect-latency", "--out"])
         .arg(out.path())
         .status()?;
     assert!(status.success(), "bench exited with {status}");
@@ -23,14 +18,42 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
         serde_json::from_slice(&std::fs::read(out.path().join("results.json"))?)?;
     let rows = results["rows"].as_array().expect("rows");
     let names: Vec<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
-    assert_eq!(names, ["direct", "skiff-hop"]);
+    assert_eq!(
+        names,
+        [
+            "direct",
+            "socat",
+            "haproxy",
+            "nginx",
+            "skiff-hop",
+            "skiff-hop-accel",
+            "haproxy-tls",
+            "stunnel",
+            "skiff-mtls",
+            "skiff-mtls-accel",
+        ]
+    );
     for row in rows {
-        assert!(
-            row["throughput_gbps"]["median"].as_f64() > Some(0.0),
-            "{row}"
+        for figure in [
+            "throughput_gbps",
+            "parallel_gbps",
+            "rtt_p50_us",
+            "rtt_p99_us",
+            "conns_per_second",
+        ] {
+            assert!(
+                row[figure]["median"].as_f64() > Some(0.0),
+                "{figure}: {row}"
+            );
+        }
+        let relayed = row["scenario"] != "direct";
+        assert_eq!(
+            row["kib_per_1000_idle_streams"].is_number(),
+            relayed,
+            "memory is read exactly where something relays: {row}"
         );
     }
-    assert!(out.path().join("results.md").exists() && out.path().join("throughput.svg").exists());
+    assert!(out.path().join("results.md").exists() && out.path().join("chart.svg").exists());
     let connect = std::fs::read_to_string(out.path().join("connect.md"))?;
     assert!(connect.contains("added by the hooks"), "{connect}");
     Ok(())

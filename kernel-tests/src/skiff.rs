@@ -178,6 +178,44 @@ impl Site {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Exposes the backend at 127.0.0.1:`port` under routing key `key`
+    /// (`skiff connector create KEY --host 127.0.0.1 --port PORT`).
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn connector(&self, key: &str, port: u16) -> anyhow::Result<()> {
+        let port = port.to_string();
+        self.cli(&[
+            "connector",
+            "create",
+            key,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ])
+        .map(drop)
+    }
+
+    /// Listens on 127.0.0.1:`port` for routing key `key`
+    /// (`skiff listener create KEY --host 127.0.0.1 --port PORT`).
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn listener(&self, key: &str, port: u16) -> anyhow::Result<()> {
+        let port = port.to_string();
+        self.cli(&[
+            "listener",
+            "create",
+            key,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+        ])
+        .map(drop)
+    }
+
     /// Polls `skiff ARGS --output json` until `ok` accepts the answer.
     ///
     /// # Errors

@@ -29,7 +29,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "a real service in end-to-end tests"),
     ("redis-tools", "redis-cli and redis-benchmark"),
     ("iperf3", "throughput through the service network"),
-    ("openssl", "user-supplied certificates in tests"),
+    (
+        "openssl",
+        "user-supplied certificates in tests, certificates for the TLS peers",
+    ),
+    ("sockperf", "round-trip latency in the benchmark"),
+    ("haproxy", "a peer in the benchmark (plain and TLS relays)"),
+    ("stunnel4", "a peer in the benchmark (mTLS tunnel)"),
+    ("nginx-light", "a peer in the benchmark (stream proxy)"),
+    ("libnginx-mod-stream", "nginx's stream (TCP proxy) module"),
 ];
 
 /// The rustup name under which Debian's toolchain is linked; router/build.rs uses it

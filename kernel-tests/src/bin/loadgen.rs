@@ -7,6 +7,11 @@
 //!                                        (default: all at once); verify every answer
 //! loadgen push ADDR CONNS BYTES [PAR]    the same, but close after sending: no answer
 //! loadgen connects ADDR N                time N connect() calls; print p50/p99/mean in µs
+//! loadgen echo ADDR                      echo every byte back on every connection
+//! loadgen connrate ADDR SECONDS PAR      for SECONDS, PAR at a time: connect, one byte there
+//!                                        and back, close; print connections per second
+//! loadgen hold ADDR N                    open N connections, one byte there and back on each,
+//!                                        print "ready" on stderr, then hold them until killed
 //! ```
 
 use std::{
@@ -38,14 +43,19 @@ fn main() -> anyhow::Result<()> {
             send(addr, conns.parse()?, bytes.parse()?, par.parse()?, false)
         }
         ["connects", addr, n] => connects(addr, n.parse()?),
+        ["echo", addr] => runtime()?.block_on(echo(addr)),
+        ["connrate", addr, seconds, par] => {
+            runtime()?.block_on(connrate(addr, seconds.parse()?, par.parse()?))
+        }
+        ["hold", addr, n] => runtime()?.block_on(hold(addr, n.parse()?)),
         _ => bail!(
-            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N"
+            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen echo ADDR | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
         ),
     }
 }
 
 fn sink(addr: &str) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("failed to bind {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("failed to bind {addr}"))?;
     for conn in listener.incoming() {
         let mut conn = conn?;
         thread::spawn(move || {
@@ -62,6 +72,29 @@ fn sink(addr: &str) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// A listener with a deep accept queue. std's default backlog (128) overflows under the
+/// tests' bursts of connections; a dropped handshake ACK then leaves the connection half-open
+/// at the server until the client gives up and resets it.
+fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(4096)?)
+}
+
+/// [`bind`], for blocking accepts.
+fn listen(addr: &str) -> anyhow::Result<TcpListener> {
+    let listener =
+        runtime()?.block_on(async { bind(addr)?.into_std().map_err(anyhow::Error::from) })?;
+    listener.set_nonblocking(false)?;
+    Ok(listener)
 }
 
 fn send(addr: &str, conns: usize, bytes: u64, parallel: usize, answer: bool) -> anyhow::Result<()> {
@@ -157,4 +190,86 @@ fn connect(addr: &str) -> anyhow::Result<TcpStream> {
     }
     Err(last.map_or_else(|| anyhow::anyhow!("no attempt"), anyhow::Error::from))
         .with_context(|| format!("failed to connect to {addr}"))
+}
+
+/// The connection-heavy modes run on one thread with an event loop: a thread per connection
+/// would make the baseline (direct loopback) measure thread creation, not connections.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn echo(addr: &str) -> anyhow::Result<()> {
+    let listener = bind(addr).with_context(|| format!("failed to bind {addr}"))?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut rd, mut wr) = conn.split();
+            let _ = tokio::io::copy(&mut rd, &mut wr).await;
+        });
+    }
+}
+
+/// One byte there and back on `conn`: proves the whole path to the backend is established.
+async fn ping(conn: &mut tokio::net::TcpStream) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    conn.write_all(b"x").await?;
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte).await.context("no echo")?;
+    Ok(())
+}
+
+async fn connrate(addr: &str, seconds: f64, parallel: usize) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let start = tokio::time::Instant::now();
+    let until = start + Duration::from_secs_f64(seconds);
+    let workers: Vec<_> = (0..parallel.max(1))
+        .map(|_| {
+            tokio::spawn(async move {
+                let (mut done, mut failed) = (0u64, 0u64);
+                while tokio::time::Instant::now() < until {
+                    let attempt = async {
+                        let mut conn = tokio::net::TcpStream::connect(addr).await?;
+                        ping(&mut conn).await
+                    };
+                    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                        Ok(Ok(())) => done += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    let (mut done, mut failed) = (0u64, 0u64);
+    for w in workers {
+        let (d, f) = w.await?;
+        done += d;
+        failed += f;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"connections\": {done}, \"failed\": {failed}, \"per_second\": {:.1}}}",
+        done as f64 / elapsed
+    );
+    ensure!(done > 0, "no connection completed ({failed} failed)");
+    Ok(())
+}
+
+async fn hold(addr: &str, n: usize) -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut conn = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connection {i}"))?;
+        ping(&mut conn)
+            .await
+            .with_context(|| format!("connection {i}"))?;
+        held.push(conn);
+    }
+    eprintln!("ready: holding {n} connections");
+    std::future::pending::<()>().await;
+    Ok(())
 }
