@@ -210,7 +210,7 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
 
     let mut background = Vec::new();
     if let Some(addr) = router.config.link_access.clone() {
-        let listener = TcpListener::bind(&addr)
+        let listener = datapath::listen(&addr)
             .await
             .map_err(|source| Error::Bind {
                 what: "link access",
@@ -656,7 +656,7 @@ impl Router {
         {
             return Err(format!("listener {} already exists", spec.name));
         }
-        let socket = TcpListener::bind(spec.bind_addr()).await.map_err(|e| {
+        let socket = datapath::listen(&spec.bind_addr()).await.map_err(|e| {
             format!(
                 "failed to bind listener {} on {}: {e}",
                 spec.name,

@@ -102,9 +102,14 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 Err(e) => return Err(e),
             }
         } else if eof {
-            // SAFETY: shutdown on a socket we borrow; it only affects the write direction.
-            unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) };
+            shutdown_write(to);
             return Ok(total);
         }
     }
+}
+
+/// Half-closes `socket`: the peer reads end-of-stream, and the other direction stays open.
+pub fn shutdown_write(socket: &TcpStream) {
+    // SAFETY: shutdown on a socket we borrow; it only affects the write direction.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
 }

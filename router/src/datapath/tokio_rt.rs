@@ -27,27 +27,19 @@ use crate::link::{
 /// With [`Copy::Splice`] the bytes never enter user space (splice(2)). Sockets whose data
 /// the kernel redirects with sk_msg need [`Copy::Read`]: redirected bytes wait in the socket's
 /// psock queue, which `recvmsg` drains but splice does not see.
-pub async fn proxy(mut client: TcpStream, mut backend: TcpStream, copy: Copy) -> Outcome {
-    if copy == Copy::Read {
-        return match tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut backend,
-            BUFFER_SIZE,
-            BUFFER_SIZE,
+pub async fn proxy(client: TcpStream, backend: TcpStream, copy: Copy) -> Outcome {
+    let result = if copy == Copy::Read {
+        tokio::try_join!(
+            super::copy::one_way(&client, &backend),
+            super::copy::one_way(&backend, &client)
         )
-        .await
-        {
-            Ok((bytes_out, bytes_in)) => Outcome {
-                bytes_out,
-                bytes_in,
-                failed: None,
-            },
-            Err(_) => failed_both(&client, &backend),
-        };
-    }
-    let up = super::splice::one_way(&client, &backend);
-    let down = super::splice::one_way(&backend, &client);
-    match tokio::try_join!(up, down) {
+    } else {
+        tokio::try_join!(
+            super::splice::one_way(&client, &backend),
+            super::splice::one_way(&backend, &client)
+        )
+    };
+    match result {
         Ok((bytes_out, bytes_in)) => Outcome {
             bytes_out,
             bytes_in,
