@@ -37,6 +37,7 @@ enum Command {
     /// Benchmarks: skiff against direct loopback and other relays, as ratios (needs root).
     Bench {
         /// Arguments for the bench binary: scenario names, --quick, --runs N, --seconds S, --out DIR.
+        /// `--micro` alone runs the Criterion micro-benchmarks (frame codec, TLS records) instead.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

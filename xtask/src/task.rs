@@ -143,6 +143,10 @@ pub fn kernel_tests(args: &[String], tally: &mut Tally) -> anyhow::Result<()> {
 
 /// Builds skiff and the harness with the release profile and runs the harness.
 pub fn bench(args: &[String]) -> anyhow::Result<()> {
+    if args == ["--micro"] {
+        // In-memory: no root, no namespaces.
+        return status(cargo().args(["bench", "--package", "bench", "--benches"]));
+    }
     ensure!(
         is_root(),
         "the benchmarks create network namespaces and cgroups: run them as root"
