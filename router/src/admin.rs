@@ -75,6 +75,16 @@ pub enum Request {
     Apply {
         resources: Resources,
     },
+    /// Replaces the site policy; `None` removes it (everything allowed again).
+    PolicySet {
+        policy: Option<crate::policy::Policy>,
+    },
+    PolicyStatus,
+    /// Issues a certificate bundle for a TLS listener's client or a TLS connector's backend.
+    ServiceBundle {
+        kind: BundleKind,
+        name: String,
+    },
     Shutdown,
 }
 
@@ -164,4 +174,14 @@ pub async fn call(path: &Path, request: &Request) -> Result<serde_json::Value, E
         Response::Ok(value) => Ok(value),
         Response::Error(message) => Err(Error::Router(message)),
     }
+}
+
+/// Whose bundle [`Request::ServiceBundle`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BundleKind {
+    /// A workload connecting to TLS listener `name` (client certificate).
+    Client,
+    /// The backend of TLS connector `name` (server certificate for its host).
+    Server,
 }

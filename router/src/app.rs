@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::{
     accel::{self, Accel},
     admin::{self, Request, Response},
-    datapath::{self, Side},
+    datapath::{self, Conn, Side},
     isolation::{self, Isolation, Protection},
     link::{
         self, Events, Link, Open,
@@ -39,15 +39,25 @@ use crate::{
     },
     metrics,
     pki::{self, CertKey},
+    policy::{Control, Denied, Policy},
     routing::Routing,
-    service::{Connector, Listener, Resources},
+    service::{Connector, ConnectorTls, Listener, ListenerTls, Resources},
     site::{self, SiteConfig, StateDir},
     tls,
     token::{self, Grant, Grants, RedeemRequest, RedeemResponse, Token},
 };
 
-/// How long a backend has to accept a connection.
+/// How long a backend has to accept a connection (and, for a TLS connector, to finish the
+/// handshake).
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a workload has to finish the TLS handshake with a TLS listener.
+const SERVICE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the router reaches a TLS backend.
+struct BackendTls {
+    connector: tokio_rustls::TlsConnector,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
 /// How long shutdown waits for open connections to finish.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -116,6 +126,8 @@ struct ListenerRt {
 struct OutgoingRt {
     config: LinkConfig,
     tasks: Vec<AbortHandle>,
+    /// Why the site policy keeps this link from being dialled (no tasks run then).
+    denied: Option<String>,
 }
 
 #[derive(Default)]
@@ -124,6 +136,10 @@ struct Inner {
     outgoing: BTreeMap<String, OutgoingRt>,
     listeners: BTreeMap<String, ListenerRt>,
     connectors: BTreeMap<String, Connector>,
+    /// TLS settings of the connectors that reach their backend over TLS, by connector name.
+    backend_tls: HashMap<String, Arc<BackendTls>>,
+    /// Connectors whose routing key this router advertises (the site policy may withhold one).
+    advertised: std::collections::BTreeSet<String>,
     grants: Grants,
     next_connector: usize,
     /// Ids of protected endpoints (listeners, link access); 0 is never used.
@@ -135,6 +151,8 @@ pub struct Router {
     config: SiteConfig,
     state: StateDir,
     ca: CertKey,
+    /// Signs TLS listeners' certificates and the bundles for workloads and backends.
+    service_ca: CertKey,
     routing: Mutex<Routing>,
     inner: Mutex<Inner>,
     active: AtomicUsize,
@@ -151,6 +169,17 @@ pub struct Router {
     isolation: Mutex<Option<Isolation>>,
     denials: Mutex<Denials>,
     metrics_addr: std::sync::OnceLock<SocketAddr>,
+    /// The site policy; `None` (no policy applied) allows everything.
+    policy: std::sync::RwLock<Option<Policy>>,
+    policy_denials: Mutex<PolicyDenials>,
+}
+
+/// Policy denials, counted per control, with stream-level logs rate-limited.
+#[derive(Default)]
+struct PolicyDenials {
+    by_control: BTreeMap<Control, u64>,
+    last_log: Option<std::time::Instant>,
+    unlogged: u64,
 }
 
 /// What the deny events told us, for `skiff status` and rate-limited logs.
@@ -184,6 +213,8 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
     let (accel, accel_note) = start_accel(&config.name, &state, &options)?;
     let mut isolation = start_isolation(&config, &options)?;
     let deny_events = isolation.as_mut().and_then(Isolation::take_events);
+    let policy: Option<Policy> = state.read_json_or_default("policy.json")?;
+    let service_ca = state.service_ca(&config.name)?;
     let router = Arc::new(Router {
         routing: Mutex::new(Routing::new(&config.name)),
         inner: Mutex::new(Inner {
@@ -193,6 +224,7 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         config,
         state,
         ca,
+        service_ca,
         active: AtomicUsize::new(0),
         shutdown: tokio::sync::Notify::new(),
         link_access: std::sync::OnceLock::new(),
@@ -201,6 +233,8 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         } else {
             datapath::Copy::Splice
         },
+        policy: std::sync::RwLock::new(policy),
+        policy_denials: Mutex::new(PolicyDenials::default()),
         accel: Mutex::new(accel),
         accel_note,
         isolation: Mutex::new(isolation),
@@ -477,13 +511,14 @@ impl Router {
     }
 
     /// A local connector for `key`, rotating among several.
-    fn local_backend(&self, key: &str) -> Option<String> {
+    /// Picks a local connector for `key` (round robin): its address, and its TLS settings.
+    fn local_backend(&self, key: &str) -> Option<(String, Option<Arc<BackendTls>>)> {
         let mut inner = self.inner.lock().expect("router lock");
-        let matching: Vec<String> = inner
+        let matching: Vec<(String, Option<Arc<BackendTls>>)> = inner
             .connectors
             .values()
             .filter(|c| c.routing_key == key)
-            .map(Connector::backend_addr)
+            .map(|c| (c.backend_addr(), inner.backend_tls.get(&c.name).cloned()))
             .collect();
         if matching.is_empty() {
             return None;
@@ -498,13 +533,18 @@ impl Router {
     }
 
     /// Routes one client connection accepted by a listener for `key`.
-    async fn route_client(self: Arc<Self>, client: TcpStream, key: String) {
+    async fn route_client(self: Arc<Self>, client: Conn, key: String) {
         let _active = self.track();
-        let _ = client.set_nodelay(true);
+        let _ = client.tcp().set_nodelay(true);
+        if let Err(denied) = self.check_policy(|p| p.service(&key)) {
+            self.policy_denied(&denied, true);
+            datapath::abort(client.tcp());
+            return;
+        }
         let route = self.routing.lock().expect("routing lock").choose(&key);
         let Some(route) = route else {
             warn!(routing_key = %key, "no reachable connector; client reset");
-            datapath::abort(&client);
+            datapath::abort(client.tcp());
             return;
         };
         self.routing
@@ -516,14 +556,14 @@ impl Router {
                 Ok(backend) => datapath::proxy(client, backend, self.local_copy).await,
                 Err(reason) => {
                     warn!(routing_key = %key, reason, "backend unreachable; client reset");
-                    datapath::abort(&client);
+                    datapath::abort(client.tcp());
                     datapath::Outcome::default()
                 }
             },
             Some(hop) => match self.link_to(&hop) {
                 None => {
                     warn!(routing_key = %key, next_hop = %hop, "link to next hop is down; client reset");
-                    datapath::abort(&client);
+                    datapath::abort(client.tcp());
                     datapath::Outcome::default()
                 }
                 Some(link) => {
@@ -535,7 +575,7 @@ impl Router {
                     match link.open(&open).await {
                         Ok((tx, rx)) => datapath::relay(client, Side::Downstream, tx, rx).await,
                         Err(_) => {
-                            datapath::abort(&client);
+                            datapath::abort(client.tcp());
                             datapath::Outcome::default()
                         }
                     }
@@ -551,8 +591,8 @@ impl Router {
         }
     }
 
-    async fn connect_backend(&self, key: &str) -> Result<TcpStream, String> {
-        let addr = self
+    async fn connect_backend(&self, key: &str) -> Result<Conn, String> {
+        let (addr, tls) = self
             .local_backend(key)
             .ok_or_else(|| "no local connector".to_owned())?;
         let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(&addr))
@@ -560,13 +600,28 @@ impl Router {
             .map_err(|_| format!("connect to {addr} timed out"))?
             .map_err(|e| format!("connect to {addr} failed: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        Ok(tcp)
+        let Some(tls) = tls else {
+            return Ok(Conn::Tcp(tcp));
+        };
+        let stream = tokio::time::timeout(
+            BACKEND_CONNECT_TIMEOUT,
+            tls.connector.connect(tls.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| format!("TLS handshake with {addr} timed out"))?
+        .map_err(|e| format!("TLS handshake with {addr} failed: {e}"))?;
+        Ok(Conn::TlsClient(Box::new(stream)))
     }
 
     /// Handles a stream a peer opened: serve it here, or pass it on towards its destination.
     async fn serve_stream(self: Arc<Self>, open: Open, tx: StreamTx, rx: StreamRx) {
         let _active = self.track();
         if open.dest == self.config.name {
+            if let Err(denied) = self.check_policy(|p| p.service(&open.routing_key)) {
+                self.policy_denied(&denied, true);
+                tx.reset(ResetCode::Refused, &denied.to_string()).await;
+                return;
+            }
             match self.connect_backend(&open.routing_key).await {
                 Ok(backend) => {
                     let _ = datapath::relay(backend, Side::Upstream, tx, rx).await;
@@ -599,7 +654,16 @@ impl Router {
 
     fn start_link(self: &Arc<Self>, config: LinkConfig, key: String) {
         let events: Arc<dyn Events> = Arc::clone(self) as Arc<dyn Events>;
-        let tasks = (0..config.connections.max(1))
+        let host = site::host_of(&config.url).unwrap_or(&config.url).to_owned();
+        let denied = self.check_policy(|p| p.outgoing_link(&host)).err();
+        if let Some(denied) = &denied {
+            self.policy_denied(denied, false);
+        }
+        let tasks = (0..if denied.is_some() {
+            0
+        } else {
+            config.connections.max(1)
+        })
             .map(|_| {
                 tokio::spawn(dial::maintain(
                     config.clone(),
@@ -611,23 +675,45 @@ impl Router {
             })
             .collect();
         let name = config.name.clone();
-        let old = self
-            .inner
-            .lock()
-            .expect("router lock")
-            .outgoing
-            .insert(name, OutgoingRt { config, tasks });
+        let old = self.inner.lock().expect("router lock").outgoing.insert(
+            name,
+            OutgoingRt {
+                config,
+                tasks,
+                denied: denied.map(|d| d.to_string()),
+            },
+        );
         if let Some(old) = old {
             old.tasks.iter().for_each(AbortHandle::abort);
         }
     }
 
+    /// Adds a connector. A new one (`persist`) must be allowed by the site policy; a restored
+    /// one is kept either way, and its key is advertised only while the policy allows it.
     fn add_connector(&self, connector: Connector, persist: bool) -> Result<(), String> {
         let key = connector.routing_key.clone();
+        let allowed = self.check_policy(|p| {
+            p.service(&key)?;
+            p.exposed_resource(&connector.host, connector.port)
+        });
+        if let Err(denied) = &allowed {
+            self.policy_denied(denied, false);
+            if persist {
+                return Err(format!("connector {}: {denied}", connector.name));
+            }
+        }
+        let name = connector.name.clone();
+        let tls = match &connector.tls {
+            Some(tls) => Some(Arc::new(self.connector_tls(&connector, tls)?)),
+            None => None,
+        };
         {
             let mut inner = self.inner.lock().expect("router lock");
             if inner.connectors.contains_key(&connector.name) {
                 return Err(format!("connector {} already exists", connector.name));
+            }
+            if let Some(tls) = tls {
+                inner.backend_tls.insert(name.clone(), tls);
             }
             if let Ok(addr) = connector.backend_addr().parse::<SocketAddr>() {
                 self.accel_endpoint(addr, true);
@@ -636,6 +722,10 @@ impl Router {
             if persist {
                 self.save_resources(&inner).map_err(|e| e.to_string())?;
             }
+            if allowed.is_err() {
+                return Ok(());
+            }
+            inner.advertised.insert(name);
         }
         let own = self
             .routing
@@ -656,6 +746,17 @@ impl Router {
         {
             return Err(format!("listener {} already exists", spec.name));
         }
+        // A restored listener is kept either way: each connection is checked as it arrives.
+        if let Err(denied) = self.check_policy(|p| p.service(&spec.routing_key)) {
+            self.policy_denied(&denied, false);
+            if persist {
+                return Err(format!("listener {}: {denied}", spec.name));
+            }
+        }
+        let tls = match &spec.tls {
+            Some(tls) => Some(self.listener_tls(&spec, tls)?),
+            None => None,
+        };
         let socket = datapath::listen(&spec.bind_addr()).await.map_err(|e| {
             format!(
                 "failed to bind listener {} on {}: {e}",
@@ -675,6 +776,7 @@ impl Router {
         let task = tokio::spawn(accept_loop(
             socket,
             spec.routing_key.clone(),
+            tls,
             Arc::clone(&connections),
             Arc::clone(self),
         ))
@@ -880,6 +982,7 @@ impl Router {
                 .connectors
                 .remove(name)
                 .ok_or_else(|| format!("no connector named {name}"))?;
+            inner.backend_tls.remove(name);
             self.save_resources(&inner).map_err(|e| e.to_string())?;
             let shared = inner
                 .connectors
@@ -887,6 +990,9 @@ impl Router {
                 .any(|c| c.backend_addr() == removed.backend_addr());
             if !shared && let Ok(addr) = removed.backend_addr().parse::<SocketAddr>() {
                 self.accel_endpoint(addr, false);
+            }
+            if !inner.advertised.remove(name) {
+                return Ok(()); // withheld by the policy: nothing to withdraw
             }
             removed
         };
@@ -950,6 +1056,11 @@ impl Router {
         if token.site == self.config.name {
             return Err("this token was issued by this site; redeem it at another site".into());
         }
+        let host = site::host_of(&token.url).unwrap_or(&token.url).to_owned();
+        if let Err(denied) = self.check_policy(|p| p.outgoing_link(&host)) {
+            self.policy_denied(&denied, false);
+            return Err(denied.to_string());
+        }
         let (mut config, key) = dial::redeem(&token, &self.config.name, &name)
             .await
             .map_err(|e| e.to_string())?;
@@ -982,6 +1093,280 @@ impl Router {
         let _ = std::fs::remove_file(self.state.links_dir().join(format!("{name}.json")));
         let _ = std::fs::remove_file(self.state.links_dir().join(format!("{name}.key")));
         Ok(())
+    }
+
+    /// The TLS acceptor of a TLS listener: a certificate from the service CA for the names a
+    /// workload may use to reach it, and the service CA as client CA when it checks clients.
+    fn listener_tls(&self, spec: &Listener, tls: &ListenerTls) -> Result<TlsAcceptor, String> {
+        let mut sans = vec![
+            spec.routing_key.clone(),
+            spec.name.clone(),
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
+        if !matches!(spec.host.as_str(), "0.0.0.0" | "::" | "[::]") {
+            sans.push(spec.host.trim_matches(['[', ']']).to_owned());
+        }
+        sans.sort();
+        sans.dedup();
+        let identity = pki::issue(
+            &self.service_ca,
+            &spec.routing_key,
+            &sans,
+            pki::Usage::Server,
+        )
+        .map_err(|e| {
+            format!(
+                "listener {}: failed to issue its certificate: {e}",
+                spec.name
+            )
+        })?;
+        let client_ca = tls
+            .require_client_cert
+            .then_some(self.service_ca.cert_pem.as_str());
+        let config = tls::service_server_config(&identity, client_ca)
+            .map_err(|e| format!("listener {}: {e}", spec.name))?;
+        Ok(TlsAcceptor::from(config))
+    }
+
+    /// How a TLS connector reaches its backend: the CA it trusts (the service CA, or the PEM
+    /// file given) and the name the backend's certificate must carry.
+    fn connector_tls(
+        &self,
+        connector: &Connector,
+        tls: &ConnectorTls,
+    ) -> Result<BackendTls, String> {
+        let what = |e: &dyn std::fmt::Display| format!("connector {}: {e}", connector.name);
+        let ca_pem = match &tls.ca_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| what(&format!("failed to read the CA file {path}: {e}")))?,
+            None => self.service_ca.cert_pem.clone(),
+        };
+        let config = tls::service_client_config(&ca_pem).map_err(|e| what(&e))?;
+        let name = tls
+            .server_name
+            .clone()
+            .unwrap_or_else(|| connector.host.clone());
+        let server_name =
+            rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']).to_owned())
+                .map_err(|e| what(&format!("{name:?} is not a valid TLS server name: {e}")))?;
+        Ok(BackendTls {
+            connector: tokio_rustls::TlsConnector::from(config),
+            server_name,
+        })
+    }
+
+    /// A bundle for a workload (a client of TLS listener `name`) or a backend (the server of
+    /// TLS connector `name`): the service CA, and a new certificate and key signed by it. The
+    /// key is handed over, never kept.
+    fn service_bundle(
+        &self,
+        kind: admin::BundleKind,
+        name: &str,
+    ) -> Result<serde_json::Value, String> {
+        let inner = self.inner.lock().expect("router lock");
+        let pair = match kind {
+            admin::BundleKind::Client => {
+                let listener = inner
+                    .listeners
+                    .get(name)
+                    .ok_or_else(|| format!("no listener named {name}"))?;
+                pki::issue(
+                    &self.service_ca,
+                    &format!("client of {}", listener.spec.routing_key),
+                    &[],
+                    pki::Usage::Client,
+                )
+            }
+            admin::BundleKind::Server => {
+                let connector = inner
+                    .connectors
+                    .get(name)
+                    .ok_or_else(|| format!("no connector named {name}"))?;
+                let mut sans = vec![connector.host.trim_matches(['[', ']']).to_owned()];
+                if let Some(n) = connector.tls.as_ref().and_then(|t| t.server_name.clone()) {
+                    sans.push(n);
+                }
+                pki::issue(&self.service_ca, &sans[0], &sans, pki::Usage::Server)
+            }
+        }
+        .map_err(|e| format!("failed to issue the bundle's certificate: {e}"))?;
+        Ok(json!({
+            "ca": self.service_ca.cert_pem,
+            "cert": pair.cert_pem,
+            "key": pair.key_pem,
+        }))
+    }
+
+    /// Runs `check` against the site policy; no policy allows everything.
+    fn check_policy(
+        &self,
+        check: impl FnOnce(&Policy) -> Result<(), Denied>,
+    ) -> Result<(), Denied> {
+        match &*self.policy.read().expect("policy lock") {
+            Some(policy) => check(policy),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts and logs a denial. Per-connection denials (`frequent`) are logged at most once
+    /// a second, with the number left unlogged, so a client retrying in a loop cannot flood
+    /// the log.
+    fn policy_denied(&self, denied: &Denied, frequent: bool) {
+        let mut d = self.policy_denials.lock().expect("policy lock");
+        *d.by_control.entry(denied.control).or_default() += 1;
+        let now = std::time::Instant::now();
+        if frequent
+            && d.last_log
+                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            d.unlogged += 1;
+            return;
+        }
+        d.last_log = Some(now);
+        let unlogged = std::mem::take(&mut d.unlogged);
+        warn!(
+            control = denied.control.as_str(),
+            unlogged, "denied: {denied}"
+        );
+    }
+
+    /// Replaces the site policy (`None` removes it) and applies it to what exists: incoming
+    /// links from sites no longer allowed are closed, outgoing links to hosts no longer allowed
+    /// stop (and resume when allowed again), connectors no longer allowed are withdrawn from
+    /// the network. Listeners check each new connection. Returns what changed.
+    fn set_policy(self: &Arc<Self>, policy: Option<Policy>) -> Result<serde_json::Value, String> {
+        let stored = match &policy {
+            Some(p) => self
+                .state
+                .write_json("policy.json", p)
+                .map_err(|e| e.to_string()),
+            None => match std::fs::remove_file(self.state.root().join("policy.json")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.to_string()),
+                _ => Ok(()),
+            },
+        };
+        stored.map_err(|e| format!("failed to store the policy: {e}"))?;
+        *self.policy.write().expect("policy lock") = policy;
+
+        let mut closed = Vec::new();
+        let incoming: Vec<Arc<Link>> = {
+            let inner = self.inner.lock().expect("router lock");
+            inner
+                .links
+                .values()
+                .flatten()
+                .filter(|l| l.direction == link::Direction::Incoming)
+                .cloned()
+                .collect()
+        };
+        for link in incoming {
+            if let Err(denied) = self.check_policy(|p| p.incoming_link(&link.peer)) {
+                self.policy_denied(&denied, false);
+                link.shut(denied.to_string());
+                closed.push(link.peer.clone());
+            }
+        }
+
+        let (mut stopped, mut resumed) = (Vec::new(), Vec::new());
+        let outgoing: Vec<(String, LinkConfig, bool)> = {
+            let inner = self.inner.lock().expect("router lock");
+            inner
+                .outgoing
+                .iter()
+                .map(|(name, o)| (name.clone(), o.config.clone(), o.denied.is_some()))
+                .collect()
+        };
+        for (name, config, was_denied) in outgoing {
+            let host = site::host_of(&config.url).unwrap_or(&config.url).to_owned();
+            let now_denied = self.check_policy(|p| p.outgoing_link(&host)).is_err();
+            if now_denied == was_denied {
+                continue;
+            }
+            match self.load_link(&name) {
+                // start_link checks the policy again and replaces (and stops) the old tasks.
+                Ok((config, key)) => self.start_link(config, key),
+                Err(e) => warn!(link = %name, error = %e, "failed to reload link"),
+            }
+            if now_denied {
+                &mut stopped
+            } else {
+                &mut resumed
+            }
+            .push(name);
+        }
+
+        let (mut withdrawn, mut advertised) = (Vec::new(), Vec::new());
+        let mut states = Vec::new();
+        {
+            let mut inner = self.inner.lock().expect("router lock");
+            let mut routing = self.routing.lock().expect("routing lock");
+            let connectors: Vec<Connector> = inner.connectors.values().cloned().collect();
+            for c in connectors {
+                let allowed = self
+                    .check_policy(|p| {
+                        p.service(&c.routing_key)?;
+                        p.exposed_resource(&c.host, c.port)
+                    })
+                    .is_ok();
+                let was = inner.advertised.contains(&c.name);
+                if allowed && !was {
+                    inner.advertised.insert(c.name.clone());
+                    states.push(routing.add_local_key(&c.routing_key));
+                    advertised.push(c.name);
+                } else if !allowed && was {
+                    inner.advertised.remove(&c.name);
+                    states.push(routing.remove_local_key(&c.routing_key));
+                    withdrawn.push(c.name);
+                }
+            }
+        }
+        // Each advertisement carries the whole local state; the newest supersedes the rest.
+        if let Some(last) = states.pop() {
+            self.flood(vec![last], None);
+        }
+        let refusing: Vec<String> = {
+            let inner = self.inner.lock().expect("router lock");
+            inner
+                .listeners
+                .values()
+                .filter(|l| {
+                    self.check_policy(|p| p.service(&l.spec.routing_key))
+                        .is_err()
+                })
+                .map(|l| l.spec.name.clone())
+                .collect()
+        };
+        info!(
+            closed = closed.len(),
+            stopped = stopped.len(),
+            resumed = resumed.len(),
+            withdrawn = withdrawn.len(),
+            "site policy applied"
+        );
+        Ok(json!({
+            "closedIncomingLinks": closed,
+            "stoppedLinks": stopped,
+            "resumedLinks": resumed,
+            "withdrawnConnectors": withdrawn,
+            "advertisedConnectors": advertised,
+            "refusingListeners": refusing,
+        }))
+    }
+
+    fn policy_status(&self) -> serde_json::Value {
+        let denials: BTreeMap<&str, u64> = self
+            .policy_denials
+            .lock()
+            .expect("policy lock")
+            .by_control
+            .iter()
+            .map(|(c, n)| (c.as_str(), *n))
+            .collect();
+        json!({
+            "policy": *self.policy.read().expect("policy lock"),
+            "denials": denials,
+        })
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1026,7 +1411,12 @@ impl Router {
         for (name, out) in &inner.outgoing {
             let peer = &out.config.peer_site;
             described.insert(peer.clone());
-            rows.push(link_row(name, "outgoing", peer, inner.links.get(peer)));
+            let mut row = link_row(name, "outgoing", peer, inner.links.get(peer));
+            if let Some(reason) = &out.denied {
+                row["status"] = json!("denied");
+                row["reason"] = json!(reason);
+            }
+            rows.push(row);
         }
         for (peer, links) in &inner.links {
             if !described.contains(peer) && !links.is_empty() {
@@ -1097,14 +1487,36 @@ impl Drop for ActiveGuard {
 async fn accept_loop(
     socket: TcpListener,
     key: String,
+    tls: Option<TlsAcceptor>,
     connections: Arc<AtomicU64>,
     router: Arc<Router>,
 ) {
     loop {
         match socket.accept().await {
-            Ok((client, _)) => {
+            Ok((client, peer)) => {
                 connections.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(Arc::clone(&router).route_client(client, key.clone()));
+                let router = Arc::clone(&router);
+                let key = key.clone();
+                let Some(tls) = tls.clone() else {
+                    tokio::spawn(router.route_client(Conn::Tcp(client), key));
+                    continue;
+                };
+                tokio::spawn(async move {
+                    match tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, tls.accept(client)).await
+                    {
+                        Ok(Ok(stream)) => {
+                            router
+                                .route_client(Conn::TlsServer(Box::new(stream)), key)
+                                .await;
+                        }
+                        Ok(Err(e)) => {
+                            warn!(routing_key = %key, %peer, "TLS client refused: {e}");
+                        }
+                        Err(_) => {
+                            warn!(routing_key = %key, %peer, "TLS client refused: handshake timed out")
+                        }
+                    }
+                });
             }
             Err(e) => {
                 warn!(routing_key = %key, error = %e, "accept failed");
@@ -1215,7 +1627,15 @@ impl metrics::Source for Router {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
+        let policy_denials = {
+            let d = self.policy_denials.lock().expect("policy lock");
+            Control::ALL
+                .iter()
+                .map(|c| (c.as_str(), d.by_control.get(c).copied().unwrap_or(0)))
+                .collect()
+        };
         metrics::Snapshot {
+            policy_denials,
             active_connections: self.active.load(Ordering::Relaxed) as u64,
             link_connections,
             accel,
@@ -1231,7 +1651,19 @@ impl Access for Router {
         &self.config.name
     }
 
+    fn admit_link(&self, peer_site: &str) -> Result<(), String> {
+        self.check_policy(|p| p.incoming_link(peer_site))
+            .map_err(|denied| {
+                self.policy_denied(&denied, false);
+                denied.to_string()
+            })
+    }
+
     fn redeem(&self, source: SocketAddr, request: RedeemRequest) -> RedeemResponse {
+        // Before the grant is spent: a site the policy refuses keeps nothing from trying.
+        if let Err(reason) = self.admit_link(&request.site) {
+            return RedeemResponse::error(reason);
+        }
         let checked = self.inner.lock().expect("router lock").grants.redeem(
             source.ip(),
             &request.grant,
@@ -1311,6 +1743,9 @@ impl admin::Handler for Router {
                 Ok(json!(inner.connectors.values().collect::<Vec<_>>()))
             }
             Request::Apply { resources } => Ok(self.apply(resources).await),
+            Request::PolicySet { policy } => self.set_policy(policy),
+            Request::PolicyStatus => Ok(self.policy_status()),
+            Request::ServiceBundle { kind, name } => self.service_bundle(kind, &name),
             Request::Shutdown => {
                 self.shutdown.notify_one();
                 Ok(json!({}))

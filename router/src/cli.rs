@@ -57,7 +57,11 @@ pub enum Command {
     /// Every site, link and routing key the router knows of.
     #[command(subcommand)]
     Network(NetworkCommand),
-    /// Create or update listeners and connectors from a YAML file (the CRDs' schema).
+    /// The site policy: which sites may link, where links may go, what may be exposed.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Create or update the site, its policy, listeners and connectors from a YAML file (the
+    /// CRDs' schema).
     Apply {
         /// The YAML file; several resources separated by `---`.
         #[arg(short = 'f', long = "filename")]
@@ -194,6 +198,15 @@ pub struct ListenerArgs {
     /// Another namespace that may connect (repeatable).
     #[arg(long)]
     pub allow_namespace: Vec<String>,
+    /// Serve TLS to workloads, with a certificate from the site's service CA.
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: also require client certificates signed by the service CA.
+    #[arg(long, requires = "tls")]
+    pub require_client_cert: bool,
+    /// With --tls: write a client bundle (ca.crt, tls.crt, tls.key) into this directory.
+    #[arg(long, requires = "tls")]
+    pub bundle_out: Option<PathBuf>,
 }
 
 fn parse_namespace(text: &str) -> Result<(String, String), String> {
@@ -223,6 +236,28 @@ pub struct ConnectorArgs {
     /// Routing key (default: the connector's name).
     #[arg(long)]
     pub routing_key: Option<String>,
+    /// Connect to the backend over TLS, verifying its certificate.
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: the CA (PEM file) the backend's certificate chains to (default: the site's
+    /// service CA).
+    #[arg(long, requires = "tls")]
+    pub ca_file: Option<PathBuf>,
+    /// With --tls: the name the backend's certificate must carry (default: --host).
+    #[arg(long, requires = "tls")]
+    pub server_name: Option<String>,
+    /// With --tls: write a server bundle for the backend (ca.crt, tls.crt, tls.key) into this
+    /// directory.
+    #[arg(long, requires = "tls")]
+    pub bundle_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// The policy in force and the denials counted per control.
+    Status,
+    /// Remove the policy: everything is allowed again.
+    Delete,
 }
 
 #[derive(Debug, Subcommand)]

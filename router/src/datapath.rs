@@ -6,10 +6,12 @@
 //! another link stream, at an interior router). Today one backend implements them on tokio's
 //! epoll reactor ([`tokio_rt`]); an io_uring backend slots in behind the same functions.
 
+mod conn;
 mod copy;
 mod splice;
 mod tokio_rt;
 
+pub use conn::Conn;
 pub use tokio_rt::{Copy, abort, proxy, relay, splice};
 
 /// Accept queue depth of the router's listeners; the kernel caps it at net.core.somaxconn

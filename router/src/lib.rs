@@ -9,6 +9,7 @@ pub mod isolation;
 pub mod link;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
 pub mod resource;
 pub mod routing;
 pub mod service;

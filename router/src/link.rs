@@ -62,6 +62,8 @@ pub enum Error {
     Timeout(Duration),
     #[error("peer closed the link")]
     Closed,
+    #[error("closed here: {0}")]
+    Shut(String),
 }
 
 /// Which side dialed. The dialer numbers its streams odd, the acceptor even.
@@ -113,6 +115,9 @@ pub struct Link {
     streams: Mutex<HashMap<u32, Slot>>,
     next_stream: AtomicU32,
     closed: AtomicBool,
+    /// Why this router ends the link ([`Link::shut`]); the reader wakes on `shut_signal`.
+    shut_reason: Mutex<Option<String>>,
+    shut_signal: tokio::sync::Notify,
 }
 
 impl Link {
@@ -127,6 +132,14 @@ impl Link {
     /// Whether the link has ended.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Ends the link from this side (a policy change, a revoked credential): its streams are
+    /// reset and the connection closed, as when the peer goes away.
+    pub fn shut(&self, reason: impl Into<String>) {
+        *self.shut_reason.lock().expect("shut lock") = Some(reason.into());
+        // notify_one keeps a permit if the reader is not waiting at this moment.
+        self.shut_signal.notify_one();
     }
 
     /// Number of open streams.
@@ -246,6 +259,8 @@ where
         streams: Mutex::new(HashMap::new()),
         next_stream: AtomicU32::new(first_stream),
         closed: AtomicBool::new(false),
+        shut_reason: Mutex::new(None),
+        shut_signal: tokio::sync::Notify::new(),
     });
     info!(peer = %link.peer, direction = ?link.direction, "link up");
     events.link_up(&link);
@@ -315,9 +330,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if buf.capacity() - buf.len() < stream::MAX_DATA {
             buf.reserve(WRITE_BATCH);
         }
-        let n = tokio::time::timeout(DEAD_AFTER, reader.read_buf(&mut buf))
-            .await
-            .map_err(|_| Error::Timeout(DEAD_AFTER))??;
+        let n = tokio::select! {
+            read = tokio::time::timeout(DEAD_AFTER, reader.read_buf(&mut buf)) => {
+                read.map_err(|_| Error::Timeout(DEAD_AFTER))??
+            }
+            () = link.shut_signal.notified() => {
+                let reason = link.shut_reason.lock().expect("shut lock").take();
+                return Err(Error::Shut(reason.unwrap_or_default()));
+            }
+        };
         if n == 0 {
             return Err(Error::Closed);
         }

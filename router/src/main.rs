@@ -8,11 +8,11 @@ use router::{
     admin::{self, Request},
     app,
     cli::{
-        self, Cli, Command, ConnectorCommand, LinkCommand, ListenerCommand, RouterCommand,
-        SiteCommand, TokenCommand,
+        self, Cli, Command, ConnectorCommand, LinkCommand, ListenerCommand, PolicyCommand,
+        RouterCommand, SiteCommand, TokenCommand,
     },
     pki::CertKey,
-    service::{Connector, Listener},
+    service::{Connector, ConnectorTls, Listener, ListenerTls},
     site::{SiteConfig, StateDir, Supplied},
     token::Token,
 };
@@ -43,6 +43,48 @@ fn main() -> ExitCode {
             let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
             eprintln!("skiff: error: {}", chain.join(": "));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes a service bundle as Skupper's secrets hold it: `ca.crt`, `tls.crt`, `tls.key`
+/// (0600), into `dir` (created 0700 if missing).
+fn write_bundle(dir: &std::path::Path, bundle: &serde_json::Value) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("failed to create {}", dir.display()))?;
+    for (file, field, mode) in [
+        ("ca.crt", "ca", 0o644),
+        ("tls.crt", "cert", 0o644),
+        ("tls.key", "key", 0o600),
+    ] {
+        let pem = bundle[field]
+            .as_str()
+            .context("the router sent an incomplete bundle")?;
+        router::site::write_atomic(&dir.join(file), pem.as_bytes(), mode)?;
+    }
+    Ok(())
+}
+
+/// Prints what a policy change did to existing links and resources, one line per kind.
+fn print_policy_changes(changes: &serde_json::Value) {
+    for (field, what) in [
+        ("closedIncomingLinks", "closed incoming links from"),
+        ("stoppedLinks", "stopped links"),
+        ("resumedLinks", "resumed links"),
+        ("withdrawnConnectors", "withdrew connectors"),
+        ("advertisedConnectors", "advertised connectors"),
+        ("refusingListeners", "listeners now refusing connections"),
+    ] {
+        let names: Vec<&str> = changes[field]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+            .unwrap_or_default();
+        if !names.is_empty() {
+            println!("  {what}: {}", names.join(", "));
         }
     }
 }
@@ -212,9 +254,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 routing_key,
                 namespace: args.namespace,
                 allow_namespaces: args.allow_namespace,
+                tls: args.tls.then_some(ListenerTls {
+                    require_client_cert: args.require_client_cert,
+                }),
             };
             call(Request::ListenerCreate { listener }).await?;
             println!("listener {} created", args.name);
+            if let Some(dir) = args.bundle_out {
+                let bundle = call(Request::ServiceBundle {
+                    kind: admin::BundleKind::Client,
+                    name: args.name.clone(),
+                })
+                .await?;
+                write_bundle(&dir, &bundle)?;
+                println!("client bundle written to {}", dir.display());
+            }
         }
         Command::Listener(ListenerCommand::Status) => cli::print(
             out,
@@ -239,9 +293,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 host: args.host,
                 port: args.port,
                 routing_key,
+                tls: args.tls.then(|| ConnectorTls {
+                    ca_file: args.ca_file.map(|p| p.display().to_string()),
+                    server_name: args.server_name,
+                }),
             };
             call(Request::ConnectorCreate { connector }).await?;
             println!("connector {} created", args.name);
+            if let Some(dir) = args.bundle_out {
+                let bundle = call(Request::ServiceBundle {
+                    kind: admin::BundleKind::Server,
+                    name: args.name.clone(),
+                })
+                .await?;
+                write_bundle(&dir, &bundle)?;
+                println!("server bundle for the backend written to {}", dir.display());
+            }
         }
         Command::Connector(ConnectorCommand::Status) => cli::print(
             out,
@@ -278,6 +345,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(site) = &declared.site {
                 apply_site(&state, site)?;
             }
+            // The policy first, so that the resources in the same file are checked against it.
+            if let Some(policy) = declared.policy {
+                let changes = call(Request::PolicySet {
+                    policy: Some(policy),
+                })
+                .await?;
+                println!("SitePolicy applied");
+                print_policy_changes(&changes);
+            }
             let empty =
                 declared.resources.listeners.is_empty() && declared.resources.connectors.is_empty();
             if !empty {
@@ -302,6 +378,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("some resources were not applied");
                 }
             }
+        }
+        Command::Policy(PolicyCommand::Status) => {
+            let status = call(Request::PolicyStatus).await?;
+            if out == cli::Output::Table {
+                match &status["policy"] {
+                    serde_json::Value::Null => println!("no policy: everything is allowed"),
+                    policy => println!("{}", serde_yaml_ng::to_string(policy)?.trim_end()),
+                }
+                println!("denials: {}", status["denials"]);
+            } else {
+                cli::print(out, &status, &[]);
+            }
+        }
+        Command::Policy(PolicyCommand::Delete) => {
+            let changes = call(Request::PolicySet { policy: None }).await?;
+            println!("policy deleted: everything is allowed");
+            print_policy_changes(&changes);
         }
         Command::Network(cli::NetworkCommand::Status) => cli::print(
             out,

@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub accel_sockets: Option<u64>,
     pub isolation: Option<crate::isolation::Counters>,
     pub denied_by_namespace: Vec<(String, u64)>,
+    /// Site-policy denials by control (`allowIncomingLinks`, ...), every control present.
+    pub policy_denials: Vec<(&'static str, u64)>,
 }
 
 /// Something that can be measured: the router implements it.
@@ -74,6 +76,16 @@ impl<S: Source> Collector for RouterCollector<S> {
             "Established link connections to other routers.",
             s.link_connections,
         )?;
+        let denied = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "skiff_policy_denials",
+            "Links, resources and streams the site policy refused, by control.",
+            None,
+            denied.metric_type(),
+        )?;
+        for (control, n) in &s.policy_denials {
+            ConstCounter::new(*n).encode(family.encode_family(&[("control", *control)])?)?;
+        }
         if let Some(a) = s.accel {
             counter(
                 &mut encoder,

@@ -54,8 +54,10 @@ pub struct CertKey {
 pub enum Usage {
     /// A router identity: serves links and dials them.
     ServerAndClient,
-    /// A link credential: only dials.
+    /// A link credential, or a workload's certificate towards a TLS listener: only dials.
     Client,
+    /// A service's certificate (a TLS listener's, a backend's): only serves.
+    Server,
 }
 
 fn new_key() -> Result<KeyPair, Error> {
@@ -81,9 +83,17 @@ fn name(common_name: &str) -> DistinguishedName {
 /// # Errors
 /// When key generation or signing fails.
 pub fn new_ca(site: &str) -> Result<CertKey, Error> {
+    new_named_ca(&format!("{site} site CA"))
+}
+
+/// Makes a new self-signed CA whose common name is `common_name`.
+///
+/// # Errors
+/// When key generation or signing fails.
+pub fn new_named_ca(common_name: &str) -> Result<CertKey, Error> {
     let key = new_key()?;
     let mut params = CertificateParams::default();
-    params.distinguished_name = name(&format!("{site} site CA"));
+    params.distinguished_name = name(common_name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut params, CA_LIFETIME);
@@ -110,6 +120,7 @@ fn leaf_params(
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
         Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
     };
     params.use_authority_key_identifier_extension = true;
     validity(&mut params, lifetime);

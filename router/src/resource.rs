@@ -11,12 +11,18 @@
 //! kind: Connector
 //! metadata: {name: web}
 //! spec: {host: 127.0.0.1, port: 8080}
+//! ---
+//! apiVersion: skiff.io/v1alpha1
+//! kind: SitePolicy
+//! metadata: {name: policy}
+//! spec: {allowIncomingLinks: [east], allowedServices: [web]}
 //! ```
 
 use serde::Deserialize;
 
 use crate::{
-    service::{Connector, Listener, Resources},
+    policy::Policy,
+    service::{Connector, ConnectorTls, Listener, ListenerTls, Resources},
     site::SiteConfig,
 };
 
@@ -36,6 +42,8 @@ pub enum Error {
     ApiVersion { index: usize, found: String },
     #[error("document {index}: a file declares at most one Site")]
     SecondSite { index: usize },
+    #[error("document {index}: a file declares at most one SitePolicy")]
+    SecondPolicy { index: usize },
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +64,8 @@ struct ListenerSpec {
     namespace: Option<String>,
     #[serde(default)]
     allow_namespaces: Vec<String>,
+    #[serde(default)]
+    tls: Option<ListenerTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +75,8 @@ struct ConnectorSpec {
     port: u16,
     #[serde(default)]
     routing_key: Option<String>,
+    #[serde(default)]
+    tls: Option<ConnectorTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,12 +108,18 @@ enum Document {
         metadata: Metadata,
         spec: ConnectorSpec,
     },
+    SitePolicy {
+        api_version: String,
+        metadata: Metadata,
+        spec: Policy,
+    },
 }
 
-/// What a YAML file declares: at most one site, and listeners and connectors.
+/// What a YAML file declares: at most one site and one policy, and listeners and connectors.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Declared {
     pub site: Option<SiteConfig>,
+    pub policy: Option<Policy>,
     pub resources: Resources,
 }
 
@@ -137,6 +155,11 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
                 api_version,
                 metadata,
                 ..
+            }
+            | Document::SitePolicy {
+                api_version,
+                metadata,
+                ..
             } => (api_version, &metadata.name),
         };
         if api_version != API_VERSION {
@@ -164,12 +187,20 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
                 port: spec.port,
                 namespace: spec.namespace,
                 allow_namespaces: spec.allow_namespaces,
+                tls: spec.tls,
                 name,
             }),
+            Document::SitePolicy { spec, .. } => {
+                if declared.policy.is_some() {
+                    return Err(Error::SecondPolicy { index });
+                }
+                declared.policy = Some(spec);
+            }
             Document::Connector { spec, .. } => resources.connectors.push(Connector {
                 routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
                 host: spec.host,
                 port: spec.port,
+                tls: spec.tls,
                 name,
             }),
         }
@@ -202,6 +233,17 @@ mod tests {
         assert_eq!(config.namespaces["team-a"], "/sys/fs/cgroup/a");
         let twice = format!("{site}---\n{site}");
         assert!(matches!(parse(&twice), Err(Error::SecondSite { index: 2 })));
+    }
+
+    #[test]
+    fn a_site_policy_parses_with_unnamed_controls_denying() {
+        let text = "apiVersion: skiff.io/v1alpha1\nkind: SitePolicy\nmetadata: {name: strict}\nspec:\n  allowIncomingLinks: [east]\n  allowedServices: ['web-*']\n";
+        let policy = parse(text).expect("parses").policy.expect("policy");
+        assert!(policy.incoming_link("east").is_ok());
+        assert!(policy.service("web-1").is_ok());
+        assert!(policy.outgoing_link("anywhere").is_err());
+        let typo = text.replace("allowedServices", "allowedService");
+        assert!(parse(&typo).is_err());
     }
 
     #[test]

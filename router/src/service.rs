@@ -20,6 +20,32 @@ pub struct Listener {
     /// Other namespaces that may connect.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_namespaces: Vec<String>,
+    /// Serve TLS to workloads instead of plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// TLS between workloads and a listener: the router presents a certificate from the site's
+/// service CA (for the routing key, the listener's name and host, `localhost`, `127.0.0.1`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ListenerTls {
+    /// Also require a client certificate signed by the service CA (see `--bundle-out`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+}
+
+/// TLS between the router and a backend.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConnectorTls {
+    /// PEM file of the CA the backend's certificate must chain to; by default the site's
+    /// service CA (which signs the bundle `--bundle-out` writes for the backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// The name the backend's certificate must carry; by default the connector's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 /// Binds a routing key at this site to a backend `host:port`.
@@ -30,6 +56,9 @@ pub struct Connector {
     pub host: String,
     pub port: u16,
     pub routing_key: String,
+    /// Connect to the backend over TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ConnectorTls>,
 }
 
 fn any_host() -> String {
@@ -52,7 +81,7 @@ impl Connector {
     }
 }
 
-fn join_host_port(host: &str, port: u16) -> String {
+pub fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
@@ -81,6 +110,7 @@ mod tests {
             host: "::1".into(),
             port: 5432,
             routing_key: "db".into(),
+            tls: None,
         };
         assert_eq!(c.backend_addr(), "[::1]:5432");
         let l: Listener = serde_json::from_str(r#"{"name":"web","port":8080,"routingKey":"web"}"#)

@@ -160,6 +160,21 @@ impl StateDir {
         self.write_json("site.json", config)
     }
 
+    /// The site's service CA, which signs TLS listeners' certificates and the bundles handed
+    /// to workloads and backends. Made on first use (sites created before it existed get one
+    /// then).
+    ///
+    /// # Errors
+    /// When it cannot be read or written.
+    pub fn service_ca(&self, site: &str) -> Result<CertKey, Error> {
+        if self.file("service-ca.crt").exists() {
+            return self.cert_key("service-ca");
+        }
+        let ca = pki::new_named_ca(&format!("{site} service CA"))?;
+        self.write_cert_key("service-ca", &ca)?;
+        Ok(ca)
+    }
+
     /// Reads the site's configuration.
     ///
     /// # Errors

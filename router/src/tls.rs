@@ -93,6 +93,43 @@ pub fn grant_client_config(issuer_ca_pem: &str) -> Result<Arc<ClientConfig>, Err
     Ok(Arc::new(config))
 }
 
+/// A TLS listener towards workloads: presents `identity` (issued by the site's service CA);
+/// with `client_ca_pem`, requires a client certificate signed by it. TLS 1.2 and 1.3, since
+/// workloads bring their own TLS stacks.
+///
+/// # Errors
+/// When a certificate or key does not parse.
+pub fn service_server_config(
+    identity: &CertKey,
+    client_ca_pem: Option<&str>,
+) -> Result<Arc<ServerConfig>, Error> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca_pem {
+        Some(ca) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider()).build()?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(
+        pki::certs_from_pem(&identity.cert_pem)?,
+        pki::key_from_pem(&identity.key_pem)?,
+    )?;
+    Ok(Arc::new(config))
+}
+
+/// The router's side of a TLS connector: trusts only `ca_pem` for the backend's certificate.
+///
+/// # Errors
+/// When the CA does not parse.
+pub fn service_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, Error> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Fills `buf` from the provider's secure random source.
 ///
 /// # Errors

@@ -8,14 +8,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpStream,
 };
 
-use super::{BUFFER_SIZE, Outcome, Side};
+use super::{BUFFER_SIZE, Conn, Outcome, Side};
 use crate::link::{
     frame::ResetCode,
     stream::{Inbound, StreamRx, StreamTx},
@@ -27,7 +24,30 @@ use crate::link::{
 /// With [`Copy::Splice`] the bytes never enter user space (splice(2)). Sockets whose data
 /// the kernel redirects with sk_msg need [`Copy::Read`]: redirected bytes wait in the socket's
 /// psock queue, which `recvmsg` drains but splice does not see.
-pub async fn proxy(client: TcpStream, backend: TcpStream, copy: Copy) -> Outcome {
+///
+/// When either end is TLS, bytes go through rustls and a user-space copy.
+pub async fn proxy(client: Conn, backend: Conn, copy: Copy) -> Outcome {
+    let (client, backend) = match (client, backend) {
+        (Conn::Tcp(client), Conn::Tcp(backend)) => (client, backend),
+        (mut client, mut backend) => {
+            // TLS records are at most 16 KiB; a few of them per read is plenty.
+            return match tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut backend,
+                TLS_BUFFER,
+                TLS_BUFFER,
+            )
+            .await
+            {
+                Ok((bytes_out, bytes_in)) => Outcome {
+                    bytes_out,
+                    bytes_in,
+                    failed: None,
+                },
+                Err(_) => failed_both(client.tcp(), backend.tcp()),
+            };
+        }
+    };
     let result = if copy == Copy::Read {
         tokio::try_join!(
             super::copy::one_way(&client, &backend),
@@ -68,12 +88,35 @@ fn failed_both(client: &TcpStream, backend: &TcpStream) -> Outcome {
     }
 }
 
-/// Relays between a socket (`side` says which kind) and a link stream until both directions end.
-pub async fn relay(mut tcp: TcpStream, side: Side, tx: StreamTx, mut rx: StreamRx) -> Outcome {
-    let result = {
-        let (read, write) = tcp.split();
-        both_directions(read, write, side, &tx, &mut rx).await
-    };
+/// Copy buffer per direction when one end is TLS.
+const TLS_BUFFER: usize = 64 * 1024;
+
+/// Relays between a connection (`side` says which kind) and a link stream until both
+/// directions end.
+pub async fn relay(conn: Conn, side: Side, tx: StreamTx, mut rx: StreamRx) -> Outcome {
+    match conn {
+        Conn::Tcp(mut tcp) => {
+            let result = {
+                let (read, write) = tcp.split();
+                both_directions(read, write, side, &tx, &mut rx).await
+            };
+            finish_relay(result, &tcp, &tx).await
+        }
+        tls => {
+            let (read, write) = tokio::io::split(tls);
+            let (mut read, mut write) = (read, write);
+            let result = both_directions(&mut read, &mut write, side, &tx, &mut rx).await;
+            let conn = read.unsplit(write);
+            finish_relay(result, conn.tcp(), &tx).await
+        }
+    }
+}
+
+async fn finish_relay(
+    result: Result<(u64, u64), (Side, u64, u64)>,
+    tcp: &TcpStream,
+    tx: &StreamTx,
+) -> Outcome {
     match result {
         Ok((bytes_out, bytes_in)) => Outcome {
             bytes_out,
@@ -81,7 +124,7 @@ pub async fn relay(mut tcp: TcpStream, side: Side, tx: StreamTx, mut rx: StreamR
             failed: None,
         },
         Err((failed, bytes_out, bytes_in)) => {
-            abort(&tcp);
+            abort(tcp);
             if failed != Side::Link {
                 let code = if failed == Side::Upstream {
                     ResetCode::Refused
@@ -100,9 +143,9 @@ pub async fn relay(mut tcp: TcpStream, side: Side, tx: StreamTx, mut rx: StreamR
 }
 
 /// Runs both directions; the first failure ends the whole connection.
-async fn both_directions(
-    read: ReadHalf<'_>,
-    write: WriteHalf<'_>,
+async fn both_directions<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    read: R,
+    write: W,
     side: Side,
     tx: &StreamTx,
     rx: &mut StreamRx,
@@ -126,8 +169,8 @@ async fn both_directions(
     Ok((out.unwrap_or(0), inn.unwrap_or(0)))
 }
 
-async fn socket_to_stream(
-    mut read: ReadHalf<'_>,
+async fn socket_to_stream<R: AsyncRead + Unpin>(
+    mut read: R,
     tx: &StreamTx,
     side: Side,
 ) -> Result<u64, (Side, u64)> {
@@ -149,9 +192,9 @@ async fn socket_to_stream(
     }
 }
 
-async fn stream_to_socket(
+async fn stream_to_socket<W: AsyncWrite + Unpin>(
     rx: &mut StreamRx,
-    mut write: WriteHalf<'_>,
+    mut write: W,
     side: Side,
 ) -> Result<u64, (Side, u64)> {
     let mut total = 0u64;

@@ -27,6 +27,11 @@ pub trait Access: Events {
     /// This router's site name.
     fn site_name(&self) -> &str;
     /// Handles a redemption request from `source`.
+    /// Whether site `peer_site` may link here (the site policy); the reason when not.
+    ///
+    /// # Errors
+    /// When the policy refuses the site.
+    fn admit_link(&self, peer_site: &str) -> Result<(), String>;
     fn redeem(&self, source: SocketAddr, request: token::RedeemRequest) -> token::RedeemResponse;
 }
 
@@ -74,6 +79,7 @@ async fn handle<A: Access>(
     match alpn.as_deref() {
         Some(frame::ALPN_LINK) => {
             let peer_site = cert_name.ok_or("link attempt without a client certificate")?;
+            router.admit_link(&peer_site)?;
             let events: Arc<dyn Events> = router.clone();
             super::run(
                 tls,

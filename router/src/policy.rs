@@ -1,0 +1,230 @@
+//! Site policy: Skupper's four controls over what a site may do.
+//!
+//! A site without a policy allows everything. Once a policy is applied, it is an allow list:
+//! whatever a control does not name is denied (as in Skupper, where a field left out of a
+//! policy allows nothing).
+//!
+//! | control | checked when |
+//! |---|---|
+//! | `allowIncomingLinks` | a link is accepted, a token is redeemed here |
+//! | `allowedOutgoingLinksHostnames` | a link is dialled, a token is redeemed elsewhere |
+//! | `allowedExposedResources` | a connector is created (its backend) |
+//! | `allowedServices` | a listener or connector is created, a stream is opened |
+//!
+//! Patterns are matched whole; `*` matches any run of characters (`*.example.com`,
+//! `10.0.0.*`, `db-*`, `*`).
+
+use serde::{Deserialize, Serialize};
+
+/// Which sites may link to this one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IncomingLinks {
+    /// `true`: any site holding a credential from this site's CA; `false`: none.
+    All(bool),
+    /// Only these sites (names as their certificates give them).
+    Sites(Vec<String>),
+}
+
+impl Default for IncomingLinks {
+    fn default() -> Self {
+        Self::All(false)
+    }
+}
+
+/// A site's policy, as `skiff apply` reads it (`kind: SitePolicy`) and the state directory
+/// keeps it (`policy.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub allow_incoming_links: IncomingLinks,
+    /// Host patterns this site may dial links to.
+    #[serde(default)]
+    pub allowed_outgoing_links_hostnames: Vec<String>,
+    /// Backend patterns connectors may point at, matched against `host` and `host:port`.
+    #[serde(default)]
+    pub allowed_exposed_resources: Vec<String>,
+    /// Routing-key patterns that may be exposed (connectors) or consumed (listeners).
+    #[serde(default)]
+    pub allowed_services: Vec<String>,
+}
+
+/// The four controls, as named in logs, errors and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Control {
+    IncomingLinks,
+    OutgoingLinks,
+    ExposedResources,
+    Services,
+}
+
+impl Control {
+    /// The policy field's name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::IncomingLinks => "allowIncomingLinks",
+            Self::OutgoingLinks => "allowedOutgoingLinksHostnames",
+            Self::ExposedResources => "allowedExposedResources",
+            Self::Services => "allowedServices",
+        }
+    }
+
+    pub const ALL: [Self; 4] = [
+        Self::IncomingLinks,
+        Self::OutgoingLinks,
+        Self::ExposedResources,
+        Self::Services,
+    ];
+}
+
+/// Something a policy does not allow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} is not allowed by the site policy ({})", control.as_str())]
+pub struct Denied {
+    pub control: Control,
+    pub what: String,
+}
+
+impl Policy {
+    /// May site `site` link to this one?
+    ///
+    /// # Errors
+    /// When the policy does not allow it.
+    pub fn incoming_link(&self, site: &str) -> Result<(), Denied> {
+        let allowed = match &self.allow_incoming_links {
+            IncomingLinks::All(all) => *all,
+            IncomingLinks::Sites(sites) => sites.iter().any(|s| s == site),
+        };
+        allow(allowed, Control::IncomingLinks, || {
+            format!("a link from site {site}")
+        })
+    }
+
+    /// May this site dial a link to `host`?
+    ///
+    /// # Errors
+    /// When the policy does not allow it.
+    pub fn outgoing_link(&self, host: &str) -> Result<(), Denied> {
+        let allowed = matches_any(&self.allowed_outgoing_links_hostnames, host);
+        allow(allowed, Control::OutgoingLinks, || {
+            format!("a link to {host}")
+        })
+    }
+
+    /// May a connector expose the backend at `host`:`port`?
+    ///
+    /// # Errors
+    /// When the policy does not allow it.
+    pub fn exposed_resource(&self, host: &str, port: u16) -> Result<(), Denied> {
+        let addr = crate::service::join_host_port(host, port);
+        let allowed = matches_any(&self.allowed_exposed_resources, host)
+            || matches_any(&self.allowed_exposed_resources, &addr);
+        allow(allowed, Control::ExposedResources, || {
+            format!("backend {addr}")
+        })
+    }
+
+    /// May routing key `key` be exposed or consumed here?
+    ///
+    /// # Errors
+    /// When the policy does not allow it.
+    pub fn service(&self, key: &str) -> Result<(), Denied> {
+        let allowed = matches_any(&self.allowed_services, key);
+        allow(allowed, Control::Services, || format!("routing key {key}"))
+    }
+}
+
+fn allow(allowed: bool, control: Control, what: impl FnOnce() -> String) -> Result<(), Denied> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(Denied {
+            control,
+            what: what(),
+        })
+    }
+}
+
+fn matches_any(patterns: &[String], text: &str) -> bool {
+    patterns.iter().any(|p| glob(p, text))
+}
+
+/// Whole-string match where `*` matches any run of characters (including none).
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no `*`: the prefix was the whole pattern
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_whole_strings() {
+        assert!(glob("*", ""));
+        assert!(glob("*", "anything"));
+        assert!(glob("db", "db"));
+        assert!(!glob("db", "db2"));
+        assert!(glob("db-*", "db-main"));
+        assert!(!glob("db-*", "xdb-main"));
+        assert!(glob("*.example.com", "a.example.com"));
+        assert!(!glob("*.example.com", "example.com"));
+        assert!(glob("10.0.*.5", "10.0.7.5"));
+        assert!(!glob("10.0.*.5", "10.0.7.50"));
+        assert!(glob("a*b*c", "abc"));
+        assert!(glob("a*b*c", "a-b-b-c"));
+        assert!(!glob("a*b*c", "acb"));
+        // The suffix may not overlap what the middle consumed.
+        assert!(!glob("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn an_applied_policy_denies_what_it_does_not_name() {
+        let empty = Policy::default();
+        assert!(empty.incoming_link("east").is_err());
+        assert!(empty.outgoing_link("10.0.0.1").is_err());
+        assert!(empty.exposed_resource("10.0.0.1", 80).is_err());
+        let err = empty.service("web").expect_err("denied");
+        assert_eq!(
+            err.to_string(),
+            "routing key web is not allowed by the site policy (allowedServices)"
+        );
+    }
+
+    #[test]
+    fn each_control_allows_what_it_names() {
+        let policy: Policy = serde_json::from_str(
+            r#"{"allowIncomingLinks": ["east"], "allowedOutgoingLinksHostnames": ["*.corp"],
+                "allowedExposedResources": ["10.0.0.*", "127.0.0.1:6379"],
+                "allowedServices": ["web", "db-*"]}"#,
+        )
+        .expect("parses");
+        assert!(policy.incoming_link("east").is_ok());
+        assert!(policy.incoming_link("west").is_err());
+        assert!(policy.outgoing_link("hub.corp").is_ok());
+        assert!(policy.outgoing_link("hub.example").is_err());
+        assert!(policy.exposed_resource("10.0.0.9", 5432).is_ok());
+        assert!(policy.exposed_resource("127.0.0.1", 6379).is_ok());
+        assert!(policy.exposed_resource("127.0.0.1", 6380).is_err());
+        assert!(policy.service("db-main").is_ok());
+        assert!(policy.service("cache").is_err());
+        let open: Policy = serde_json::from_str(r#"{"allowIncomingLinks": true}"#).expect("parses");
+        assert!(open.incoming_link("anyone").is_ok());
+    }
+}

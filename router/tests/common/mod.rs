@@ -1,0 +1,263 @@
+//! What the in-process integration tests share: a router running in this process with its
+//! state in a temporary directory, driven through the real admin API; a checksumming backend;
+//! a checksummed transfer.
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use kernel_tests::Checksum;
+use router::{
+    admin::{self, Request},
+    app,
+    service::{Connector, Listener},
+    site::{SiteConfig, StateDir},
+    token::Token,
+};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+/// A router running in this process, with its state in a temporary directory.
+pub struct Site {
+    pub name: String,
+    pub state: StateDir,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Site {
+    pub async fn start(name: &str, link_access: bool) -> Self {
+        Self::start_with(name, link_access, &router::site::Supplied::default()).await
+    }
+
+    pub async fn start_with(
+        name: &str,
+        link_access: bool,
+        supplied: &router::site::Supplied,
+    ) -> Self {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "skiff-it-{}-{}-{name}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let state = StateDir::new(&dir);
+        state
+            .create_with(
+                &SiteConfig {
+                    name: name.into(),
+                    link_access: link_access.then(|| "127.0.0.1:0".into()),
+                    ..SiteConfig::default()
+                },
+                supplied,
+            )
+            .expect("site create");
+        let mut site = Self {
+            name: name.into(),
+            state,
+            task: None,
+        };
+        site.run().await;
+        site
+    }
+
+    pub async fn run(&mut self) {
+        let state = self.state.clone();
+        self.task = Some(tokio::spawn(async move {
+            let options = app::RunOptions {
+                metrics_addr: Some("127.0.0.1:0".into()),
+                ..app::RunOptions::default()
+            };
+            app::run(state, options).await.expect("router runs");
+        }));
+        for _ in 0..200 {
+            if admin::call(&self.state.admin_socket(), &Request::Status)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("router {} did not start", self.name);
+    }
+
+    pub async fn call(&self, request: Request) -> Result<Value, admin::Error> {
+        admin::call(&self.state.admin_socket(), &request).await
+    }
+
+    pub async fn stop(&mut self) {
+        let _ = self.call(Request::Shutdown).await;
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("router stops")
+                .expect("router task");
+        }
+    }
+
+    pub async fn token(&self) -> Token {
+        let value = self
+            .call(Request::TokenIssue {
+                redemptions: 1,
+                expiry_secs: 60,
+            })
+            .await
+            .expect("token issue");
+        serde_json::from_value(value).expect("token")
+    }
+
+    /// Redeems `token` here with default link settings.
+    pub async fn redeem(&self, token: Token) -> Result<Value, admin::Error> {
+        self.call(Request::TokenRedeem {
+            token,
+            name: None,
+            cost: None,
+            connections: None,
+        })
+        .await
+    }
+
+    /// Links `self` to `to` (self redeems a token issued by `to`) and waits until it is up.
+    pub async fn link_to(&self, to: &Site) {
+        let token = to.token().await;
+        self.redeem(token).await.expect("redeem");
+        self.wait_for(
+            |v| v["links"] == 1 || v["links"].as_u64() > Some(0),
+            Request::Status,
+        )
+        .await;
+    }
+
+    pub async fn wait_for(&self, ok: impl Fn(&Value) -> bool, request: Request) -> Value {
+        for _ in 0..500 {
+            if let Ok(v) = self.call(request.clone()).await
+                && ok(&v)
+            {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{}: condition not reached for {request:?}", self.name);
+    }
+
+    pub async fn connector(&self, name: &str, key: &str, port: u16) {
+        let connector = Connector {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port,
+            routing_key: key.into(),
+            tls: None,
+        };
+        self.call(Request::ConnectorCreate { connector })
+            .await
+            .expect("connector");
+    }
+
+    /// Creates a listener for `key` on an ephemeral port and waits until the key is reachable.
+    pub async fn listener(&self, name: &str, key: &str) -> u16 {
+        let listener = Listener {
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port: 0,
+            routing_key: key.into(),
+            namespace: None,
+            allow_namespaces: vec![],
+            tls: None,
+        };
+        self.call(Request::ListenerCreate { listener })
+            .await
+            .expect("listener");
+        let status = self
+            .wait_for(
+                |v| {
+                    v.as_array().is_some_and(|ls| {
+                        ls.iter()
+                            .any(|l| l["name"] == name && l["reachable"] == true)
+                    })
+                },
+                Request::ListenerStatus,
+            )
+            .await;
+        let row = status
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l["name"] == name))
+            .expect("listener row");
+        u16::try_from(row["port"].as_u64().expect("port")).expect("port fits")
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.state.root().to_owned()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
+/// A backend that reads until EOF, then answers with the checksum and byte count of what it
+/// read and closes: a transfer is byte-exact and half-close is carried end to end.
+pub async fn checksum_backend() -> (u16, JoinHandle<()>) {
+    let socket = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let port = socket.local_addr().expect("addr").port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = socket.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut sum = Checksum::default();
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => sum.update(&buf[..n]),
+                        Err(_) => return,
+                    }
+                }
+                let _ = conn.write_all(&sum.finish_bytes()).await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// Sends `len` pseudo-random bytes to `port`, half-closes, and checks the backend's answer.
+pub async fn transfer(port: u16, len: u64) {
+    let mut conn = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect listener");
+    let mut block = vec![0u8; 256 * 1024];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut sum, mut sent) = (Checksum::default(), 0u64);
+    while sent < len {
+        let n = usize::try_from((len - sent).min(block.len() as u64)).expect("fits");
+        kernel_tests::fill(&mut block[..n], &mut seed);
+        sum.update(&block[..n]);
+        conn.write_all(&block[..n]).await.expect("send");
+        sent += n as u64;
+    }
+    conn.shutdown().await.expect("half-close");
+    let expected = sum.finish_bytes();
+    let mut answer = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(60), conn.read_exact(&mut answer))
+        .await
+        .expect("answer in time")
+        .expect("answer after half-close");
+    assert_eq!(answer[8..], expected[8..], "byte count");
+    assert_eq!(answer[..8], expected[..8], "checksum");
+}
