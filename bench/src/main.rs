@@ -15,6 +15,8 @@ mod scenario;
 
 use std::{path::PathBuf, time::Duration};
 
+use std::fmt::Write as _;
+
 use anyhow::Context as _;
 use clap::Parser;
 use kernel_tests::Proc;
@@ -47,7 +49,27 @@ struct Args {
     out: PathBuf,
 }
 
+/// Set by SIGINT: stop after the measurement in progress and clean up (namespaces, cgroups,
+/// routers and peers are guards that only run when `main` returns normally).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn main() -> anyhow::Result<()> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_sigint as extern "C" fn(libc::c_int) as *const () as libc::sighandler_t,
+        )
+    };
+    let started = std::time::Instant::now();
     let mut args = Args::parse();
     if args.quick {
         (args.runs, args.seconds) = (3, 1);
@@ -79,10 +101,25 @@ fn main() -> anyhow::Result<()> {
 
     let jiffies_before = report::cpu_jiffies();
     let mut samples: Vec<Vec<report::Sample>> = vec![Vec::new(); scenarios.len()];
-    for run in 1..=args.runs {
+    let mut failures: Vec<Vec<String>> = vec![Vec::new(); scenarios.len()];
+    'runs: for run in 1..=args.runs {
         for (i, s) in scenarios.iter().enumerate() {
-            let sample =
-                measure(s, args.seconds).with_context(|| format!("scenario {}", s.name))?;
+            if interrupted() {
+                break 'runs;
+            }
+            // A failed run is reported, not fatal: the other scenarios' figures still stand,
+            // and how often a path fails is itself a result.
+            let sample = match measure(s, args.seconds) {
+                Ok(sample) => sample,
+                Err(e) => {
+                    eprintln!(
+                        "bench: run {run}/{} {:<16} failed: {e:#}",
+                        args.runs, s.name
+                    );
+                    failures[i].push(format!("run {run}: {e:#}"));
+                    continue;
+                }
+            };
             eprintln!(
                 "bench: run {run}/{} {:<16} {:>6.2} Gbit/s, x{PARALLEL} {:>6.2} Gbit/s, rtt p50 {:>6.1} µs, {:>7.0} conn/s",
                 args.runs,
@@ -99,6 +136,7 @@ fn main() -> anyhow::Result<()> {
     let idle = if args.smoke { 100 } else { IDLE_STREAMS };
     let memory = scenarios
         .iter()
+        .filter(|_| !interrupted())
         .map(|s| {
             let m = idle_memory(s, idle).with_context(|| format!("scenario {}", s.name))?;
             if let Some(kib) = m {
@@ -111,6 +149,10 @@ fn main() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
+    if interrupted() {
+        drop(scenarios);
+        anyhow::bail!("interrupted; everything the run set up has been removed");
+    }
     let steal = report::steal_percent(jiffies_before, report::cpu_jiffies());
     if steal > 5.0 {
         eprintln!(
@@ -121,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         &scenarios,
         &samples,
         &memory,
+        &failures,
         args.runs,
         args.seconds,
         steal,
@@ -131,6 +174,11 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("failed to create {}", args.out.display()))?;
     report.write(&args.out)?;
     let mut md = report.markdown();
+    let _ = writeln!(
+        md,
+        "\nWall time of the run: {:.0} s.",
+        started.elapsed().as_secs_f64()
+    );
     if args.connect_latency {
         eprintln!("bench: connect() latency with 1,001 protected listeners");
         let connects = if args.smoke { 200 } else { 5_000 };
@@ -163,14 +211,17 @@ fn measure(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<report::Sampl
     let cpu = s.relay_cpu_seconds() - cpu_before;
     let gbit = bytes * 8.0 / 1e9;
     let (gbps_parallel, _) = iperf3(s, seconds, PARALLEL)?;
-    let (rtt_p50_us, rtt_p99_us) = sockperf(s, seconds)?;
+    // Latency and connection rate settle faster than throughput: at most 3 s each keeps the
+    // full run under 20 minutes.
+    let short = seconds.min(3);
+    let (rtt_p50_us, rtt_p99_us) = sockperf(s, short)?;
     Ok(report::Sample {
         gbps,
         cpu_per_gbit: if gbit > 0.0 { cpu / gbit } else { 0.0 },
         gbps_parallel,
         rtt_p50_us,
         rtt_p99_us,
-        conns_per_s: connrate(s, seconds)?,
+        conns_per_s: connrate(s, short)?,
     })
 }
 
@@ -195,7 +246,12 @@ fn iperf3(s: &scenario::Scenario, seconds: u32, streams: u32) -> anyhow::Result<
     let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 printed no JSON")?;
     let bps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .context("iperf3 report has no received rate")?;
+        .with_context(|| {
+            format!(
+                "iperf3 -P {streams} reported no received rate: {}",
+                json["error"].as_str().unwrap_or("no error given")
+            )
+        })?;
     let bytes = json["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     Ok((bps / 1e9, bytes))
 }

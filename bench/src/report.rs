@@ -70,6 +70,8 @@ pub struct Row {
     pub conns_vs_direct: f64,
     /// Growth of the relays' proportional set size per 1,000 idle streams, KiB.
     pub kib_per_1000_idle_streams: Option<f64>,
+    /// Runs in which a client failed (left out of the figures), with the reason.
+    pub failed_runs: Vec<String>,
     pub samples: Vec<Sample>,
 }
 
@@ -97,6 +99,7 @@ impl Report {
         scenarios: &[Scenario],
         samples: &[Vec<Sample>],
         memory: &[Option<f64>],
+        failures: &[Vec<String>],
         runs: usize,
         seconds: u32,
         steal_percent: f64,
@@ -134,6 +137,7 @@ impl Report {
                     conns_per_second,
                     conns_vs_direct: ratio(conns_per_second.median, conns),
                     kib_per_1000_idle_streams: memory.get(i).copied().flatten(),
+                    failed_runs: failures.get(i).cloned().unwrap_or_default(),
                     samples: samples[i].clone(),
                 }
             })
@@ -203,6 +207,19 @@ impl Report {
                     "| {goal} | {measured} | {} |",
                     if met { "yes" } else { "no" }
                 );
+            }
+        }
+        let failed: Vec<&Row> = self
+            .rows
+            .iter()
+            .filter(|r| !r.failed_runs.is_empty())
+            .collect();
+        if !failed.is_empty() {
+            md.push_str("\nFailed runs (left out of the figures above):\n\n");
+            for r in failed {
+                for f in &r.failed_runs {
+                    let _ = writeln!(md, "- {}: {f}", r.scenario);
+                }
             }
         }
         md.push_str("\nPaths:\n\n| scenario | path |\n|---|---|\n");
