@@ -28,7 +28,11 @@ fn pair() -> (ClientConnection, ServerConnection) {
     )
     .expect("identity");
     let credential = pki::issue(&ca, "peer", &[], pki::Usage::Client).expect("credential");
-    let server_config = tls::server_config(&identity, &ca.cert_pem).expect("server config");
+    let server_config = tls::server_config(
+        tls::RotatingCert::new(&identity).expect("identity"),
+        &ca.cert_pem,
+    )
+    .expect("server config");
     let client_config = tls::link_client_config(&ca.cert_pem, &credential).expect("client config");
     let name = ServerName::try_from("localhost").expect("name");
     let mut client = ClientConnection::new(Arc::clone(&client_config), name).expect("client");

@@ -80,6 +80,12 @@ pub enum Request {
         policy: Option<crate::policy::Policy>,
     },
     PolicyStatus,
+    /// Replaces the router identity and TLS listeners' certificates, keeping links up.
+    RotateCerts,
+    /// Revokes the link credentials this site signed for `site` and cuts its links.
+    LinkRevoke {
+        site: String,
+    },
     /// Issues a certificate bundle for a TLS listener's client or a TLS connector's backend.
     ServiceBundle {
         kind: BundleKind,

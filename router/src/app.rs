@@ -116,6 +116,8 @@ pub enum Error {
 struct ListenerRt {
     /// Its protection at connect(), when namespaces are isolated.
     protection: Option<Protection>,
+    /// Its certificate, when it serves TLS (replaced on rotation).
+    cert: Option<Arc<tls::RotatingCert>>,
     spec: Listener,
     /// The address actually bound (the spec's port may be 0).
     bound: Option<SocketAddr>,
@@ -141,6 +143,8 @@ struct Inner {
     /// Connectors whose routing key this router advertises (the site policy may withhold one).
     advertised: std::collections::BTreeSet<String>,
     grants: Grants,
+    /// Link credentials this site signed, and which of them are revoked.
+    credentials: token::Credentials,
     next_connector: usize,
     /// Ids of protected endpoints (listeners, link access); 0 is never used.
     next_protection_id: u32,
@@ -153,6 +157,8 @@ pub struct Router {
     ca: CertKey,
     /// Signs TLS listeners' certificates and the bundles for workloads and backends.
     service_ca: CertKey,
+    /// The router identity served at link access (replaced on rotation).
+    link_cert: Arc<tls::RotatingCert>,
     routing: Mutex<Routing>,
     inner: Mutex<Inner>,
     active: AtomicUsize,
@@ -215,16 +221,19 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
     let deny_events = isolation.as_mut().and_then(Isolation::take_events);
     let policy: Option<Policy> = state.read_json_or_default("policy.json")?;
     let service_ca = state.service_ca(&config.name)?;
+    let link_cert = tls::RotatingCert::new(&identity)?;
     let router = Arc::new(Router {
         routing: Mutex::new(Routing::new(&config.name)),
         inner: Mutex::new(Inner {
             grants: Grants::new(state.read_json_or_default("grants.json")?),
+            credentials: state.read_json_or_default("credentials.json")?,
             ..Inner::default()
         }),
         config,
         state,
         ca,
         service_ca,
+        link_cert,
         active: AtomicUsize::new(0),
         shutdown: tokio::sync::Notify::new(),
         link_access: std::sync::OnceLock::new(),
@@ -251,7 +260,10 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
                 addr: addr.clone(),
                 source,
             })?;
-        let acceptor = TlsAcceptor::from(tls::server_config(&identity, &router.ca.cert_pem)?);
+        let acceptor = TlsAcceptor::from(tls::server_config(
+            Arc::clone(&router.link_cert),
+            &router.ca.cert_pem,
+        )?);
         if let Ok(bound) = listener.local_addr() {
             let _ = router.link_access.set(bound);
             // Workload namespaces may not reach the link-access port; callers in no
@@ -753,9 +765,12 @@ impl Router {
                 return Err(format!("listener {}: {denied}", spec.name));
             }
         }
-        let tls = match &spec.tls {
-            Some(tls) => Some(self.listener_tls(&spec, tls)?),
-            None => None,
+        let (tls, cert) = match &spec.tls {
+            Some(tls) => {
+                let (acceptor, cert) = self.listener_tls(&spec, tls)?;
+                (Some(acceptor), Some(cert))
+            }
+            None => (None, None),
         };
         let socket = datapath::listen(&spec.bind_addr()).await.map_err(|e| {
             format!(
@@ -787,6 +802,7 @@ impl Router {
             spec.name.clone(),
             ListenerRt {
                 protection,
+                cert,
                 spec,
                 bound,
                 task,
@@ -1095,9 +1111,53 @@ impl Router {
         Ok(())
     }
 
+    /// Revokes every link credential this site signed for `site` and cuts its links at once;
+    /// the site's dialers are refused from then on, until it redeems a new token.
+    fn revoke(&self, site: &str) -> Result<serde_json::Value, String> {
+        let (revoked, links) = {
+            let mut inner = self.inner.lock().expect("router lock");
+            let revoked = inner.credentials.revoke(site);
+            self.state
+                .write_json("credentials.json", &inner.credentials)
+                .map_err(|e| format!("failed to record the revocation: {e}"))?;
+            let links: Vec<Arc<Link>> = inner
+                .links
+                .get(site)
+                .into_iter()
+                .flatten()
+                .filter(|l| l.direction == link::Direction::Incoming)
+                .cloned()
+                .collect();
+            (revoked, links)
+        };
+        for link in &links {
+            link.shut(format!("the link credential of site {site} was revoked"));
+        }
+        info!(%site, revoked, closed = links.len(), "link credentials revoked");
+        Ok(json!({ "site": site, "revokedCredentials": revoked, "closedConnections": links.len() }))
+    }
+
     /// The TLS acceptor of a TLS listener: a certificate from the service CA for the names a
     /// workload may use to reach it, and the service CA as client CA when it checks clients.
-    fn listener_tls(&self, spec: &Listener, tls: &ListenerTls) -> Result<TlsAcceptor, String> {
+    fn listener_tls(
+        &self,
+        spec: &Listener,
+        tls: &ListenerTls,
+    ) -> Result<(TlsAcceptor, Arc<tls::RotatingCert>), String> {
+        let identity = self.listener_identity(spec)?;
+        let cert = tls::RotatingCert::new(&identity)
+            .map_err(|e| format!("listener {}: {e}", spec.name))?;
+        let client_ca = tls
+            .require_client_cert
+            .then_some(self.service_ca.cert_pem.as_str());
+        let config = tls::service_server_config(Arc::clone(&cert), client_ca)
+            .map_err(|e| format!("listener {}: {e}", spec.name))?;
+        Ok((TlsAcceptor::from(config), cert))
+    }
+
+    /// A new certificate for a TLS listener, from the service CA, for the names a workload
+    /// may use to reach it.
+    fn listener_identity(&self, spec: &Listener) -> Result<CertKey, String> {
         let mut sans = vec![
             spec.routing_key.clone(),
             spec.name.clone(),
@@ -1121,12 +1181,50 @@ impl Router {
                 spec.name
             )
         })?;
-        let client_ca = tls
-            .require_client_cert
-            .then_some(self.service_ca.cert_pem.as_str());
-        let config = tls::service_server_config(&identity, client_ca)
-            .map_err(|e| format!("listener {}: {e}", spec.name))?;
-        Ok(TlsAcceptor::from(config))
+        Ok(identity)
+    }
+
+    /// Replaces the router identity (served at link access) and every TLS listener's
+    /// certificate with new ones from the same CAs. Established links and streams keep going on
+    /// the certificates they were made with; new handshakes get the new ones.
+    fn rotate_certs(&self) -> Result<serde_json::Value, String> {
+        let identity = pki::issue(
+            &self.ca,
+            &self.config.name,
+            &site::router_sans(&self.config),
+            pki::Usage::ServerAndClient,
+        )
+        .map_err(|e| format!("failed to issue a new router identity: {e}"))?;
+        self.state
+            .write_cert_key("router", &identity)
+            .map_err(|e| format!("failed to store the new router identity: {e}"))?;
+        self.link_cert
+            .set(&identity)
+            .map_err(|e| format!("failed to install the new router identity: {e}"))?;
+        let listeners: Vec<(Listener, Arc<tls::RotatingCert>)> = {
+            let inner = self.inner.lock().expect("router lock");
+            inner
+                .listeners
+                .values()
+                .filter_map(|l| l.cert.as_ref().map(|c| (l.spec.clone(), Arc::clone(c))))
+                .collect()
+        };
+        for (spec, cert) in &listeners {
+            let new = self.listener_identity(spec)?;
+            cert.set(&new)
+                .map_err(|e| format!("listener {}: {e}", spec.name))?;
+        }
+        info!(listeners = listeners.len(), "certificates rotated");
+        Ok(json!({
+            "routerIdentity": pki::common_name(
+                pki::certs_from_pem(&identity.cert_pem)
+                    .ok()
+                    .and_then(|c| c.into_iter().next())
+                    .as_ref()
+                    .ok_or("the new identity does not parse")?
+            ),
+            "listeners": listeners.len(),
+        }))
     }
 
     /// How a TLS connector reaches its backend: the CA it trusts (the service CA, or the PEM
@@ -1651,7 +1749,18 @@ impl Access for Router {
         &self.config.name
     }
 
-    fn admit_link(&self, peer_site: &str) -> Result<(), String> {
+    fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), String> {
+        if self
+            .inner
+            .lock()
+            .expect("router lock")
+            .credentials
+            .is_revoked(fingerprint)
+        {
+            return Err(format!(
+                "the link credential of site {peer_site} was revoked"
+            ));
+        }
         self.check_policy(|p| p.incoming_link(peer_site))
             .map_err(|denied| {
                 self.policy_denied(&denied, false);
@@ -1661,8 +1770,9 @@ impl Access for Router {
 
     fn redeem(&self, source: SocketAddr, request: RedeemRequest) -> RedeemResponse {
         // Before the grant is spent: a site the policy refuses keeps nothing from trying.
-        if let Err(reason) = self.admit_link(&request.site) {
-            return RedeemResponse::error(reason);
+        if let Err(denied) = self.check_policy(|p| p.incoming_link(&request.site)) {
+            self.policy_denied(&denied, false);
+            return RedeemResponse::error(denied.to_string());
         }
         let checked = self.inner.lock().expect("router lock").grants.redeem(
             source.ip(),
@@ -1681,13 +1791,32 @@ impl Access for Router {
                 warn!(error = %e, "failed to persist grants");
             }
         }
-        match pki::sign_csr(&self.ca, &request.csr, &request.site) {
-            Ok(certificate) => RedeemResponse::Ok {
-                certificate,
-                ca: self.ca.cert_pem.clone(),
-                site: self.config.name.clone(),
-            },
-            Err(e) => RedeemResponse::error(format!("certificate signing request refused: {e}")),
+        let certificate = match pki::sign_csr(&self.ca, &request.csr, &request.site) {
+            Ok(certificate) => certificate,
+            Err(e) => {
+                return RedeemResponse::error(format!("certificate signing request refused: {e}"));
+            }
+        };
+        // Remember what was signed, so that it can be revoked.
+        if let Some(der) = pki::certs_from_pem(&certificate)
+            .ok()
+            .and_then(|certs| certs.into_iter().next())
+        {
+            let mut inner = self.inner.lock().expect("router lock");
+            inner
+                .credentials
+                .issued(pki::fingerprint(&der), &request.site);
+            if let Err(e) = self
+                .state
+                .write_json("credentials.json", &inner.credentials)
+            {
+                return RedeemResponse::error(format!("failed to record the credential: {e}"));
+            }
+        }
+        RedeemResponse::Ok {
+            certificate,
+            ca: self.ca.cert_pem.clone(),
+            site: self.config.name.clone(),
         }
     }
 }
@@ -1712,6 +1841,8 @@ impl admin::Handler for Router {
                 .await
                 .map(|n| json!({ "link": n })),
             Request::LinkDelete { name } => self.delete_link(&name).map(|()| json!({})),
+            Request::LinkRevoke { site } => self.revoke(&site),
+            Request::RotateCerts => self.rotate_certs(),
             Request::ListenerCreate { listener } => {
                 self.add_listener(listener, true).await.map(|()| json!({}))
             }

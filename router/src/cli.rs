@@ -99,6 +99,9 @@ pub enum SiteCommand {
     },
     /// Stop the router and remove the site's state: nothing is left behind.
     Delete,
+    /// Replace the router identity and every TLS listener's certificate with new ones from
+    /// the same CAs, while the router runs: links and streams stay up.
+    RotateCerts,
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +175,9 @@ pub enum LinkCommand {
     Status,
     /// Stop an outgoing link and forget its credentials.
     Delete { name: String },
+    /// Revoke the link credentials this site issued to SITE: its links are cut at once and
+    /// refused from then on (a new token invites it again).
+    Revoke { site: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -158,6 +158,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )?;
             println!("site {name} created in {}", state.root().display());
         }
+        Command::Site(SiteCommand::RotateCerts) => {
+            let done = call(Request::RotateCerts).await?;
+            println!(
+                "router identity and {} TLS listener certificate(s) replaced; links stay up",
+                done["listeners"]
+            );
+        }
         Command::Site(SiteCommand::Delete) => {
             state.config()?;
             // Stop a running router first; none running is fine.
@@ -241,6 +248,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("BYTES_OUT", "bytesOut"),
             ],
         ),
+        Command::Link(LinkCommand::Revoke { site }) => {
+            let done = call(Request::LinkRevoke { site: site.clone() }).await?;
+            println!(
+                "revoked {} credential(s) of site {site}; closed {} link connection(s)",
+                done["revokedCredentials"], done["closedConnections"]
+            );
+        }
         Command::Link(LinkCommand::Delete { name }) => {
             call(Request::LinkDelete { name: name.clone() }).await?;
             println!("link {name} deleted");

@@ -132,6 +132,14 @@ fn issuer(ca: &CertKey) -> Result<Issuer<'static, KeyPair>, Error> {
     Issuer::from_ca_cert_pem(&ca.cert_pem, key).map_err(Error::ParseCa)
 }
 
+/// SHA-256 of a certificate's DER encoding, lowercase hex: how the issuing site names the
+/// link credentials it signed, to revoke them.
+#[must_use]
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    crate::token::hex(digest.as_ref())
+}
+
 /// Issues a leaf certificate with a new key, signed by `ca`.
 ///
 /// `sans` are DNS names or IP addresses (rcgen tells them apart).

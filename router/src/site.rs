@@ -265,7 +265,7 @@ impl StateDir {
 
 /// The names a router identity certificate carries: the link-access host, and the site name so
 /// that a peer can also verify by name.
-fn router_sans(config: &SiteConfig) -> Vec<String> {
+pub fn router_sans(config: &SiteConfig) -> Vec<String> {
     let mut sans = vec![config.name.clone()];
     if let Some(host) = config.link_access.as_deref().and_then(host_of)
         && !sans.iter().any(|s| s == host)

@@ -4,12 +4,13 @@
 //! by this site's CA; `skiff-grant/1` (token redemption) has none yet, which is the point of
 //! redeeming, and is authorised by the token's secret code instead.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     crypto::{CryptoProvider, ring},
-    server::WebPkiClientVerifier,
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
     version::TLS13,
 };
 
@@ -41,22 +42,64 @@ fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, Error> {
     Ok(Arc::new(roots))
 }
 
-/// The link-access server: presents the router identity; accepts client certificates signed by
-/// `site_ca_pem` and, for token redemption only, no certificate at all.
+/// A server certificate that can be replaced while the server runs: connections already
+/// established keep the certificate they were made with, new handshakes get the new one. This
+/// is how certificates rotate without dropping a link or a stream.
+#[derive(Debug)]
+pub struct RotatingCert(RwLock<Arc<CertifiedKey>>);
+
+impl RotatingCert {
+    /// Starts with `identity`.
+    ///
+    /// # Errors
+    /// When the certificate or key does not parse.
+    pub fn new(identity: &CertKey) -> Result<Arc<Self>, Error> {
+        Ok(Arc::new(Self(RwLock::new(certified(identity)?))))
+    }
+
+    /// Replaces the certificate for every handshake from now on.
+    ///
+    /// # Errors
+    /// When the certificate or key does not parse (the old one stays).
+    pub fn set(&self, identity: &CertKey) -> Result<(), Error> {
+        let new = certified(identity)?;
+        *self.0.write().expect("certificate lock") = new;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for RotatingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0.read().expect("certificate lock")))
+    }
+}
+
+fn certified(identity: &CertKey) -> Result<Arc<CertifiedKey>, Error> {
+    let key = provider()
+        .key_provider
+        .load_private_key(pki::key_from_pem(&identity.key_pem)?)?;
+    Ok(Arc::new(CertifiedKey::new(
+        pki::certs_from_pem(&identity.cert_pem)?,
+        key,
+    )))
+}
+
+/// The link-access server: presents the router identity (rotatable); accepts client
+/// certificates signed by `site_ca_pem` and, for token redemption only, no certificate at all.
 ///
 /// # Errors
-/// When a certificate or key does not parse.
-pub fn server_config(identity: &CertKey, site_ca_pem: &str) -> Result<Arc<ServerConfig>, Error> {
+/// When the CA does not parse.
+pub fn server_config(
+    identity: Arc<RotatingCert>,
+    site_ca_pem: &str,
+) -> Result<Arc<ServerConfig>, Error> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(site_ca_pem)?, provider())
         .allow_unauthenticated()
         .build()?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            pki::certs_from_pem(&identity.cert_pem)?,
-            pki::key_from_pem(&identity.key_pem)?,
-        )?;
+        .with_cert_resolver(identity);
     config.alpn_protocols = vec![ALPN_LINK.to_vec(), ALPN_GRANT.to_vec()];
     Ok(Arc::new(config))
 }
@@ -93,14 +136,15 @@ pub fn grant_client_config(issuer_ca_pem: &str) -> Result<Arc<ClientConfig>, Err
     Ok(Arc::new(config))
 }
 
-/// A TLS listener towards workloads: presents `identity` (issued by the site's service CA);
+/// A TLS listener towards workloads: presents `identity` (issued by the site's service CA,
+/// rotatable);
 /// with `client_ca_pem`, requires a client certificate signed by it. TLS 1.2 and 1.3, since
 /// workloads bring their own TLS stacks.
 ///
 /// # Errors
 /// When a certificate or key does not parse.
 pub fn service_server_config(
-    identity: &CertKey,
+    identity: Arc<RotatingCert>,
     client_ca_pem: Option<&str>,
 ) -> Result<Arc<ServerConfig>, Error> {
     let builder =
@@ -111,11 +155,7 @@ pub fn service_server_config(
         ),
         None => builder.with_no_client_auth(),
     };
-    let config = builder.with_single_cert(
-        pki::certs_from_pem(&identity.cert_pem)?,
-        pki::key_from_pem(&identity.key_pem)?,
-    )?;
-    Ok(Arc::new(config))
+    Ok(Arc::new(builder.with_cert_resolver(identity)))
 }
 
 /// The router's side of a TLS connector: trusts only `ca_pem` for the backend's certificate.

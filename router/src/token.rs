@@ -103,6 +103,53 @@ pub struct Grants {
     failures: HashMap<IpAddr, (u32, Instant)>,
 }
 
+/// The link credentials this site signed, by certificate fingerprint, and which are revoked:
+/// `STATE/credentials.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Credentials(BTreeMap<String, Credential>);
+
+/// One signed link credential.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Credential {
+    pub site: String,
+    pub issued_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+}
+
+impl Credentials {
+    /// Records a credential signed for `site`.
+    pub fn issued(&mut self, fingerprint: String, site: &str) {
+        self.0.insert(
+            fingerprint,
+            Credential {
+                site: site.to_owned(),
+                issued_at: now_secs(),
+                revoked_at: None,
+            },
+        );
+    }
+
+    /// Revokes every credential signed for `site`; returns how many were still valid.
+    pub fn revoke(&mut self, site: &str) -> usize {
+        let now = now_secs();
+        self.0
+            .values_mut()
+            .filter(|c| c.site == site && c.revoked_at.is_none())
+            .map(|c| c.revoked_at = Some(now))
+            .count()
+    }
+
+    /// Whether the credential with this fingerprint was revoked.
+    #[must_use]
+    pub fn is_revoked(&self, fingerprint: &str) -> bool {
+        self.0
+            .get(fingerprint)
+            .is_some_and(|c| c.revoked_at.is_some())
+    }
+}
+
 /// Seconds since the Unix epoch.
 #[must_use]
 pub fn now_secs() -> u64 {

@@ -27,11 +27,12 @@ pub trait Access: Events {
     /// This router's site name.
     fn site_name(&self) -> &str;
     /// Handles a redemption request from `source`.
-    /// Whether site `peer_site` may link here (the site policy); the reason when not.
+    /// Whether site `peer_site`, presenting the credential with `fingerprint`, may link here
+    /// (not revoked, and allowed by the site policy); the reason when not.
     ///
     /// # Errors
     /// When the policy refuses the site.
-    fn admit_link(&self, peer_site: &str) -> Result<(), String>;
+    fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), String>;
     fn redeem(&self, source: SocketAddr, request: token::RedeemRequest) -> token::RedeemResponse;
 }
 
@@ -72,14 +73,16 @@ async fn handle<A: Access>(
         .map_err(|e| format!("tls handshake failed: {e}"))?;
     let (_, session) = tls.get_ref();
     let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-    let cert_name = session
+    let peer_cert = session
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(pki::common_name);
+        .cloned();
+    let cert_name = peer_cert.as_ref().and_then(pki::common_name);
     match alpn.as_deref() {
         Some(frame::ALPN_LINK) => {
             let peer_site = cert_name.ok_or("link attempt without a client certificate")?;
-            router.admit_link(&peer_site)?;
+            let fingerprint = peer_cert.as_ref().map(pki::fingerprint).unwrap_or_default();
+            router.admit_link(&peer_site, &fingerprint)?;
             let events: Arc<dyn Events> = router.clone();
             super::run(
                 tls,

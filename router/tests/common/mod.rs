@@ -37,11 +37,37 @@ impl Site {
         Self::start_with(name, link_access, &router::site::Supplied::default()).await
     }
 
+    /// A site whose link access is at `addr` (a fixed port survives a restart of its router).
+    pub async fn start_on(name: &str, addr: &str) -> Self {
+        Self::create_and_run(
+            &SiteConfig {
+                name: name.into(),
+                link_access: Some(addr.into()),
+                ..SiteConfig::default()
+            },
+            &router::site::Supplied::default(),
+        )
+        .await
+    }
+
     pub async fn start_with(
         name: &str,
         link_access: bool,
         supplied: &router::site::Supplied,
     ) -> Self {
+        Self::create_and_run(
+            &SiteConfig {
+                name: name.into(),
+                link_access: link_access.then(|| "127.0.0.1:0".into()),
+                ..SiteConfig::default()
+            },
+            supplied,
+        )
+        .await
+    }
+
+    async fn create_and_run(config: &SiteConfig, supplied: &router::site::Supplied) -> Self {
+        let name = config.name.as_str();
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "skiff-it-{}-{}-{name}",
@@ -49,16 +75,7 @@ impl Site {
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let state = StateDir::new(&dir);
-        state
-            .create_with(
-                &SiteConfig {
-                    name: name.into(),
-                    link_access: link_access.then(|| "127.0.0.1:0".into()),
-                    ..SiteConfig::default()
-                },
-                supplied,
-            )
-            .expect("site create");
+        state.create_with(config, supplied).expect("site create");
         let mut site = Self {
             name: name.into(),
             state,

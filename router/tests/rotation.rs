@@ -1,0 +1,117 @@
+//! Certificate rotation while the router runs: nothing established is dropped, and new
+//! handshakes get the new certificates.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{Site, checksum_backend, transfer};
+use router::{admin::Request, pki, service::Listener, tls};
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// The fingerprint of the certificate a TLS server at `port` presents as `name`.
+async fn served(port: u16, config: Arc<ClientConfig>, name: &str) -> String {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = ServerName::try_from(name.to_owned()).expect("name");
+    let tls = TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake verifies against the unchanged CA");
+    let certs = tls.get_ref().1.peer_certificates().expect("a certificate");
+    pki::fingerprint(&certs[0])
+}
+
+fn pem(site: &Site, file: &str) -> String {
+    std::fs::read_to_string(site.dir().join(file)).expect("read PEM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_links_and_streams_and_new_handshakes_get_new_certificates() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let (backend, _server) = checksum_backend().await;
+    west.connector("sink", "sink", backend).await;
+    let port = east.listener("sink", "sink").await;
+    let link_port: u16 = {
+        let token = west.token().await;
+        token
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    };
+    let link_client = tls::grant_client_config(&pem(&west, "ca.crt")).expect("config");
+    let identity_before = served(link_port, Arc::clone(&link_client), "west").await;
+
+    // A TLS listener at east, to rotate alongside east's identity.
+    east.call(Request::ListenerCreate {
+        listener: Listener {
+            name: "sink-tls".into(),
+            host: "127.0.0.1".into(),
+            port: 0,
+            routing_key: "sink".into(),
+            namespace: None,
+            allow_namespaces: vec![],
+            tls: Some(router::service::ListenerTls::default()),
+        },
+    })
+    .await
+    .expect("TLS listener");
+    let status = east
+        .wait_for(
+            |v| v.as_array().is_some_and(|ls| ls.len() == 2),
+            Request::ListenerStatus,
+        )
+        .await;
+    let tls_port = status
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "sink-tls"))
+        .and_then(|l| l["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .expect("TLS listener port");
+    let service_client = tls::service_client_config(&pem(&east, "service-ca.crt")).expect("config");
+    let listener_before = served(tls_port, Arc::clone(&service_client), "localhost").await;
+
+    // A checksummed stream crosses the link while both sites rotate.
+    let flowing = tokio::spawn(transfer(port, 768 << 20));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !flowing.is_finished(),
+        "the transfer must span the rotation"
+    );
+    west.call(Request::RotateCerts).await.expect("rotate west");
+    let done = east.call(Request::RotateCerts).await.expect("rotate east");
+    assert_eq!(done["listeners"], 1, "{done}");
+    tokio::time::timeout(Duration::from_secs(120), flowing)
+        .await
+        .expect("transfer finishes")
+        .expect("byte-exact through the rotation");
+    let links = east.call(Request::LinkStatus).await.expect("links");
+    assert_eq!(links[0]["status"], "up", "{links}");
+
+    // New handshakes get new certificates, still from the same CAs.
+    let identity_after = served(link_port, link_client, "west").await;
+    assert_ne!(
+        identity_before, identity_after,
+        "link access serves the new identity"
+    );
+    let stored = pki::certs_from_pem(&pem(&west, "router.crt")).expect("stored identity");
+    assert_eq!(
+        pki::fingerprint(&stored[0]),
+        identity_after,
+        "and it is the stored one"
+    );
+    let listener_after = served(tls_port, service_client, "localhost").await;
+    assert_ne!(
+        listener_before, listener_after,
+        "the TLS listener serves a new certificate"
+    );
+    // And the network keeps serving new streams.
+    transfer(port, 1 << 20).await;
+}
