@@ -151,8 +151,11 @@ impl Report {
         }
     }
 
-    fn row(&self, name: &str) -> Option<&Row> {
-        self.rows.iter().find(|r| r.scenario == name)
+    /// The row of scenario `name`, if it ran and at least one run succeeded.
+    fn measured(&self, name: &str) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.scenario == name && !r.samples.is_empty())
     }
 
     pub fn markdown(&self) -> String {
@@ -172,6 +175,10 @@ impl Report {
             )
         };
         for r in &self.rows {
+            if r.samples.is_empty() {
+                let _ = writeln!(md, "| {} | every run failed (below) | | | | |", r.scenario);
+                continue;
+            }
             let _ = writeln!(
                 md,
                 "| {} | {} | {:.0}% | {} | {:.0}% | {:.3} |",
@@ -185,6 +192,14 @@ impl Report {
         }
         md.push_str("\nLatency (sockperf ping-pong round trip), new connections, idle memory:\n\n| scenario | RTT p50 µs | added p50 µs | RTT p99 µs | new conn/s | vs direct | relay KiB per 1,000 idle streams |\n|---|---|---|---|---|---|---|\n");
         for r in &self.rows {
+            if r.samples.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "| {} | every run failed (below) | | | | | |",
+                    r.scenario
+                );
+                continue;
+            }
             let _ = writeln!(
                 md,
                 "| {} | {} | {:+.1} | {} | {} | {:.0}% | {} |",
@@ -238,7 +253,7 @@ impl Report {
                 goals.push((goal, format!("{:.0}{unit}", v * 100.0), v >= target));
             }
         };
-        let vs = |name: &str| self.row(name).map(|r| r.throughput_vs_direct);
+        let vs = |name: &str| self.measured(name).map(|r| r.throughput_vs_direct);
         at_least("one plain hop >= 75% of direct", vs("skiff-hop"), 0.75, "%");
         at_least(
             "one hop with acceleration >= 100% of direct",
@@ -248,7 +263,9 @@ impl Report {
         );
         at_least("mTLS path >= 60% of direct", vs("skiff-mtls"), 0.6, "%");
         let over = |a: &str, b: &str| {
-            Some(self.row(a)?.throughput_gbps.median / self.row(b)?.throughput_gbps.median)
+            Some(
+                self.measured(a)?.throughput_gbps.median / self.measured(b)?.throughput_gbps.median,
+            )
         };
         at_least(
             "mTLS path >= 1.5x a stunnel pair",
@@ -264,11 +281,13 @@ impl Report {
         );
         at_least(
             "new connections/s through the router >= 25% of direct",
-            self.row("skiff-hop").map(|r| r.conns_vs_direct),
+            self.measured("skiff-hop").map(|r| r.conns_vs_direct),
             0.25,
             "%",
         );
-        if let (Some(hop), Some(direct)) = (self.row("skiff-hop-accel"), self.row("direct")) {
+        if let (Some(hop), Some(direct)) =
+            (self.measured("skiff-hop-accel"), self.measured("direct"))
+        {
             goals.push((
                 "accelerated hop adds no more p50 RTT than direct loopback has",
                 format!(
@@ -313,11 +332,16 @@ impl Report {
             let _ = writeln!(svg, "<text x=\"10\" y=\"{}\">{title}</text>", top + 18.0);
             for (i, r) in self.rows.iter().enumerate() {
                 let (s, vs) = pick(r);
+                let label = if r.samples.is_empty() {
+                    "every run failed".to_owned()
+                } else {
+                    format!("{:.2} ({:.0}%)", s.median, vs * 100.0)
+                };
                 let y = top + 28.0 + i as f64 * (bar_h + gap);
                 let scale = |v: f64| v / max * width;
                 let _ = writeln!(
                     svg,
-                    "<text x=\"10\" y=\"{ty}\">{name}</text><rect x=\"{left}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><line x1=\"{x1:.1}\" x2=\"{x2:.1}\" y1=\"{my}\" y2=\"{my}\" stroke=\"black\"/><text x=\"{lx:.1}\" y=\"{ty}\">{m:.2} ({pct:.0}%)</text>",
+                    "<text x=\"10\" y=\"{ty}\">{name}</text><rect x=\"{left}\" y=\"{y}\" width=\"{bw:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><line x1=\"{x1:.1}\" x2=\"{x2:.1}\" y1=\"{my}\" y2=\"{my}\" stroke=\"black\"/><text x=\"{lx:.1}\" y=\"{ty}\">{label}</text>",
                     ty = y + 14.0,
                     name = r.scenario,
                     bw = scale(s.median),
@@ -325,8 +349,6 @@ impl Report {
                     x2 = left + scale(s.max),
                     my = y + bar_h / 2.0,
                     lx = left + scale(s.max) + 6.0,
-                    m = s.median,
-                    pct = vs * 100.0,
                 );
             }
         }
