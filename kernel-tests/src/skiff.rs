@@ -43,6 +43,8 @@ pub struct Site {
     router: Option<Proc>,
     log: PathBuf,
     run_args: Vec<String>,
+    /// Put before the router's command line (`setpriv ...` for an unprivileged router).
+    run_prefix: Vec<String>,
 }
 
 impl Site {
@@ -125,7 +127,41 @@ impl Site {
             router: None,
             log,
             run_args: run_args.iter().map(|a| (*a).to_owned()).collect(),
+            run_prefix: Vec::new(),
         }
+    }
+
+    /// Creates the site as root, hands its state directory to `nobody`, and runs the router as
+    /// `nobody` with no capabilities at all (no acceleration, no isolation).
+    ///
+    /// # Errors
+    /// When the site cannot be created or its router does not come up.
+    pub fn start_unprivileged(
+        netns: &Netns,
+        name: &str,
+        link_access: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let mut site = Self::unstarted(netns, name, &[]);
+        let mut args = vec!["site", "create", name];
+        if let Some(addr) = link_access {
+            args.extend(["--link-access", addr]);
+        }
+        site.cli(&args)?;
+        let state = site.state.to_str().context("state path not UTF-8")?;
+        crate::run("chown", &["-R", "nobody:nogroup", state])?;
+        site.run_prefix = [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        site.run(netns, None)?;
+        Ok(site)
     }
 
     /// Starts (or restarts) the router process and waits for its admin socket.
@@ -136,7 +172,8 @@ impl Site {
         let bin = binary()?;
         let state = self.state.to_str().context("state path not UTF-8")?;
         let bin = bin.to_str().context("binary path not UTF-8")?;
-        let mut argv = vec![bin, "--state-dir", state, "router", "run"];
+        let mut argv: Vec<&str> = self.run_prefix.iter().map(String::as_str).collect();
+        argv.extend([bin, "--state-dir", state, "router", "run"]);
         argv.extend(self.run_args.iter().map(String::as_str));
         let cgroup_arg;
         if let Some(cg) = cgroup {

@@ -14,11 +14,19 @@ struct Pair {
 }
 
 fn pair(subnet: u8) -> anyhow::Result<Pair> {
+    pair_with(subnet, Site::start)
+}
+
+/// [`pair`], with each router started by `start` (as root, or as `nobody`).
+fn pair_with(
+    subnet: u8,
+    start: fn(&Netns, &str, Option<&str>) -> anyhow::Result<Site>,
+) -> anyhow::Result<Pair> {
     let west_ns = Netns::new("west")?;
     let east_ns = Netns::new("east")?;
     let (west_ip, _east_ip) = west_ns.link(&east_ns, subnet)?;
-    let west = Site::start(&west_ns, "west", Some(&format!("{west_ip}:55671")))?;
-    let east = Site::start(&east_ns, "east", None)?;
+    let west = start(&west_ns, "west", Some(&format!("{west_ip}:55671")))?;
+    let east = start(&east_ns, "east", None)?;
     west.link_from(&east)?;
     Ok(Pair {
         west_ns,
@@ -197,4 +205,70 @@ fn iperf3_streams_across_sites() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     anyhow::bail!("iperf3 never ran: {last}")
+}
+
+/// One line of /proc/PID/status, without its label.
+fn proc_status(pid: u32, field: &str) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))
+}
+
+#[test]
+fn without_acceleration_routers_run_as_nobody_with_no_capabilities() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let p = pair_with(4, Site::start_unprivileged)?;
+    for site in [&p.west, &p.east] {
+        let pid = site
+            .router_pid()
+            .ok_or_else(|| anyhow::anyhow!("no router"))?;
+        assert_eq!(proc_status(pid, "Uid:")?, "65534\t65534\t65534\t65534");
+        for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(
+                proc_status(pid, caps)?,
+                "0000000000000000",
+                "{caps} of the {} router",
+                site.name
+            );
+        }
+    }
+    // The unprivileged routers linked above by token (TLS, CSR) and serve a real service.
+    let web = TempDir::new("nobody-web")?;
+    std::fs::write(web.path().join("index.html"), "served without privileges\n")?;
+    let dir = web.path().to_str().unwrap_or_default();
+    let _server = Proc::spawn(
+        &p.west_ns,
+        None,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            dir,
+        ],
+    )?;
+    expose(&p, "web", 8080, 8081)?;
+    let page = Proc::spawn(
+        &p.east_ns,
+        None,
+        &[
+            "curl",
+            "-sS",
+            "--fail",
+            "--max-time",
+            "10",
+            "http://127.0.0.1:8081/",
+        ],
+    )?
+    .wait(Duration::from_secs(20))?;
+    assert_eq!(page, "served without privileges\n");
+    Ok(())
 }

@@ -299,6 +299,7 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
     if let Some(events) = deny_events {
         background.push(tokio::spawn(read_denials(Arc::clone(&router), events)).abort_handle());
     }
+    background.push(tokio::spawn(renew_certificates(Arc::clone(&router))).abort_handle());
     router.restore().await?;
 
     let admin = admin::bind(&router.state.admin_socket()).map_err(Error::Admin)?;
@@ -1169,11 +1170,12 @@ impl Router {
         }
         sans.sort();
         sans.dedup();
-        let identity = pki::issue(
+        let identity = pki::issue_for(
             &self.service_ca,
             &spec.routing_key,
             &sans,
             pki::Usage::Server,
+            self.config.cert_lifetime(),
         )
         .map_err(|e| {
             format!(
@@ -1188,11 +1190,12 @@ impl Router {
     /// certificate with new ones from the same CAs. Established links and streams keep going on
     /// the certificates they were made with; new handshakes get the new ones.
     fn rotate_certs(&self) -> Result<serde_json::Value, String> {
-        let identity = pki::issue(
+        let identity = pki::issue_for(
             &self.ca,
             &self.config.name,
             &site::router_sans(&self.config),
             pki::Usage::ServerAndClient,
+            self.config.cert_lifetime(),
         )
         .map_err(|e| format!("failed to issue a new router identity: {e}"))?;
         self.state
@@ -1571,6 +1574,30 @@ fn link_row(
         "bytesIn": sum(|l| l.stats.bytes_in.load(Ordering::Relaxed)),
         "bytesOut": sum(|l| l.stats.bytes_out.load(Ordering::Relaxed)),
     })
+}
+
+/// Renews the router identity and TLS listeners' certificates (`rotate_certs`) whenever the
+/// identity has less than a third of the site's certificate lifetime left, including at start
+/// when it is already that old (or expired: a router down for a long time comes back valid).
+async fn renew_certificates(router: Arc<Router>) {
+    let lifetime = router.config.cert_lifetime().whole_seconds().max(3);
+    // Look ten times per lifetime, but never more than once a second or less than hourly.
+    let every = Duration::from_secs(u64::try_from(lifetime / 10).unwrap_or(1).clamp(1, 3_600));
+    loop {
+        let expires = router
+            .state
+            .cert_key("router")
+            .ok()
+            .and_then(|identity| pki::not_after(&identity.cert_pem));
+        let left = expires.map_or(0, |t| t - time::OffsetDateTime::now_utc().unix_timestamp());
+        if left < lifetime / 3 {
+            match router.rotate_certs() {
+                Ok(_) => info!(left_secs = left, "certificates renewed before expiry"),
+                Err(e) => warn!(error = %e, "certificate renewal failed; retrying"),
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// Counts a connection or stream in flight, for the drain on shutdown.

@@ -96,6 +96,10 @@ pub enum SiteCommand {
         /// The router identity's private key (PEM).
         #[arg(long, requires = "router_cert")]
         router_key: Option<PathBuf>,
+        /// Lifetime of the certificates the router issues itself (90d, 12h, ...); renewed
+        /// automatically when a third is left. Default: one year.
+        #[arg(long, value_parser = crate::site::parse_lifetime)]
+        cert_lifetime: Option<u64>,
     },
     /// Stop the router and remove the site's state: nothing is left behind.
     Delete,

@@ -142,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca_key,
             router_cert,
             router_key,
+            cert_lifetime,
         }) => {
             let supplied = Supplied {
                 ca: read_pair(ca_cert, ca_key)?,
@@ -153,6 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     link_access,
                     namespaces: namespace.into_iter().collect(),
                     isolate_namespaces,
+                    cert_lifetime_secs: cert_lifetime,
                 },
                 &supplied,
             )?;

@@ -152,8 +152,22 @@ pub fn issue(
     sans: &[String],
     usage: Usage,
 ) -> Result<CertKey, Error> {
+    issue_for(ca, common_name, sans, usage, LEAF_LIFETIME)
+}
+
+/// [`issue`], valid for `lifetime` from now.
+///
+/// # Errors
+/// When `ca` does not parse or a SAN is invalid.
+pub fn issue_for(
+    ca: &CertKey,
+    common_name: &str,
+    sans: &[String],
+    usage: Usage,
+    lifetime: Duration,
+) -> Result<CertKey, Error> {
     let key = new_key()?;
-    let params = leaf_params(common_name, sans, usage, LEAF_LIFETIME)?;
+    let params = leaf_params(common_name, sans, usage, lifetime)?;
     let cert = params.signed_by(&key, &issuer(ca)?).map_err(Error::Sign)?;
     Ok(CertKey {
         cert_pem: cert.pem(),
@@ -298,6 +312,14 @@ pub fn validate_router(identity: &CertKey, ca_pem: &str) -> Result<(), Error> {
     cert.verify_signature(Some(ca.public_key()))
         .map_err(|_| invalid(WHAT, "it is not signed by the site CA"))?;
     Ok(())
+}
+
+/// When the first certificate in `pem` expires, in seconds since the Unix epoch.
+#[must_use]
+pub fn not_after(pem: &str) -> Option<i64> {
+    let der = certs_from_pem(pem).ok()?.into_iter().next()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 /// The subject common name of a DER certificate, if it has one.

@@ -44,6 +44,8 @@ pub enum Error {
     SecondSite { index: usize },
     #[error("document {index}: a file declares at most one SitePolicy")]
     SecondPolicy { index: usize },
+    #[error("document {index}: {reason}")]
+    Field { index: usize, reason: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +90,9 @@ struct SiteSpec {
     namespaces: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     isolate_namespaces: bool,
+    /// `90d`, `12h`, ...
+    #[serde(default)]
+    cert_lifetime: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,11 +179,19 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
                 if declared.site.is_some() {
                     return Err(Error::SecondSite { index });
                 }
+                let cert_lifetime_secs = match &spec.cert_lifetime {
+                    Some(text) => Some(
+                        crate::site::parse_lifetime(text)
+                            .map_err(|reason| Error::Field { index, reason })?,
+                    ),
+                    None => None,
+                };
                 declared.site = Some(SiteConfig {
                     name,
                     link_access: spec.link_access,
                     namespaces: spec.namespaces,
                     isolate_namespaces: spec.isolate_namespaces,
+                    cert_lifetime_secs,
                 });
             }
             Document::Listener { spec, .. } => resources.listeners.push(Listener {

@@ -72,6 +72,48 @@ pub struct SiteConfig {
     /// Whether listeners are reachable only from their own and explicitly allowed namespaces.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub isolate_namespaces: bool,
+    /// Lifetime of the certificates the router issues itself (its identity, TLS listeners'),
+    /// in seconds; one year when absent. The router renews them when a third of it is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_lifetime_secs: Option<u64>,
+}
+
+impl SiteConfig {
+    /// How long the certificates the router issues itself are valid.
+    #[must_use]
+    pub fn cert_lifetime(&self) -> time::Duration {
+        self.cert_lifetime_secs
+            .and_then(|s| i64::try_from(s).ok())
+            .map_or(pki::LEAF_LIFETIME, time::Duration::seconds)
+    }
+}
+
+/// Parses a lifetime such as `90d`, `12h`, `30m` or `45s` into seconds.
+///
+/// # Errors
+/// When the text is not a positive number followed by one of those units.
+pub fn parse_lifetime(text: &str) -> Result<u64, String> {
+    let split = text.len().saturating_sub(1);
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => {
+            return Err(format!(
+                "{text:?}: expected a number and a unit (d, h, m or s), e.g. 90d"
+            ));
+        }
+    };
+    match number.parse::<u64>() {
+        Ok(n) if n > 0 => n
+            .checked_mul(scale)
+            .ok_or_else(|| format!("{text:?} is too long")),
+        _ => Err(format!(
+            "{text:?}: expected a positive number before the unit"
+        )),
+    }
 }
 
 /// A state directory.
@@ -145,11 +187,12 @@ impl StateDir {
                 pki::validate_router(identity, &ca.cert_pem)?;
                 identity.clone()
             }
-            None => pki::issue(
+            None => pki::issue_for(
                 &ca,
                 &config.name,
                 &router_sans(config),
                 pki::Usage::ServerAndClient,
+                config.cert_lifetime(),
             )?,
         };
         create_private_dir(&self.root)?;
@@ -366,6 +409,26 @@ mod tests {
         assert_eq!(state.config().expect("config"), config);
         assert!(matches!(state.create(&config), Err(Error::Exists { .. })));
         state.remove().expect("remove");
+    }
+
+    #[test]
+    fn lifetimes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_lifetime("90d"), Ok(90 * 86_400));
+        assert_eq!(parse_lifetime("12h"), Ok(12 * 3_600));
+        assert_eq!(parse_lifetime("30m"), Ok(1_800));
+        assert_eq!(parse_lifetime("45s"), Ok(45));
+        for bad in [
+            "",
+            "d",
+            "0d",
+            "-1d",
+            "10",
+            "10w",
+            "1.5d",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_lifetime(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{Site, checksum_backend, transfer};
-use router::{admin::Request, pki, service::Listener, tls};
+use router::{admin::Request, pki, service::Listener, site::SiteConfig, tls};
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -114,4 +114,47 @@ async fn rotation_keeps_links_and_streams_and_new_handshakes_get_new_certificate
     );
     // And the network keeps serving new streams.
     transfer(port, 1 << 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_certificates_are_renewed_before_they_expire_and_links_stay_up() {
+    // Six-second certificates: renewed whenever less than two seconds are left.
+    let west = Site::create_and_run(
+        &SiteConfig {
+            name: "west".into(),
+            link_access: Some("127.0.0.1:0".into()),
+            cert_lifetime_secs: Some(6),
+            ..SiteConfig::default()
+        },
+        &router::site::Supplied::default(),
+    )
+    .await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let (backend, _server) = checksum_backend().await;
+    west.connector("sink", "sink", backend).await;
+    let port = east.listener("sink", "sink").await;
+    let link_port: u16 = {
+        let token = west.token().await;
+        token
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    };
+    let client = tls::grant_client_config(&pem(&west, "ca.crt")).expect("config");
+    let first = served(link_port, Arc::clone(&client), "west").await;
+
+    // Streams keep crossing the link for longer than a certificate lives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(9);
+    while std::time::Instant::now() < deadline {
+        transfer(port, 8 << 20).await;
+    }
+    // `served` verifies the chain and the validity period against the clock: a certificate
+    // that had been left to expire would fail here.
+    let later = served(link_port, client, "west").await;
+    assert_ne!(first, later, "the identity was renewed");
+    let links = east.call(Request::LinkStatus).await.expect("links");
+    assert_eq!(links[0]["status"], "up", "{links}");
 }

@@ -66,7 +66,8 @@ impl Site {
         .await
     }
 
-    async fn create_and_run(config: &SiteConfig, supplied: &router::site::Supplied) -> Self {
+    /// A site created from `config` (and user-supplied certificates), its router running.
+    pub async fn create_and_run(config: &SiteConfig, supplied: &router::site::Supplied) -> Self {
         let name = config.name.as_str();
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
