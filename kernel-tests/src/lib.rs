@@ -606,7 +606,11 @@ pub fn socat_transfer(
     let input = TempFile::new("in");
     let output = TempFile::new("out");
     fs::write(input.path(), data)?;
-    let listen = format!("TCP-LISTEN:{listen_port},bind={listen_ip},reuseaddr");
+    let listen = if listen_ip.contains(':') {
+        format!("TCP6-LISTEN:{listen_port},bind=[{listen_ip}],reuseaddr")
+    } else {
+        format!("TCP-LISTEN:{listen_port},bind={listen_ip},reuseaddr")
+    };
     let sink = format!("OPEN:{},creat,trunc", output.arg());
     let server = Proc::spawn(ns, cgroup, &["socat", "-u", &listen, &sink])?;
     ns.wait_listening(listen_port, Duration::from_secs(10))?;

@@ -277,3 +277,74 @@ fn nothing_is_left_in_the_kernel_after_exit_or_after_a_crash() -> anyhow::Result
     assert_eq!(attached()?, 0, "program detached on exit");
     Ok(())
 }
+
+#[test]
+fn ipv6_and_v4_mapped_legs_are_redirected_too() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("acc6")?;
+    let cgroup = Cgroup::new("acc6")?;
+    let site = Site::start_in(&ns, Some(&cgroup), "west", None)?;
+    // IPv6 on both legs: the backend and the listener on ::1.
+    site.cli(&[
+        "connector",
+        "create",
+        "six",
+        "--host",
+        "::1",
+        "--port",
+        "7331",
+    ])?;
+    site.cli(&[
+        "listener", "create", "six", "--host", "::1", "--port", "7332",
+    ])?;
+    // v4-mapped: a dual-stack listener on :: reached over IPv4, so the router's accepted
+    // socket sees ::ffff:127.0.0.1 while the client's is plain IPv4.
+    site.cli(&[
+        "connector",
+        "create",
+        "mapped",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "7333",
+    ])?;
+    site.cli(&[
+        "listener", "create", "mapped", "--host", "::", "--port", "7334",
+    ])?;
+    ns.wait_listening(7332, Duration::from_secs(10))?;
+    ns.wait_listening(7334, Duration::from_secs(10))?;
+    let accel = || -> anyhow::Result<u64> {
+        let status: serde_json::Value =
+            serde_json::from_str(&site.cli(&["status", "--output", "json"])?)?;
+        Ok(status["accel"]["bytesRedirected"].as_u64().unwrap_or(0))
+    };
+    let data = pattern(4 << 20, 11);
+    for (what, backend_ip, backend, connect, listener) in [
+        ("IPv6", "::1", 7331, "[::1]:7332", 7332),
+        ("v4-mapped", "127.0.0.1", 7333, "127.0.0.1:7334", 7334),
+    ] {
+        let before = accel()?;
+        let capture = Capture::start(&ns, &format!("tcp port {listener} or tcp port {backend}"))?;
+        let got = socat_transfer(&ns, Some(&cgroup), backend_ip, backend, connect, &data)?;
+        let packets = capture.stop()?;
+        let redirected = accel()? - before;
+        assert!(got == data, "{what}: transfer corrupted");
+        assert_eq!(
+            payload_on(&packets, listener),
+            0,
+            "{what}: client leg crossed loopback"
+        );
+        assert_eq!(
+            payload_on(&packets, backend),
+            0,
+            "{what}: backend leg crossed loopback"
+        );
+        assert!(
+            redirected >= 2 * data.len() as u64,
+            "{what}: both legs redirected ({redirected} bytes)"
+        );
+    }
+    Ok(())
+}

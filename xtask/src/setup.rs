@@ -34,7 +34,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "user-supplied certificates in tests, certificates for the TLS peers",
     ),
     ("sockperf", "round-trip latency in the benchmark"),
-    ("nghttp2-client", "h2load: HTTP/2 through the service network in tests"),
+    (
+        "nghttp2-client",
+        "h2load: HTTP/2 through the service network in tests",
+    ),
     ("nghttp2-server", "nghttpd: a real HTTP/2 server in tests"),
     ("haproxy", "a peer in the benchmark (plain and TLS relays)"),
     ("stunnel4", "a peer in the benchmark (mTLS tunnel)"),
