@@ -348,3 +348,127 @@ fn ipv6_and_v4_mapped_legs_are_redirected_too() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Runs a one-way checksummed transfer of `data` to `listener_port` (landing at a socat on
+/// `backend`) on another thread while `during` runs; returns whether the transfer was still
+/// going when `during` finished, and what arrived.
+fn transfer_during(
+    ns: &Netns,
+    cgroup: &Cgroup,
+    (listener_port, backend): (u16, u16),
+    data: &[u8],
+    during: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<(bool, Vec<u8>)> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let flowing = scope.spawn(|| {
+            let listener = format!("127.0.0.1:{listener_port}");
+            let got = socat_transfer(ns, Some(cgroup), "127.0.0.1", backend, &listener, data);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            got
+        });
+        // Act only once the client's connection is established (writing the input file
+        // and starting socat take a while).
+        let filter = format!("( dport = :{listener_port} )");
+        for _ in 0..300 {
+            let established = ns.run(&["ss", "-Htn", "state", "established", &filter])?;
+            if !established.trim().is_empty() || done.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let acted = during();
+        let overlapped = !done.load(std::sync::atomic::Ordering::SeqCst);
+        let got = flowing
+            .join()
+            .map_err(|_| anyhow::anyhow!("transfer thread panicked"))?;
+        acted?;
+        Ok((overlapped, got?))
+    })
+}
+
+fn wait_for_sockets(f: &Fixture, at_most: u64) -> anyhow::Result<u64> {
+    let mut sockets = u64::MAX;
+    for _ in 0..100 {
+        sockets = f.accel()?["sockets"].as_u64().unwrap_or(u64::MAX);
+        if sockets <= at_most {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(sockets)
+}
+
+#[test]
+fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_maps()
+-> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let mut f = fixture("acc7", 7342)?;
+    let baseline = f.accel()?["sockets"].as_u64().unwrap_or(0);
+    let data = pattern(1 << 30, 3);
+    let ports = (f.port, f.backend());
+
+    // The listener goes while a gigabyte crosses it: the established stream finishes
+    // byte-exact, the port closes, the sockhash returns to its baseline.
+    let (overlapped, got) = transfer_during(&f.ns, &f.cgroup, ports, &data, || {
+        f.site.cli(&["listener", "delete", "sink"]).map(drop)
+    })?;
+    assert!(overlapped, "the delete must land while the transfer runs");
+    assert!(
+        got == data,
+        "1 GiB through a deleted listener arrived corrupted"
+    );
+    let listening = f.ns.run(&["ss", "-Htln"])?;
+    assert!(
+        !listening.contains(&format!(":{} ", f.port)),
+        "the deleted listener's port is closed: {listening}"
+    );
+    assert_eq!(
+        wait_for_sockets(&f, baseline)?,
+        baseline,
+        "sockhash back at its baseline"
+    );
+
+    // A graceful stop while a gigabyte flows: the router drains it before exiting; the next
+    // router starts with clean maps and redirects again.
+    let port = f.port.to_string();
+    f.site.cli(&[
+        "listener",
+        "create",
+        "sink",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+    ])?;
+    f.ns.wait_listening(f.port, Duration::from_secs(10))?;
+    let (ns, cgroup, site) = (&f.ns, &f.cgroup, &mut f.site);
+    let (overlapped, got) = transfer_during(ns, cgroup, ports, &data, || site.stop())?;
+    assert!(overlapped, "the stop must begin while the transfer runs");
+    assert!(
+        got == data,
+        "1 GiB during a graceful stop arrived corrupted"
+    );
+    f.site.run(&f.ns, Some(&f.cgroup))?;
+    f.ns.wait_listening(f.port, Duration::from_secs(10))?;
+    let fresh = f.accel()?;
+    assert_eq!(fresh["sockets"].as_u64(), Some(baseline), "{fresh}");
+    let small = pattern(4 << 20, 5);
+    let listener = format!("127.0.0.1:{}", f.port);
+    let got = socat_transfer(
+        &f.ns,
+        Some(&f.cgroup),
+        "127.0.0.1",
+        f.backend(),
+        &listener,
+        &small,
+    )?;
+    assert!(got == small, "transfer after the restart corrupted");
+    assert!(
+        f.accel()?["bytesRedirected"].as_u64() >= Some(2 * small.len() as u64),
+        "the restarted router redirects again"
+    );
+    Ok(())
+}
