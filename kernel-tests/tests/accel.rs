@@ -472,3 +472,35 @@ fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_map
     );
     Ok(())
 }
+
+#[test]
+fn two_hundred_concurrent_streams_arrive_byte_exact() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let f = fixture("acc8", 7352)?;
+    let (conns, bytes) = (200, 4u64 << 20);
+    let backend = format!("127.0.0.1:{}", f.backend());
+    let verify = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[
+            &loadgen(),
+            "verify",
+            &backend,
+            &conns.to_string(),
+            &bytes.to_string(),
+        ],
+    )?;
+    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
+    // All 200 at once, each with its own pseudo-random bytes, checked at the backend.
+    f.load("push", conns, bytes, conns)?;
+    let tally = verify.wait(Duration::from_secs(120))?;
+    eprintln!("backend: {tally}");
+    let accel = f.accel()?;
+    assert!(
+        accel["bytesRedirected"].as_u64() >= Some(2 * conns as u64 * bytes),
+        "both legs of every stream redirected: {accel}"
+    );
+    Ok(())
+}

@@ -5,7 +5,10 @@
 //! loadgen sink ADDR                      answer each connection with (checksum, bytes) after EOF
 //! loadgen send ADDR CONNS BYTES [PAR]    CONNS connections of BYTES each, PAR at a time
 //!                                        (default: all at once); verify every answer
-//! loadgen push ADDR CONNS BYTES [PAR]    the same, but close after sending: no answer
+//! loadgen push ADDR CONNS BYTES [PAR]    the same, but close after sending: no answer (each
+//!                                        connection starts with its 8-byte seed)
+//! loadgen verify ADDR CONNS BYTES        accept CONNS pushed connections, check each against
+//!                                        its seed, print the tally, exit non-zero on a mismatch
 //! loadgen connects ADDR N                time N connect() calls; print p50/p99/mean in µs
 //! loadgen echo ADDR                      echo every byte back on every connection
 //! loadgen connrate ADDR SECONDS PAR      for SECONDS, PAR at a time: connect, one byte there
@@ -43,13 +46,14 @@ fn main() -> anyhow::Result<()> {
             send(addr, conns.parse()?, bytes.parse()?, par.parse()?, false)
         }
         ["connects", addr, n] => connects(addr, n.parse()?),
+        ["verify", addr, conns, bytes] => verify(addr, conns.parse()?, bytes.parse()?),
         ["echo", addr] => runtime()?.block_on(echo(addr)),
         ["connrate", addr, seconds, par] => {
             runtime()?.block_on(connrate(addr, seconds.parse()?, par.parse()?))
         }
         ["hold", addr, n] => runtime()?.block_on(hold(addr, n.parse()?)),
         _ => bail!(
-            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen echo ADDR | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
+            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES | loadgen echo ADDR | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
         ),
     }
 }
@@ -127,6 +131,76 @@ fn send(addr: &str, conns: usize, bytes: u64, parallel: usize, answer: bool) -> 
     Ok(())
 }
 
+/// What `push` sends on the connection with `seed`, as the receiver must see it.
+fn expected(seed: u64, bytes: u64) -> [u8; 16] {
+    let mut sum = Checksum::default();
+    let mut block = vec![0u8; 64 * 1024];
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(block.len() as u64)).unwrap_or(block.len());
+        kernel_tests::fill(&mut block[..n], &mut state);
+        sum.update(&block[..n]);
+        left -= n as u64;
+    }
+    sum.finish_bytes()
+}
+
+fn verify(addr: &str, conns: usize, bytes: u64) -> anyhow::Result<()> {
+    let listener = listen(addr).with_context(|| format!("failed to bind {addr}"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for conn in listener.incoming().take(conns) {
+        let mut conn = conn?;
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let outcome = (|| -> Result<(), String> {
+                let mut seed = [0u8; 8];
+                conn.read_exact(&mut seed)
+                    .map_err(|e| format!("no seed: {e}"))?;
+                let seed = u64::from_le_bytes(seed);
+                let mut sum = Checksum::default();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => sum.update(&buf[..n]),
+                        Err(e) => return Err(format!("seed {seed}: {e}")),
+                    }
+                }
+                if sum.finish_bytes() == expected(seed, bytes) {
+                    Ok(())
+                } else {
+                    Err(format!("seed {seed}: checksum or length mismatch"))
+                }
+            })();
+            let _ = tx.send(outcome);
+        });
+    }
+    drop(tx);
+    let results: Vec<Result<(), String>> = rx.iter().collect();
+    let bad: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    println!(
+        "{{\"connections\": {}, \"ok\": {}, \"bad\": {}}}",
+        results.len(),
+        results.len() - bad.len(),
+        bad.len()
+    );
+    ensure!(
+        results.len() == conns,
+        "only {} of {conns} connections ended",
+        results.len()
+    );
+    ensure!(
+        bad.is_empty(),
+        "{}",
+        bad.iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    Ok(())
+}
+
 fn connects(addr: &str, n: usize) -> anyhow::Result<()> {
     let addr: std::net::SocketAddr = addr.parse()?;
     let mut micros = Vec::with_capacity(n);
@@ -158,6 +232,10 @@ fn one(addr: &str, bytes: u64, seed: u64, answer: bool) -> anyhow::Result<()> {
     let mut block = vec![0u8; 64 * 1024];
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut sent = 0u64;
+    if !answer {
+        // Without an answer the receiver checks the bytes itself: tell it how they were made.
+        conn.write_all(&seed.to_le_bytes())?;
+    }
     while sent < bytes {
         let n = usize::try_from((bytes - sent).min(block.len() as u64))?;
         kernel_tests::fill(&mut block[..n], &mut state);
