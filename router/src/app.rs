@@ -769,7 +769,7 @@ impl Router {
         let (tls, cert) = match &spec.tls {
             Some(tls) => {
                 let (acceptor, cert) = self.listener_tls(&spec, tls)?;
-                (Some(acceptor), Some(cert))
+                (Some(acceptor), cert)
             }
             None => (None, None),
         };
@@ -1144,8 +1144,17 @@ impl Router {
         &self,
         spec: &Listener,
         tls: &ListenerTls,
-    ) -> Result<(TlsAcceptor, Arc<tls::RotatingCert>), String> {
-        let identity = self.listener_identity(spec)?;
+    ) -> Result<(TlsAcceptor, Option<Arc<tls::RotatingCert>>), String> {
+        let user = user_pair(
+            tls.cert_file.as_deref(),
+            tls.key_file.as_deref(),
+            pki::Usage::Server,
+        )
+        .map_err(|e| format!("listener {}: {e}", spec.name))?;
+        let identity = match &user {
+            Some(pair) => pair.clone(),
+            None => self.listener_identity(spec)?,
+        };
         let cert = tls::RotatingCert::new(&identity)
             .map_err(|e| format!("listener {}: {e}", spec.name))?;
         let client_ca = tls
@@ -1153,7 +1162,8 @@ impl Router {
             .then_some(self.service_ca.cert_pem.as_str());
         let config = tls::service_server_config(Arc::clone(&cert), client_ca)
             .map_err(|e| format!("listener {}: {e}", spec.name))?;
-        Ok((TlsAcceptor::from(config), cert))
+        // A user's certificate is the user's to renew; rotation replaces only ours.
+        Ok((TlsAcceptor::from(config), user.is_none().then_some(cert)))
     }
 
     /// A new certificate for a TLS listener, from the service CA, for the names a workload
@@ -1243,7 +1253,13 @@ impl Router {
                 .map_err(|e| what(&format!("failed to read the CA file {path}: {e}")))?,
             None => self.service_ca.cert_pem.clone(),
         };
-        let config = tls::service_client_config(&ca_pem).map_err(|e| what(&e))?;
+        let client = user_pair(
+            tls.cert_file.as_deref(),
+            tls.key_file.as_deref(),
+            pki::Usage::Client,
+        )
+        .map_err(|e| what(&e))?;
+        let config = tls::service_client_config(&ca_pem, client.as_ref()).map_err(|e| what(&e))?;
         let name = tls
             .server_name
             .clone()
@@ -1574,6 +1590,28 @@ fn link_row(
         "bytesIn": sum(|l| l.stats.bytes_in.load(Ordering::Relaxed)),
         "bytesOut": sum(|l| l.stats.bytes_out.load(Ordering::Relaxed)),
     })
+}
+
+/// Reads and validates a user-supplied certificate and key (both files, or neither).
+fn user_pair(
+    cert: Option<&str>,
+    key: Option<&str>,
+    usage: pki::Usage,
+) -> Result<Option<CertKey>, String> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        _ => return Err("a certificate file needs its key file, and the other way round".into()),
+    };
+    let read = |path: &str| {
+        std::fs::read_to_string(path).map_err(|e| format!("failed to read {path}: {e}"))
+    };
+    let pair = CertKey {
+        cert_pem: read(cert)?,
+        key_pem: read(key)?,
+    };
+    pki::validate_service(&pair, usage).map_err(|e| e.to_string())?;
+    Ok(Some(pair))
 }
 
 /// Renews the router identity and TLS listeners' certificates (`rotate_certs`) whenever the

@@ -217,6 +217,12 @@ pub struct ListenerArgs {
     /// With --tls: write a client bundle (ca.crt, tls.crt, tls.key) into this directory.
     #[arg(long, requires = "tls")]
     pub bundle_out: Option<PathBuf>,
+    /// With --tls: serve this certificate (PEM) instead of one from the service CA.
+    #[arg(long, requires_all = ["tls", "key"])]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 fn parse_namespace(text: &str) -> Result<(String, String), String> {
@@ -260,6 +266,12 @@ pub struct ConnectorArgs {
     /// directory.
     #[arg(long, requires = "tls")]
     pub bundle_out: Option<PathBuf>,
+    /// With --tls: present this client certificate (PEM) to the backend.
+    #[arg(long, requires_all = ["tls", "key"])]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,6 +47,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// `path` made absolute against the CLI's working directory: the router, which reads the file,
+/// runs elsewhere.
+fn absolute(path: &std::path::Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_owned())
+        .display()
+        .to_string()
+}
+
 /// Writes a service bundle as Skupper's secrets hold it: `ca.crt`, `tls.crt`, `tls.key`
 /// (0600), into `dir` (created 0700 if missing).
 fn write_bundle(dir: &std::path::Path, bundle: &serde_json::Value) -> anyhow::Result<()> {
@@ -270,8 +279,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 routing_key,
                 namespace: args.namespace,
                 allow_namespaces: args.allow_namespace,
-                tls: args.tls.then_some(ListenerTls {
+                tls: args.tls.then(|| ListenerTls {
                     require_client_cert: args.require_client_cert,
+                    cert_file: args.cert.as_deref().map(absolute),
+                    key_file: args.key.as_deref().map(absolute),
                 }),
             };
             call(Request::ListenerCreate { listener }).await?;
@@ -310,8 +321,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 port: args.port,
                 routing_key,
                 tls: args.tls.then(|| ConnectorTls {
-                    ca_file: args.ca_file.map(|p| p.display().to_string()),
+                    ca_file: args.ca_file.as_deref().map(absolute),
                     server_name: args.server_name,
+                    cert_file: args.cert.as_deref().map(absolute),
+                    key_file: args.key.as_deref().map(absolute),
                 }),
             };
             call(Request::ConnectorCreate { connector }).await?;

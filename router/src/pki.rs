@@ -314,6 +314,45 @@ pub fn validate_router(identity: &CertKey, ca_pem: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Validates a user-supplied service certificate (a TLS listener's, or the client certificate
+/// a TLS connector presents to its backend): parses, key matches, valid now, not a CA, and its
+/// extended key usage (when it has one) allows `usage`.
+///
+/// # Errors
+/// With one line that says what is wrong.
+pub fn validate_service(pair: &CertKey, usage: Usage) -> Result<(), Error> {
+    let what = match usage {
+        Usage::Client => "client certificate",
+        Usage::Server | Usage::ServerAndClient => "server certificate",
+    };
+    let der = certs_from_pem(&pair.cert_pem)?.remove(0);
+    let cert = check_pair(what, pair, &der)?;
+    if cert.is_ca() {
+        return Err(invalid(what, "certificate is a CA, not a leaf"));
+    }
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        let e = eku.value;
+        let allowed = e.any
+            || match usage {
+                Usage::Client => e.client_auth,
+                Usage::Server => e.server_auth,
+                Usage::ServerAndClient => e.server_auth && e.client_auth,
+            };
+        if !allowed {
+            let needed = match usage {
+                Usage::Client => "clientAuth",
+                Usage::Server => "serverAuth",
+                Usage::ServerAndClient => "serverAuth and clientAuth",
+            };
+            return Err(invalid(
+                what,
+                format!("extended key usage does not allow {needed}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// When the first certificate in `pem` expires, in seconds since the Unix epoch.
 #[must_use]
 pub fn not_after(pem: &str) -> Option<i64> {

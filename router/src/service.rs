@@ -33,6 +33,12 @@ pub struct ListenerTls {
     /// Also require a client certificate signed by the service CA (see `--bundle-out`).
     #[serde(default)]
     pub require_client_cert: bool,
+    /// A certificate (PEM file) to serve instead of one from the service CA, with its key;
+    /// the user renews it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 /// TLS between the router and a backend.
@@ -46,6 +52,11 @@ pub struct ConnectorTls {
     /// The name the backend's certificate must carry; by default the connector's host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// A client certificate (PEM file) and key to present to a backend that checks clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 /// Binds a routing key at this site to a backend `host:port`.

@@ -158,15 +158,25 @@ pub fn service_server_config(
     Ok(Arc::new(builder.with_cert_resolver(identity)))
 }
 
-/// The router's side of a TLS connector: trusts only `ca_pem` for the backend's certificate.
+/// The router's side of a TLS connector: trusts only `ca_pem` for the backend's certificate,
+/// and presents `client` when given.
 ///
 /// # Errors
-/// When the CA does not parse.
-pub fn service_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, Error> {
-    let config = ClientConfig::builder_with_provider(provider())
+/// When the CA, the certificate or the key does not parse.
+pub fn service_client_config(
+    ca_pem: &str,
+    client: Option<&CertKey>,
+) -> Result<Arc<ClientConfig>, Error> {
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca_pem)?)
-        .with_no_client_auth();
+        .with_root_certificates(roots(ca_pem)?);
+    let config = match client {
+        Some(pair) => builder.with_client_auth_cert(
+            pki::certs_from_pem(&pair.cert_pem)?,
+            pki::key_from_pem(&pair.key_pem)?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
 }
 

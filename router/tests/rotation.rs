@@ -75,7 +75,8 @@ async fn rotation_keeps_links_and_streams_and_new_handshakes_get_new_certificate
         .and_then(|l| l["port"].as_u64())
         .and_then(|p| u16::try_from(p).ok())
         .expect("TLS listener port");
-    let service_client = tls::service_client_config(&pem(&east, "service-ca.crt")).expect("config");
+    let service_client =
+        tls::service_client_config(&pem(&east, "service-ca.crt"), None).expect("config");
     let listener_before = served(tls_port, Arc::clone(&service_client), "localhost").await;
 
     // A checksummed stream crosses the link while both sites rotate.

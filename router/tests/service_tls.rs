@@ -455,3 +455,247 @@ async fn a_tls_connector_reaches_an_openssl_server_with_its_bundle() {
         "a backend whose certificate does not chain to the configured CA must not be reached"
     );
 }
+
+/// Runs the `skiff` CLI expecting it to fail; returns its one-line error.
+fn skiff_fails(site: &Site, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .arg("--state-dir")
+        .arg(site.dir())
+        .args(args)
+        .output()
+        .expect("run skiff");
+    assert!(
+        !out.status.success(),
+        "skiff {} should have failed",
+        args.join(" ")
+    );
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    err
+}
+
+/// A CA and certificates made with openssl in `dir`: `ca.crt`, `server.{crt,key}` (serverAuth,
+/// localhost and 127.0.0.1), `client.{crt,key}` (clientAuth).
+fn user_pki(dir: &Path) {
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "{script}: {out:?}");
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    sh(&format!(
+        "openssl req -x509 {key} -keyout ca.key -out ca.crt -days 2 -subj /CN=user-ca"
+    ));
+    for (name, ext) in [
+        (
+            "server",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext");
+        sh(&format!(
+            "openssl req {key} -keyout {name}.key -out {name}.csr -subj /CN={name} && \
+             openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+               -days 2 -extfile {name}.ext -out {name}.crt 2>/dev/null"
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_certificates_are_served_presented_and_checked_with_clear_errors() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let files = kernel_tests::TempDir::new("user-pki").expect("dir");
+    let dir = files.path();
+    user_pki(dir);
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    std::fs::write(dir.join("hello.txt"), "hello\n").expect("write");
+    let (web, _server) = web_server(dir).await;
+    skiff(
+        &west,
+        &[
+            "connector",
+            "create",
+            "web",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &web.to_string(),
+        ],
+    );
+
+    // Refused with one line that says what is wrong.
+    let create = |cert: &str, key: &str| {
+        skiff_fails(
+            &east,
+            &[
+                "listener",
+                "create",
+                "bad",
+                "--port",
+                "0",
+                "--host",
+                "127.0.0.1",
+                "--tls",
+                "--routing-key",
+                "web",
+                "--cert",
+                cert,
+                "--key",
+                key,
+            ],
+        )
+    };
+    let err = create(&path("server.crt"), &path("client.key"));
+    assert!(
+        err.contains("the private key does not match the certificate"),
+        "{err}"
+    );
+    let err = create(&path("client.crt"), &path("client.key"));
+    assert!(
+        err.contains("extended key usage does not allow serverAuth"),
+        "{err}"
+    );
+    let expired = {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).expect("params");
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(3);
+        params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        let cert = params.self_signed(&key).expect("sign");
+        std::fs::write(dir.join("expired.crt"), cert.pem()).expect("write");
+        std::fs::write(dir.join("expired.key"), key.serialize_pem()).expect("write");
+        (path("expired.crt"), path("expired.key"))
+    };
+    let err = create(&expired.0, &expired.1);
+    assert!(err.contains("is not valid now"), "{err}");
+
+    // The user's certificate is served; curl verifies it against the user's CA.
+    skiff(
+        &east,
+        &[
+            "listener",
+            "create",
+            "web",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--tls",
+            "--cert",
+            &path("server.crt"),
+            "--key",
+            &path("server.key"),
+        ],
+    );
+    let status = east
+        .wait_for(
+            |v| {
+                v.as_array()
+                    .is_some_and(|ls| ls.iter().all(|l| l["reachable"] == true))
+            },
+            Request::ListenerStatus,
+        )
+        .await;
+    let url = format!(
+        "https://localhost:{}/hello.txt",
+        listener_port(&status, "web")
+    );
+    let ok = run(
+        "curl",
+        &["-sS", "--fail", "--cacert", &path("ca.crt"), &url],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // A backend that checks clients: the connector presents the user's client certificate.
+    let backend = free_port().await.to_string();
+    let _server = Spawned(
+        Command::new("openssl")
+            .args(["s_server", "-accept", &format!("127.0.0.1:{backend}")])
+            .args(["-cert", &path("server.crt"), "-key", &path("server.key")])
+            .args([
+                "-Verify",
+                "1",
+                "-verify_return_error",
+                "-CAfile",
+                &path("ca.crt"),
+            ])
+            .args(["-www", "-quiet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("openssl s_server"),
+    );
+    wait_listening(backend.parse().expect("port")).await;
+    let (ca, cert, key) = (path("ca.crt"), path("client.crt"), path("client.key"));
+    for (name, with_cert) in [("checked", true), ("unchecked", false)] {
+        let mut args = vec![
+            "connector",
+            "create",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &backend,
+            "--tls",
+            "--ca-file",
+            &ca,
+        ];
+        if with_cert {
+            args.extend(["--cert", cert.as_str(), "--key", key.as_str()]);
+        }
+        skiff(&west, &args);
+        skiff(
+            &east,
+            &[
+                "listener",
+                "create",
+                name,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ],
+        );
+    }
+    let status = east
+        .wait_for(
+            |v| {
+                v.as_array()
+                    .is_some_and(|ls| ls.len() == 3 && ls.iter().all(|l| l["reachable"] == true))
+            },
+            Request::ListenerStatus,
+        )
+        .await;
+    let page = |name: &str| {
+        run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://127.0.0.1:{}/", listener_port(&status, name)),
+            ],
+        )
+    };
+    let checked = page("checked");
+    assert!(
+        String::from_utf8_lossy(&checked.stdout).contains("Ciphers supported in s_server binary"),
+        "{checked:?}"
+    );
+    let unchecked = page("unchecked");
+    assert!(
+        !String::from_utf8_lossy(&unchecked.stdout).contains("Ciphers supported"),
+        "a backend that checks clients refuses a connector without a certificate"
+    );
+}
