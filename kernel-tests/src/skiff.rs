@@ -89,12 +89,7 @@ impl Site {
         run_args: &[&str],
     ) -> anyhow::Result<Self> {
         let mut site = Self::unstarted(netns, name, run_args);
-        let mut args = vec!["site", "create", name];
-        if let Some(addr) = link_access {
-            args.extend(["--link-access", addr]);
-        }
-        args.extend(create_args);
-        site.cli(&args)?;
+        site.create(link_access, create_args)?;
         site.run(netns, cgroup)?;
         Ok(site)
     }
@@ -116,6 +111,16 @@ impl Site {
         site.cli(&["apply", "-f", yaml])?;
         site.run(netns, cgroup)?;
         Ok(site)
+    }
+
+    /// `skiff site create NAME [--link-access ADDR] EXTRA...`.
+    fn create(&self, link_access: Option<&str>, extra: &[&str]) -> anyhow::Result<()> {
+        let mut args = vec!["site", "create", &self.name];
+        if let Some(addr) = link_access {
+            args.extend(["--link-access", addr]);
+        }
+        args.extend(extra);
+        self.cli(&args).map(drop)
     }
 
     fn unstarted(netns: &Netns, name: &str, run_args: &[&str]) -> Self {
@@ -142,11 +147,7 @@ impl Site {
         link_access: Option<&str>,
     ) -> anyhow::Result<Self> {
         let mut site = Self::unstarted(netns, name, &[]);
-        let mut args = vec!["site", "create", name];
-        if let Some(addr) = link_access {
-            args.extend(["--link-access", addr]);
-        }
-        site.cli(&args)?;
+        site.create(link_access, &[])?;
         let state = site.state.to_str().context("state path not UTF-8")?;
         crate::run("chown", &["-R", "nobody:nogroup", state])?;
         site.run_prefix = [
@@ -221,17 +222,7 @@ impl Site {
     /// # Errors
     /// When the command fails.
     pub fn connector(&self, key: &str, port: u16) -> anyhow::Result<()> {
-        let port = port.to_string();
-        self.cli(&[
-            "connector",
-            "create",
-            key,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-        ])
-        .map(drop)
+        self.create_local("connector", key, port)
     }
 
     /// Listens on 127.0.0.1:`port` for routing key `key`
@@ -240,17 +231,13 @@ impl Site {
     /// # Errors
     /// When the command fails.
     pub fn listener(&self, key: &str, port: u16) -> anyhow::Result<()> {
+        self.create_local("listener", key, port)
+    }
+
+    fn create_local(&self, kind: &str, key: &str, port: u16) -> anyhow::Result<()> {
         let port = port.to_string();
-        self.cli(&[
-            "listener",
-            "create",
-            key,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port,
-        ])
-        .map(drop)
+        let args = [kind, "create", key, "--host", "127.0.0.1", "--port", &port];
+        self.cli(&args).map(drop)
     }
 
     /// Polls `skiff ARGS --output json` until `ok` accepts the answer.

@@ -40,24 +40,8 @@ fn pair_with(
 fn expose(p: &Pair, key: &str, backend_port: u16, port: u16) -> anyhow::Result<()> {
     p.west_ns
         .wait_listening(backend_port, Duration::from_secs(10))?;
-    p.west.cli(&[
-        "connector",
-        "create",
-        key,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &backend_port.to_string(),
-    ])?;
-    p.east.cli(&[
-        "listener",
-        "create",
-        key,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-    ])?;
+    p.west.connector(key, backend_port)?;
+    p.east.listener(key, port)?;
     p.east
         .wait_for(&["listener", "status"], Duration::from_secs(10), |out| {
             out.contains("\"reachable\": true")

@@ -4,42 +4,9 @@
 
 mod common;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::process::Command;
 
-use common::Site;
-
-/// A process this test started, killed (by PID) on drop.
-struct Spawned(Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn free_port() -> u16 {
-    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    socket.local_addr().expect("addr").port()
-}
-
-async fn wait_listening(port: u16) {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("nothing listens on {port}");
-}
+use common::{Site, Spawned, free_port, serve};
 
 /// nghttpd serving `dir` on `port`, with TLS when `tls` holds (key, cert) paths.
 async fn nghttpd(dir: &std::path::Path, port: u16, tls: Option<(&str, &str)>) -> Spawned {
@@ -49,14 +16,7 @@ async fn nghttpd(dir: &std::path::Path, port: u16, tls: Option<(&str, &str)>) ->
         Some((key, cert)) => cmd.args([key, cert]),
         None => cmd.arg("--no-tls"),
     };
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nghttpd (Debian's nghttp2-server)");
-    let server = Spawned(child);
-    wait_listening(port).await;
-    server
+    serve(&mut cmd, port).await
 }
 
 /// Runs h2load and returns its report.

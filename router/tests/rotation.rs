@@ -25,6 +25,36 @@ async fn served(port: u16, config: Arc<ClientConfig>, name: &str) -> String {
     pki::fingerprint(&certs[0])
 }
 
+/// East linked to `west`, with a checksumming backend at west behind east's listener `port`;
+/// `link_port` is west's link access.
+struct Linked {
+    east: Site,
+    port: u16,
+    link_port: u16,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+async fn linked(west: &Site) -> Linked {
+    let east = Site::start("east", false).await;
+    east.link_to(west).await;
+    let (backend, _server) = checksum_backend().await;
+    west.connector("sink", "sink", backend).await;
+    let port = east.listener("sink", "sink").await;
+    let token = west.token().await;
+    let link_port = token
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    Linked {
+        east,
+        port,
+        link_port,
+        _server,
+    }
+}
+
 fn pem(site: &Site, file: &str) -> String {
     std::fs::read_to_string(site.dir().join(file)).expect("read PEM")
 }
@@ -32,20 +62,12 @@ fn pem(site: &Site, file: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_links_and_streams_and_new_handshakes_get_new_certificates() {
     let west = Site::start("west", true).await;
-    let east = Site::start("east", false).await;
-    east.link_to(&west).await;
-    let (backend, _server) = checksum_backend().await;
-    west.connector("sink", "sink", backend).await;
-    let port = east.listener("sink", "sink").await;
-    let link_port: u16 = {
-        let token = west.token().await;
-        token
-            .url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port")
-    };
+    let Linked {
+        east,
+        port,
+        link_port,
+        _server,
+    } = linked(&west).await;
     let link_client = tls::grant_client_config(&pem(&west, "ca.crt")).expect("config");
     let identity_before = served(link_port, Arc::clone(&link_client), "west").await;
 
@@ -130,20 +152,12 @@ async fn short_lived_certificates_are_renewed_before_they_expire_and_links_stay_
         &router::site::Supplied::default(),
     )
     .await;
-    let east = Site::start("east", false).await;
-    east.link_to(&west).await;
-    let (backend, _server) = checksum_backend().await;
-    west.connector("sink", "sink", backend).await;
-    let port = east.listener("sink", "sink").await;
-    let link_port: u16 = {
-        let token = west.token().await;
-        token
-            .url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port")
-    };
+    let Linked {
+        east,
+        port,
+        link_port,
+        _server,
+    } = linked(&west).await;
     let client = tls::grant_client_config(&pem(&west, "ca.crt")).expect("config");
     let first = served(link_port, Arc::clone(&client), "west").await;
 

@@ -279,3 +279,44 @@ pub async fn transfer(port: u16, len: u64) {
     assert_eq!(answer[8..], expected[8..], "byte count");
     assert_eq!(answer[..8], expected[..8], "checksum");
 }
+
+/// A process a test started, killed (by PID) on drop.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port nothing listens on yet.
+pub async fn free_port() -> u16 {
+    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    socket.local_addr().expect("addr").port()
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port`.
+pub async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+/// Starts `cmd` (output discarded) and waits until it listens on `port`.
+pub async fn serve(cmd: &mut std::process::Command, port: u16) -> Spawned {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("failed to start {cmd:?}: {e}"));
+    let server = Spawned(child);
+    wait_listening(port).await;
+    server
+}
