@@ -41,6 +41,9 @@ struct Args {
     /// One run of one second: proves the harness works, measures nothing worth reading.
     #[arg(long)]
     smoke: bool,
+    /// TLS connections per link in the skiff-mtls scenarios (`token redeem --connections`).
+    #[arg(long, default_value_t = 1)]
+    link_connections: u32,
     /// Also measure connect() latency with namespace isolation (1,000 protected listeners).
     #[arg(long)]
     connect_latency: bool,
@@ -96,7 +99,13 @@ fn main() -> anyhow::Result<()> {
     let scenarios = names
         .iter()
         .enumerate()
-        .map(|(i, name)| scenario::build(name, 240 + u8::try_from(i).unwrap_or(0)))
+        .map(|(i, name)| {
+            scenario::build(
+                name,
+                240 + u8::try_from(i).unwrap_or(0),
+                args.link_connections,
+            )
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let jiffies_before = report::cpu_jiffies();

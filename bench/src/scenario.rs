@@ -284,7 +284,7 @@ fn certificates(dir: &Path, west_ip: &str) -> anyhow::Result<()> {
 
 /// Builds scenario `name`. `subnet` keeps veth addresses apart between scenarios.
 #[allow(clippy::too_many_lines)] // one arm per scenario reads better than ten functions
-pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
+pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Scenario> {
     let front = Ports::starting_at(FRONT);
     let s = match name {
         "direct" => {
@@ -550,7 +550,7 @@ pub fn build(name: &str, subnet: u8) -> anyhow::Result<Scenario> {
                 Some(&format!("{west_ip}:55671")),
             )?;
             let east = Site::start_in(&east_ns, cgroup.as_ref(), "east", None)?;
-            west.link_from(&east)?;
+            west.link_from_with(&east, &["--connections", &link_connections.to_string()])?;
             for ((key, port), listen) in SERVICES.iter().zip(FRONT..) {
                 west.connector(key, *port)?;
                 east.listener(key, listen)?;

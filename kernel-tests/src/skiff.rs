@@ -275,10 +275,20 @@ impl Site {
     /// # Errors
     /// When issuing, redeeming or linking fails.
     pub fn link_from(&self, other: &Self) -> anyhow::Result<()> {
+        self.link_from_with(other, &[])
+    }
+
+    /// [`Site::link_from`], with extra `token redeem` arguments (`--connections N`, `--cost N`).
+    ///
+    /// # Errors
+    /// When issuing or redeeming fails, or the link does not come up within ten seconds.
+    pub fn link_from_with(&self, other: &Self, redeem_args: &[&str]) -> anyhow::Result<()> {
         let token = self.state.with_extension("token");
         let token_arg = token.to_str().context("token path not UTF-8")?;
         self.cli(&["token", "issue", token_arg])?;
-        other.cli(&["token", "redeem", token_arg])?;
+        let mut args = vec!["token", "redeem", token_arg];
+        args.extend_from_slice(redeem_args);
+        other.cli(&args)?;
         let _ = std::fs::remove_file(&token);
         other.wait_for(&["link", "status"], Duration::from_secs(10), |out| {
             out.contains("\"up\"")

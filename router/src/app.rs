@@ -523,7 +523,6 @@ impl Router {
             .cloned()
     }
 
-    /// A local connector for `key`, rotating among several.
     /// Picks a local connector for `key` (round robin): its address, and its TLS settings.
     fn local_backend(&self, key: &str) -> Option<(String, Option<Arc<BackendTls>>)> {
         let mut inner = self.inner.lock().expect("router lock");
