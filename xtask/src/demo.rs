@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: two sites in network namespaces, linked by a token, a real web server
-//! exposed at one and fetched with curl from the other. Every command is printed as it runs;
+//! exposed at one and fetched with curl from the other (plain, refused by namespace isolation,
+//! and over TLS with a client bundle), then a site policy refusing what it does not name. Every command is printed as it runs;
 //! namespaces, processes and state are removed at the end, also on failure.
 
 use std::time::Duration;
@@ -136,6 +137,72 @@ pub fn run() -> anyhow::Result<()> {
         Err(e) => println!("{e:#}"),
     }
     show(&east, &["status"])?;
+
+    say(
+        "TLS for team-a too: a TLS listener with a certificate from east's service CA and a client bundle",
+    );
+    let bundle = TempDir::new("demo-bundle")?;
+    let bundle_arg = bundle.path().to_str().context("temp path not UTF-8")?;
+    show(
+        &east,
+        &[
+            "listener",
+            "create",
+            "web-tls",
+            "--routing-key",
+            "web",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "9443",
+            "--namespace",
+            "team-a",
+            "--tls",
+            "--bundle-out",
+            bundle_arg,
+        ],
+    )?;
+    east_ns.wait_listening(9443, Duration::from_secs(10))?;
+    let ca = bundle.path().join("ca.crt");
+    let ca = ca.to_str().context("temp path not UTF-8")?;
+    let tls_url = "https://localhost:9443/index.html";
+    println!("$ (in team-a) curl -sS --cacert <bundle>/ca.crt {tls_url}");
+    let curl_tls = ["curl", "-sS", "--max-time", "10", "--cacert", ca, tls_url];
+    print!(
+        "{}",
+        Proc::spawn(&east_ns, Some(&team_a), &curl_tls)?.wait(Duration::from_secs(15))?
+    );
+
+    say("a site policy at west: links only from east, only the 'web' service may be exposed");
+    let policy = TempDir::new("demo-policy")?;
+    let policy_file = policy.path().join("policy.yaml");
+    std::fs::write(
+        &policy_file,
+        "apiVersion: skiff.io/v1alpha1\nkind: SitePolicy\nmetadata: {name: demo}\nspec:\n  allowIncomingLinks: [east]\n  allowedExposedResources: [\"127.0.0.1\"]\n  allowedServices: [web]\n",
+    )?;
+    print!("{}", std::fs::read_to_string(&policy_file)?);
+    show(
+        &west,
+        &[
+            "apply",
+            "-f",
+            policy_file.to_str().context("temp path not UTF-8")?,
+        ],
+    )?;
+    println!("$ skiff --state-dir <west> connector create db --host 127.0.0.1 --port 5432");
+    match west.cli(&[
+        "connector",
+        "create",
+        "db",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5432",
+    ]) {
+        Ok(out) => anyhow::bail!("the policy should have refused the connector, got: {out}"),
+        Err(e) => println!("{e:#}"),
+    }
+    show(&west, &["policy", "status"])?;
 
     say("cleaning up: routers stopped, namespaces, cgroups and state removed");
     drop((west, east));
