@@ -58,6 +58,33 @@ pub struct Scenario {
 }
 
 impl Scenario {
+    /// A peer relaying in one namespace, its clients and backends beside it.
+    fn peer(
+        name: &'static str,
+        description: &'static str,
+        ns: Netns,
+        backends: Vec<Proc>,
+        relays: Vec<Graceful>,
+        files: TempDir,
+    ) -> Self {
+        Self {
+            name,
+            description,
+            ports: Ports::starting_at(FRONT),
+            relays: relays
+                .iter()
+                .filter_map(|p| p.0.as_ref().map(Proc::pid))
+                .collect(),
+            _relay_procs: relays,
+            _sites: vec![],
+            _backends: backends,
+            client_cgroup: None,
+            client_ns: ns,
+            _extra_ns: vec![],
+            _files: Some(files),
+        }
+    }
+
     /// CPU seconds (user + system) used so far by the relaying processes and their children.
     pub fn relay_cpu_seconds(&self) -> f64 {
         self.relays.iter().map(|pid| tree_cpu_seconds(*pid)).sum()
@@ -329,22 +356,14 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             wait_front(&ns, Some(&files))?;
-            Scenario {
-                name: "socat",
-                description: "client -> socat (plain TCP relay, a process per connection) -> server",
-                ports: front,
-                relays: procs
-                    .iter()
-                    .filter_map(|p| p.0.as_ref().map(Proc::pid))
-                    .collect(),
-                _relay_procs: procs,
-                _sites: vec![],
-                _backends: backends,
-                client_cgroup: None,
-                client_ns: ns,
-                _extra_ns: vec![],
-                _files: Some(files),
-            }
+            Scenario::peer(
+                "socat",
+                "client -> socat (plain TCP relay, a process per connection) -> server",
+                ns,
+                backends,
+                procs,
+                files,
+            )
         }
         "haproxy" => {
             let ns = Netns::new("bhaproxy")?;
@@ -365,19 +384,14 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 &files.path().join("haproxy.log"),
             )?;
             wait_front(&ns, Some(&files))?;
-            Scenario {
-                name: "haproxy",
-                description: "client -> HAProxy (mode tcp) -> server",
-                ports: front,
-                relays: p.0.as_ref().map(Proc::pid).into_iter().collect(),
-                _relay_procs: vec![p],
-                _sites: vec![],
-                _backends: backends,
-                client_cgroup: None,
-                client_ns: ns,
-                _extra_ns: vec![],
-                _files: Some(files),
-            }
+            Scenario::peer(
+                "haproxy",
+                "client -> HAProxy (mode tcp) -> server",
+                ns,
+                backends,
+                vec![p],
+                files,
+            )
         }
         "nginx" => {
             let ns = Netns::new("bnginx")?;
@@ -410,19 +424,14 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 &files.path().join("nginx.log"),
             )?;
             wait_front(&ns, Some(&files))?;
-            Scenario {
-                name: "nginx",
-                description: "client -> nginx stream proxy -> server",
-                ports: front,
-                relays: p.0.as_ref().map(Proc::pid).into_iter().collect(),
-                _relay_procs: vec![p],
-                _sites: vec![],
-                _backends: backends,
-                client_cgroup: None,
-                client_ns: ns,
-                _extra_ns: vec![],
-                _files: Some(files),
-            }
+            Scenario::peer(
+                "nginx",
+                "client -> nginx stream proxy -> server",
+                ns,
+                backends,
+                vec![p],
+                files,
+            )
         }
         "skiff-hop" | "skiff-hop-accel" => {
             let accel = name == "skiff-hop-accel";

@@ -184,14 +184,7 @@ fn sockhash_returns_to_baseline_after_ten_thousand_connections() -> anyhow::Resu
     let baseline = f.accel()?["sockets"].as_u64().unwrap_or(0);
     f.load("push", 10_000, 64, 16)?;
     // Sockets leave the map as they close; the last ones may still be closing.
-    let mut sockets = u64::MAX;
-    for _ in 0..100 {
-        sockets = f.accel()?["sockets"].as_u64().unwrap_or(u64::MAX);
-        if sockets <= baseline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let sockets = wait_for_sockets(&f, baseline)?;
     let accel = f.accel()?;
     eprintln!("after 10,000 connections: {accel}");
     assert_eq!(sockets, baseline, "sockhash back at its baseline");

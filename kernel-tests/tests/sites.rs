@@ -36,6 +36,29 @@ fn pair_with(
     })
 }
 
+/// python's http.server on 127.0.0.1:8080 in `ns`, serving `body` as index.html (kept in
+/// a temporary directory removed with the guard).
+fn web_server(ns: &Netns, tag: &str, body: &str) -> anyhow::Result<(Proc, TempDir)> {
+    let page = TempDir::new(tag)?;
+    std::fs::write(page.path().join("index.html"), body)?;
+    let dir = page.path().to_str().unwrap_or_default();
+    let server = Proc::spawn(
+        ns,
+        None,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            dir,
+        ],
+    )?;
+    Ok((server, page))
+}
+
 /// Binds `key` to `backend_port` at west and listens for it on east's loopback at `port`.
 fn expose(p: &Pair, key: &str, backend_port: u16, port: u16) -> anyhow::Result<()> {
     p.west_ns
@@ -55,23 +78,7 @@ fn curl_fetches_a_page_across_sites() -> anyhow::Result<()> {
         return Ok(());
     }
     let p = pair(1)?;
-    let page = TempDir::new("www")?;
-    std::fs::write(page.path().join("index.html"), "hello from west\n")?;
-    let page_arg = page.path().to_str().expect("utf-8");
-    let _server = Proc::spawn(
-        &p.west_ns,
-        None,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            page_arg,
-        ],
-    )?;
+    let _server = web_server(&p.west_ns, "www", "hello from west\n")?;
     expose(&p, "web", 8080, 9080)?;
     let body = p.east_ns.run(&[
         "curl",
@@ -222,23 +229,7 @@ fn without_acceleration_routers_run_as_nobody_with_no_capabilities() -> anyhow::
         }
     }
     // The unprivileged routers linked above by token (TLS, CSR) and serve a real service.
-    let web = TempDir::new("nobody-web")?;
-    std::fs::write(web.path().join("index.html"), "served without privileges\n")?;
-    let dir = web.path().to_str().unwrap_or_default();
-    let _server = Proc::spawn(
-        &p.west_ns,
-        None,
-        &[
-            "python3",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-            dir,
-        ],
-    )?;
+    let _server = web_server(&p.west_ns, "nobody-web", "served without privileges\n")?;
     expose(&p, "web", 8080, 8081)?;
     let page = Proc::spawn(
         &p.east_ns,

@@ -82,8 +82,21 @@ async fn streams_fail_over_and_dead_paths_reset_at_once() {
         .await
         .expect("connect");
     second.write_all(b"y").await.expect("write");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let links = hub.call(Request::LinkStatus).await.expect("links");
+    // Wait for both streams to be open (a fixed pause was too short when the other tests of
+    // this file run beside it), then look at how they are spread.
+    let links = hub
+        .wait_for(
+            |v| {
+                v.as_array().is_some_and(|rows| {
+                    rows.iter()
+                        .map(|l| l["streams"].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                        == 2
+                })
+            },
+            Request::LinkStatus,
+        )
+        .await;
     let busy: Vec<u64> = links
         .as_array()
         .expect("rows")

@@ -85,18 +85,7 @@ async fn rotation_keeps_links_and_streams_and_new_handshakes_get_new_certificate
     })
     .await
     .expect("TLS listener");
-    let status = east
-        .wait_for(
-            |v| v.as_array().is_some_and(|ls| ls.len() == 2),
-            Request::ListenerStatus,
-        )
-        .await;
-    let tls_port = status
-        .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["name"] == "sink-tls"))
-        .and_then(|l| l["port"].as_u64())
-        .and_then(|p| u16::try_from(p).ok())
-        .expect("TLS listener port");
+    let tls_port = east.reachable_port("sink-tls").await;
     let service_client =
         tls::service_client_config(&pem(&east, "service-ca.crt"), None).expect("config");
     let listener_before = served(tls_port, Arc::clone(&service_client), "localhost").await;

@@ -10,7 +10,6 @@ use std::{
 };
 
 use common::{Site, Spawned, free_port, serve};
-use router::admin::Request;
 
 /// Runs the `skiff` CLI against `site`'s running router; it must succeed.
 fn skiff(site: &Site, args: &[&str]) -> Output {
@@ -79,22 +78,7 @@ async fn listen(site: &Site, name: &str, extra: &[&str]) -> u16 {
     ];
     args.extend_from_slice(extra);
     skiff(site, &args);
-    let status = site
-        .wait_for(
-            |v| {
-                v.as_array().is_some_and(|ls| {
-                    ls.iter()
-                        .any(|l| l["name"] == name && l["reachable"] == true)
-                })
-            },
-            Request::ListenerStatus,
-        )
-        .await;
-    let row = status
-        .as_array()
-        .and_then(|rows| rows.iter().find(|r| r["name"] == name))
-        .expect("listener row");
-    u16::try_from(row["port"].as_u64().expect("port")).expect("port fits")
+    site.reachable_port(name).await
 }
 
 /// `skiff connector create NAME --host 127.0.0.1 --port PORT EXTRA...` at `site`.

@@ -193,6 +193,11 @@ impl Site {
         self.call(Request::ListenerCreate { listener })
             .await
             .expect("listener");
+        self.reachable_port(name).await
+    }
+
+    /// Waits until listener `name` is reachable and returns the port it got.
+    pub async fn reachable_port(&self, name: &str) -> u16 {
         let status = self
             .wait_for(
                 |v| {
