@@ -19,6 +19,11 @@ pub static SKIFF_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(SOCKS_MAX
 pub static SKIFF_ENDPOINTS: HashMap<EndpointKey, u32> =
     HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
 
+/// Senders the router diverted to the normal TCP path (see `Counter::MsgDiverted`). Written by
+/// the router, cleared by sock_ops when a new connection gets the same key.
+#[map]
+pub static SKIFF_DIVERTED: HashMap<SockKey, u32> = HashMap::with_max_entries(SOCKS_MAX_ENTRIES, 0);
+
 /// Event counters; per-CPU because the bpf target has no 64-bit atomics.
 #[map]
 pub static SKIFF_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

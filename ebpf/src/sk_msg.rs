@@ -3,6 +3,9 @@
 //! `bpf_msg_redirect_hash` answers `SK_DROP` when the peer is not in the map (it closed, or it
 //! lives outside the attached cgroup). Returning `SK_PASS` then sends the message on the normal
 //! TCP path instead of dropping it: a miss costs speed, never data.
+//!
+//! A sender the router has diverted (its reader fell behind) always takes the TCP path, whose
+//! flow control bounds what waits in the reader's queue; redirection has none.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
@@ -14,7 +17,7 @@ use ebpf_common::{Counter, SockKey};
 
 use core::ptr::read_volatile;
 
-use crate::maps::{SKIFF_SOCKS, count, key_ip, read_ip6, remote_port};
+use crate::maps::{SKIFF_DIVERTED, SKIFF_SOCKS, count, key_ip, read_ip6, remote_port};
 
 #[sk_msg]
 pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
@@ -22,6 +25,10 @@ pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
         count(Counter::MsgMissed, 1);
         return SK_PASS;
     };
+    if SKIFF_DIVERTED.get_ptr(key).is_some() {
+        count(Counter::MsgDiverted, 1);
+        return SK_PASS;
+    }
     let size = u64::from(ctx.size());
     if SKIFF_SOCKS.redirect_msg(&ctx, key.peer(), u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         count(Counter::MsgRedirected, 1);

@@ -15,7 +15,7 @@ use ebpf_common::{Counter, SockKey};
 
 use core::ptr::read_volatile;
 
-use crate::maps::{SKIFF_SOCKS, count, is_endpoint, key_ip, read_ip6, remote_port};
+use crate::maps::{SKIFF_DIVERTED, SKIFF_SOCKS, count, is_endpoint, key_ip, read_ip6, remote_port};
 
 /// The return value means nothing for these callbacks; 1 is what the kernel documents as "ok".
 #[sock_ops]
@@ -68,6 +68,8 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Counter> {
     if !involves_endpoint {
         return Ok(());
     }
+    // A new connection never inherits the diverted mark of an earlier one with the same key.
+    let _ = SKIFF_DIVERTED.remove(&key);
     // SAFETY: ops is the live bpf_sock_ops the kernel passed to this program.
     SKIFF_SOCKS
         .update(key, unsafe { &mut *ops }, u64::from(BPF_ANY))

@@ -100,6 +100,23 @@ impl Netns {
 }
 
 impl Netns {
+    /// Bytes charged to the receive queues of all TCP sockets in the namespace, as `ss -m`
+    /// reports them (`skmem:(r…)`): what readers have not read yet, redirected bytes included.
+    ///
+    /// # Errors
+    /// When `ss` fails.
+    pub fn receive_queues(&self) -> anyhow::Result<u64> {
+        let out = self.run(&["ss", "-Htmn"])?;
+        Ok(out
+            .split("skmem:(r")
+            .skip(1)
+            .filter_map(|rest| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u64>().ok()
+            })
+            .sum())
+    }
+
     /// Waits until something in the namespace listens on TCP `port`.
     ///
     /// # Errors

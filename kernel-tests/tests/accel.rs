@@ -2,7 +2,10 @@
 //! connection (client -> listener, router -> backend) move socket to socket in the kernel.
 //! Every test runs the router and its workloads in a cgroup and network namespace of its own.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use kernel_tests::{
     Capture, Cgroup, Netns, Proc, pattern, require_root, run, skiff::Site, socat_transfer,
@@ -495,5 +498,123 @@ fn two_hundred_concurrent_streams_arrive_byte_exact() -> anyhow::Result<()> {
         accel["bytesRedirected"].as_u64() >= Some(2 * conns as u64 * bytes),
         "both legs of every stream redirected: {accel}"
     );
+    Ok(())
+}
+
+/// Largest sum of the namespace's receive queues seen while `running` runs (sampled every
+/// 100 ms for at most `within`).
+fn peak_receive_queues(ns: &Netns, within: Duration) -> anyhow::Result<u64> {
+    let start = Instant::now();
+    let mut peak = 0;
+    while start.elapsed() < within {
+        peak = peak.max(ns.receive_queues()?);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(peak)
+}
+
+/// What the kernel may hold for one stream whose reader falls behind, with the router's flow
+/// control: about the limit (4 MiB) on each redirected queue, and once the sender is diverted,
+/// one TCP receive buffer, which autotuning grows up to tcp_rmem's maximum (32 MiB here).
+/// Without it, a stalled reader let a pushing client park 1.8 GB within four seconds here.
+fn held_back(ns: &Netns) -> anyhow::Result<u64> {
+    let rmem = ns.run(&["cat", "/proc/sys/net/ipv4/tcp_rmem"])?;
+    let max: u64 = rmem
+        .split_whitespace()
+        .nth(2)
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("unexpected tcp_rmem: {rmem}"))?;
+    Ok(max + (16 << 20))
+}
+
+/// Redirection puts bytes straight into the reader's queue, past its receive buffer. The
+/// router holds back its own writes to a backend that stops reading, then diverts the client
+/// whose bytes pile up at the router to the TCP path, whose flow control stops it. When the
+/// backend reads again, every byte arrives, in order.
+#[test]
+fn a_stalled_backend_holds_back_an_accelerated_client() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let f = fixture("acc7", 7352)?;
+    let bytes = (512u64 << 20).to_string();
+    let backend = format!("127.0.0.1:{}", f.backend());
+    let verify = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[&loadgen(), "verify", &backend, "1", &bytes, "4000"],
+    )?;
+    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
+    let listener = format!("127.0.0.1:{}", f.port);
+    let push = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[&loadgen(), "push", &listener, "1", &bytes, "1"],
+    )?;
+    let peak = peak_receive_queues(&f.ns, Duration::from_secs(3))?;
+    push.wait(Duration::from_secs(120))?;
+    let tally = verify.wait(Duration::from_secs(120))?;
+    let accel = f.accel()?;
+    eprintln!("peak receive queues {peak} B; {tally}; {accel}");
+    let bound = held_back(&f.ns)?;
+    assert!(
+        peak < bound,
+        "the kernel held {peak} B (bound {bound}) for a stalled reader"
+    );
+    assert!(accel["writesPaused"].as_u64() >= Some(1), "{accel}");
+    assert!(accel["sendersDiverted"].as_u64() >= Some(1), "{accel}");
+    assert!(accel["messagesDiverted"].as_u64() > Some(0), "{accel}");
+    Ok(())
+}
+
+/// A link is slower than redirection, so a client pushing through an accelerated router to
+/// another site outruns it. Before the router diverted such senders, the kernel queued their
+/// bytes until the client got ENOMEM (every benchmark run of this path failed that way).
+#[test]
+fn an_accelerated_client_sending_across_a_link_is_held_back() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let west_ns = Netns::new("acc8w")?;
+    let east_ns = Netns::new("acc8e")?;
+    let cgroup = Cgroup::new("acc8")?;
+    let (west_ip, _) = west_ns.link(&east_ns, 9)?;
+    let west = Site::start(&west_ns, "west", Some(&format!("{west_ip}:55671")))?;
+    let east = Site::start_in(&east_ns, Some(&cgroup), "east", None)?;
+    west.link_from(&east)?;
+
+    // iperf3 writes as fast as redirection takes it, which is what the benchmark saw fail.
+    let server = Proc::spawn(
+        &west_ns,
+        None,
+        &["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", "7361"],
+    )?;
+    west_ns.wait_listening(7361, Duration::from_secs(10))?;
+    west.connector("upload", 7361)?;
+    east.listener("upload", 7362)?;
+    east.wait_for(&["listener", "status"], Duration::from_secs(10), |out| {
+        out.contains("\"reachable\": true")
+    })?;
+    let client = Proc::spawn(
+        &east_ns,
+        Some(&cgroup),
+        &["iperf3", "-c", "127.0.0.1", "-p", "7362", "-t", "3"],
+    )?;
+    let peak = peak_receive_queues(&east_ns, Duration::from_secs(3))?;
+    let report = client.wait(Duration::from_secs(60))?;
+    server.wait(Duration::from_secs(30))?;
+    let tally = report
+        .lines()
+        .rev()
+        .find(|l| l.contains("sender"))
+        .unwrap_or_default()
+        .to_owned();
+    let status: serde_json::Value =
+        serde_json::from_str(&east.cli(&["status", "--output", "json"])?)?;
+    let accel = &status["accel"];
+    eprintln!("peak receive queues at east {peak} B; {tally}; {accel}");
+    let bound = held_back(&east_ns)?;
+    assert!(peak < bound, "east's kernel held {peak} B (bound {bound})");
+    assert!(accel["sendersDiverted"].as_u64() >= Some(1), "{accel}");
     Ok(())
 }

@@ -11,12 +11,18 @@
 //! emptied and removed on drop, and a directory left by a crashed router is cleared before
 //! loading, which also detaches the crashed router's sock_ops program.
 
+mod backpressure;
+mod sock_diag;
+
 use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
+
+pub use backpressure::{Backpressure, Inflow, Outflow, QUEUE_LIMIT, Stats as BackpressureStats};
 
 use aya::{
     Ebpf,
@@ -27,8 +33,8 @@ use aya::{
     },
 };
 use ebpf_common::{
-    COUNTERS_MAP, Counter, ENDPOINTS_MAP, EndpointKey, SK_MSG_PROGRAM, SOCK_OPS_PROGRAM, SOCKS_MAP,
-    SockKey,
+    COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, SK_MSG_PROGRAM,
+    SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
 };
 
 /// The eBPF object built from `ebpf/` by `build.rs`.
@@ -109,6 +115,7 @@ pub struct Accel {
     socks: SockHash<MapData, SockKey>,
     endpoints: HashMap<MapData, EndpointKey, u32>,
     counters: PerCpuArray<MapData, u64>,
+    backpressure: Arc<Backpressure>,
 }
 
 impl std::fmt::Debug for Accel {
@@ -125,6 +132,9 @@ pub struct Counters {
     pub msg_redirected: u64,
     pub bytes_redirected: u64,
     pub msg_missed: u64,
+    pub msg_diverted: u64,
+    /// What the router's flow control for redirected sockets did.
+    pub backpressure: BackpressureStats,
 }
 
 impl Accel {
@@ -149,7 +159,7 @@ impl Accel {
         });
         let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| Error::Load(Box::new(e)))?;
         if let Some(pins) = &pins {
-            for name in [SOCKS_MAP, ENDPOINTS_MAP, COUNTERS_MAP] {
+            for name in [SOCKS_MAP, ENDPOINTS_MAP, COUNTERS_MAP, DIVERTED_MAP] {
                 let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
                 let path = pins.dir.join(name);
                 map.pin(&path).map_err(|e| Error::Pin {
@@ -161,6 +171,7 @@ impl Accel {
         let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, SOCKS_MAP)?;
         let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
+        let backpressure = Arc::new(Backpressure::new(take_map(&mut ebpf, DIVERTED_MAP)?));
 
         // sk_msg first: a socket picks up the map's programs when it is inserted, so the
         // verdict program must be there before sock_ops starts inserting.
@@ -200,7 +211,14 @@ impl Accel {
             socks,
             endpoints,
             counters,
+            backpressure,
         })
+    }
+
+    /// The flow control the data path applies to accelerated sockets.
+    #[must_use]
+    pub fn backpressure(&self) -> Arc<Backpressure> {
+        Arc::clone(&self.backpressure)
     }
 
     /// The pin directory, if the objects are pinned.
@@ -260,6 +278,8 @@ impl Accel {
             msg_redirected: read(Counter::MsgRedirected)?,
             bytes_redirected: read(Counter::BytesRedirected)?,
             msg_missed: read(Counter::MsgMissed)?,
+            msg_diverted: read(Counter::MsgDiverted)?,
+            backpressure: self.backpressure.stats(),
         })
     }
 }

@@ -174,9 +174,9 @@ pub struct Router {
     /// Socket redirection, when on; `accel_note` says why it is off otherwise.
     accel: Mutex<Option<Accel>>,
     accel_note: String,
-    /// How a local proxy moves bytes; fixed at start, since acceleration is on or off for the
-    /// router's whole life (splice cannot see sk_msg-redirected bytes).
-    local_copy: datapath::Copy,
+    /// Flow control for redirected sockets, when acceleration is on. Fixed at start: it also
+    /// tells a local proxy to copy rather than splice (splice cannot see redirected bytes).
+    backpressure: Option<Arc<accel::Backpressure>>,
     /// The connect() hooks, when the site isolates its namespaces.
     isolation: Mutex<Option<Isolation>>,
     denials: Mutex<Denials>,
@@ -235,11 +235,7 @@ pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
         active: AtomicUsize::new(0),
         shutdown: tokio::sync::Notify::new(),
         link_access: std::sync::OnceLock::new(),
-        local_copy: if accel.is_some() {
-            datapath::Copy::Read
-        } else {
-            datapath::Copy::Splice
-        },
+        backpressure: accel.as_ref().map(Accel::backpressure),
         policy: std::sync::RwLock::new(policy),
         policy_denials: Mutex::new(PolicyDenials::default()),
         accel: Mutex::new(accel),
@@ -563,7 +559,7 @@ impl Router {
             .stream_started(&route.dest);
         let outcome = match route.next_hop {
             None => match self.connect_backend(&key).await {
-                Ok(backend) => datapath::proxy(client, backend, self.local_copy).await,
+                Ok(backend) => datapath::proxy(client, backend, self.backpressure.as_deref()).await,
                 Err(reason) => {
                     warn!(routing_key = %key, reason, "backend unreachable; client reset");
                     datapath::abort(client.tcp());
@@ -583,7 +579,16 @@ impl Router {
                         dest: route.dest.clone(),
                     };
                     match link.open(&open).await {
-                        Ok((tx, rx)) => datapath::relay(client, Side::Downstream, tx, rx).await,
+                        Ok((tx, rx)) => {
+                            datapath::relay(
+                                client,
+                                Side::Downstream,
+                                tx,
+                                rx,
+                                self.backpressure.as_deref(),
+                            )
+                            .await
+                        }
                         Err(_) => {
                             datapath::abort(client.tcp());
                             datapath::Outcome::default()
@@ -634,7 +639,14 @@ impl Router {
             }
             match self.connect_backend(&open.routing_key).await {
                 Ok(backend) => {
-                    let _ = datapath::relay(backend, Side::Upstream, tx, rx).await;
+                    let _ = datapath::relay(
+                        backend,
+                        Side::Upstream,
+                        tx,
+                        rx,
+                        self.backpressure.as_deref(),
+                    )
+                    .await;
                 }
                 Err(reason) => {
                     warn!(routing_key = %open.routing_key, origin = %open.origin, reason, "stream refused");
@@ -1141,6 +1153,10 @@ impl Router {
             "messagesRedirected": counters.msg_redirected,
             "bytesRedirected": counters.bytes_redirected,
             "messagesMissed": counters.msg_missed,
+            "messagesDiverted": counters.msg_diverted,
+            "sendersDiverted": counters.backpressure.senders_diverted,
+            "divertFailures": counters.backpressure.divert_failures,
+            "writesPaused": counters.backpressure.writes_paused,
         })
     }
 

@@ -12,7 +12,7 @@ mod splice;
 mod tokio_rt;
 
 pub use conn::Conn;
-pub use tokio_rt::{Copy, abort, proxy, relay, splice};
+pub use tokio_rt::{abort, proxy, relay, splice};
 
 /// Accept queue depth of the router's listeners; the kernel caps it at net.core.somaxconn
 /// (4096 by default). Connection bursts overflow a shallow queue, and an overflowing queue

@@ -111,6 +111,24 @@ impl<S: Source> Collector for RouterCollector<S> {
                 "Sockets sock_ops put into the sockhash.",
                 a.socks_inserted,
             )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_diverted_messages",
+                "Messages of diverted senders, sent on the normal path.",
+                a.msg_diverted,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_diverted_senders",
+                "Senders diverted to the normal path because the router's queue passed its limit.",
+                a.backpressure.senders_diverted,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_paused_writes",
+                "Times the router paused writing because a redirected peer's queue was full.",
+                a.backpressure.writes_paused,
+            )?;
         }
         if let Some(n) = s.accel_sockets {
             gauge(

@@ -12,6 +12,9 @@ pub const SOCKS_MAP: &str = "SKIFF_SOCKS";
 pub const ENDPOINTS_MAP: &str = "SKIFF_ENDPOINTS";
 /// Name of the per-CPU array of `u64` counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "SKIFF_COUNTERS";
+/// Name of the hash of diverted senders: [`SockKey`] -> `u32` (unused). A socket in it sends on
+/// the normal TCP path from then on, however its peer is found; see [`Counter::MsgDiverted`].
+pub const DIVERTED_MAP: &str = "SKIFF_DIVERTED";
 
 /// Name of the sock_ops program that fills [`SOCKS_MAP`].
 pub const SOCK_OPS_PROGRAM: &str = "skiff_sock_ops";
@@ -87,16 +90,25 @@ pub enum Counter {
     BytesRedirected = 3,
     /// Messages whose peer was not in the sockhash: passed on the normal path.
     MsgMissed = 4,
+    /// Messages from a diverted sender, passed on the normal path.
+    ///
+    /// A redirected message lands in the peer's receive queue with no regard for the peer's
+    /// receive buffer: a sender that outruns its reader would queue without bound. The router
+    /// diverts such a sender (it reads its own queue), and from then on TCP's flow control
+    /// holds the sender back. Diverting is for good: the reader drains redirected bytes before
+    /// TCP's, so switching back could reorder the stream.
+    MsgDiverted = 5,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::SocksInserted,
         Self::SocksInsertFailed,
         Self::MsgRedirected,
         Self::BytesRedirected,
         Self::MsgMissed,
+        Self::MsgDiverted,
     ];
     /// Number of entries in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -110,6 +122,7 @@ impl Counter {
             Self::MsgRedirected => "msg_redirected",
             Self::BytesRedirected => "bytes_redirected",
             Self::MsgMissed => "msg_missed",
+            Self::MsgDiverted => "msg_diverted",
         }
     }
 }

@@ -7,8 +7,11 @@
 //!                                        (default: all at once); verify every answer
 //! loadgen push ADDR CONNS BYTES [PAR]    the same, but close after sending: no answer (each
 //!                                        connection starts with its 8-byte seed)
-//! loadgen verify ADDR CONNS BYTES        accept CONNS pushed connections, check each against
-//!                                        its seed, print the tally, exit non-zero on a mismatch
+//! loadgen verify ADDR CONNS BYTES [STALL_MS]
+//!                                        accept CONNS pushed connections, check each against
+//!                                        its seed, print the tally, exit non-zero on a mismatch;
+//!                                        with STALL_MS, read nothing past the seed for that long
+//!                                        (a reader that falls behind)
 //! loadgen connects ADDR N                time N connect() calls; print p50/p99/mean in µs
 //! loadgen echo ADDR                      echo every byte back on every connection
 //! loadgen connrate ADDR SECONDS PAR      for SECONDS, PAR at a time: connect, one byte there
@@ -46,14 +49,22 @@ fn main() -> anyhow::Result<()> {
             send(addr, conns.parse()?, bytes.parse()?, par.parse()?, false)
         }
         ["connects", addr, n] => connects(addr, n.parse()?),
-        ["verify", addr, conns, bytes] => verify(addr, conns.parse()?, bytes.parse()?),
+        ["verify", addr, conns, bytes] => {
+            verify(addr, conns.parse()?, bytes.parse()?, Duration::ZERO)
+        }
+        ["verify", addr, conns, bytes, stall_ms] => verify(
+            addr,
+            conns.parse()?,
+            bytes.parse()?,
+            Duration::from_millis(stall_ms.parse()?),
+        ),
         ["echo", addr] => runtime()?.block_on(echo(addr)),
         ["connrate", addr, seconds, par] => {
             runtime()?.block_on(connrate(addr, seconds.parse()?, par.parse()?))
         }
         ["hold", addr, n] => runtime()?.block_on(hold(addr, n.parse()?)),
         _ => bail!(
-            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES | loadgen echo ADDR | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
+            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
         ),
     }
 }
@@ -146,7 +157,7 @@ fn expected(seed: u64, bytes: u64) -> [u8; 16] {
     sum.finish_bytes()
 }
 
-fn verify(addr: &str, conns: usize, bytes: u64) -> anyhow::Result<()> {
+fn verify(addr: &str, conns: usize, bytes: u64, stall: Duration) -> anyhow::Result<()> {
     let listener = listen(addr).with_context(|| format!("failed to bind {addr}"))?;
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for conn in listener.incoming().take(conns) {
@@ -158,6 +169,7 @@ fn verify(addr: &str, conns: usize, bytes: u64) -> anyhow::Result<()> {
                 conn.read_exact(&mut seed)
                     .map_err(|e| format!("no seed: {e}"))?;
                 let seed = u64::from_le_bytes(seed);
+                thread::sleep(stall);
                 let mut sum = Checksum::default();
                 let mut buf = vec![0u8; 256 * 1024];
                 loop {

@@ -1,10 +1,13 @@
 //! Proxying between two TCP sockets through a user-space buffer, for sockets whose bytes the
-//! kernel redirects with sk_msg (splice does not see them; see [`super::tokio_rt::Copy`]).
+//! kernel redirects with sk_msg (splice does not see them; see [`super::tokio_rt::proxy`]).
 //!
 //! The buffer exists only while a direction has bytes to move: it is allocated when the source
 //! becomes readable and released when the source runs dry, so an idle stream holds no buffer.
 //! (With one 256 KiB buffer per direction held for the connection's life, 1,000 idle
 //! accelerated streams cost the router about 240 MiB; `cargo xtask bench` measures it.)
+//!
+//! Redirection has no flow control of its own: `inflow` and `outflow` bound what waits in the
+//! kernel on either side (see [`crate::accel::Backpressure`]).
 
 use std::io;
 
@@ -12,10 +15,16 @@ use bytes::{Buf as _, BytesMut};
 use tokio::net::TcpStream;
 
 use super::BUFFER_SIZE;
+use crate::accel::{Inflow, Outflow};
 
 /// Moves bytes from `from` to `to` until `from` reaches end-of-stream, then half-closes `to`.
 /// Returns the number of bytes moved.
-pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+pub async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut inflow: Inflow<'_>,
+    mut outflow: Outflow<'_>,
+) -> io::Result<u64> {
     let mut buf = BytesMut::new();
     let mut total = 0u64;
     let mut eof = false;
@@ -29,7 +38,10 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             buf.reserve(BUFFER_SIZE);
             match from.try_read_buf(&mut buf) {
                 Ok(0) => eof = true,
-                Ok(_) => {}
+                Ok(n) => {
+                    inflow.check();
+                    inflow.watch(outflow.reserve(n)).await;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Dry: give the buffer back while waiting.
                     buf = BytesMut::new();
@@ -44,7 +56,7 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 buf.advance(n);
                 total += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => inflow.watch(to.writable()).await?,
             Err(e) => return Err(e),
         }
     }

@@ -13,6 +13,7 @@ use tokio::{
 };
 
 use super::{BUFFER_SIZE, Conn, Outcome, Side};
+use crate::accel::{Backpressure, Inflow, Outflow};
 use crate::link::{
     frame::ResetCode,
     stream::{Inbound, StreamRx, StreamTx},
@@ -21,37 +22,31 @@ use crate::link::{
 /// Moves bytes between a client socket and a local backend socket until both directions end;
 /// each direction half-closes the other side when it ends.
 ///
-/// With [`Copy::Splice`] the bytes never enter user space (splice(2)). Sockets whose data
-/// the kernel redirects with sk_msg need [`Copy::Read`]: redirected bytes wait in the socket's
-/// psock queue, which `recvmsg` drains but splice does not see.
+/// Without acceleration the bytes never enter user space (splice(2)). Sockets whose data the
+/// kernel may redirect with sk_msg (`accel`) need a read/write copy: redirected bytes wait in
+/// the socket's psock queue, which `recvmsg` drains but splice does not see; and the copy
+/// applies the flow control redirection lacks.
 ///
 /// When either end is TLS, bytes go through rustls and a user-space copy.
-pub async fn proxy(client: Conn, backend: Conn, copy: Copy) -> Outcome {
+pub async fn proxy(client: Conn, backend: Conn, accel: Option<&Backpressure>) -> Outcome {
     let (client, backend) = match (client, backend) {
         (Conn::Tcp(client), Conn::Tcp(backend)) => (client, backend),
-        (mut client, mut backend) => {
-            // TLS records are at most 16 KiB; a few of them per read is plenty.
-            return match tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut backend,
-                TLS_BUFFER,
-                TLS_BUFFER,
-            )
-            .await
-            {
-                Ok((bytes_out, bytes_in)) => Outcome {
-                    bytes_out,
-                    bytes_in,
-                    failed: None,
-                },
-                Err(_) => failed_both(client.tcp(), backend.tcp()),
-            };
-        }
+        (client, backend) => return proxy_tls(client, backend, accel).await,
     };
-    let result = if copy == Copy::Read {
+    let result = if let Some(accel) = accel {
         tokio::try_join!(
-            super::copy::one_way(&client, &backend),
-            super::copy::one_way(&backend, &client)
+            super::copy::one_way(
+                &client,
+                &backend,
+                accel.inflow(&client),
+                accel.outflow(&backend)
+            ),
+            super::copy::one_way(
+                &backend,
+                &client,
+                accel.inflow(&backend),
+                accel.outflow(&client)
+            )
         )
     } else {
         tokio::try_join!(
@@ -69,13 +64,66 @@ pub async fn proxy(client: Conn, backend: Conn, copy: Copy) -> Outcome {
     }
 }
 
-/// How [`proxy`] moves bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Copy {
-    /// splice(2) through a pipe: zero-copy.
-    Splice,
-    /// read and write through a user-space buffer.
-    Read,
+/// [`proxy`] when either end is TLS.
+async fn proxy_tls(client: Conn, backend: Conn, accel: Option<&Backpressure>) -> Outcome {
+    let (client_in, client_out) = guards(accel, client.tcp());
+    let (backend_in, backend_out) = guards(accel, backend.tcp());
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut backend_read, mut backend_write) = tokio::io::split(backend);
+    let result = tokio::try_join!(
+        pump(&mut client_read, &mut backend_write, client_in, backend_out),
+        pump(&mut backend_read, &mut client_write, backend_in, client_out)
+    );
+    let (client, backend) = (
+        client_read.unsplit(client_write),
+        backend_read.unsplit(backend_write),
+    );
+    match result {
+        Ok((bytes_out, bytes_in)) => Outcome {
+            bytes_out,
+            bytes_in,
+            failed: None,
+        },
+        Err(_) => failed_both(client.tcp(), backend.tcp()),
+    }
+}
+
+/// Flow-control guards for reading from and writing to `tcp`; inert without acceleration.
+fn guards<'a>(accel: Option<&'a Backpressure>, tcp: &TcpStream) -> (Inflow<'a>, Outflow<'a>) {
+    match accel {
+        Some(accel) => (accel.inflow(tcp), accel.outflow(tcp)),
+        None => (Inflow::inert(), Outflow::inert()),
+    }
+}
+
+/// Copies `from` to `to` through a TLS-record-sized buffer until end-of-stream, then shuts
+/// `to` down (for TLS: close_notify, then a TCP half-close).
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    to: &mut W,
+    mut inflow: Inflow<'_>,
+    mut outflow: Outflow<'_>,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; TLS_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        inflow.check();
+        inflow
+            .watch(async {
+                outflow.reserve(n).await;
+                to.write_all(&buf[..n]).await?;
+                // tokio-rustls may keep the tail of the records when the socket is full; only
+                // a flush sends them even if no more bytes come.
+                to.flush().await
+            })
+            .await?;
+        total += n as u64;
+    }
 }
 
 /// Neither copy loop says which socket failed: reset both.
@@ -92,20 +140,27 @@ fn failed_both(client: &TcpStream, backend: &TcpStream) -> Outcome {
 const TLS_BUFFER: usize = 64 * 1024;
 
 /// Relays between a connection (`side` says which kind) and a link stream until both
-/// directions end.
-pub async fn relay(conn: Conn, side: Side, tx: StreamTx, mut rx: StreamRx) -> Outcome {
+/// directions end. With `accel`, the connection's socket may be redirected by sk_msg and gets
+/// the flow control redirection lacks.
+pub async fn relay(
+    conn: Conn,
+    side: Side,
+    tx: StreamTx,
+    mut rx: StreamRx,
+    accel: Option<&Backpressure>,
+) -> Outcome {
+    let flow = guards(accel, conn.tcp());
     match conn {
         Conn::Tcp(mut tcp) => {
             let result = {
                 let (read, write) = tcp.split();
-                both_directions(read, write, side, &tx, &mut rx).await
+                both_directions(read, write, flow, side, &tx, &mut rx).await
             };
             finish_relay(result, &tcp, &tx).await
         }
         tls => {
-            let (read, write) = tokio::io::split(tls);
-            let (mut read, mut write) = (read, write);
-            let result = both_directions(&mut read, &mut write, side, &tx, &mut rx).await;
+            let (mut read, mut write) = tokio::io::split(tls);
+            let result = both_directions(&mut read, &mut write, flow, side, &tx, &mut rx).await;
             let conn = read.unsplit(write);
             finish_relay(result, conn.tcp(), &tx).await
         }
@@ -146,12 +201,13 @@ async fn finish_relay(
 async fn both_directions<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     read: R,
     write: W,
+    (inflow, outflow): (Inflow<'_>, Outflow<'_>),
     side: Side,
     tx: &StreamTx,
     rx: &mut StreamRx,
 ) -> Result<(u64, u64), (Side, u64, u64)> {
-    let up = socket_to_stream(read, tx, side);
-    let down = stream_to_socket(rx, write, side);
+    let up = socket_to_stream(read, inflow, tx, side);
+    let down = stream_to_socket(rx, write, outflow, side);
     tokio::pin!(up, down);
     let (mut out, mut inn) = (None, None);
     while out.is_none() || inn.is_none() {
@@ -171,6 +227,7 @@ async fn both_directions<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 
 async fn socket_to_stream<R: AsyncRead + Unpin>(
     mut read: R,
+    mut inflow: Inflow<'_>,
     tx: &StreamTx,
     side: Side,
 ) -> Result<u64, (Side, u64)> {
@@ -186,7 +243,9 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
             return Ok(total);
         }
         total += n as u64;
-        tx.send(buf.split().freeze())
+        inflow.check();
+        inflow
+            .watch(tx.send(buf.split().freeze()))
             .await
             .map_err(|_| (Side::Link, total))?;
     }
@@ -195,13 +254,17 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
 async fn stream_to_socket<W: AsyncWrite + Unpin>(
     rx: &mut StreamRx,
     mut write: W,
+    mut outflow: Outflow<'_>,
     side: Side,
 ) -> Result<u64, (Side, u64)> {
     let mut total = 0u64;
     loop {
         match rx.recv().await {
             Inbound::Data(data) => {
+                outflow.reserve(data.len()).await;
                 write.write_all(&data).await.map_err(|_| (side, total))?;
+                // See `pump`: a TLS connection may hold back the tail of its records.
+                write.flush().await.map_err(|_| (side, total))?;
                 total += data.len() as u64;
                 rx.consumed(data.len()).await;
             }
