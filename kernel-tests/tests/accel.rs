@@ -514,17 +514,21 @@ fn peak_receive_queues(ns: &Netns, within: Duration) -> anyhow::Result<u64> {
 }
 
 /// What the kernel may hold for one stream whose reader falls behind, with the router's flow
-/// control: about the limit (4 MiB) on each redirected queue, and once the sender is diverted,
-/// one TCP receive buffer, which autotuning grows up to tcp_rmem's maximum (32 MiB here).
-/// Without it, a stalled reader let a pushing client park 1.8 GB within four seconds here.
-fn held_back(ns: &Netns) -> anyhow::Result<u64> {
+/// control: the router's queue limit on each of the two redirected queues (the backend's and
+/// the router's), and once the sender is diverted, one TCP receive buffer, which autotuning
+/// grows up to tcp_rmem's maximum (32 MiB here). Without it, a stalled reader let a pushing
+/// client park 1.8 GB within four seconds here.
+fn held_back(ns: &Netns, accel: &serde_json::Value) -> anyhow::Result<u64> {
     let rmem = ns.run(&["cat", "/proc/sys/net/ipv4/tcp_rmem"])?;
-    let max: u64 = rmem
+    let tcp_max: u64 = rmem
         .split_whitespace()
         .nth(2)
         .and_then(|m| m.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("unexpected tcp_rmem: {rmem}"))?;
-    Ok(max + (16 << 20))
+    let limit = accel["queueLimit"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no queue limit in {accel}"))?;
+    Ok(2 * limit + tcp_max + (16 << 20))
 }
 
 /// Redirection puts bytes straight into the reader's queue, past its receive buffer. The
@@ -556,7 +560,7 @@ fn a_stalled_backend_holds_back_an_accelerated_client() -> anyhow::Result<()> {
     let tally = verify.wait(Duration::from_secs(120))?;
     let accel = f.accel()?;
     eprintln!("peak receive queues {peak} B; {tally}; {accel}");
-    let bound = held_back(&f.ns)?;
+    let bound = held_back(&f.ns, &accel)?;
     assert!(
         peak < bound,
         "the kernel held {peak} B (bound {bound}) for a stalled reader"
@@ -613,7 +617,7 @@ fn an_accelerated_client_sending_across_a_link_is_held_back() -> anyhow::Result<
         serde_json::from_str(&east.cli(&["status", "--output", "json"])?)?;
     let accel = &status["accel"];
     eprintln!("peak receive queues at east {peak} B; {tally}; {accel}");
-    let bound = held_back(&east_ns)?;
+    let bound = held_back(&east_ns, accel)?;
     assert!(peak < bound, "east's kernel held {peak} B (bound {bound})");
     assert!(accel["sendersDiverted"].as_u64() >= Some(1), "{accel}");
     Ok(())

@@ -22,7 +22,7 @@ use std::{
     sync::Arc,
 };
 
-pub use backpressure::{Backpressure, Inflow, Outflow, QUEUE_LIMIT, Stats as BackpressureStats};
+pub use backpressure::{Backpressure, Inflow, Outflow, Stats as BackpressureStats};
 
 use aya::{
     Ebpf,

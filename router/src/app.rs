@@ -1157,6 +1157,7 @@ impl Router {
             "sendersDiverted": counters.backpressure.senders_diverted,
             "divertFailures": counters.backpressure.divert_failures,
             "writesPaused": counters.backpressure.writes_paused,
+            "queueLimit": accel.backpressure().limit(),
         })
     }
 
