@@ -45,6 +45,38 @@ fn unique_name(tag: &str) -> String {
     )
 }
 
+/// One line of /proc/PID/status, without its label (`field` is e.g. `"CapEff:"`).
+///
+/// # Errors
+/// When the process is gone or has no such line.
+pub fn proc_status(pid: u32, field: &str) -> anyhow::Result<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))
+}
+
+/// The processes whose parent is `pid`.
+#[must_use]
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+            fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
 /// Runs a command to completion and fails with its stderr if it does not succeed.
 ///
 /// # Errors

@@ -165,6 +165,26 @@ impl Site {
         Ok(site)
     }
 
+    /// Creates the site as root, hands its state directory to `user`, and runs the router with
+    /// acceleration on `cgroup` and `--user USER`: it attaches its programs as root, then drops
+    /// to `user` with no capabilities.
+    ///
+    /// # Errors
+    /// When the site cannot be created or its router does not come up.
+    pub fn start_accelerated_as(
+        netns: &Netns,
+        cgroup: &Cgroup,
+        name: &str,
+        user: &str,
+    ) -> anyhow::Result<Self> {
+        let mut site = Self::unstarted(netns, name, &["--accel", "sockmap", "--user", user]);
+        site.create(None, &[])?;
+        let state = site.state.to_str().context("state path not UTF-8")?;
+        crate::run("chown", &["-R", user, state])?;
+        site.run(netns, Some(cgroup))?;
+        Ok(site)
+    }
+
     /// Starts (or restarts) the router process and waits for its admin socket.
     ///
     /// # Errors

@@ -8,7 +8,8 @@ use std::{
 };
 
 use kernel_tests::{
-    Capture, Cgroup, Netns, Proc, pattern, require_root, run, skiff::Site, socat_transfer,
+    Capture, Cgroup, Netns, Proc, children, pattern, proc_status, require_root, run, skiff::Site,
+    socat_transfer,
 };
 
 /// The loadgen helper binary built with the tests.
@@ -620,5 +621,87 @@ fn an_accelerated_client_sending_across_a_link_is_held_back() -> anyhow::Result<
     let bound = held_back(&east_ns, accel)?;
     assert!(peak < bound, "east's kernel held {peak} B (bound {bound})");
     assert!(accel["sendersDiverted"].as_u64() >= Some(1), "{accel}");
+    Ok(())
+}
+
+/// With acceleration on, only the start needs privilege: the router attaches its programs as
+/// root, then runs as nobody with every capability set empty before it opens a socket, and
+/// keeps redirecting through the maps it holds open. A keeper that stays root with no
+/// capabilities removes the pins, and so detaches the programs, when the router goes: even
+/// when it is killed.
+#[test]
+fn an_accelerated_router_runs_as_nobody_and_its_keeper_cleans_up() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("acc9")?;
+    let cgroup = Cgroup::new("acc9")?;
+    let mut site = Site::start_accelerated_as(&ns, &cgroup, "west", "nobody")?;
+    let pid = site
+        .router_pid()
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    assert_eq!(proc_status(pid, "Uid:")?, "65534\t65534\t65534\t65534");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(proc_status(pid, caps)?, "0000000000000000", "router {caps}");
+    }
+    assert_eq!(proc_status(pid, "NoNewPrivs:")?, "1");
+    let keepers = children(pid);
+    assert_eq!(keepers.len(), 1, "one keeper: {keepers:?}");
+    let keeper = keepers[0];
+    assert_eq!(proc_status(keeper, "Uid:")?, "0\t0\t0\t0");
+    for caps in ["CapPrm:", "CapEff:", "CapBnd:"] {
+        assert_eq!(
+            proc_status(keeper, caps)?,
+            "0000000000000000",
+            "keeper {caps}"
+        );
+    }
+
+    // The unprivileged router still redirects both legs.
+    site.connector("nobody", 7371)?;
+    site.listener("nobody", 7372)?;
+    ns.wait_listening(7372, Duration::from_secs(10))?;
+    let data = pattern(4 << 20, 13);
+    let got = socat_transfer(
+        &ns,
+        Some(&cgroup),
+        "127.0.0.1",
+        7371,
+        "127.0.0.1:7372",
+        &data,
+    )?;
+    assert!(
+        got == data,
+        "transfer through the unprivileged router corrupted"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&site.cli(&["status", "--output", "json"])?)?;
+    let accel = &status["accel"];
+    assert!(
+        accel["bytesRedirected"].as_u64() >= Some(2 * (4 << 20)),
+        "{accel}"
+    );
+
+    // Killed, the router cannot clean up; its keeper does, at once.
+    let pins = PathBuf::from(accel["pinDir"].as_str().unwrap_or_default());
+    assert!(pins.join("SKIFF_SOCKS").exists(), "{}", pins.display());
+    let cgroup_path = cgroup.path().to_str().expect("utf-8").to_owned();
+    site.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pins.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pins.exists(), "the keeper removed {}", pins.display());
+    let attached = || -> anyhow::Result<bool> {
+        Ok(run("bpftool", &["cgroup", "show", &cgroup_path])?.contains("skiff_sock_ops"))
+    };
+    assert!(!attached()?, "sock_ops detached after the kill");
+
+    // Started again, and stopped cleanly: the router waits for its keeper to clean up.
+    site.run(&ns, Some(&cgroup))?;
+    assert!(pins.join("SKIFF_SOCKS").exists() && attached()?);
+    site.stop()?;
+    assert!(!pins.exists(), "pins removed on a clean exit");
+    assert!(!attached()?, "sock_ops detached on a clean exit");
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kernel_tests::{Netns, Proc, TempDir, require_root, skiff::Site};
+use kernel_tests::{Netns, Proc, TempDir, proc_status, require_root, skiff::Site};
 
 /// Two namespaces joined by a veth pair; `west` accepts links on its veth address.
 struct Pair {
@@ -196,16 +196,6 @@ fn iperf3_streams_across_sites() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     anyhow::bail!("iperf3 never ran: {last}")
-}
-
-/// One line of /proc/PID/status, without its label.
-fn proc_status(pid: u32, field: &str) -> anyhow::Result<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .map(|v| v.trim().to_owned())
-        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/{pid}/status"))
 }
 
 #[test]

@@ -156,6 +156,7 @@ impl Accel {
         let mut pins = pin_dir.map(|dir| Pins {
             dir: dir.to_owned(),
             link: None,
+            keeper: false,
         });
         let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| Error::Load(Box::new(e)))?;
         if let Some(pins) = &pins {
@@ -213,6 +214,15 @@ impl Accel {
             counters,
             backpressure,
         })
+    }
+
+    /// Leaves removing the pins to a keeper process ([`crate::privilege::keep_pins`]): a
+    /// router that has given up root may not unlink them. Until the keeper does, the pinned
+    /// sock_ops link stays attached and the pinned maps stay alive.
+    pub fn leave_pins_to_keeper(&mut self) {
+        if let Some(pins) = &mut self.pins {
+            pins.keeper = true;
+        }
     }
 
     /// The flow control the data path applies to accelerated sockets.
@@ -284,27 +294,39 @@ impl Accel {
     }
 }
 
-/// What is pinned for one site; removed on drop, which detaches the sock_ops program.
+/// What is pinned for one site; removed on drop, which detaches the sock_ops program, unless
+/// a keeper process removes them (see [`Accel::leave_pins_to_keeper`]).
 #[derive(Debug)]
 struct Pins {
     dir: PathBuf,
     link: Option<PinnedLink>,
+    keeper: bool,
 }
 
 impl Drop for Pins {
     fn drop(&mut self) {
+        if self.keeper {
+            // The pinned link stays attached until the keeper unlinks it.
+            return;
+        }
         if let Some(link) = self.link.take() {
             // Unpinning hands back the FdLink; dropping it detaches the program.
             drop(link.unpin());
         }
-        if let Err(e) = clear_pins(&self.dir) {
-            tracing::warn!(error = %e, "failed to remove pinned eBPF objects");
-        }
-        // The shared `<bpffs>/skiff` directory goes too once the last site's pins are gone;
-        // while other sites still pin there, this fails harmlessly.
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
+        remove_pins(&self.dir);
+    }
+}
+
+/// Removes a site's pin directory and what is pinned in it, and the shared `<bpffs>/skiff`
+/// directory once the last site's pins are gone (while other sites still pin there, that
+/// fails harmlessly). Removing the pinned sock_ops link detaches the program once no process
+/// holds it open. Failures are logged: the next router start of the site removes leftovers.
+pub fn remove_pins(dir: &Path) {
+    if let Err(e) = clear_pins(dir) {
+        tracing::warn!(error = %e, "failed to remove pinned eBPF objects");
+    }
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
     }
 }
 

@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -206,16 +206,74 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// Runs the router of the site in `state` until SIGTERM, SIGINT or an admin shutdown.
+/// The router's eBPF programs, attached: the part of starting that needs CAP_BPF and
+/// CAP_NET_ADMIN, done before anything else so that the router can give up privilege before
+/// it opens a network socket (`--user`).
+#[derive(Debug)]
+pub struct Kernel {
+    accel: Option<Accel>,
+    accel_note: String,
+    isolation: Option<Isolation>,
+}
+
+impl Kernel {
+    /// Loads and attaches what `options` ask for.
+    ///
+    /// # Errors
+    /// When the site cannot be read, or acceleration (unless `auto`) or isolation fails.
+    pub fn attach(state: &StateDir, options: &RunOptions) -> Result<Self, Error> {
+        let config = state.config()?;
+        let (accel, accel_note) = start_accel(&config.name, state, options)?;
+        let isolation = start_isolation(&config, options)?;
+        Ok(Self {
+            accel,
+            accel_note,
+            isolation,
+        })
+    }
+
+    /// Where the programs are pinned, if they are.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.accel.as_ref().and_then(Accel::pin_dir)
+    }
+
+    /// Leaves removing the pins to a keeper process (the router is about to give up root).
+    pub fn leave_pins_to_keeper(&mut self) {
+        if let Some(accel) = &mut self.accel {
+            accel.leave_pins_to_keeper();
+        }
+    }
+}
+
+/// Runs the router of the site in `state` until SIGTERM, SIGINT or an admin shutdown,
+/// attaching the eBPF programs `options` ask for first.
+///
+/// # Errors
+/// When the site cannot be loaded, the programs cannot be attached, or a port cannot be bound.
+pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
+    let kernel = Kernel::attach(&state, &options)?;
+    run_attached(state, options, kernel).await
+}
+
+/// [`run`], with the eBPF programs already attached (`skiff router run` attaches them before
+/// its runtime starts, so that it can give up privilege first).
 ///
 /// # Errors
 /// When the site cannot be loaded or a port cannot be bound.
-pub async fn run(state: StateDir, options: RunOptions) -> Result<(), Error> {
+pub async fn run_attached(
+    state: StateDir,
+    options: RunOptions,
+    kernel: Kernel,
+) -> Result<(), Error> {
     let config = state.config()?;
     let ca = state.cert_key("ca")?;
     let identity = state.cert_key("router")?;
-    let (accel, accel_note) = start_accel(&config.name, &state, &options)?;
-    let mut isolation = start_isolation(&config, &options)?;
+    let Kernel {
+        accel,
+        accel_note,
+        mut isolation,
+    } = kernel;
     let deny_events = isolation.as_mut().and_then(Isolation::take_events);
     let policy: Option<Policy> = state.read_json_or_default("policy.json")?;
     let service_ca = state.service_ca(&config.name)?;

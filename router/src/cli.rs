@@ -122,6 +122,17 @@ pub enum RouterCommand {
         /// Serve Prometheus metrics on HOST:PORT (path /metrics).
         #[arg(long, env = "SKIFF_METRICS_ADDR")]
         metrics_addr: Option<String>,
+        /// Start as root, attach the eBPF programs, then run as USER (name or uid) with no
+        /// capabilities, before opening any network socket. The state directory must belong
+        /// to USER; a root-owned keeper process removes the pins when the router exits.
+        #[arg(long, env = "SKIFF_USER")]
+        user: Option<String>,
+    },
+    /// The pin keeper `run --user` starts: removes PIN_DIR when its stdin closes.
+    #[command(hide = true)]
+    KeepPins {
+        #[arg(long)]
+        pin_dir: PathBuf,
     },
 }
 

@@ -10,6 +10,7 @@ pub mod link;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod privilege;
 pub mod resource;
 pub mod routing;
 pub mod service;

@@ -12,6 +12,7 @@ use router::{
         RouterCommand, SiteCommand, TokenCommand,
     },
     pki::CertKey,
+    privilege,
     service::{Connector, ConnectorTls, Listener, ListenerTls},
     site::{SiteConfig, StateDir, Supplied},
     token::Token,
@@ -26,6 +27,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Before the runtime starts its threads: privilege is per thread in the kernel.
+    let started = match before_threads(&cli) {
+        Ok(started) => started,
+        Err(e) => return failure(&e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -36,15 +42,101 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line: what failed, then its causes.
-            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
-            eprintln!("skiff: error: {}", chain.join(": "));
-            ExitCode::FAILURE
+    let result = match started {
+        Started::Nothing => runtime.block_on(run(cli)),
+        Started::Finished => Ok(()),
+        Started::Router {
+            kernel,
+            options,
+            keeper,
+        } => {
+            let result = runtime
+                .block_on(app::run_attached(
+                    StateDir::new(&cli.state_dir),
+                    options,
+                    *kernel,
+                ))
+                .map_err(anyhow::Error::from);
+            if let Some(mut keeper) = keeper {
+                // Closing its pipe tells the keeper the router is done; wait for the pins to go.
+                drop(keeper.stdin.take());
+                let _ = keeper.wait();
+            }
+            result
         }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => failure(&e),
     }
+}
+
+/// Prints `e` on one line: what failed, then its causes.
+fn failure(e: &anyhow::Error) -> ExitCode {
+    let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+    eprintln!("skiff: error: {}", chain.join(": "));
+    ExitCode::FAILURE
+}
+
+/// What happened before the runtime started.
+enum Started {
+    /// Nothing: the command runs in the runtime.
+    Nothing,
+    /// The command is done (the pin keeper).
+    Finished,
+    /// `router run`: programs attached and, with `--user`, privilege given up.
+    Router {
+        kernel: Box<app::Kernel>,
+        options: app::RunOptions,
+        keeper: Option<std::process::Child>,
+    },
+}
+
+/// `router run` attaches its eBPF programs and, with `--user`, gives up privilege (with a pin
+/// keeper started first when there are pins); `router keep-pins` is the keeper.
+fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
+    let (accel, cgroup, metrics_addr, user) = match &cli.command {
+        Command::Router(RouterCommand::KeepPins { pin_dir }) => {
+            privilege::keep_pins(pin_dir)?;
+            return Ok(Started::Finished);
+        }
+        Command::Router(RouterCommand::Run {
+            accel,
+            cgroup,
+            metrics_addr,
+            user,
+        }) => (accel, cgroup, metrics_addr, user),
+        _ => return Ok(Started::Nothing),
+    };
+    let state = StateDir::new(&cli.state_dir);
+    let user = user.as_deref().map(privilege::User::lookup).transpose()?;
+    if let Some(user) = &user {
+        user.check_owns(state.root())?;
+    }
+    let options = app::RunOptions {
+        accel: (*accel).into(),
+        cgroup: cgroup.clone(),
+        metrics_addr: metrics_addr.clone(),
+    };
+    let mut kernel = app::Kernel::attach(&state, &options)?;
+    let mut keeper = None;
+    if let Some(user) = &user {
+        if let Some(dir) = kernel.pin_dir() {
+            keeper = Some(privilege::spawn_keeper(dir)?);
+            kernel.leave_pins_to_keeper();
+        }
+        privilege::drop_to(user)?;
+        tracing::info!(
+            user = %user.name,
+            uid = user.uid,
+            "privileges dropped: no capabilities from here on"
+        );
+    }
+    Ok(Started::Router {
+        kernel: Box::new(kernel),
+        options,
+        keeper,
+    })
 }
 
 /// `path` made absolute against the CLI's working directory: the router, which reads the file,
@@ -192,21 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state.remove()?;
             println!("site deleted: {} removed", state.root().display());
         }
-        Command::Router(RouterCommand::Run {
-            accel,
-            cgroup,
-            metrics_addr,
-        }) => {
-            app::run(
-                state,
-                app::RunOptions {
-                    accel: accel.into(),
-                    cgroup,
-                    metrics_addr,
-                },
-            )
-            .await?;
-        }
+        Command::Router(_) => unreachable!("router commands run in main, before the runtime"),
         Command::Token(TokenCommand::Issue {
             file,
             redemptions,

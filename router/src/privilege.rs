@@ -1,0 +1,379 @@
+//! Giving up privilege: `skiff router run --user USER`.
+//!
+//! Everything that needs CAP_BPF or CAP_NET_ADMIN happens once, at start: loading the eBPF
+//! programs, attaching them to the cgroup, pinning them. The maps are then used through the file
+//! descriptors already open, which needs no capability (the kernel checks privilege when a map
+//! or program is created, not when an open map is read or written). So the router attaches its
+//! programs as root, before it has opened a single network socket, and then becomes USER with
+//! every capability set empty, before it reads anything from the network.
+//!
+//! One thing outlives the router and needs root: the pins under bpffs (root's directory), whose
+//! removal also detaches the sock_ops program. A keeper process (`skiff router keep-pins`),
+//! started before the drop, stays root with no capabilities, reads nothing but a pipe from the
+//! router, and removes the pins when that pipe closes: when the router exits, or crashes.
+
+use std::{
+    ffi::{CStr, CString},
+    io,
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+/// A user to run as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Failure to give up privilege. The router does not start then.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--user {0}: no such user")]
+    NoSuchUser(String),
+    #[error("--user needs the router to start as root (it attaches, then drops privileges)")]
+    NotRoot,
+    #[error(
+        "--user {user}: the state directory {dir} belongs to uid {owner}; \
+         give it to the user (chown -R {user} {dir}) or run without --user"
+    )]
+    StateNotOwned {
+        user: String,
+        dir: String,
+        owner: u32,
+    },
+    #[error("--user: the router must give up privilege before it starts threads ({0} running)")]
+    Threads(usize),
+    #[error("failed to {what}")]
+    Call {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("privileges remain after dropping them: {0}")]
+    Remaining(String),
+}
+
+fn call(what: &'static str, rc: libc::c_int) -> Result<(), Error> {
+    if rc < 0 {
+        Err(Error::Call {
+            what,
+            source: io::Error::last_os_error(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+impl User {
+    /// Looks `spec` up as a user name, or takes it as a numeric uid (whose group is the passwd
+    /// entry's, or the same number without one).
+    ///
+    /// # Errors
+    /// When there is no such user.
+    pub fn lookup(spec: &str) -> Result<Self, Error> {
+        let numeric = spec.parse::<u32>().ok();
+        let mut entry: libc::passwd = unsafe_zeroed_passwd();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let name = CString::new(spec).map_err(|_| Error::NoSuchUser(spec.to_owned()))?;
+        // SAFETY: every pointer is valid for the call; the buffer outlives `entry`'s strings,
+        // which are read before it goes away.
+        let rc = unsafe {
+            match numeric {
+                Some(uid) => {
+                    libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found)
+                }
+                None => libc::getpwnam_r(
+                    name.as_ptr(),
+                    &mut entry,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut found,
+                ),
+            }
+        };
+        if rc != 0 || found.is_null() {
+            return match numeric {
+                Some(uid) => Ok(Self {
+                    name: uid.to_string(),
+                    uid,
+                    gid: uid,
+                }),
+                None => Err(Error::NoSuchUser(spec.to_owned())),
+            };
+        }
+        // SAFETY: getpwnam_r/getpwuid_r filled `entry` with pointers into `buf`.
+        let name = unsafe { CStr::from_ptr(entry.pw_name) }
+            .to_string_lossy()
+            .into_owned();
+        Ok(Self {
+            name,
+            uid: entry.pw_uid,
+            gid: entry.pw_gid,
+        })
+    }
+
+    /// Checks that this user can keep the router's state: it must own `state`.
+    ///
+    /// # Errors
+    /// When it does not.
+    pub fn check_owns(&self, state: &Path) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt as _;
+        let owner = std::fs::metadata(state)
+            .map_err(|source| Error::Call {
+                what: "read the state directory",
+                source,
+            })?
+            .uid();
+        if owner == self.uid {
+            Ok(())
+        } else {
+            Err(Error::StateNotOwned {
+                user: self.name.clone(),
+                dir: state.display().to_string(),
+                owner,
+            })
+        }
+    }
+}
+
+fn unsafe_zeroed_passwd() -> libc::passwd {
+    // SAFETY: passwd is a plain C struct of integers and pointers, for which all-zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Becomes `user` with every capability set empty (permitted, effective, inheritable, ambient
+/// and bounding) and no_new_privs set, then checks /proc/self/status says so.
+///
+/// Must run before the process starts a second thread: set*id and capabilities are per thread
+/// in the kernel.
+///
+/// # Errors
+/// When not root, when threads are running, or when any step fails.
+pub fn drop_to(user: &User) -> Result<(), Error> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    check_single_threaded()?;
+    drop_bounding_set()?;
+    // SAFETY: plain system calls with valid arguments; each result is checked.
+    unsafe {
+        call(
+            "clear supplementary groups",
+            libc::setgroups(0, std::ptr::null()),
+        )?;
+        call(
+            "set the group id",
+            libc::setresgid(user.gid, user.gid, user.gid),
+        )?;
+        // Leaving uid 0 clears the permitted and effective sets (keep-caps is off).
+        call(
+            "set the user id",
+            libc::setresuid(user.uid, user.uid, user.uid),
+        )?;
+    }
+    clear_capabilities()?;
+    set_no_new_privs()?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| Error::Call {
+        what: "read /proc/self/status",
+        source,
+    })?;
+    let remaining = remaining_privilege(&status, user.uid);
+    if remaining.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Remaining(remaining.join(", ")))
+    }
+}
+
+/// Stays uid 0 but drops every capability, for the pin keeper. Must run single-threaded.
+///
+/// # Errors
+/// When any step fails.
+pub fn drop_capabilities() -> Result<(), Error> {
+    check_single_threaded()?;
+    drop_bounding_set()?;
+    clear_capabilities()?;
+    set_no_new_privs()
+}
+
+fn check_single_threaded() -> Result<(), Error> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|source| Error::Call {
+        what: "read /proc/self/status",
+        source,
+    })?;
+    let threads = field(&status, "Threads:")
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or(1);
+    if threads == 1 {
+        Ok(())
+    } else {
+        Err(Error::Threads(threads))
+    }
+}
+
+fn drop_bounding_set() -> Result<(), Error> {
+    // Capabilities the kernel does not know end the loop with EINVAL.
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(Error::Call {
+                what: "drop the capability bounding set",
+                source: err,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn clear_capabilities() -> Result<(), Error> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data::default(); 2];
+    // SAFETY: capset reads a v3 header and two data words, both valid for the call.
+    unsafe {
+        call(
+            "clear the capability sets",
+            libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) as libc::c_int,
+        )?;
+        call(
+            "clear the ambient capabilities",
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            ),
+        )
+    }
+}
+
+fn set_no_new_privs() -> Result<(), Error> {
+    // SAFETY: prctl with integer arguments.
+    call("set no_new_privs", unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    })
+}
+
+fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .map(str::trim)
+}
+
+/// What /proc/PID/status shows of privilege beyond an unprivileged `uid`.
+#[must_use]
+pub fn remaining_privilege(status: &str, uid: u32) -> Vec<String> {
+    let mut remaining = Vec::new();
+    let uid = uid.to_string();
+    if let Some(uids) = field(status, "Uid:")
+        && uids.split_whitespace().any(|u| u != uid)
+    {
+        remaining.push(format!("Uid {uids}"));
+    }
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        if let Some(caps) = field(status, set)
+            && !caps.trim_start_matches('0').is_empty()
+        {
+            remaining.push(format!("{set} {caps}"));
+        }
+    }
+    remaining
+}
+
+/// Starts the pin keeper for `pin_dir` and returns it; the router keeps the returned child (and
+/// with it the pipe to the keeper's stdin) for its whole life.
+///
+/// # Errors
+/// When the keeper cannot be started.
+pub fn spawn_keeper(pin_dir: &Path) -> Result<Child, Error> {
+    let exe = std::env::current_exe().map_err(|source| Error::Call {
+        what: "find the skiff binary",
+        source,
+    })?;
+    Command::new(exe)
+        .args(["router", "keep-pins", "--pin-dir"])
+        .arg(pin_dir)
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(|source| Error::Call {
+            what: "start the pin keeper",
+            source,
+        })
+}
+
+/// The pin keeper's life: no capabilities, deaf to signals meant for the router, waits for its
+/// stdin (the router's pipe) to close, then removes the pins.
+///
+/// # Errors
+/// When dropping capabilities fails; a failure to remove pins is logged (the next router start
+/// removes them too).
+pub fn keep_pins(pin_dir: &Path) -> Result<(), Error> {
+    drop_capabilities()?;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: ignoring a signal is always sound.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
+    let mut sink = Vec::new();
+    let _ = io::Read::read_to_end(&mut io::stdin(), &mut sink);
+    crate::accel::remove_pins(pin_dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_without_privilege_is_clean() {
+        let status = "Name:\tskiff\nUid:\t65534\t65534\t65534\t65534\nCapInh:\t0000000000000000\n\
+                      CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n\
+                      CapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\n";
+        assert!(remaining_privilege(status, 65534).is_empty());
+        let root = status.replace("CapEff:\t0000000000000000", "CapEff:\t000001ffffffffff");
+        assert_eq!(
+            remaining_privilege(&root, 65534),
+            vec!["CapEff: 000001ffffffffff"]
+        );
+        assert_eq!(
+            remaining_privilege(status, 1000),
+            vec!["Uid 65534\t65534\t65534\t65534"]
+        );
+    }
+
+    #[test]
+    fn users_are_found_by_name_and_number() {
+        let root = User::lookup("root").expect("root exists");
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert_eq!(User::lookup("0").expect("uid 0").name, "root");
+        assert_eq!(User::lookup("4000000").expect("numeric").gid, 4_000_000);
+        assert!(matches!(
+            User::lookup("no-such-user-here"),
+            Err(Error::NoSuchUser(_))
+        ));
+    }
+}
