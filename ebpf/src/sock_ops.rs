@@ -69,7 +69,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Counter> {
         return Ok(());
     }
     // A new connection never inherits the diverted mark of an earlier one with the same key.
-    let _ = SKIFF_DIVERTED.remove(&key);
+    let _ = SKIFF_DIVERTED.remove(key);
     // SAFETY: ops is the live bpf_sock_ops the kernel passed to this program.
     SKIFF_SOCKS
         .update(key, unsafe { &mut *ops }, u64::from(BPF_ANY))
