@@ -61,8 +61,21 @@ const SERVICE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the router reaches a TLS backend.
 struct BackendTls {
-    connector: tokio_rustls::TlsConnector,
+    config: Arc<rustls::ClientConfig>,
     server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl BackendTls {
+    /// A connector asking the backend for `alpn` (the protocol the client agreed with a TLS
+    /// listener), or for nothing.
+    fn connector(&self, alpn: &str) -> tokio_rustls::TlsConnector {
+        if alpn.is_empty() {
+            return tokio_rustls::TlsConnector::from(Arc::clone(&self.config));
+        }
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
 }
 /// How long shutdown waits for open connections to finish.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
@@ -616,7 +629,7 @@ impl Router {
             .expect("routing lock")
             .stream_started(&route.dest);
         let outcome = match route.next_hop {
-            None => match self.connect_backend(&key).await {
+            None => match self.connect_backend(&key, &client.alpn()).await {
                 Ok(backend) => datapath::proxy(client, backend, self.backpressure.as_deref()).await,
                 Err(reason) => {
                     warn!(routing_key = %key, reason, "backend unreachable; client reset");
@@ -635,6 +648,7 @@ impl Router {
                         routing_key: key.clone(),
                         origin: self.config.name.clone(),
                         dest: route.dest.clone(),
+                        alpn: client.alpn(),
                     };
                     match link.open(&open).await {
                         Ok((tx, rx)) => {
@@ -664,7 +678,9 @@ impl Router {
         }
     }
 
-    async fn connect_backend(&self, key: &str) -> Result<Conn, String> {
+    /// Connects to a local backend for `key`; a TLS connector asks the backend for `alpn`
+    /// (when not empty), so that both ends of the service speak the protocol the client chose.
+    async fn connect_backend(&self, key: &str, alpn: &str) -> Result<Conn, String> {
         let (addr, tls) = self
             .local_backend(key)
             .ok_or_else(|| "no local connector".to_owned())?;
@@ -678,7 +694,7 @@ impl Router {
         };
         let stream = tokio::time::timeout(
             BACKEND_CONNECT_TIMEOUT,
-            tls.connector.connect(tls.server_name.clone(), tcp),
+            tls.connector(alpn).connect(tls.server_name.clone(), tcp),
         )
         .await
         .map_err(|_| format!("TLS handshake with {addr} timed out"))?
@@ -695,7 +711,7 @@ impl Router {
                 tx.reset(ResetCode::Refused, &denied.to_string()).await;
                 return;
             }
-            match self.connect_backend(&open.routing_key).await {
+            match self.connect_backend(&open.routing_key, &open.alpn).await {
                 Ok(backend) => {
                     let _ = datapath::relay(
                         backend,
@@ -1283,6 +1299,8 @@ fn link_row(
         "peer": peer,
         "status": if up > 0 { "up" } else { "down" },
         "connections": up,
+        // The lowest version any connection agreed on: what the link as a whole can carry.
+        "protocolVersion": links.iter().filter(|l| !l.is_closed()).map(|l| l.version).min(),
         "rttMicros": links.iter().map(|l| l.stats.rtt_us.load(Ordering::Relaxed)).min(),
         "streams": links.iter().map(|l| l.stream_count()).sum::<usize>(),
         "bytesIn": sum(|l| l.stats.bytes_in.load(Ordering::Relaxed)),

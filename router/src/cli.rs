@@ -234,6 +234,19 @@ pub struct ListenerArgs {
     /// The private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
+    /// With --tls: application protocols (ALPN) to offer clients, in order of preference
+    /// (e.g. h2,http/1.1); a TLS connector asks its backend for the one the client chose.
+    #[arg(long, requires = "tls", value_delimiter = ',', value_parser = parse_alpn)]
+    pub alpn: Vec<String>,
+}
+
+/// An ALPN protocol id: 1-255 bytes (RFC 7301).
+fn parse_alpn(text: &str) -> Result<String, String> {
+    if (1..=255).contains(&text.len()) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("ALPN id {text:?} must be 1-255 bytes"))
+    }
 }
 
 fn parse_namespace(text: &str) -> Result<(String, String), String> {

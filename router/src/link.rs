@@ -54,8 +54,8 @@ pub enum Error {
     Frame(#[from] FrameError),
     #[error("peer violated the protocol: {0}")]
     Protocol(&'static str),
-    #[error("peer speaks protocol version {0}, this router speaks {v}", v = frame::VERSION)]
-    Version(u16),
+    #[error("peer's Hello says protocol version {0}, the link's ALPN agreed on {1}")]
+    Version(u16, u16),
     #[error("peer says it is site {claimed:?} but its certificate names {certified:?}")]
     Identity { claimed: String, certified: String },
     #[error("nothing received from the peer for {0:?}")]
@@ -92,6 +92,9 @@ pub struct Open {
     pub routing_key: String,
     pub origin: String,
     pub dest: String,
+    /// The application protocol a TLS listener agreed with the client; empty for none.
+    /// Carried only over version 2 links.
+    pub alpn: String,
 }
 
 /// Counters of one link.
@@ -111,6 +114,8 @@ pub struct Link {
     pub direction: Direction,
     pub stats: Stats,
     pub since: Instant,
+    /// The protocol version agreed by ALPN.
+    pub version: u16,
     out: mpsc::Sender<Frame>,
     streams: Mutex<HashMap<u32, Slot>>,
     next_stream: AtomicU32,
@@ -162,12 +167,21 @@ impl Link {
         };
         let id = tx.id();
         self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        let alpn = if self.version >= 2 {
+            open.alpn.clone()
+        } else {
+            if !open.alpn.is_empty() {
+                debug!(peer = %self.peer, alpn = %open.alpn, "version 1 link: ALPN not carried");
+            }
+            String::new()
+        };
         self.send(Frame::Open {
             stream: id,
             routing_key: open.routing_key.clone(),
             origin: open.origin.clone(),
             dest: open.dest.clone(),
             window: stream::INITIAL_WINDOW,
+            alpn,
         })
         .await?;
         Ok((tx, rx))
@@ -203,12 +217,14 @@ impl Link {
 /// Runs a link over an established TLS connection until it ends.
 ///
 /// `certified_peer` is the site name from the peer's verified certificate; the peer's `Hello`
-/// must agree with it.
+/// must agree with it, and with `version`, the protocol version the TLS handshake's ALPN
+/// agreed on ([`frame::link_version`]).
 ///
 /// # Errors
 /// Whatever ended the link; routine ends (peer closed) are errors too, for the log.
 pub async fn run<S>(
     conn: S,
+    version: u16,
     me: &str,
     certified_peer: String,
     direction: Direction,
@@ -220,7 +236,7 @@ where
     let (mut reader, mut writer) = tokio::io::split(conn);
     let mut hello = BytesMut::new();
     Frame::Hello {
-        version: frame::VERSION,
+        version,
         site: me.to_owned(),
     }
     .encode(&mut hello);
@@ -232,8 +248,10 @@ where
         .await
         .map_err(|_| Error::Timeout(HELLO_TIMEOUT))??;
     match first {
-        Frame::Hello { version, .. } if version != frame::VERSION => {
-            return Err(Error::Version(version));
+        Frame::Hello {
+            version: theirs, ..
+        } if theirs != version => {
+            return Err(Error::Version(theirs, version));
         }
         Frame::Hello { site, .. } if site != certified_peer => {
             return Err(Error::Identity {
@@ -255,6 +273,7 @@ where
         direction,
         stats: Stats::default(),
         since: Instant::now(),
+        version,
         out,
         streams: Mutex::new(HashMap::new()),
         next_stream: AtomicU32::new(first_stream),
@@ -413,9 +432,13 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
             origin,
             dest,
             window,
+            alpn,
         } => {
             if link.owns_parity(stream) {
                 return Err(Error::Protocol("stream id has our parity"));
+            }
+            if link.version < 2 && !alpn.is_empty() {
+                return Err(Error::Protocol("open-alpn frame on a version 1 link"));
             }
             let (tx, rx, slot) = new_stream(link, stream, window);
             {
@@ -436,6 +459,7 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
                     routing_key,
                     origin,
                     dest,
+                    alpn,
                 },
                 tx,
                 rx,

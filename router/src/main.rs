@@ -361,6 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     require_client_cert: args.require_client_cert,
                     cert_file: args.cert.as_deref().map(absolute),
                     key_file: args.key.as_deref().map(absolute),
+                    alpn: args.alpn,
                 }),
             };
             call(Request::ListenerCreate { listener }).await?;

@@ -39,6 +39,10 @@ pub struct ListenerTls {
     pub cert_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Application protocols (ALPN ids) offered to clients, in order of preference; the one
+    /// a client agrees to is asked of the connector's TLS backend. None by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
 }
 
 /// TLS between the router and a backend.

@@ -15,7 +15,7 @@ use rustls::{
 };
 
 use crate::{
-    link::frame::{ALPN_GRANT, ALPN_LINK},
+    link::frame::{ALPN_GRANT, ALPN_LINK, ALPN_LINK_V1},
     pki::{self, CertKey},
 };
 
@@ -100,7 +100,12 @@ pub fn server_config(
         .with_protocol_versions(&[&TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(identity);
-    config.alpn_protocols = vec![ALPN_LINK.to_vec(), ALPN_GRANT.to_vec()];
+    // The acceptor's order decides: the newest link version both sides speak.
+    config.alpn_protocols = vec![
+        ALPN_LINK.to_vec(),
+        ALPN_LINK_V1.to_vec(),
+        ALPN_GRANT.to_vec(),
+    ];
     Ok(Arc::new(config))
 }
 
@@ -119,7 +124,7 @@ pub fn link_client_config(
             pki::certs_from_pem(&credential.cert_pem)?,
             pki::key_from_pem(&credential.key_pem)?,
         )?;
-    config.alpn_protocols = vec![ALPN_LINK.to_vec()];
+    config.alpn_protocols = vec![ALPN_LINK.to_vec(), ALPN_LINK_V1.to_vec()];
     Ok(Arc::new(config))
 }
 

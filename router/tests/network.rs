@@ -335,7 +335,7 @@ async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
     let mut tls = tls_to(&west, config).await.expect("handshake");
     let mut hello = bytes::BytesMut::new();
     router::link::frame::Frame::Hello {
-        version: 1,
+        version: router::link::frame::VERSION,
         site: "intruder".into(),
     }
     .encode(&mut hello);
@@ -355,6 +355,105 @@ async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
             .expect("rows")
             .iter()
             .any(|l| l["peer"] == "east" && l["status"] == "up"),
+        "{links}"
+    );
+}
+
+/// Reads frames until the first one, which must arrive within a few seconds.
+async fn first_frame(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+) -> router::link::frame::Frame {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if let Some(frame) = router::link::frame::decode(&mut buf).expect("a valid frame") {
+            return frame;
+        }
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read_buf(&mut buf))
+            .await
+            .expect("a frame in time")
+            .expect("read");
+        assert!(read > 0, "closed before a frame");
+    }
+}
+
+/// Version negotiation: a dialer that speaks only version 1 gets version 1 (Hello says so),
+/// and may not send version 2's OpenAlpn there; a Hello that disagrees with the ALPN-agreed
+/// version ends the connection. Real links between two routers agree on version 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_versions_are_negotiated_by_alpn_and_enforced() {
+    use router::link::frame::{ALPN_LINK, ALPN_LINK_V1, Frame};
+    let west = Site::start("west", true).await;
+    let west_ca = west.token().await.ca;
+    let token = west.token().await;
+    let (link, key) = router::link::dial::redeem(&token, "old", "west")
+        .await
+        .expect("redeem");
+    let credential = router::pki::CertKey {
+        cert_pem: link.cert,
+        key_pem: key,
+    };
+    let config = router::tls::link_client_config(&west_ca, &credential).expect("config");
+    let dial = |alpn: &[u8]| {
+        let mut config = (*config).clone();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        tls_to(&west, std::sync::Arc::new(config))
+    };
+    let hello = |version: u16| {
+        let mut bytes = bytes::BytesMut::new();
+        Frame::Hello {
+            version,
+            site: "old".into(),
+        }
+        .encode(&mut bytes);
+        bytes
+    };
+
+    // A version 1 dialer: west answers in version 1 and refuses OpenAlpn on that link.
+    let mut old = dial(ALPN_LINK_V1).await.expect("handshake");
+    assert_eq!(old.get_ref().1.alpn_protocol(), Some(ALPN_LINK_V1));
+    let Frame::Hello { version, .. } = first_frame(&mut old).await else {
+        panic!("west's first frame is not Hello");
+    };
+    assert_eq!(version, 1);
+    old.write_all(&hello(1)).await.expect("hello");
+    let mut open = bytes::BytesMut::new();
+    Frame::Open {
+        stream: 1,
+        routing_key: "web".into(),
+        origin: "old".into(),
+        dest: "west".into(),
+        window: 1 << 16,
+        alpn: "h2".into(),
+    }
+    .encode(&mut open);
+    old.write_all(&open).await.expect("open-alpn");
+    assert!(
+        server_hangs_up(&mut old).await,
+        "OpenAlpn on a version 1 link is a protocol error"
+    );
+
+    // A version 2 dialer whose Hello claims version 1.
+    let mut liar = dial(ALPN_LINK).await.expect("handshake");
+    let Frame::Hello { version, .. } = first_frame(&mut liar).await else {
+        panic!("west's first frame is not Hello");
+    };
+    assert_eq!(version, 2);
+    liar.write_all(&hello(1)).await.expect("hello");
+    assert!(
+        server_hangs_up(&mut liar).await,
+        "a Hello that disagrees with ALPN"
+    );
+
+    // Two routers agree on the newest version.
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let links = west.call(Request::LinkStatus).await.expect("links");
+    assert!(
+        links
+            .as_array()
+            .expect("rows")
+            .iter()
+            .any(|l| l["peer"] == "east" && l["status"] == "up" && l["protocolVersion"] == 2),
         "{links}"
     );
 }

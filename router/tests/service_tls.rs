@@ -439,3 +439,50 @@ async fn user_certificates_are_served_presented_and_checked_with_clear_errors() 
     assert!(page.contains(S_SERVER_PAGE), "{page}");
     assert_eq!(curl(&[&format!("http://127.0.0.1:{unchecked}/")]), None);
 }
+
+/// h2load's report for 2,000 requests to `url`.
+fn h2load(url: &str) -> String {
+    let out = run("h2load", &["-n", "2000", "-c", "4", "-m", "8", url]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// ALPN end to end with TLS on both legs: h2load agrees on h2 with a `--tls --alpn
+/// h2,http/1.1` listener at east, the stream carries "h2" across the link, and west's `--tls`
+/// connector asks nghttpd (which speaks HTTP/2 over TLS only when ALPN says so) for it. A TLS
+/// listener without `--alpn` offers nothing, and h2load, which speaks only HTTP/2, gets no
+/// protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_travels_from_a_tls_listener_to_a_tls_connector() {
+    let (west, east) = pair().await;
+    let files = kernel_tests::TempDir::new("alpn").expect("dir");
+    std::fs::write(files.path().join("index.html"), "h2 end to end\n").expect("write");
+    let bundle = files.path().join("backend");
+    let backend = free_port().await;
+    // The connector writes the backend's server bundle, signed by west's service CA.
+    connect(
+        &west,
+        "h2",
+        backend,
+        &["--tls", "--bundle-out", &text(&bundle)],
+    );
+    let _server = serve(
+        Command::new("nghttpd")
+            .arg("-d")
+            .arg(files.path())
+            .arg(backend.to_string())
+            .arg(bundle.join("tls.key"))
+            .arg(bundle.join("tls.crt")),
+        backend,
+    )
+    .await;
+
+    let port = listen(&east, "h2", &["--tls", "--alpn", "h2,http/1.1"]).await;
+    let report = h2load(&format!("https://127.0.0.1:{port}/index.html"));
+    assert!(report.contains("Application protocol: h2"), "{report}");
+    assert!(report.contains("2000 succeeded, 0 failed"), "{report}");
+
+    let port = listen(&east, "h2-none", &["--routing-key", "h2", "--tls"]).await;
+    let report = h2load(&format!("https://127.0.0.1:{port}/index.html"));
+    assert!(!report.contains("Application protocol: h2"), "{report}");
+    assert!(!report.contains("2000 succeeded"), "{report}");
+}

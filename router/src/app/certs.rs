@@ -38,6 +38,12 @@ impl Router {
         spec: &Listener,
         tls: &ListenerTls,
     ) -> Result<(TlsAcceptor, Option<Arc<tls::RotatingCert>>), String> {
+        if let Some(bad) = tls.alpn.iter().find(|p| !(1..=255).contains(&p.len())) {
+            return Err(format!(
+                "listener {}: ALPN id {bad:?} must be 1-255 bytes",
+                spec.name
+            ));
+        }
         let user = user_pair(
             tls.cert_file.as_deref(),
             tls.key_file.as_deref(),
@@ -53,8 +59,14 @@ impl Router {
         let client_ca = tls
             .require_client_cert
             .then_some(self.service_ca.cert_pem.as_str());
-        let config = tls::service_server_config(Arc::clone(&cert), client_ca)
+        let mut config = tls::service_server_config(Arc::clone(&cert), client_ca)
             .map_err(|e| format!("listener {}: {e}", spec.name))?;
+        if !tls.alpn.is_empty() {
+            // Offered in this order; the protocol agreed goes with the stream to the connector.
+            let mut with_alpn = (*config).clone();
+            with_alpn.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+            config = Arc::new(with_alpn);
+        }
         // A user's certificate is the user's to renew; rotation replaces only ours.
         Ok((TlsAcceptor::from(config), user.is_none().then_some(cert)))
     }
@@ -161,7 +173,7 @@ impl Router {
             rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']).to_owned())
                 .map_err(|e| what(&format!("{name:?} is not a valid TLS server name: {e}")))?;
         Ok(BackendTls {
-            connector: tokio_rustls::TlsConnector::from(config),
+            config,
             server_name,
         })
     }

@@ -36,6 +36,22 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// The application protocol a TLS client agreed with a TLS listener (ALPN); empty for
+    /// none, for plain TCP, and for one that is not UTF-8 (not carried).
+    #[must_use]
+    pub fn alpn(&self) -> String {
+        let protocol = match self {
+            Self::TlsServer(tls) => tls.get_ref().1.alpn_protocol(),
+            Self::Tcp(_) | Self::TlsClient(_) => None,
+        };
+        protocol
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
 impl From<TcpStream> for Conn {
     fn from(tcp: TcpStream) -> Self {
         Self::Tcp(tcp)

@@ -78,14 +78,16 @@ async fn handle<A: Access>(
         .and_then(|certs| certs.first())
         .cloned();
     let cert_name = peer_cert.as_ref().and_then(pki::common_name);
+    let version = alpn.as_deref().and_then(frame::link_version);
     match alpn.as_deref() {
-        Some(frame::ALPN_LINK) => {
+        Some(_) if let Some(version) = version => {
             let peer_site = cert_name.ok_or("link attempt without a client certificate")?;
             let fingerprint = peer_cert.as_ref().map(pki::fingerprint).unwrap_or_default();
             router.admit_link(&peer_site, &fingerprint)?;
             let events: Arc<dyn Events> = router.clone();
             super::run(
                 tls,
+                version,
                 router.site_name(),
                 peer_site,
                 Direction::Incoming,

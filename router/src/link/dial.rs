@@ -12,7 +12,7 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
-use super::{Direction, Events};
+use super::{Direction, Events, frame};
 use crate::{
     pki::{self, CertKey},
     site, tls,
@@ -50,6 +50,8 @@ pub enum Error {
     BadResponse,
     #[error("peer certificate names {certified:?}, expected site {expected:?}")]
     WrongPeer { certified: String, expected: String },
+    #[error("the peer agreed on no link protocol version this router speaks")]
+    NoLinkProtocol,
     #[error(transparent)]
     Tls2(#[from] tls::Error),
     #[error(transparent)]
@@ -178,9 +180,15 @@ async fn dial_once(
             expected: config.peer_site.clone(),
         });
     }
+    let version = tls
+        .get_ref()
+        .1
+        .alpn_protocol()
+        .and_then(frame::link_version)
+        .ok_or(Error::NoLinkProtocol)?;
     let direction = Direction::Outgoing(config.name.clone());
     // The link's own end is logged by super::run.
-    let _ = super::run(tls, me, certified, direction, events).await;
+    let _ = super::run(tls, version, me, certified, direction, events).await;
     Ok(())
 }
 

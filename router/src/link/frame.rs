@@ -28,12 +28,24 @@ use std::fmt;
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
-/// The ALPN id of router-to-router links.
-pub const ALPN_LINK: &[u8] = b"skiff-link/1";
+/// The ALPN id of router-to-router links in the newest version, [`VERSION`].
+pub const ALPN_LINK: &[u8] = b"skiff-link/2";
+/// The ALPN id of version 1 links, still spoken: version 1 has no [`Frame::Open`] `alpn`.
+pub const ALPN_LINK_V1: &[u8] = b"skiff-link/1";
 /// The ALPN id of token redemption, served on the same port as links.
 pub const ALPN_GRANT: &[u8] = b"skiff-grant/1";
-/// The protocol version this codec speaks, carried in `Hello` and in the ALPN suffix.
-pub const VERSION: u16 = 1;
+/// The newest protocol version this codec speaks, carried in `Hello` and in the ALPN suffix.
+pub const VERSION: u16 = 2;
+
+/// The protocol version a link ALPN id stands for.
+#[must_use]
+pub fn link_version(alpn: &[u8]) -> Option<u16> {
+    match alpn {
+        ALPN_LINK => Some(2),
+        ALPN_LINK_V1 => Some(1),
+        _ => None,
+    }
+}
 /// The size of a frame header in bytes.
 pub const HEADER_LEN: usize = 10;
 /// The largest payload any frame may carry, in bytes.
@@ -180,12 +192,16 @@ pub enum Frame {
     LinkState(LinkState),
     /// Opens a stream for `routing_key`, entering the network at router `origin`, to be served
     /// by router `dest`; `window` is the credit, in bytes, granted to the receiver of the Open.
+    /// `alpn` is the application protocol the client agreed with a TLS listener, for the
+    /// connector to ask its TLS backend for; empty for none. A non-empty `alpn` travels as an
+    /// OpenAlpn frame (type 10, version 2 only).
     Open {
         stream: u32,
         routing_key: String,
         origin: String,
         dest: String,
         window: u32,
+        alpn: String,
     },
     /// Stream bytes; never empty.
     Data { stream: u32, data: Bytes },
@@ -217,6 +233,7 @@ enum Kind {
     Reset = 7,
     Ping = 8,
     Pong = 9,
+    OpenAlpn = 10,
 }
 
 impl Kind {
@@ -231,6 +248,7 @@ impl Kind {
             7 => Self::Reset,
             8 => Self::Ping,
             9 => Self::Pong,
+            10 => Self::OpenAlpn,
             _ => return None,
         })
     }
@@ -246,13 +264,14 @@ impl Kind {
             Self::Reset => "reset",
             Self::Ping => "ping",
             Self::Pong => "pong",
+            Self::OpenAlpn => "open-alpn",
         }
     }
 
     fn on_stream(self) -> bool {
         matches!(
             self,
-            Self::Open | Self::Data | Self::Window | Self::Close | Self::Reset
+            Self::Open | Self::OpenAlpn | Self::Data | Self::Window | Self::Close | Self::Reset
         )
     }
 
@@ -297,12 +316,16 @@ impl Frame {
                 origin,
                 dest,
                 window,
+                alpn,
                 ..
             } => {
                 put_string(dst, routing_key);
                 put_string(dst, origin);
                 put_string(dst, dest);
                 dst.put_u32(*window);
+                if !alpn.is_empty() {
+                    put_string(dst, alpn);
+                }
             }
             Self::Data { data, .. } => dst.put_slice(data),
             Self::Window { increment, .. } => dst.put_u32(*increment),
@@ -364,11 +387,13 @@ impl Frame {
                 routing_key,
                 origin,
                 dest,
+                alpn,
                 ..
             } => {
                 check_string("routing key", routing_key)?;
                 check_string("origin", origin)?;
-                check_string("dest", dest)
+                check_string("dest", dest)?;
+                check_string("alpn", alpn)
             }
             Self::Data { data, .. } => check_data(data),
             Self::Window { increment, .. } => check_increment(*increment),
@@ -381,7 +406,8 @@ impl Frame {
         match self {
             Self::Hello { .. } => Kind::Hello,
             Self::LinkState(_) => Kind::LinkState,
-            Self::Open { .. } => Kind::Open,
+            Self::Open { alpn, .. } if alpn.is_empty() => Kind::Open,
+            Self::Open { .. } => Kind::OpenAlpn,
             Self::Data { .. } => Kind::Data,
             Self::Window { .. } => Kind::Window,
             Self::Close { .. } => Kind::Close,
@@ -404,8 +430,12 @@ impl Frame {
                 routing_key,
                 origin,
                 dest,
+                alpn,
                 ..
-            } => string(routing_key) + string(origin) + string(dest) + 4,
+            } => {
+                let alpn = if alpn.is_empty() { 0 } else { string(alpn) };
+                string(routing_key) + string(origin) + string(dest) + 4 + alpn
+            }
             Self::Data { data, .. } => data.len(),
             Self::Window { .. } => 4,
             Self::Close { .. } => 0,
@@ -499,17 +529,31 @@ fn decode_payload(kind: Kind, stream: u32, payload: &Bytes) -> Result<Frame, Fra
                 keys,
             })
         }
-        Kind::Open => {
+        Kind::Open | Kind::OpenAlpn => {
             let routing_key = r.string("routing key")?;
             let origin = r.string("origin")?;
             let dest = r.string("dest")?;
             let window = r.u32("window")?;
+            let alpn = if kind == Kind::OpenAlpn {
+                let alpn = r.string("alpn")?;
+                // An empty one travels as a plain Open: one encoding per frame.
+                if alpn.is_empty() {
+                    return Err(FrameError::BadValue {
+                        field: "alpn length",
+                        value: 0,
+                    });
+                }
+                alpn
+            } else {
+                String::new()
+            };
             Frame::Open {
                 stream,
                 routing_key,
                 origin,
                 dest,
                 window,
+                alpn,
             }
         }
         Kind::Data => {
@@ -756,6 +800,7 @@ mod tests {
                 origin: "west".into(),
                 dest: "east".into(),
                 window: 256 * 1024,
+                alpn: String::new(),
             },
             Frame::Open {
                 stream: u32::MAX,
@@ -763,6 +808,15 @@ mod tests {
                 origin: String::new(),
                 dest: String::new(),
                 window: 0,
+                alpn: String::new(),
+            },
+            Frame::Open {
+                stream: 5,
+                routing_key: "grpc".into(),
+                origin: "west".into(),
+                dest: "east".into(),
+                window: 1,
+                alpn: "h2".into(),
             },
             Frame::Data {
                 stream: 2,
@@ -862,6 +916,7 @@ mod tests {
             origin: "west".into(),
             dest: "ea".into(),
             window: 0x0004_0000,
+            alpn: String::new(),
         };
         let expected: &[u8] = &[
             3, 0, 0, 0, 0, 3, 0, 0, 0, 18, // header: type, flags, stream, length
@@ -949,8 +1004,26 @@ mod tests {
     }
 
     #[test]
+    fn open_alpn_with_an_empty_protocol_is_rejected() {
+        // routing key "k", origin "o", dest "d", window 1, alpn "": canonically a plain Open.
+        let payload = [0, 1, b'k', 0, 1, b'o', 0, 1, b'd', 0, 0, 0, 1, 0, 0];
+        assert_eq!(
+            rejected(raw(10, 1, &payload)),
+            FrameError::BadValue {
+                field: "alpn length",
+                value: 0
+            }
+        );
+        let mut plain = raw(3, 1, &payload[..13]);
+        assert!(matches!(
+            decode(&mut plain),
+            Ok(Some(Frame::Open { alpn, .. })) if alpn.is_empty()
+        ));
+    }
+
+    #[test]
     fn unknown_types_are_rejected() {
-        for ty in [0, 10, 255] {
+        for ty in [0, 11, 255] {
             assert_eq!(rejected(raw(ty, 0, &[])), FrameError::UnknownType(ty));
         }
     }
@@ -994,13 +1067,14 @@ mod tests {
             );
             checked += 1;
         }
-        assert_eq!(checked, 9);
+        assert_eq!(checked, 10);
         let open_on_zero = Frame::Open {
             stream: 0,
             routing_key: "db".into(),
             origin: "west".into(),
             dest: "east".into(),
             window: 1,
+            alpn: String::new(),
         };
         assert_eq!(
             open_on_zero.validate(),
@@ -1255,6 +1329,7 @@ mod tests {
                 origin: "west".into(),
                 dest: long(MAX_STRING + 1),
                 window: 1,
+                alpn: String::new(),
             },
             Frame::Reset {
                 stream: 1,
@@ -1338,14 +1413,18 @@ mod tests {
                 arb_string(),
                 arb_string(),
                 arb_string(),
-                any::<u32>()
+                any::<u32>(),
+                arb_string(),
             )
-                .prop_map(|(stream, routing_key, origin, dest, window)| Frame::Open {
-                    stream,
-                    routing_key,
-                    origin,
-                    dest,
-                    window,
+                .prop_map(|(stream, routing_key, origin, dest, window, alpn)| {
+                    Frame::Open {
+                        stream,
+                        routing_key,
+                        origin,
+                        dest,
+                        window,
+                        alpn,
+                    }
                 }),
             (stream.clone(), vec(any::<u8>(), 1..2048)).prop_map(|(stream, data)| Frame::Data {
                 stream,
