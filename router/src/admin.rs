@@ -57,6 +57,19 @@ pub enum Request {
     LinkDelete {
         name: String,
     },
+    /// A link from a credential obtained out of band (PEM contents, not paths).
+    LinkCreate {
+        name: String,
+        url: String,
+        peer_site: String,
+        ca: String,
+        cert: String,
+        key: String,
+        #[serde(default)]
+        cost: Option<u32>,
+        #[serde(default)]
+        connections: Option<u32>,
+    },
     ListenerCreate {
         listener: Listener,
     },

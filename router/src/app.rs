@@ -1179,6 +1179,54 @@ impl Router {
         Ok(name)
     }
 
+    /// Stores and starts an outgoing link whose credential came with the request (checked
+    /// first), as a redeemed token's would be.
+    fn create_link(self: &Arc<Self>, mut config: LinkConfig, key: String) -> Result<(), String> {
+        let name = config.name.clone();
+        if config.peer_site == self.config.name {
+            return Err("a site cannot link to itself".into());
+        }
+        if site::host_of(&config.url).is_none() {
+            return Err(format!(
+                "invalid address {:?}: expected HOST:PORT",
+                config.url
+            ));
+        }
+        if self
+            .inner
+            .lock()
+            .expect("router lock")
+            .outgoing
+            .contains_key(&name)
+        {
+            return Err(format!("link {name} already exists"));
+        }
+        let pair = CertKey {
+            cert_pem: config.cert.clone(),
+            key_pem: key,
+        };
+        pki::validate_link_credential(&pair, &config.ca, &self.config.name)
+            .map_err(|e| format!("link {name}: {e}"))?;
+        let host = site::host_of(&config.url).unwrap_or(&config.url).to_owned();
+        if let Err(denied) = self.check_policy(|p| p.outgoing_link(&host)) {
+            self.policy_denied(&denied, false);
+            return Err(denied.to_string());
+        }
+        config.cost = config.cost.max(1);
+        config.connections = config.connections.clamp(1, 16);
+        site::write_atomic(
+            &self.state.links_dir().join(format!("{name}.key")),
+            pair.key_pem.as_bytes(),
+            0o600,
+        )
+        .map_err(|e| e.to_string())?;
+        self.state
+            .write_json(&format!("links/{name}.json"), &config)
+            .map_err(|e| e.to_string())?;
+        self.start_link(config, pair.key_pem);
+        Ok(())
+    }
+
     fn delete_link(&self, name: &str) -> Result<(), String> {
         let removed = self
             .inner
@@ -1576,6 +1624,28 @@ impl admin::Handler for Router {
                 .await
                 .map(|n| json!({ "link": n })),
             Request::LinkDelete { name } => self.delete_link(&name).map(|()| json!({})),
+            Request::LinkCreate {
+                name,
+                url,
+                peer_site,
+                ca,
+                cert,
+                key,
+                cost,
+                connections,
+            } => {
+                let config = LinkConfig {
+                    name: name.clone(),
+                    url,
+                    peer_site,
+                    ca,
+                    cert,
+                    cost: cost.unwrap_or(1),
+                    connections: connections.unwrap_or(1),
+                };
+                self.create_link(config, key)
+                    .map(|()| json!({ "link": name }))
+            }
             Request::LinkRevoke { site } => self.revoke(&site),
             Request::RotateCerts => self.rotate_certs(),
             Request::ListenerCreate { listener } => {

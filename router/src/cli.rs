@@ -190,9 +190,40 @@ pub enum LinkCommand {
     Status,
     /// Stop an outgoing link and forget its credentials.
     Delete { name: String },
+    /// Link to a site with a credential obtained out of band instead of a token: a client
+    /// certificate signed by the peer's site CA (its common name is this site's name), its
+    /// key, and the peer's CA.
+    Create(LinkCreateArgs),
     /// Revoke the link credentials this site issued to SITE: its links are cut at once and
     /// refused from then on (a new token invites it again).
     Revoke { site: String },
+}
+
+#[derive(Debug, Args)]
+pub struct LinkCreateArgs {
+    /// The link's name (default: the peer site's name).
+    pub name: Option<String>,
+    /// The peer's link-access endpoint, HOST:PORT.
+    #[arg(long)]
+    pub url: String,
+    /// The peer's site name: its router certificate must carry it.
+    #[arg(long)]
+    pub peer_site: String,
+    /// PEM file of the peer's site CA: the only CA the link trusts.
+    #[arg(long)]
+    pub ca_file: PathBuf,
+    /// PEM file of this site's link credential, signed by the peer's CA.
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// PEM file of the credential's private key.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Link cost for routing.
+    #[arg(long)]
+    pub cost: Option<u32>,
+    /// Parallel TLS connections.
+    #[arg(long)]
+    pub connections: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -344,6 +344,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 done["revokedCredentials"], done["closedConnections"]
             );
         }
+        Command::Link(LinkCommand::Create(args)) => {
+            let read = |path: &std::path::Path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read {}", path.display()))
+            };
+            let name = args.name.unwrap_or_else(|| args.peer_site.clone());
+            call(Request::LinkCreate {
+                name: name.clone(),
+                url: args.url,
+                peer_site: args.peer_site,
+                ca: read(&args.ca_file)?,
+                cert: read(&args.cert)?,
+                key: read(&args.key)?,
+                cost: args.cost,
+                connections: args.connections,
+            })
+            .await?;
+            println!("link {name} created; `skiff link status` shows when it is up");
+        }
         Command::Link(LinkCommand::Delete { name }) => {
             call(Request::LinkDelete { name: name.clone() }).await?;
             println!("link {name} deleted");

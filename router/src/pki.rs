@@ -353,6 +353,45 @@ pub fn validate_service(pair: &CertKey, usage: Usage) -> Result<(), Error> {
     Ok(())
 }
 
+/// Validates a user-supplied link credential: a client certificate (as
+/// [`validate_service`] checks one) whose common name is `site`, signed by the peer's site CA
+/// `peer_ca_pem`, which must be a CA.
+///
+/// # Errors
+/// With one line that says what is wrong.
+pub fn validate_link_credential(
+    pair: &CertKey,
+    peer_ca_pem: &str,
+    site: &str,
+) -> Result<(), Error> {
+    const WHAT: &str = "link credential";
+    validate_service(pair, Usage::Client)?;
+    let der = certs_from_pem(&pair.cert_pem)?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| invalid(WHAT, format!("certificate does not parse: {e}")))?;
+    let name = common_name(&der);
+    if name.as_deref() != Some(site) {
+        return Err(invalid(
+            WHAT,
+            format!(
+                "its common name is {name:?}, but the peer takes it as this site's name, {site:?}"
+            ),
+        ));
+    }
+    let ca_der = certs_from_pem(peer_ca_pem)?.remove(0);
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| invalid("peer CA", format!("certificate does not parse: {e}")))?;
+    if !ca.is_ca() {
+        return Err(invalid(
+            "peer CA",
+            "certificate is not a CA (basicConstraints CA:TRUE missing)",
+        ));
+    }
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|_| invalid(WHAT, "it is not signed by the peer's CA"))?;
+    Ok(())
+}
+
 /// When the first certificate in `pem` expires, in seconds since the Unix epoch.
 #[must_use]
 pub fn not_after(pem: &str) -> Option<i64> {

@@ -641,3 +641,122 @@ async fn metrics_expose_links_and_connections_in_prometheus_text() {
     assert!(text.contains("skiff_active_connections 0"), "{text}");
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
 }
+
+/// A link from a credential made out of band (openssl signs east's CSR with west's CA; no
+/// token): `link create` checks it, stores it, and the link carries a stream. A credential for
+/// another name, a key that does not match, or a certificate from another CA is refused with
+/// one line, and the router keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_from_a_credential_made_out_of_band_carries_streams() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    let dir = std::env::temp_dir().join(format!("skiff-it-{}-oob", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let west_ca = west.dir().join("ca");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    std::fs::write(dir.join("ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for name in ["east", "mallory"] {
+        let (key, csr, crt) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+        );
+        let subject = format!("/CN={name}");
+        openssl(
+            &dir,
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
+        );
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &west_ca.with_extension("crt").to_string_lossy(),
+                "-CAkey",
+                &west_ca.with_extension("key").to_string_lossy(),
+                "-CAcreateserial",
+                "-CAserial",
+                "serial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
+            ],
+        );
+    }
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).expect("pem");
+    let url = west.token().await.url;
+    let create = |cert: String, key: String, ca: String| {
+        east.call(Request::LinkCreate {
+            name: "west".into(),
+            url: url.clone(),
+            peer_site: "west".into(),
+            ca,
+            cert,
+            key,
+            cost: None,
+            connections: None,
+        })
+    };
+    let ca = read(west_ca.with_extension("crt"));
+    let refused = |result: Result<Value, router::admin::Error>| {
+        let message = result.expect_err("refused").to_string();
+        assert!(!message.contains('\n'), "one line: {message}");
+        message
+    };
+    let wrong_name = refused(
+        create(
+            read(dir.join("mallory.crt")),
+            read(dir.join("mallory.key")),
+            ca.clone(),
+        )
+        .await,
+    );
+    assert!(wrong_name.contains("common name"), "{wrong_name}");
+    let wrong_key = refused(
+        create(
+            read(dir.join("east.crt")),
+            read(dir.join("mallory.key")),
+            ca.clone(),
+        )
+        .await,
+    );
+    assert!(wrong_key.contains("key"), "{wrong_key}");
+    let other_ca = refused(
+        create(
+            read(dir.join("east.crt")),
+            read(dir.join("east.key")),
+            read(east.dir().join("ca.crt")),
+        )
+        .await,
+    );
+    assert!(
+        other_ca.contains("not signed by the peer's CA"),
+        "{other_ca}"
+    );
+
+    create(read(dir.join("east.crt")), read(dir.join("east.key")), ca)
+        .await
+        .expect("a good credential");
+    let (backend, _server) = checksum_backend().await;
+    west.connector("sink", "sink", backend).await;
+    let port = east.listener("sink", "sink").await;
+    transfer(port, 1 << 20).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
