@@ -177,8 +177,26 @@ impl Site {
         name: &str,
         user: &str,
     ) -> anyhow::Result<Self> {
-        let mut site = Self::unstarted(netns, name, &["--accel", "sockmap", "--user", user]);
-        site.create(None, &[])?;
+        Self::start_as(netns, cgroup, name, &[], &["--accel", "sockmap"], user)
+    }
+
+    /// Creates the site as root with `create_args`, hands its state directory to `user`, and
+    /// runs the router in `cgroup` with `run_args` and `--user USER`.
+    ///
+    /// # Errors
+    /// When the site cannot be created or its router does not come up.
+    pub fn start_as(
+        netns: &Netns,
+        cgroup: &Cgroup,
+        name: &str,
+        create_args: &[&str],
+        run_args: &[&str],
+        user: &str,
+    ) -> anyhow::Result<Self> {
+        let mut run_args = run_args.to_vec();
+        run_args.extend(["--user", user]);
+        let mut site = Self::unstarted(netns, name, &run_args);
+        site.create(None, create_args)?;
         let state = site.state.to_str().context("state path not UTF-8")?;
         crate::run("chown", &["-R", user, state])?;
         site.run(netns, Some(cgroup))?;

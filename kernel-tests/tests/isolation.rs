@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use kernel_tests::{Cgroup, Netns, Proc, require_root, skiff::Site};
+use kernel_tests::{Cgroup, Netns, Proc, proc_status, require_root, skiff::Site};
 
 const CONNECT: &str = "import socket, sys
 host, port = sys.argv[1].rsplit(':', 1)
@@ -274,5 +274,65 @@ fn fifty_namespaces_each_see_only_what_they_may() -> anyhow::Result<()> {
     }
     drop(site);
     drop(children);
+    Ok(())
+}
+
+/// The connect hooks are attached before the router gives up privilege (`--user nobody`); the
+/// unprivileged router still protects a listener it creates afterwards (a map update through
+/// the descriptor it kept) and reads the refusals from the ring buffer.
+#[test]
+fn isolation_holds_when_the_router_runs_as_nobody() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("isou")?;
+    let parent = Cgroup::new("isou")?;
+    let (a, b) = (parent.child("a")?, parent.child("b")?);
+    let path = |cg: &Cgroup| cg.path().to_str().expect("utf-8").to_owned();
+    let (pa, pb) = (format!("a={}", path(&a)), format!("b={}", path(&b)));
+    let site = Site::start_as(
+        &ns,
+        &parent,
+        "west",
+        &[
+            "--namespace",
+            &pa,
+            "--namespace",
+            &pb,
+            "--isolate-namespaces",
+        ],
+        &[],
+        "nobody",
+    )?;
+    let pid = site
+        .router_pid()
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    assert_eq!(proc_status(pid, "Uid:")?, "65534\t65534\t65534\t65534");
+    assert_eq!(proc_status(pid, "CapEff:")?, "0000000000000000");
+    site.cli(&[
+        "listener",
+        "create",
+        "web",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8611",
+        "--namespace",
+        "a",
+    ])?;
+    assert_eq!(connect(&ns, &a, "127.0.0.1:8611")?, "ok");
+    assert_eq!(connect(&ns, &b, "127.0.0.1:8611")?, EPERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let isolation = status(&site)?["isolation"].clone();
+        if isolation["deniedByNamespace"]["b"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal reached the unprivileged router: {isolation}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
