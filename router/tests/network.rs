@@ -323,23 +323,11 @@ async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
     );
 
     // A properly credentialed peer that sends malformed frames after its Hello.
-    let token = west.token().await;
-    let (link, key) = router::link::dial::redeem(&token, "intruder", "west")
-        .await
-        .expect("redeem");
-    let credential = router::pki::CertKey {
-        cert_pem: link.cert,
-        key_pem: key,
-    };
-    let config = router::tls::link_client_config(&west_ca, &credential).expect("config");
+    let config = credentialed(&west, "intruder").await;
     let mut tls = tls_to(&west, config).await.expect("handshake");
-    let mut hello = bytes::BytesMut::new();
-    router::link::frame::Frame::Hello {
-        version: router::link::frame::VERSION,
-        site: "intruder".into(),
-    }
-    .encode(&mut hello);
-    tls.write_all(&hello).await.expect("hello");
+    tls.write_all(&hello(router::link::frame::VERSION, "intruder"))
+        .await
+        .expect("hello");
     tls.write_all(&[0xff; 64]).await.expect("garbage");
     assert!(
         server_hangs_up(&mut tls).await,
@@ -357,6 +345,31 @@ async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
             .any(|l| l["peer"] == "east" && l["status"] == "up"),
         "{links}"
     );
+}
+
+/// A link client config for `site` with a credential redeemed from one of `west`'s tokens:
+/// what a peer holds after `token redeem`, for tests that speak the protocol by hand.
+async fn credentialed(west: &Site, site: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    let token = west.token().await;
+    let (link, key) = router::link::dial::redeem(&token, site, "west")
+        .await
+        .expect("redeem");
+    let credential = router::pki::CertKey {
+        cert_pem: link.cert,
+        key_pem: key,
+    };
+    router::tls::link_client_config(&token.ca, &credential).expect("config")
+}
+
+/// An encoded Hello.
+fn hello(version: u16, site: &str) -> bytes::BytesMut {
+    let mut bytes = bytes::BytesMut::new();
+    router::link::frame::Frame::Hello {
+        version,
+        site: site.into(),
+    }
+    .encode(&mut bytes);
+    bytes
 }
 
 /// Reads frames until the first one, which must arrive within a few seconds.
@@ -383,29 +396,11 @@ async fn first_frame(
 async fn link_versions_are_negotiated_by_alpn_and_enforced() {
     use router::link::frame::{ALPN_LINK, ALPN_LINK_V1, Frame};
     let west = Site::start("west", true).await;
-    let west_ca = west.token().await.ca;
-    let token = west.token().await;
-    let (link, key) = router::link::dial::redeem(&token, "old", "west")
-        .await
-        .expect("redeem");
-    let credential = router::pki::CertKey {
-        cert_pem: link.cert,
-        key_pem: key,
-    };
-    let config = router::tls::link_client_config(&west_ca, &credential).expect("config");
+    let config = credentialed(&west, "old").await;
     let dial = |alpn: &[u8]| {
         let mut config = (*config).clone();
         config.alpn_protocols = vec![alpn.to_vec()];
         tls_to(&west, std::sync::Arc::new(config))
-    };
-    let hello = |version: u16| {
-        let mut bytes = bytes::BytesMut::new();
-        Frame::Hello {
-            version,
-            site: "old".into(),
-        }
-        .encode(&mut bytes);
-        bytes
     };
 
     // A version 1 dialer: west answers in version 1 and refuses OpenAlpn on that link.
@@ -415,7 +410,7 @@ async fn link_versions_are_negotiated_by_alpn_and_enforced() {
         panic!("west's first frame is not Hello");
     };
     assert_eq!(version, 1);
-    old.write_all(&hello(1)).await.expect("hello");
+    old.write_all(&hello(1, "old")).await.expect("hello");
     let mut open = bytes::BytesMut::new();
     Frame::Open {
         stream: 1,
@@ -438,7 +433,7 @@ async fn link_versions_are_negotiated_by_alpn_and_enforced() {
         panic!("west's first frame is not Hello");
     };
     assert_eq!(version, 2);
-    liar.write_all(&hello(1)).await.expect("hello");
+    liar.write_all(&hello(1, "old")).await.expect("hello");
     assert!(
         server_hangs_up(&mut liar).await,
         "a Hello that disagrees with ALPN"
@@ -715,41 +710,24 @@ async fn a_link_from_a_credential_made_out_of_band_carries_streams() {
         })
     };
     let ca = read(west_ca.with_extension("crt"));
-    let refused = |result: Result<Value, router::admin::Error>| {
-        let message = result.expect_err("refused").to_string();
-        assert!(!message.contains('\n'), "one line: {message}");
-        message
-    };
-    let wrong_name = refused(
-        create(
-            read(dir.join("mallory.crt")),
-            read(dir.join("mallory.key")),
-            ca.clone(),
-        )
-        .await,
-    );
-    assert!(wrong_name.contains("common name"), "{wrong_name}");
-    let wrong_key = refused(
-        create(
-            read(dir.join("east.crt")),
-            read(dir.join("mallory.key")),
-            ca.clone(),
-        )
-        .await,
-    );
-    assert!(wrong_key.contains("key"), "{wrong_key}");
-    let other_ca = refused(
-        create(
-            read(dir.join("east.crt")),
-            read(dir.join("east.key")),
-            read(east.dir().join("ca.crt")),
-        )
-        .await,
-    );
-    assert!(
-        other_ca.contains("not signed by the peer's CA"),
-        "{other_ca}"
-    );
+    let other_ca = read(east.dir().join("ca.crt"));
+    for (cert, key, peer_ca, says) in [
+        ("mallory.crt", "mallory.key", &ca, "common name"),
+        ("east.crt", "mallory.key", &ca, "does not match"),
+        (
+            "east.crt",
+            "east.key",
+            &other_ca,
+            "not signed by the peer's CA",
+        ),
+    ] {
+        let refused = create(read(dir.join(cert)), read(dir.join(key)), peer_ca.clone())
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(!refused.contains('\n'), "one line: {refused}");
+        assert!(refused.contains(says), "{cert}, {key}: {refused}");
+    }
 
     create(read(dir.join("east.crt")), read(dir.join("east.key")), ca)
         .await
