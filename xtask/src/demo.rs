@@ -45,11 +45,11 @@ pub fn run() -> anyhow::Result<()> {
     say("a site in each, each with its own CA; west accepts links on its veth address");
     let link_access = format!("{west_ip}:55671");
     let west = Site::start(&west_ns, "west", Some(&link_access))?;
-    let east = Site::start_with(
+    // East attaches its connect() hooks as root, then runs as nobody with no capabilities.
+    let east = Site::start_as(
         &east_ns,
-        Some(&east_cgroup),
+        &east_cgroup,
         "east",
-        None,
         &[
             "--namespace",
             &ns_a,
@@ -58,8 +58,16 @@ pub fn run() -> anyhow::Result<()> {
             "--isolate-namespaces",
         ],
         &[],
+        "nobody",
     )?;
     show(&west, &["status"])?;
+    if let Some(pid) = east.router_pid() {
+        println!(
+            "east's router (skiff router run --user nobody): Uid {}, CapEff {}",
+            kernel_tests::proc_status(pid, "Uid:")?,
+            kernel_tests::proc_status(pid, "CapEff:")?
+        );
+    }
 
     say("west issues a one-time token; east redeems it (CSR, signed by west's CA) and links");
     west.link_from(&east)?;
