@@ -51,8 +51,10 @@ use super::sock_diag;
 const MIN_QUEUE_LIMIT: usize = 4 << 20;
 const MAX_QUEUE_LIMIT: usize = 64 << 20;
 
-/// How often a router that waits on its downstream looks at the queue of the socket it reads.
-const WATCH_INTERVAL: Duration = Duration::from_millis(2);
+/// How often, at most and at least, a router that waits on its downstream looks at the queue
+/// of the socket it reads (see [`next_look`]).
+const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(2);
+const MAX_WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Longest pause between two looks at a full peer queue.
 const MAX_PAUSE: Duration = Duration::from_millis(8);
@@ -186,26 +188,42 @@ impl Inflow<'_> {
 
     /// Looks at the socket's queue; call after each read.
     pub fn check(&mut self) {
+        self.look();
+    }
+
+    /// Looks at the socket's queue, diverts the sender when it is over the limit, and returns
+    /// what it holds.
+    fn look(&mut self) -> usize {
         let Some((backpressure, sender)) = self.guard else {
-            return;
+            return 0;
         };
-        if self.diverted || unread(self.fd).unwrap_or(0) <= backpressure.limit {
-            return;
+        let queued = unread(self.fd).unwrap_or(0);
+        if self.diverted || queued <= backpressure.limit {
+            return queued;
         }
         self.diverted = true;
         if !backpressure.divert(sender) {
             self.guard = None;
         }
+        queued
     }
 
-    /// Runs `wait` (the router waiting on its downstream), looking at the queue meanwhile.
+    /// Runs `wait` (the router waiting on its downstream), looking at the queue meanwhile:
+    /// often while it grows towards the limit, rarely while it does not, so that thousands of
+    /// streams waiting on slow peers do not wake the router every few milliseconds.
     pub async fn watch<F: Future>(&mut self, wait: F) -> F::Output {
         tokio::pin!(wait);
-        while self.guard.is_some() && !self.diverted {
+        let mut interval = MIN_WATCH_INTERVAL;
+        let mut last = None;
+        while let (Some((backpressure, _)), false) = (self.guard, self.diverted) {
             tokio::select! {
                 biased;
                 out = &mut wait => return out,
-                () = tokio::time::sleep(WATCH_INTERVAL) => self.check(),
+                () = tokio::time::sleep(interval) => {
+                    let queued = self.look();
+                    interval = next_look(backpressure.limit, last, queued, interval);
+                    last = Some(queued);
+                }
             }
         }
         wait.await
@@ -278,6 +296,22 @@ impl Outflow<'_> {
     }
 }
 
+/// When to look at a queue again, given what it held at the last look (`last`, `interval`
+/// ago) and now (`queued`): soon enough that, growing as fast as it just did, it cannot pass
+/// `limit` before the next look by more than a quarter of the limit; twice as late as before
+/// when it did not grow. Always within 2-50 ms: a sender that wakes from silence at loopback
+/// speed (some GB/s) may overshoot by what it sends in 50 ms.
+fn next_look(limit: usize, last: Option<usize>, queued: usize, interval: Duration) -> Duration {
+    let grown = last.map_or(0, |last| queued.saturating_sub(last));
+    let next = if grown == 0 {
+        interval * 2
+    } else {
+        let room = (limit + limit / 4).saturating_sub(queued);
+        interval.mul_f64(room as f64 / grown as f64)
+    };
+    next.clamp(MIN_WATCH_INTERVAL, MAX_WATCH_INTERVAL)
+}
+
 /// Bytes waiting to be read on `fd` (FIONREAD; with redirection it counts the redirected ones).
 fn unread(fd: RawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
@@ -320,4 +354,44 @@ fn netns_cookie(fd: RawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 32 << 20;
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_queue_that_does_not_grow_is_looked_at_less_and_less() {
+        let mut interval = MIN_WATCH_INTERVAL;
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            interval = next_look(LIMIT, Some(1000), 1000, interval);
+            seen.push(interval.as_millis());
+        }
+        assert_eq!(seen, [4, 8, 16, 32, 50, 50, 50, 50]);
+        // The first look has nothing to compare with: it backs off too.
+        assert_eq!(next_look(LIMIT, None, 5 << 20, 2 * MS), 4 * MS);
+    }
+
+    #[test]
+    fn a_growing_queue_is_looked_at_before_it_can_pass_the_limit() {
+        // 1 MiB in 10 ms with 29 MiB of room (to limit + limit/4 = 40 MiB from 11 MiB):
+        // 290 ms at that rate, so the next look is at the 50 ms cap.
+        assert_eq!(
+            next_look(LIMIT, Some(10 << 20), 11 << 20, 10 * MS),
+            MAX_WATCH_INTERVAL
+        );
+        // 8 MiB in 10 ms with 8 MiB of room left: 10 ms.
+        assert_eq!(next_look(LIMIT, Some(24 << 20), 32 << 20, 10 * MS), 10 * MS);
+        // 30 MiB in 10 ms with 10 MiB of room: a third of the interval.
+        assert_eq!(next_look(LIMIT, Some(0), 30 << 20, 9 * MS), 3 * MS);
+        // Faster than that: as soon as allowed.
+        assert_eq!(
+            next_look(LIMIT, Some(0), 38 << 20, 10 * MS),
+            MIN_WATCH_INTERVAL
+        );
+    }
 }
