@@ -234,6 +234,16 @@ impl Site {
         Ok(())
     }
 
+    /// `skiff status --output json`, parsed.
+    ///
+    /// # Errors
+    /// When the command fails or prints something that is not JSON.
+    pub fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &self.cli(&["status", "--output", "json"])?,
+        )?)
+    }
+
     /// Runs `skiff --state-dir STATE ARGS...` and returns its stdout.
     ///
     /// # Errors

@@ -87,9 +87,7 @@ impl Fixture {
     }
 
     fn accel(&self) -> anyhow::Result<serde_json::Value> {
-        let status: serde_json::Value =
-            serde_json::from_str(&self.site.cli(&["status", "--output", "json"])?)?;
-        Ok(status["accel"].clone())
+        Ok(self.site.status()?["accel"].clone())
     }
 }
 
@@ -313,9 +311,9 @@ fn ipv6_and_v4_mapped_legs_are_redirected_too() -> anyhow::Result<()> {
     ns.wait_listening(7332, Duration::from_secs(10))?;
     ns.wait_listening(7334, Duration::from_secs(10))?;
     let accel = || -> anyhow::Result<u64> {
-        let status: serde_json::Value =
-            serde_json::from_str(&site.cli(&["status", "--output", "json"])?)?;
-        Ok(status["accel"]["bytesRedirected"].as_u64().unwrap_or(0))
+        Ok(site.status()?["accel"]["bytesRedirected"]
+            .as_u64()
+            .unwrap_or(0))
     };
     let data = pattern(4 << 20, 11);
     for (what, backend_ip, backend, connect, listener) in [
@@ -614,8 +612,7 @@ fn an_accelerated_client_sending_across_a_link_is_held_back() -> anyhow::Result<
         .find(|l| l.contains("sender"))
         .unwrap_or_default()
         .to_owned();
-    let status: serde_json::Value =
-        serde_json::from_str(&east.cli(&["status", "--output", "json"])?)?;
+    let status = east.status()?;
     let accel = &status["accel"];
     eprintln!("peak receive queues at east {peak} B; {tally}; {accel}");
     let bound = held_back(&east_ns, accel)?;
@@ -674,8 +671,7 @@ fn an_accelerated_router_runs_as_nobody_and_its_keeper_cleans_up() -> anyhow::Re
         got == data,
         "transfer through the unprivileged router corrupted"
     );
-    let status: serde_json::Value =
-        serde_json::from_str(&site.cli(&["status", "--output", "json"])?)?;
+    let status = site.status()?;
     let accel = &status["accel"];
     assert!(
         accel["bytesRedirected"].as_u64() >= Some(2 * (4 << 20)),

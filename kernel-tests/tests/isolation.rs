@@ -30,12 +30,6 @@ fn connect(ns: &Netns, cgroup: &Cgroup, addr: &str) -> anyhow::Result<String> {
 const EPERM: &str = "1";
 const REFUSED: &str = "111";
 
-fn status(site: &Site) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::from_str(
-        &site.cli(&["status", "--output", "json"])?,
-    )?)
-}
-
 #[test]
 fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyhow::Result<()> {
     if !require_root() {
@@ -187,7 +181,7 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
 
     // Denials are counted and listed, with the namespace they came from.
     std::thread::sleep(Duration::from_millis(200));
-    let isolation = status(&site)?["isolation"].clone();
+    let isolation = site.status()?["isolation"].clone();
     eprintln!("{isolation}");
     assert!(isolation["denied"].as_u64() >= Some(9), "{isolation}");
     assert!(
@@ -324,7 +318,7 @@ fn isolation_holds_when_the_router_runs_as_nobody() -> anyhow::Result<()> {
     assert_eq!(connect(&ns, &b, "127.0.0.1:8611")?, EPERM);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let isolation = status(&site)?["isolation"].clone();
+        let isolation = site.status()?["isolation"].clone();
         if isolation["deniedByNamespace"]["b"].as_u64() >= Some(1) {
             break;
         }

@@ -1164,8 +1164,21 @@ impl Router {
         let (mut config, key) = dial::redeem(&token, &self.config.name, &name)
             .await
             .map_err(|e| e.to_string())?;
-        config.cost = cost.unwrap_or(config.cost).max(1);
-        config.connections = connections.unwrap_or(config.connections).clamp(1, 16);
+        config.cost = cost.unwrap_or(config.cost);
+        config.connections = connections.unwrap_or(config.connections);
+        self.store_and_start_link(config, key)?;
+        Ok(name)
+    }
+
+    /// Keeps an outgoing link in the state directory (its key 0600) and starts its dialers.
+    fn store_and_start_link(
+        self: &Arc<Self>,
+        mut config: LinkConfig,
+        key: String,
+    ) -> Result<(), String> {
+        config.cost = config.cost.max(1);
+        config.connections = config.connections.clamp(1, 16);
+        let name = &config.name;
         site::write_atomic(
             &self.state.links_dir().join(format!("{name}.key")),
             key.as_bytes(),
@@ -1176,12 +1189,12 @@ impl Router {
             .write_json(&format!("links/{name}.json"), &config)
             .map_err(|e| e.to_string())?;
         self.start_link(config, key);
-        Ok(name)
+        Ok(())
     }
 
     /// Stores and starts an outgoing link whose credential came with the request (checked
     /// first), as a redeemed token's would be.
-    fn create_link(self: &Arc<Self>, mut config: LinkConfig, key: String) -> Result<(), String> {
+    fn create_link(self: &Arc<Self>, config: LinkConfig, key: String) -> Result<(), String> {
         let name = config.name.clone();
         if config.peer_site == self.config.name {
             return Err("a site cannot link to itself".into());
@@ -1212,19 +1225,7 @@ impl Router {
             self.policy_denied(&denied, false);
             return Err(denied.to_string());
         }
-        config.cost = config.cost.max(1);
-        config.connections = config.connections.clamp(1, 16);
-        site::write_atomic(
-            &self.state.links_dir().join(format!("{name}.key")),
-            pair.key_pem.as_bytes(),
-            0o600,
-        )
-        .map_err(|e| e.to_string())?;
-        self.state
-            .write_json(&format!("links/{name}.json"), &config)
-            .map_err(|e| e.to_string())?;
-        self.start_link(config, pair.key_pem);
-        Ok(())
+        self.store_and_start_link(config, pair.key_pem)
     }
 
     fn delete_link(&self, name: &str) -> Result<(), String> {

@@ -74,7 +74,7 @@ impl User {
     /// When there is no such user.
     pub fn lookup(spec: &str) -> Result<Self, Error> {
         let numeric = spec.parse::<u32>().ok();
-        let mut entry: libc::passwd = unsafe_zeroed_passwd();
+        let mut entry: libc::passwd = zeroed_passwd();
         let mut found: *mut libc::passwd = std::ptr::null_mut();
         let mut buf = vec![0 as libc::c_char; 16 * 1024];
         let name = CString::new(spec).map_err(|_| Error::NoSuchUser(spec.to_owned()))?;
@@ -139,7 +139,7 @@ impl User {
     }
 }
 
-fn unsafe_zeroed_passwd() -> libc::passwd {
+fn zeroed_passwd() -> libc::passwd {
     // SAFETY: passwd is a plain C struct of integers and pointers, for which all-zero is valid.
     unsafe { std::mem::zeroed() }
 }

@@ -64,6 +64,15 @@ fn curl(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What `openssl s_client` to 127.0.0.1:`port` (server name `web`) with `extra` arguments
+/// prints.
+fn s_client(port: u16, extra: &[&str]) -> String {
+    let connect = format!("127.0.0.1:{port}");
+    let mut args = vec!["s_client", "-connect", &connect, "-servername", "web"];
+    args.extend_from_slice(extra);
+    String::from_utf8_lossy(&run("openssl", &args).stdout).into_owned()
+}
+
 /// `skiff listener create NAME --host 127.0.0.1 --port 0 EXTRA...` at `site`; waits until it
 /// is reachable and returns the port it got.
 async fn listen(site: &Site, name: &str, extra: &[&str]) -> u16 {
@@ -168,31 +177,8 @@ async fn tls_listeners_serve_curl_and_openssl_and_check_client_certificates() {
     let unknown = run("curl", &["-sS", &url]);
     assert_eq!(unknown.status.code(), Some(60), "{unknown:?}");
     // openssl s_client sees a chain that verifies.
-    let s_client = run(
-        "openssl",
-        &[
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-servername",
-            "web",
-        ],
-    );
-    assert!(!String::from_utf8_lossy(&s_client.stdout).contains("Verify return code: 0 (ok)"));
-    let s_client = run(
-        "openssl",
-        &[
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-servername",
-            "web",
-            "-CAfile",
-            &ca,
-            "-verify_return_error",
-        ],
-    );
-    let said = String::from_utf8_lossy(&s_client.stdout);
+    assert!(!s_client(port, &[]).contains("Verify return code: 0 (ok)"));
+    let said = s_client(port, &["-CAfile", &ca, "-verify_return_error"]);
     assert!(said.contains("Verify return code: 0 (ok)"), "{said}");
     // Plaintext on the TLS port is refused; the listener keeps serving.
     assert_eq!(curl(&[&format!("http://127.0.0.1:{port}/hello.txt")]), None);

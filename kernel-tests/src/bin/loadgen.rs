@@ -74,16 +74,9 @@ fn sink(addr: &str) -> anyhow::Result<()> {
     for conn in listener.incoming() {
         let mut conn = conn?;
         thread::spawn(move || {
-            let mut sum = Checksum::default();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match conn.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => sum.update(&buf[..n]),
-                    Err(_) => return,
-                }
+            if let Ok(sum) = checksum_to_eof(&mut conn) {
+                let _ = conn.write_all(&sum);
             }
-            let _ = conn.write_all(&sum.finish_bytes());
         });
     }
     Ok(())
@@ -142,6 +135,18 @@ fn send(addr: &str, conns: usize, bytes: u64, parallel: usize, answer: bool) -> 
     Ok(())
 }
 
+/// Reads `conn` to end-of-stream and returns the checksum of what it read.
+fn checksum_to_eof(conn: &mut TcpStream) -> std::io::Result<[u8; 16]> {
+    let mut sum = Checksum::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match conn.read(&mut buf)? {
+            0 => return Ok(sum.finish_bytes()),
+            n => sum.update(&buf[..n]),
+        }
+    }
+}
+
 /// What `push` sends on the connection with `seed`, as the receiver must see it.
 fn expected(seed: u64, bytes: u64) -> [u8; 16] {
     let mut sum = Checksum::default();
@@ -170,16 +175,8 @@ fn verify(addr: &str, conns: usize, bytes: u64, stall: Duration) -> anyhow::Resu
                     .map_err(|e| format!("no seed: {e}"))?;
                 let seed = u64::from_le_bytes(seed);
                 thread::sleep(stall);
-                let mut sum = Checksum::default();
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    match conn.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => sum.update(&buf[..n]),
-                        Err(e) => return Err(format!("seed {seed}: {e}")),
-                    }
-                }
-                if sum.finish_bytes() == expected(seed, bytes) {
+                let sum = checksum_to_eof(&mut conn).map_err(|e| format!("seed {seed}: {e}"))?;
+                if sum == expected(seed, bytes) {
                     Ok(())
                 } else {
                     Err(format!("seed {seed}: checksum or length mismatch"))

@@ -62,6 +62,10 @@ const MAX_PAUSE: Duration = Duration::from_millis(8);
 /// Shared by every accelerated connection of a router: the diverted map and the counters.
 pub struct Backpressure {
     limit: usize,
+    /// The router's network namespace cookie, read from its first accelerated socket: every
+    /// socket the router makes lives in that namespace, so one getsockopt serves them all.
+    /// (`None` when the kernel cannot say: then no socket is guarded.)
+    netns: std::sync::OnceLock<Option<u64>>,
     diverted: Mutex<HashMap<MapData, SockKey, u32>>,
     senders_diverted: AtomicU64,
     divert_failures: AtomicU64,
@@ -94,6 +98,7 @@ impl Backpressure {
             .clamp(MIN_QUEUE_LIMIT, MAX_QUEUE_LIMIT);
         Self {
             limit,
+            netns: std::sync::OnceLock::new(),
             diverted: Mutex::new(diverted),
             senders_diverted: AtomicU64::new(0),
             divert_failures: AtomicU64::new(0),
@@ -120,7 +125,7 @@ impl Backpressure {
     /// Watches what `tcp`'s peer sends to the router. The guard must not outlive `tcp`.
     #[must_use]
     pub fn inflow(&self, tcp: &TcpStream) -> Inflow<'_> {
-        let sender = sock_key(tcp).map(|key| key.peer());
+        let sender = self.sock_key(tcp).map(|key| key.peer());
         Inflow {
             guard: sender.map(|sender| (self, sender)),
             fd: tcp.as_raw_fd(),
@@ -136,6 +141,22 @@ impl Backpressure {
             guard: ends.map(|(local, peer)| (self, local, peer)),
             budget: self.limit,
         }
+    }
+
+    /// The key sock_ops gave `tcp` in the sockhash.
+    fn sock_key(&self, tcp: &TcpStream) -> Option<SockKey> {
+        let (local, peer) = (tcp.local_addr().ok()?, tcp.peer_addr().ok()?);
+        let netns = (*self
+            .netns
+            .get_or_init(|| netns_cookie(tcp.as_raw_fd()).ok()))?;
+        let (local_key, peer_key) = (super::endpoint_key(local), super::endpoint_key(peer));
+        Some(SockKey {
+            netns,
+            local_ip: local_key.ip,
+            remote_ip: peer_key.ip,
+            local_port: local_key.port,
+            remote_port: peer_key.port,
+        })
     }
 
     fn divert(&self, sender: SockKey) -> bool {
@@ -320,20 +341,6 @@ fn unread(fd: RawFd) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(usize::try_from(n).unwrap_or(0))
-}
-
-/// The key sock_ops gave `tcp` in the sockhash.
-fn sock_key(tcp: &TcpStream) -> Option<SockKey> {
-    let (local, peer) = (tcp.local_addr().ok()?, tcp.peer_addr().ok()?);
-    let local_key = super::endpoint_key(local);
-    let peer_key = super::endpoint_key(peer);
-    Some(SockKey {
-        netns: netns_cookie(tcp.as_raw_fd()).ok()?,
-        local_ip: local_key.ip,
-        remote_ip: peer_key.ip,
-        local_port: local_key.port,
-        remote_port: peer_key.port,
-    })
 }
 
 /// The cookie of the network namespace `fd` lives in, as `bpf_get_netns_cookie` sees it.
