@@ -3,11 +3,13 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{HashMap, PerCpuArray, SockHash},
 };
 use ebpf_common::{
-    ANY_IP, Counter, ENDPOINTS_MAX_ENTRIES, EndpointKey, SOCKS_MAX_ENTRIES, SockKey, v4_mapped,
+    ANY_IP, Counter, ENDPOINTS_MAX_ENTRIES, EndpointKey, SOCKS_MAX_ENTRIES, Sent, Shortcut,
+    SockKey, v4_mapped,
 };
 
 /// Accelerated sockets. The kernel removes a socket from it when the socket closes.
@@ -24,6 +26,21 @@ pub static SKIFF_ENDPOINTS: HashMap<EndpointKey, u32> =
 #[map]
 pub static SKIFF_DIVERTED: HashMap<SockKey, u32> = HashMap::with_max_entries(SOCKS_MAX_ENTRIES, 0);
 
+/// What each workload socket has sent: created and removed by sock_ops, counted by sk_msg.
+///
+/// Both this map and the shortcuts are allocated per element: sk_msg holds pointers into their
+/// values while another CPU may delete or replace the entry, and a preallocated map would hand
+/// the freed element to another key at once (an RCU-freed one stays intact until the program
+/// ends).
+#[map]
+pub static SKIFF_SENT: HashMap<SockKey, Sent> =
+    HashMap::with_max_entries(SOCKS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Shortcuts the router offers, by sender; written by the router only.
+#[map]
+pub static SKIFF_SHORTCUTS: HashMap<SockKey, Shortcut> =
+    HashMap::with_max_entries(SOCKS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
 /// Event counters; per-CPU because the bpf target has no 64-bit atomics.
 #[map]
 pub static SKIFF_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -38,13 +55,15 @@ pub fn count(counter: Counter, n: u64) {
     }
 }
 
-/// Whether `ip:port` is a registered endpoint, bound to that address or to any address.
+/// The kind of endpoint `ip:port` is (an `EndpointKind` as `u32`), bound to that address or to
+/// any address; `None` if it is not registered.
 #[inline(always)]
-pub fn is_endpoint(ip: [u32; 4], port: u32) -> bool {
-    SKIFF_ENDPOINTS.get_ptr(EndpointKey { ip, port }).is_some()
-        || SKIFF_ENDPOINTS
-            .get_ptr(EndpointKey { ip: ANY_IP, port })
-            .is_some()
+pub fn endpoint_kind(ip: [u32; 4], port: u32) -> Option<u32> {
+    let value = SKIFF_ENDPOINTS
+        .get_ptr(EndpointKey { ip, port })
+        .or_else(|| SKIFF_ENDPOINTS.get_ptr(EndpointKey { ip: ANY_IP, port }))?;
+    // SAFETY: the pointer is a live value of the map, valid for this program's run.
+    Some(unsafe { read_volatile(value) })
 }
 
 /// An address as keys store it: IPv4 in its v4-mapped form, IPv6 as is.

@@ -6,6 +6,12 @@
 //!
 //! A sender the router has diverted (its reader fell behind) always takes the TCP path, whose
 //! flow control bounds what waits in the reader's queue; redirection has none.
+//!
+//! A workload sender the router offers a shortcut (see `ebpf_common::Shortcut`) skips the
+//! router altogether: its message goes straight into the far workload's socket. It may only
+//! while the router has forwarded everything the sender sent towards it (so nothing is
+//! overtaken) and within the router's budget (so the far queue stays bounded). Any other
+//! message goes towards the router and is counted, which is what the first condition compares.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
@@ -13,11 +19,13 @@ use aya_ebpf::{
     macros::sk_msg,
     programs::SkMsgContext,
 };
-use ebpf_common::{Counter, SockKey};
+use ebpf_common::{Counter, Sent, SockKey};
 
 use core::ptr::read_volatile;
 
-use crate::maps::{SKIFF_DIVERTED, SKIFF_SOCKS, count, key_ip, read_ip6, remote_port};
+use crate::maps::{
+    SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SHORTCUTS, SKIFF_SOCKS, count, key_ip, read_ip6, remote_port,
+};
 
 #[sk_msg]
 pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
@@ -25,11 +33,19 @@ pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
         count(Counter::MsgMissed, 1);
         return SK_PASS;
     };
+    let size = u64::from(ctx.size());
+    if let Some(sent) = SKIFF_SENT.get_ptr_mut(key) {
+        if take_shortcut(&ctx, key, sent, size) {
+            return SK_PASS;
+        }
+        // SAFETY: a live value of an RCU-freed map; only this socket's sk_msg writes it, under
+        // the socket's lock.
+        unsafe { (*sent).routed += size };
+    }
     if SKIFF_DIVERTED.get_ptr(key).is_some() {
         count(Counter::MsgDiverted, 1);
         return SK_PASS;
     }
-    let size = u64::from(ctx.size());
     if SKIFF_SOCKS.redirect_msg(&ctx, key.peer(), u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
         count(Counter::MsgRedirected, 1);
         count(Counter::BytesRedirected, size);
@@ -37,6 +53,36 @@ pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
         count(Counter::MsgMissed, 1);
     }
     SK_PASS
+}
+
+/// Moves the message by the sender's shortcut if the router offers one that may be taken now.
+#[inline(always)]
+fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -> bool {
+    let Some(shortcut) = SKIFF_SHORTCUTS.get_ptr(key) else {
+        return false;
+    };
+    // SAFETY: live values of RCU-freed maps (see maps.rs); the router replaces a shortcut
+    // whole, so each field read here is one the router wrote.
+    let (routed, by_shortcut, forwarded, until, to) = unsafe {
+        (
+            (*sent).routed,
+            (*sent).shortcut,
+            (*shortcut).forwarded,
+            (*shortcut).until,
+            (*shortcut).to,
+        )
+    };
+    if routed != forwarded || by_shortcut + size > until {
+        return false;
+    }
+    if SKIFF_SOCKS.redirect_msg(ctx, to, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {
+        return false;
+    }
+    // SAFETY: as above; only this socket's sk_msg writes `sent`.
+    unsafe { (*sent).shortcut = by_shortcut + size };
+    count(Counter::MsgShortcut, 1);
+    count(Counter::BytesShortcut, size);
+    true
 }
 
 fn sock_key(ctx: &SkMsgContext) -> Option<SockKey> {

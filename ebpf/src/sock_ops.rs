@@ -4,18 +4,27 @@
 //! the connecting side (`ACTIVE_ESTABLISHED`, remote end is the endpoint) and the accepted side
 //! (`PASSIVE_ESTABLISHED`, local end is the endpoint). With both in the map, sk_msg can move
 //! bytes from one to the other.
+//!
+//! The workload end of each connection also gets an entry in the sent map, which sk_msg
+//! keeps and the router's shortcuts rely on (see `ebpf_common::Shortcut`). The program asks
+//! for that socket's state changes and removes the entry when the socket closes.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
     helpers::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use ebpf_common::{Counter, SockKey};
+use ebpf_common::{Counter, EndpointKind, Sent, SockKey};
 
 use core::ptr::read_volatile;
 
-use crate::maps::{SKIFF_DIVERTED, SKIFF_SOCKS, count, is_endpoint, key_ip, read_ip6, remote_port};
+use crate::maps::{
+    SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SOCKS, count, endpoint_kind, key_ip, read_ip6, remote_port,
+};
 
 /// The return value means nothing for these callbacks; 1 is what the kernel documents as "ok".
 #[sock_ops]
@@ -27,11 +36,66 @@ pub fn skiff_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Counter> {
-    let passive = match ctx.op() {
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => true,
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => false,
-        _ => return Ok(()),
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(ctx, true),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(ctx, false),
+        BPF_SOCK_OPS_STATE_CB => {
+            // SAFETY: ops is the live bpf_sock_ops; a state callback carries the new state in
+            // args[1]. One load of its own, as for every context field (see sk_msg.rs).
+            let new_state =
+                unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_1.args[1]) };
+            if new_state == BPF_TCP_CLOSE
+                && let Some(key) = sock_key(ctx)
+            {
+                let _ = SKIFF_SENT.remove(key);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn established(ctx: &SockOpsContext, passive: bool) -> Result<(), Counter> {
+    let Some(key) = sock_key(ctx) else {
+        return Ok(());
     };
+    let kind = if passive {
+        endpoint_kind(key.local_ip, key.local_port)
+    } else {
+        endpoint_kind(key.remote_ip, key.remote_port)
+    };
+    let Some(kind) = kind else {
+        return Ok(());
+    };
+    // A new connection never inherits the diverted mark of an earlier one with the same key.
+    let _ = SKIFF_DIVERTED.remove(key);
+    // SAFETY: ops is the live bpf_sock_ops the kernel passed to this program.
+    SKIFF_SOCKS
+        .update(key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY))
+        .map_err(|_| Counter::SocksInsertFailed)?;
+    count(Counter::SocksInserted, 1);
+    // The workload end (a client connecting to a listener, a backend accepting the router's
+    // connection) gets a fresh count of what it sends; the router's own sockets need none.
+    let workload = if passive {
+        kind == EndpointKind::Backend as u32
+    } else {
+        kind == EndpointKind::Listener as u32
+    };
+    // Without an entry (map full, or no state callbacks) the socket never gets a shortcut.
+    if workload
+        && SKIFF_SENT
+            .insert(key, Sent::default(), u64::from(BPF_ANY))
+            .is_ok()
+    {
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+        if ctx.set_cb_flags(flags as i32).is_err() {
+            let _ = SKIFF_SENT.remove(key);
+        }
+    }
+    Ok(())
+}
+
+fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
     let ops = ctx.ops;
     // Each context field gets its own load; see sk_msg.rs for why.
     // SAFETY: ops is the live bpf_sock_ops the kernel passed in; sock_ops may read all of these.
@@ -46,34 +110,12 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Counter> {
             read_volatile(&raw const (*ops).remote_port),
         )
     };
-    let (Some(local_ip), Some(remote_ip)) = (
-        key_ip(family, local_ip4, local_ip6),
-        key_ip(family, remote_ip4, remote_ip6),
-    ) else {
-        return Ok(());
-    };
-    let key = SockKey {
+    Some(SockKey {
         // SAFETY: sock_ops may call bpf_get_netns_cookie with its own context.
         netns: unsafe { bpf_get_netns_cookie(ops.cast()) },
-        local_ip,
-        remote_ip,
+        local_ip: key_ip(family, local_ip4, local_ip6)?,
+        remote_ip: key_ip(family, remote_ip4, remote_ip6)?,
         local_port,
         remote_port: remote_port(remote_port_raw),
-    };
-    let involves_endpoint = if passive {
-        is_endpoint(key.local_ip, key.local_port)
-    } else {
-        is_endpoint(key.remote_ip, key.remote_port)
-    };
-    if !involves_endpoint {
-        return Ok(());
-    }
-    // A new connection never inherits the diverted mark of an earlier one with the same key.
-    let _ = SKIFF_DIVERTED.remove(key);
-    // SAFETY: ops is the live bpf_sock_ops the kernel passed to this program.
-    SKIFF_SOCKS
-        .update(key, unsafe { &mut *ops }, u64::from(BPF_ANY))
-        .map_err(|_| Counter::SocksInsertFailed)?;
-    count(Counter::SocksInserted, 1);
-    Ok(())
+    })
 }

@@ -91,6 +91,13 @@ impl Fixture {
     }
 }
 
+/// Bytes the kernel moved socket to socket, counted per local leg: a message redirected into
+/// or out of the router covers one leg, a message that took a shortcut past the router both.
+fn leg_bytes(accel: &serde_json::Value) -> u64 {
+    let count = |name: &str| accel[name].as_u64().unwrap_or(0);
+    count("bytesRedirected") + 2 * count("bytesShortcut")
+}
+
 /// Payload bytes in `packets` to or from `port`.
 fn payload_on(packets: &[(String, String, u64)], port: u16) -> u64 {
     let suffix = format!(".{port}");
@@ -134,7 +141,7 @@ fn both_local_legs_skip_the_network_stack_and_outsiders_still_work() -> anyhow::
         "backend leg crossed loopback"
     );
     assert!(
-        accel["bytesRedirected"].as_u64() >= Some(2 * (8 << 20)),
+        leg_bytes(&accel) >= 2 * (8 << 20),
         "both legs redirected: {accel}"
     );
 
@@ -248,7 +255,7 @@ fn nothing_is_left_in_the_kernel_after_exit_or_after_a_crash() -> anyhow::Result
         1,
         "exactly one program attached after the restart"
     );
-    assert!(f.accel()?["bytesRedirected"].as_u64() > Some(0));
+    assert!(leg_bytes(&f.accel()?) > 0);
 
     // A clean exit detaches and unpins everything.
     f.site.stop()?;
@@ -310,11 +317,7 @@ fn ipv6_and_v4_mapped_legs_are_redirected_too() -> anyhow::Result<()> {
     ])?;
     ns.wait_listening(7332, Duration::from_secs(10))?;
     ns.wait_listening(7334, Duration::from_secs(10))?;
-    let accel = || -> anyhow::Result<u64> {
-        Ok(site.status()?["accel"]["bytesRedirected"]
-            .as_u64()
-            .unwrap_or(0))
-    };
+    let accel = || -> anyhow::Result<u64> { Ok(leg_bytes(&site.status()?["accel"])) };
     let data = pattern(4 << 20, 11);
     for (what, backend_ip, backend, connect, listener) in [
         ("IPv6", "::1", 7331, "[::1]:7332", 7332),
@@ -462,7 +465,7 @@ fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_map
     )?;
     assert!(got == small, "transfer after the restart corrupted");
     assert!(
-        f.accel()?["bytesRedirected"].as_u64() >= Some(2 * small.len() as u64),
+        leg_bytes(&f.accel()?) >= 2 * small.len() as u64,
         "the restarted router redirects again"
     );
     Ok(())
@@ -494,7 +497,7 @@ fn two_hundred_concurrent_streams_arrive_byte_exact() -> anyhow::Result<()> {
     eprintln!("backend: {tally}");
     let accel = f.accel()?;
     assert!(
-        accel["bytesRedirected"].as_u64() >= Some(2 * conns as u64 * bytes),
+        leg_bytes(&accel) >= 2 * conns as u64 * bytes,
         "both legs of every stream redirected: {accel}"
     );
     Ok(())
@@ -673,10 +676,7 @@ fn an_accelerated_router_runs_as_nobody_and_its_keeper_cleans_up() -> anyhow::Re
     );
     let status = site.status()?;
     let accel = &status["accel"];
-    assert!(
-        accel["bytesRedirected"].as_u64() >= Some(2 * (4 << 20)),
-        "{accel}"
-    );
+    assert!(leg_bytes(accel) >= 2 * (4 << 20), "{accel}");
 
     // Killed, the router cannot clean up; its keeper does, at once.
     let pins = PathBuf::from(accel["pinDir"].as_str().unwrap_or_default());
@@ -699,5 +699,78 @@ fn an_accelerated_router_runs_as_nobody_and_its_keeper_cleans_up() -> anyhow::Re
     site.stop()?;
     assert!(!pins.exists(), "pins removed on a clean exit");
     assert!(!attached()?, "sock_ops detached on a clean exit");
+    Ok(())
+}
+
+/// With both workloads of a local hop redirected, the router offers each sender a shortcut
+/// into the other workload's socket once it has forwarded everything, and the bytes skip the
+/// router. Each offer carries a budget of at most the queue limit, here 4 MiB (tcp_rmem's
+/// maximum in this namespace), so long conversations run through many offers, each a switch
+/// from the router's path to the shortcut that must not reorder a byte: request and response
+/// traffic of every size up to 256 KiB, pipelined up to three deep, is compared byte for byte.
+#[test]
+fn the_router_steps_out_of_a_local_hop_without_reordering_a_byte() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("acc10")?;
+    ns.run(&["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 131072 4194304"])?;
+    let cgroup = Cgroup::new("acc10")?;
+    let site = Site::start_in(&ns, Some(&cgroup), "west", None)?;
+    site.cli(&[
+        "connector",
+        "create",
+        "echo",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "7361",
+    ])?;
+    site.cli(&[
+        "listener",
+        "create",
+        "echo",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "7362",
+    ])?;
+    let _echo = Proc::spawn(&ns, Some(&cgroup), &[&loadgen(), "echo", "127.0.0.1:7361"])?;
+    ns.wait_listening(7361, Duration::from_secs(10))?;
+    ns.wait_listening(7362, Duration::from_secs(10))?;
+
+    let (conns, rounds) = (8, 300);
+    let tally = Proc::spawn(
+        &ns,
+        Some(&cgroup),
+        &[
+            &loadgen(),
+            "rounds",
+            "127.0.0.1:7362",
+            &conns.to_string(),
+            &rounds.to_string(),
+            &(256 << 10).to_string(),
+        ],
+    )?
+    .wait(Duration::from_secs(180))?;
+    let tally: serde_json::Value = serde_json::from_str(tally.trim())?;
+    let accel = site.status()?["accel"].clone();
+    eprintln!("{tally}; {accel}");
+    let bytes = tally["bytes"].as_u64().unwrap_or(0);
+    assert_eq!(accel["queueLimit"].as_u64(), Some(4 << 20), "{accel}");
+    // Both directions: what the clients sent and what the echo server sent back.
+    let shortcut = accel["bytesShortcut"].as_u64().unwrap_or(0);
+    assert!(
+        shortcut >= 2 * bytes * 9 / 10,
+        "{shortcut} of {} B took the shortcut",
+        2 * bytes
+    );
+    // Every 4 MiB budget spent was renewed: more offers than the 16 first ones.
+    let offered = accel["shortcutsOffered"].as_u64().unwrap_or(0);
+    assert!(
+        offered > 2 * bytes / (4 << 20),
+        "{offered} offers for {bytes} B: {accel}"
+    );
+    assert_eq!(accel["shortcutsGivenUp"].as_u64(), Some(0), "{accel}");
     Ok(())
 }

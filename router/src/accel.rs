@@ -12,6 +12,7 @@
 //! loading, which also detaches the crashed router's sock_ops program.
 
 mod backpressure;
+mod shortcut;
 mod sock_diag;
 
 use std::{
@@ -23,6 +24,8 @@ use std::{
 };
 
 pub use backpressure::{Backpressure, Inflow, Outflow, Stats as BackpressureStats};
+pub use ebpf_common::EndpointKind;
+pub use shortcut::Bypass;
 
 use aya::{
     Ebpf,
@@ -33,8 +36,8 @@ use aya::{
     },
 };
 use ebpf_common::{
-    COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, SK_MSG_PROGRAM,
-    SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
+    COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, SENT_MAP, SHORTCUTS_MAP,
+    SK_MSG_PROGRAM, SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
 };
 
 /// The eBPF object built from `ebpf/` by `build.rs`.
@@ -133,6 +136,8 @@ pub struct Counters {
     pub bytes_redirected: u64,
     pub msg_missed: u64,
     pub msg_diverted: u64,
+    pub msg_shortcut: u64,
+    pub bytes_shortcut: u64,
     /// What the router's flow control for redirected sockets did.
     pub backpressure: BackpressureStats,
 }
@@ -160,7 +165,14 @@ impl Accel {
         });
         let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| Error::Load(Box::new(e)))?;
         if let Some(pins) = &pins {
-            for name in [SOCKS_MAP, ENDPOINTS_MAP, COUNTERS_MAP, DIVERTED_MAP] {
+            for name in [
+                SOCKS_MAP,
+                ENDPOINTS_MAP,
+                COUNTERS_MAP,
+                DIVERTED_MAP,
+                SENT_MAP,
+                SHORTCUTS_MAP,
+            ] {
                 let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
                 let path = pins.dir.join(name);
                 map.pin(&path).map_err(|e| Error::Pin {
@@ -172,7 +184,11 @@ impl Accel {
         let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, SOCKS_MAP)?;
         let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
-        let backpressure = Arc::new(Backpressure::new(take_map(&mut ebpf, DIVERTED_MAP)?));
+        let backpressure = Arc::new(Backpressure::new(
+            take_map(&mut ebpf, DIVERTED_MAP)?,
+            take_map(&mut ebpf, SENT_MAP)?,
+            take_map(&mut ebpf, SHORTCUTS_MAP)?,
+        ));
 
         // sk_msg first: a socket picks up the map's programs when it is inserted, so the
         // verdict program must be there before sock_ops starts inserting.
@@ -241,9 +257,9 @@ impl Accel {
     ///
     /// # Errors
     /// Fails when the endpoint map is full.
-    pub fn add_endpoint(&mut self, addr: SocketAddr) -> Result<(), Error> {
+    pub fn add_endpoint(&mut self, addr: SocketAddr, kind: EndpointKind) -> Result<(), Error> {
         self.endpoints
-            .insert(endpoint_key(addr), 1, 0)
+            .insert(endpoint_key(addr), kind as u32, 0)
             .map_err(Error::map(ENDPOINTS_MAP))
     }
 
@@ -289,6 +305,8 @@ impl Accel {
             bytes_redirected: read(Counter::BytesRedirected)?,
             msg_missed: read(Counter::MsgMissed)?,
             msg_diverted: read(Counter::MsgDiverted)?,
+            msg_shortcut: read(Counter::MsgShortcut)?,
+            bytes_shortcut: read(Counter::BytesShortcut)?,
             backpressure: self.backpressure.stats(),
         })
     }

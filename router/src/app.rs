@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use ebpf_common::EndpointKind;
 use serde_json::json;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -812,7 +813,7 @@ impl Router {
                 inner.backend_tls.insert(name.clone(), tls);
             }
             if let Ok(addr) = connector.backend_addr().parse::<SocketAddr>() {
-                self.accel_endpoint(addr, true);
+                self.accel_endpoint(addr, Some(EndpointKind::Backend));
             }
             inner.connectors.insert(connector.name.clone(), connector);
             if persist {
@@ -865,7 +866,7 @@ impl Router {
         })?;
         let bound = socket.local_addr().ok();
         if let Some(addr) = bound {
-            self.accel_endpoint(addr, true);
+            self.accel_endpoint(addr, Some(EndpointKind::Listener));
         }
         let protection = match bound {
             Some(addr) => self.protect(addr, spec.namespace.clone(), &spec.allow_namespaces)?,
@@ -955,7 +956,7 @@ impl Router {
             .ok_or_else(|| format!("no listener named {name}"))?;
         listener.task.abort();
         if let Some(addr) = listener.bound {
-            self.accel_endpoint(addr, false);
+            self.accel_endpoint(addr, None);
         }
         if let Some(protection) = &listener.protection
             && let Some(isolation) = self.isolation.lock().expect("isolation lock").as_mut()
@@ -1061,17 +1062,17 @@ impl Router {
         })
     }
 
-    /// Adds or removes an accelerated endpoint; a failure costs speed, never correctness.
-    fn accel_endpoint(&self, addr: SocketAddr, add: bool) {
+    /// Adds (with its kind) or removes (`None`) an accelerated endpoint; a failure costs
+    /// speed, never correctness.
+    fn accel_endpoint(&self, addr: SocketAddr, kind: Option<EndpointKind>) {
         let mut accel = self.accel.lock().expect("accel lock");
         let Some(accel) = accel.as_mut() else { return };
-        let result = if add {
-            accel.add_endpoint(addr)
-        } else {
-            accel.remove_endpoint(addr)
+        let result = match kind {
+            Some(kind) => accel.add_endpoint(addr, kind),
+            None => accel.remove_endpoint(addr),
         };
         if let Err(e) = result {
-            warn!(%addr, add, error = %e, "failed to update accelerated endpoints");
+            warn!(%addr, ?kind, error = %e, "failed to update accelerated endpoints");
         }
     }
 
@@ -1089,7 +1090,7 @@ impl Router {
                 .values()
                 .any(|c| c.backend_addr() == removed.backend_addr());
             if !shared && let Ok(addr) = removed.backend_addr().parse::<SocketAddr>() {
-                self.accel_endpoint(addr, false);
+                self.accel_endpoint(addr, None);
             }
             if !inner.advertised.remove(name) {
                 return Ok(()); // withheld by the policy: nothing to withdraw
@@ -1277,6 +1278,10 @@ impl Router {
             "bytesRedirected": counters.bytes_redirected,
             "messagesMissed": counters.msg_missed,
             "messagesDiverted": counters.msg_diverted,
+            "messagesShortcut": counters.msg_shortcut,
+            "bytesShortcut": counters.bytes_shortcut,
+            "shortcutsOffered": counters.backpressure.shortcuts_offered,
+            "shortcutsGivenUp": counters.backpressure.shortcuts_given_up,
             "sendersDiverted": counters.backpressure.senders_diverted,
             "divertFailures": counters.backpressure.divert_failures,
             "writesPaused": counters.backpressure.writes_paused,

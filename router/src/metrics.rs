@@ -129,6 +129,24 @@ impl<S: Source> Collector for RouterCollector<S> {
                 "Times the router paused writing because a redirected peer's queue was full.",
                 a.backpressure.writes_paused,
             )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_shortcut_messages",
+                "Messages moved straight between two local workloads by a router's shortcut.",
+                a.msg_shortcut,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_shortcut_bytes",
+                "Bytes moved straight between two local workloads by a router's shortcut.",
+                a.bytes_shortcut,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_shortcuts_offered",
+                "Shortcut budgets the router offered to local senders.",
+                a.backpressure.shortcuts_offered,
+            )?;
         }
         if let Some(n) = s.accel_sockets {
             gauge(

@@ -8,13 +8,21 @@
 
 /// Name of the SOCKHASH that holds the accelerated sockets, keyed by [`SockKey`].
 pub const SOCKS_MAP: &str = "SKIFF_SOCKS";
-/// Name of the hash of endpoints whose connections are accelerated: [`EndpointKey`] -> `u32` flags.
+/// Name of the hash of endpoints whose connections are accelerated: [`EndpointKey`] ->
+/// [`EndpointKind`] as `u32`.
 pub const ENDPOINTS_MAP: &str = "SKIFF_ENDPOINTS";
 /// Name of the per-CPU array of `u64` counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "SKIFF_COUNTERS";
 /// Name of the hash of diverted senders: [`SockKey`] -> `u32` (unused). A socket in it sends on
 /// the normal TCP path from then on, however its peer is found; see [`Counter::MsgDiverted`].
 pub const DIVERTED_MAP: &str = "SKIFF_DIVERTED";
+
+/// Name of the hash of what each workload socket has sent: [`SockKey`] -> [`Sent`]. sock_ops
+/// creates the entry when the connection is established and removes it when the socket
+/// closes; sk_msg keeps the count. A socket without an entry never gets a shortcut.
+pub const SENT_MAP: &str = "SKIFF_SENT";
+/// Name of the hash of shortcuts the router offers: sender's [`SockKey`] -> [`Shortcut`].
+pub const SHORTCUTS_MAP: &str = "SKIFF_SHORTCUTS";
 
 /// Name of the sock_ops program that fills [`SOCKS_MAP`].
 pub const SOCK_OPS_PROGRAM: &str = "skiff_sock_ops";
@@ -54,6 +62,32 @@ impl SockKey {
     }
 }
 
+/// What one workload socket (a local client of a listener, a local backend) has sent since its
+/// connection was established, as sk_msg saw it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Bytes sent towards the router (redirected into its socket, or on the TCP path).
+    pub routed: u64,
+    /// Bytes sent by the shortcut, straight into the far workload's socket.
+    pub shortcut: u64,
+}
+
+/// A shortcut the router offers one sender: its messages may go straight into the receive
+/// queue of `to` (the workload at the far end of the router's hop), skipping the router.
+///
+/// sk_msg takes it only while `Sent::routed == forwarded`, that is when every byte the sender
+/// sent towards the router has been forwarded by the router (and so already sits in `to`'s
+/// queue), and only while `Sent::shortcut` stays within `until`: the router's budget, which
+/// bounds what can pile up unread at `to`. Otherwise the message goes to the router as before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shortcut {
+    pub to: SockKey,
+    pub forwarded: u64,
+    pub until: u64,
+}
+
 /// A local endpoint (address and port) whose connections the programs accelerate.
 ///
 /// An all-zero `ip` matches every local address (a listener bound to `0.0.0.0` or `::`).
@@ -62,6 +96,18 @@ impl SockKey {
 pub struct EndpointKey {
     pub ip: [u32; 4],
     pub port: u32,
+}
+
+/// Value of an [`ENDPOINTS_MAP`] entry: what kind of endpoint it is. sock_ops counts what the
+/// workload end of a connection sends (see [`Sent`]): the connecting end for a listener, the
+/// accepting end for a backend.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointKind {
+    /// A router listener: local clients connect to it.
+    Listener = 1,
+    /// A local backend the router connects to.
+    Backend = 2,
 }
 
 /// The unspecified address: an [`EndpointKey`] with it matches any local address.
@@ -98,17 +144,23 @@ pub enum Counter {
     /// holds the sender back. Diverting is for good: the reader drains redirected bytes before
     /// TCP's, so switching back could reorder the stream.
     MsgDiverted = 5,
+    /// Messages sk_msg moved by a router's shortcut, straight between two local workloads.
+    MsgShortcut = 6,
+    /// Bytes in those messages.
+    BytesShortcut = 7,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::SocksInserted,
         Self::SocksInsertFailed,
         Self::MsgRedirected,
         Self::BytesRedirected,
         Self::MsgMissed,
         Self::MsgDiverted,
+        Self::MsgShortcut,
+        Self::BytesShortcut,
     ];
     /// Number of entries in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -123,6 +175,8 @@ impl Counter {
             Self::BytesRedirected => "bytes_redirected",
             Self::MsgMissed => "msg_missed",
             Self::MsgDiverted => "msg_diverted",
+            Self::MsgShortcut => "msg_shortcut",
+            Self::BytesShortcut => "bytes_shortcut",
         }
     }
 }
@@ -133,10 +187,14 @@ mod user {
     // (checked by the size assertions below).
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::Sent {}
+    unsafe impl aya::Pod for super::Shortcut {}
 }
 
 const _: () = assert!(size_of::<SockKey>() == 8 + 16 + 16 + 4 + 4);
 const _: () = assert!(size_of::<EndpointKey>() == 16 + 4);
+const _: () = assert!(size_of::<Sent>() == 8 + 8);
+const _: () = assert!(size_of::<Shortcut>() == size_of::<SockKey>() + 8 + 8);
 
 #[cfg(test)]
 mod tests {

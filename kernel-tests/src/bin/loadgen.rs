@@ -14,6 +14,10 @@
 //!                                        (a reader that falls behind)
 //! loadgen connects ADDR N                time N connect() calls; print p50/p99/mean in µs
 //! loadgen echo ADDR                      echo every byte back on every connection
+//! loadgen rounds ADDR CONNS ROUNDS MAXLEN
+//!                                        CONNS connections at once against an echo server,
+//!                                        ROUNDS rounds each: send 1-3 messages of 1-MAXLEN
+//!                                        pseudo-random bytes, read the echo, compare
 //! loadgen connrate ADDR SECONDS PAR      for SECONDS, PAR at a time: connect, one byte there
 //!                                        and back, close; print connections per second
 //! loadgen hold ADDR N                    open N connections, one byte there and back on each,
@@ -59,12 +63,15 @@ fn main() -> anyhow::Result<()> {
             Duration::from_millis(stall_ms.parse()?),
         ),
         ["echo", addr] => runtime()?.block_on(echo(addr)),
+        ["rounds", addr, conns, rounds, max_len] => {
+            rounds_against_echo(addr, conns.parse()?, rounds.parse()?, max_len.parse()?)
+        }
         ["connrate", addr, seconds, par] => {
             runtime()?.block_on(connrate(addr, seconds.parse()?, par.parse()?))
         }
         ["hold", addr, n] => runtime()?.block_on(hold(addr, n.parse()?)),
         _ => bail!(
-            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
+            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen rounds ADDR CONNS ROUNDS MAXLEN | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
         ),
     }
 }
@@ -140,11 +147,44 @@ fn checksum_to_eof(conn: &mut TcpStream) -> std::io::Result<[u8; 16]> {
     let mut sum = Checksum::default();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        match conn.read(&mut buf)? {
+        match read_waiting(conn, &mut buf)? {
             0 => return Ok(sum.finish_bytes()),
             n => sum.update(&buf[..n]),
         }
     }
+}
+
+/// Blocking reads that came back with EAGAIN although no timeout had passed.
+static EMPTY_WAKEUPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A blocking read that waits again when the kernel wakes it without data. A socket in a
+/// sockhash can answer a blocking read with EAGAIN (tcp_bpf_recvmsg, kernel 6.18, when the wait
+/// ends with nothing in the redirected queue); a poll-based reader would simply wait again.
+/// Counted in [`EMPTY_WAKEUPS`] so that it shows; a real timeout (30 s) still fails.
+fn read_waiting(conn: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let since = std::time::Instant::now();
+    loop {
+        match conn.read(buf) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && since.elapsed() < Duration::from_secs(25) =>
+            {
+                EMPTY_WAKEUPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// [`read_waiting`] until `buf` is full.
+fn read_exact_waiting(conn: &mut TcpStream, mut buf: &mut [u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match read_waiting(conn, buf)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
 }
 
 /// What `push` sends on the connection with `seed`, as the receiver must see it.
@@ -171,8 +211,7 @@ fn verify(addr: &str, conns: usize, bytes: u64, stall: Duration) -> anyhow::Resu
         thread::spawn(move || {
             let outcome = (|| -> Result<(), String> {
                 let mut seed = [0u8; 8];
-                conn.read_exact(&mut seed)
-                    .map_err(|e| format!("no seed: {e}"))?;
+                read_exact_waiting(&mut conn, &mut seed).map_err(|e| format!("no seed: {e}"))?;
                 let seed = u64::from_le_bytes(seed);
                 thread::sleep(stall);
                 let sum = checksum_to_eof(&mut conn).map_err(|e| format!("seed {seed}: {e}"))?;
@@ -189,10 +228,11 @@ fn verify(addr: &str, conns: usize, bytes: u64, stall: Duration) -> anyhow::Resu
     let results: Vec<Result<(), String>> = rx.iter().collect();
     let bad: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     println!(
-        "{{\"connections\": {}, \"ok\": {}, \"bad\": {}}}",
+        "{{\"connections\": {}, \"ok\": {}, \"bad\": {}, \"emptyWakeups\": {}}}",
         results.len(),
         results.len() - bad.len(),
-        bad.len()
+        bad.len(),
+        EMPTY_WAKEUPS.load(std::sync::atomic::Ordering::Relaxed)
     );
     ensure!(
         results.len() == conns,
@@ -261,6 +301,68 @@ fn one(addr: &str, bytes: u64, seed: u64, answer: bool) -> anyhow::Result<()> {
         .context("no answer after half-close")?;
     ensure!(reply == sum.finish_bytes(), "checksum or length mismatch");
     Ok(())
+}
+
+/// Request and response traffic, checked byte for byte: every round sends one to three
+/// messages of pseudo-random length and content, then reads back exactly what it sent.
+fn rounds_against_echo(
+    addr: &str,
+    conns: usize,
+    rounds: usize,
+    max_len: usize,
+) -> anyhow::Result<()> {
+    let workers: Vec<_> = (0..conns)
+        .map(|i| {
+            let addr = addr.to_owned();
+            thread::spawn(move || echo_rounds(&addr, i as u64 + 1, rounds, max_len))
+        })
+        .collect();
+    let (mut bytes, mut failed) = (0u64, Vec::new());
+    for (i, worker) in workers.into_iter().enumerate() {
+        match worker.join() {
+            Ok(Ok(b)) => bytes += b,
+            Ok(Err(e)) => failed.push(format!("connection {i}: {e:#}")),
+            Err(_) => failed.push(format!("connection {i}: panicked")),
+        }
+    }
+    println!(
+        "{{\"connections\": {conns}, \"rounds\": {rounds}, \"bytes\": {bytes}, \"emptyWakeups\": {}, \"failed\": {}}}",
+        EMPTY_WAKEUPS.load(std::sync::atomic::Ordering::Relaxed),
+        failed.len()
+    );
+    ensure!(failed.is_empty(), "{}", failed.join("; "));
+    Ok(())
+}
+
+/// One connection of [`rounds_against_echo`]: returns the bytes sent.
+fn echo_rounds(addr: &str, seed: u64, rounds: usize, max_len: usize) -> anyhow::Result<u64> {
+    let mut conn = connect(addr)?;
+    conn.set_nodelay(true)?;
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move |below: usize| {
+        let mut word = [0u8; 8];
+        kernel_tests::fill(&mut word, &mut state);
+        usize::try_from(u64::from_le_bytes(word) % below as u64).unwrap_or(0)
+    };
+    let mut sent = Vec::new();
+    let mut back = vec![0u8; 3 * max_len];
+    let mut total = 0u64;
+    for round in 0..rounds {
+        sent.clear();
+        for _ in 0..=next(3) {
+            let start = sent.len();
+            sent.resize(start + 1 + next(max_len), 0);
+            kernel_tests::fill(&mut sent[start..], &mut state);
+            conn.write_all(&sent[start..])?;
+        }
+        read_exact_waiting(&mut conn, &mut back[..sent.len()])
+            .with_context(|| format!("round {round}: echo of {} bytes", sent.len()))?;
+        if let Some(at) = (0..sent.len()).find(|&i| back[i] != sent[i]) {
+            bail!("round {round}: echo differs at byte {at} of {}", sent.len());
+        }
+        total += sent.len() as u64;
+    }
+    Ok(total)
 }
 
 fn connect(addr: &str) -> anyhow::Result<TcpStream> {

@@ -41,7 +41,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData};
-use ebpf_common::SockKey;
+use ebpf_common::{Sent, Shortcut, SockKey};
 use tokio::net::TcpStream;
 
 use super::sock_diag;
@@ -67,6 +67,12 @@ pub struct Backpressure {
     /// (`None` when the kernel cannot say: then no socket is guarded.)
     netns: std::sync::OnceLock<Option<u64>>,
     diverted: Mutex<HashMap<MapData, SockKey, u32>>,
+    /// What workload sockets have sent (kept by the programs; read here) and the shortcuts
+    /// offered to them (see [`super::shortcut`]).
+    pub(super) sent: HashMap<MapData, SockKey, Sent>,
+    pub(super) shortcuts: Mutex<HashMap<MapData, SockKey, Shortcut>>,
+    pub(super) shortcuts_offered: AtomicU64,
+    pub(super) shortcuts_given_up: AtomicU64,
     senders_diverted: AtomicU64,
     divert_failures: AtomicU64,
     writes_paused: AtomicU64,
@@ -87,10 +93,19 @@ pub struct Stats {
     pub divert_failures: u64,
     /// Times the router paused writing because a peer's queue was full.
     pub writes_paused: u64,
+    /// Shortcuts offered (each with a budget; a long stream gets one per budget).
+    pub shortcuts_offered: u64,
+    /// Stream directions that never got a shortcut because a workload is not counted (it is
+    /// outside the cgroup, or was not in the sockhash).
+    pub shortcuts_given_up: u64,
 }
 
 impl Backpressure {
-    pub(super) fn new(diverted: HashMap<MapData, SockKey, u32>) -> Self {
+    pub(super) fn new(
+        diverted: HashMap<MapData, SockKey, u32>,
+        sent: HashMap<MapData, SockKey, Sent>,
+        shortcuts: HashMap<MapData, SockKey, Shortcut>,
+    ) -> Self {
         let limit = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
             .ok()
             .and_then(|rmem| rmem.split_whitespace().nth(2)?.parse().ok())
@@ -100,6 +115,10 @@ impl Backpressure {
             limit,
             netns: std::sync::OnceLock::new(),
             diverted: Mutex::new(diverted),
+            sent,
+            shortcuts: Mutex::new(shortcuts),
+            shortcuts_offered: AtomicU64::new(0),
+            shortcuts_given_up: AtomicU64::new(0),
             senders_diverted: AtomicU64::new(0),
             divert_failures: AtomicU64::new(0),
             writes_paused: AtomicU64::new(0),
@@ -119,6 +138,8 @@ impl Backpressure {
             senders_diverted: self.senders_diverted.load(Ordering::Relaxed),
             divert_failures: self.divert_failures.load(Ordering::Relaxed),
             writes_paused: self.writes_paused.load(Ordering::Relaxed),
+            shortcuts_offered: self.shortcuts_offered.load(Ordering::Relaxed),
+            shortcuts_given_up: self.shortcuts_given_up.load(Ordering::Relaxed),
         }
     }
 
@@ -144,7 +165,7 @@ impl Backpressure {
     }
 
     /// The key sock_ops gave `tcp` in the sockhash.
-    fn sock_key(&self, tcp: &TcpStream) -> Option<SockKey> {
+    pub(super) fn sock_key(&self, tcp: &TcpStream) -> Option<SockKey> {
         let (local, peer) = (tcp.local_addr().ok()?, tcp.peer_addr().ok()?);
         let netns = (*self
             .netns
@@ -276,6 +297,12 @@ impl Outflow<'_> {
             guard: None,
             budget: 0,
         }
+    }
+
+    /// Looks at the peer's queue before the next write: something else (a shortcut) may have
+    /// filled it since the last look.
+    pub fn look_again(&mut self) {
+        self.budget = 0;
     }
 
     /// Waits until `n` more bytes may be written.

@@ -57,6 +57,9 @@ const _: () = assert!(size_of::<Request>() == 16 + 8 + 48);
 /// Length of `struct nlmsghdr` and of `struct inet_diag_msg`, which precede the attributes.
 const NLMSG_HEADER: usize = 16;
 const DIAG_MSG: usize = 72;
+/// Offset of `idiag_rqueue` in `struct inet_diag_msg`: after family, state, timer, retrans, the
+/// 48-byte socket id and `idiag_expires`.
+const DIAG_MSG_RQUEUE: usize = 4 + 48 + 4;
 
 thread_local! {
     /// One sock_diag socket per thread, opened on first use.
@@ -64,13 +67,31 @@ thread_local! {
     static SEQ: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
+/// What waits unread in one TCP socket's receive queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queue {
+    /// Bytes charged to the receive side: everything unread, redirected messages included.
+    pub charged: u32,
+    /// Unread bytes that came by TCP (`rcv_nxt - copied_seq`; redirected messages skip it).
+    pub tcp: u32,
+}
+
 /// Bytes charged to the receive queue of the TCP socket whose local end is `local` and whose
 /// remote end is `remote`, in the caller's network namespace.
 ///
 /// # Errors
+/// As [`queue`].
+pub fn receive_queue(local: SocketAddr, remote: SocketAddr) -> io::Result<u32> {
+    queue(local, remote).map(|q| q.charged)
+}
+
+/// The receive queue of the TCP socket whose local end is `local` and whose remote end is
+/// `remote`, in the caller's network namespace.
+///
+/// # Errors
 /// `NotFound` when no such socket exists (it closed, or it lives on another host); any other
 /// error of the netlink exchange.
-pub fn receive_queue(local: SocketAddr, remote: SocketAddr) -> io::Result<u32> {
+pub fn queue(local: SocketAddr, remote: SocketAddr) -> io::Result<Queue> {
     SOCKET.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.is_none() {
@@ -168,8 +189,8 @@ fn request(local: SocketAddr, remote: SocketAddr, seq: u32) -> Request {
     }
 }
 
-/// The receive-queue charge from one reply, `None` if the reply answers another request.
-fn parse(reply: &[u8], seq: u32) -> io::Result<Option<u32>> {
+/// The receive queue from one reply, `None` if the reply answers another request.
+fn parse(reply: &[u8], seq: u32) -> io::Result<Option<Queue>> {
     let u16_at = |at: usize| {
         reply
             .get(at..at + 2)
@@ -198,6 +219,7 @@ fn parse(reply: &[u8], seq: u32) -> io::Result<Option<u32>> {
             format!("unexpected sock_diag reply type {kind}"),
         ));
     }
+    let tcp = u32_at(NLMSG_HEADER + DIAG_MSG_RQUEUE).ok_or_else(truncated)?;
     // Attributes follow the header and inet_diag_msg, each padded to four bytes.
     let mut at = NLMSG_HEADER + DIAG_MSG;
     while at + 4 <= reply.len() {
@@ -207,9 +229,8 @@ fn parse(reply: &[u8], seq: u32) -> io::Result<Option<u32>> {
             break;
         }
         if attr_kind == INET_DIAG_SKMEMINFO {
-            return u32_at(at + 4 + 4 * SK_MEMINFO_RMEM_ALLOC)
-                .map(Some)
-                .ok_or_else(truncated);
+            let charged = u32_at(at + 4 + 4 * SK_MEMINFO_RMEM_ALLOC).ok_or_else(truncated)?;
+            return Ok(Some(Queue { charged, tcp }));
         }
         at += attr_len.next_multiple_of(4);
     }
@@ -246,9 +267,12 @@ mod tests {
                 queued = receive_queue(local, remote).expect("busy socket");
             }
             assert!(queued >= 100_000, "{host}: {queued} bytes charged");
+            // Bytes that came by TCP: the unread count is exact.
+            assert_eq!(queue(local, remote).expect("busy socket").tcp, 100_000);
             let mut buf = vec![0u8; 100_000];
             server.read_exact(&mut buf).expect("read");
-            assert_eq!(receive_queue(local, remote).expect("drained socket"), 0);
+            let drained = queue(local, remote).expect("drained socket");
+            assert_eq!((drained.charged, drained.tcp), (0, 0));
         }
     }
 

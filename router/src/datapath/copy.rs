@@ -15,15 +15,17 @@ use bytes::{Buf as _, BytesMut};
 use tokio::net::TcpStream;
 
 use super::BUFFER_SIZE;
-use crate::accel::{Inflow, Outflow};
+use crate::accel::{Bypass, Inflow, Outflow};
 
 /// Moves bytes from `from` to `to` until `from` reaches end-of-stream, then half-closes `to`.
-/// Returns the number of bytes moved.
+/// Whenever it has caught up, it offers `from`'s peer the shortcut to `to`'s peer (`bypass`).
+/// Returns the number of bytes moved, by the router or by the shortcut.
 pub async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     mut inflow: Inflow<'_>,
     mut outflow: Outflow<'_>,
+    mut bypass: Bypass<'_>,
 ) -> io::Result<u64> {
     let mut buf = BytesMut::new();
     let mut total = 0u64;
@@ -32,7 +34,7 @@ pub async fn one_way(
         if buf.is_empty() {
             if eof {
                 super::splice::shutdown_write(to);
-                return Ok(total);
+                return Ok(total + bypass.bytes());
             }
             // Reuses the allocation when there is one (the buffer is empty and not shared).
             buf.reserve(BUFFER_SIZE);
@@ -43,8 +45,11 @@ pub async fn one_way(
                     inflow.watch(outflow.reserve(n)).await;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Dry: give the buffer back while waiting.
+                    // Dry: give the buffer back while waiting, and step out of the way.
                     buf = BytesMut::new();
+                    if bypass.offer(total) {
+                        outflow.look_again();
+                    }
                     from.readable().await?;
                 }
                 Err(e) => return Err(e),

@@ -39,13 +39,15 @@ pub async fn proxy(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
                 &client,
                 &backend,
                 accel.inflow(&client),
-                accel.outflow(&backend)
+                accel.outflow(&backend),
+                accel.bypass(&client, &backend),
             ),
             super::copy::one_way(
                 &backend,
                 &client,
                 accel.inflow(&backend),
-                accel.outflow(&client)
+                accel.outflow(&client),
+                accel.bypass(&backend, &client),
             )
         )
     } else {
