@@ -705,9 +705,10 @@ fn an_accelerated_router_runs_as_nobody_and_its_keeper_cleans_up() -> anyhow::Re
 /// With both workloads of a local hop redirected, the router offers each sender a shortcut
 /// into the other workload's socket once it has forwarded everything, and the bytes skip the
 /// router. Each offer carries a budget of at most the queue limit, here 4 MiB (tcp_rmem's
-/// maximum in this namespace), so long conversations run through many offers, each a switch
-/// from the router's path to the shortcut that must not reorder a byte: request and response
-/// traffic of every size up to 256 KiB, pipelined up to three deep, is compared byte for byte.
+/// maximum in this namespace), so long conversations run through many offers and top-ups;
+/// each offer is a switch from the router's path to the shortcut that must not reorder a byte:
+/// request and response traffic of every size up to 256 KiB, pipelined up to three deep, is
+/// compared byte for byte.
 #[test]
 fn the_router_steps_out_of_a_local_hop_without_reordering_a_byte() -> anyhow::Result<()> {
     if !require_root() {
@@ -765,12 +766,12 @@ fn the_router_steps_out_of_a_local_hop_without_reordering_a_byte() -> anyhow::Re
         "{shortcut} of {} B took the shortcut",
         2 * bytes
     );
-    // Every 4 MiB budget spent was renewed: more offers than the 16 first ones.
-    let offered = accel["shortcutsOffered"].as_u64().unwrap_or(0);
-    assert!(
-        offered > 2 * bytes / (4 << 20),
-        "{offered} offers for {bytes} B: {accel}"
-    );
+    // Budgets of at most 4 MiB were granted again and again (offers and top-ups), beyond the
+    // first offer of each of the 16 directions. (That a budget bounds the far queue is the
+    // stalled-backend test's business: with sk_msg ignoring it, 537 MB queued there.)
+    let grants = accel["shortcutsOffered"].as_u64().unwrap_or(0)
+        + accel["shortcutsToppedUp"].as_u64().unwrap_or(0);
+    assert!(grants > 16, "{grants} grants for {shortcut} B: {accel}");
     assert_eq!(accel["shortcutsGivenUp"].as_u64(), Some(0), "{accel}");
     Ok(())
 }

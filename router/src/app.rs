@@ -1282,6 +1282,7 @@ impl Router {
             "bytesShortcut": counters.bytes_shortcut,
             "shortcutsOffered": counters.backpressure.shortcuts_offered,
             "shortcutsGivenUp": counters.backpressure.shortcuts_given_up,
+            "shortcutsToppedUp": counters.backpressure.shortcuts_topped_up,
             "sendersDiverted": counters.backpressure.senders_diverted,
             "divertFailures": counters.backpressure.divert_failures,
             "writesPaused": counters.backpressure.writes_paused,

@@ -73,6 +73,7 @@ pub struct Backpressure {
     pub(super) shortcuts: Mutex<HashMap<MapData, SockKey, Shortcut>>,
     pub(super) shortcuts_offered: AtomicU64,
     pub(super) shortcuts_given_up: AtomicU64,
+    pub(super) shortcuts_topped_up: AtomicU64,
     senders_diverted: AtomicU64,
     divert_failures: AtomicU64,
     writes_paused: AtomicU64,
@@ -98,6 +99,8 @@ pub struct Stats {
     /// Stream directions that never got a shortcut because a workload is not counted (it is
     /// outside the cgroup, or was not in the sockhash).
     pub shortcuts_given_up: u64,
+    /// Budgets of shortcuts in use raised before they ran out.
+    pub shortcuts_topped_up: u64,
 }
 
 impl Backpressure {
@@ -119,6 +122,7 @@ impl Backpressure {
             shortcuts: Mutex::new(shortcuts),
             shortcuts_offered: AtomicU64::new(0),
             shortcuts_given_up: AtomicU64::new(0),
+            shortcuts_topped_up: AtomicU64::new(0),
             senders_diverted: AtomicU64::new(0),
             divert_failures: AtomicU64::new(0),
             writes_paused: AtomicU64::new(0),
@@ -140,6 +144,7 @@ impl Backpressure {
             writes_paused: self.writes_paused.load(Ordering::Relaxed),
             shortcuts_offered: self.shortcuts_offered.load(Ordering::Relaxed),
             shortcuts_given_up: self.shortcuts_given_up.load(Ordering::Relaxed),
+            shortcuts_topped_up: self.shortcuts_topped_up.load(Ordering::Relaxed),
         }
     }
 

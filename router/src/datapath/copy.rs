@@ -41,16 +41,19 @@ pub async fn one_way(
             match from.try_read_buf(&mut buf) {
                 Ok(0) => eof = true,
                 Ok(n) => {
+                    if bypass.offered() {
+                        // The sender fell back from its shortcut, which may have filled the
+                        // far queue behind the pacing's back.
+                        outflow.look_again();
+                    }
                     inflow.check();
                     inflow.watch(outflow.reserve(n)).await;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Dry: give the buffer back while waiting, and step out of the way.
                     buf = BytesMut::new();
-                    if bypass.offer(total) {
-                        outflow.look_again();
-                    }
-                    from.readable().await?;
+                    bypass.offer(total);
+                    bypass.watch(from.readable()).await?;
                 }
                 Err(e) => return Err(e),
             }
