@@ -191,12 +191,27 @@ fn sockhash_returns_to_baseline_after_ten_thousand_connections() -> anyhow::Resu
     let f = fixture("acc3", 7322)?;
     let _sink = f.sink()?;
     let baseline = f.accel()?["sockets"].as_u64().unwrap_or(0);
+    let counted = f.accel()?["countedSockets"].as_u64().unwrap_or(0);
     f.load("push", 10_000, 64, 16)?;
     // Sockets leave the map as they close; the last ones may still be closing.
     let sockets = wait_for_sockets(&f, baseline)?;
-    let accel = f.accel()?;
+    let mut accel = f.accel()?;
+    for _ in 0..50 {
+        if accel["countedSockets"].as_u64() == Some(counted) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        accel = f.accel()?;
+    }
     eprintln!("after 10,000 connections: {accel}");
     assert_eq!(sockets, baseline, "sockhash back at its baseline");
+    // Each client and backend socket was counted for shortcuts; sock_ops removed every entry
+    // when its socket closed.
+    assert_eq!(
+        accel["countedSockets"].as_u64(),
+        Some(counted),
+        "sent map back at its baseline: {accel}"
+    );
     assert!(
         accel["socketsInserted"].as_u64() >= Some(4 * 10_000),
         "{accel}"

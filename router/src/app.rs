@@ -1272,6 +1272,7 @@ impl Router {
             "mode": self.accel_note,
             "pinDir": accel.pin_dir(),
             "sockets": accel.socks_len().ok(),
+            "countedSockets": accel.backpressure().counted_len().ok(),
             "socketsInserted": counters.socks_inserted,
             "insertFailures": counters.socks_insert_failed,
             "messagesRedirected": counters.msg_redirected,

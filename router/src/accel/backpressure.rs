@@ -148,6 +148,15 @@ impl Backpressure {
         }
     }
 
+    /// Number of workload sockets whose sends the programs count (entries of the sent map;
+    /// sock_ops removes each when its socket closes).
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn counted_len(&self) -> Result<usize, aya::maps::MapError> {
+        self.sent.keys().try_fold(0, |n, key| key.map(|_| n + 1))
+    }
+
     /// Watches what `tcp`'s peer sends to the router. The guard must not outlive `tcp`.
     #[must_use]
     pub fn inflow(&self, tcp: &TcpStream) -> Inflow<'_> {

@@ -117,34 +117,24 @@ impl Backpressure {
 }
 
 impl Bypass<'_> {
-    /// A bypass that never offers anything.
-    #[must_use]
-    pub const fn inert() -> Self {
-        Self { state: None }
-    }
-
-    /// Offers the sender the shortcut: the router has forwarded `forwarded` bytes from it and
-    /// holds none. Returns whether a new offer was made.
-    pub fn offer(&mut self, forwarded: u64) -> bool {
+    /// Offers the sender the shortcut, if it may have it now: the router has forwarded
+    /// `forwarded` bytes from it and holds none.
+    pub fn offer(&mut self, forwarded: u64) {
         let Some(state) = &mut self.state else {
-            return false;
+            return;
         };
-        match state.offer(forwarded) {
-            Ok(offered) => offered,
-            Err(reason) => {
-                // A workload that closes ends the offers of a stream that had them; only a
-                // stream that never got one counts as given up.
-                if state.offered.is_none() {
-                    tracing::debug!(reason, "no shortcut for this stream");
-                    state
-                        .shared
-                        .shortcuts_given_up
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                state.withdraw();
-                self.state = None;
-                false
+        if let Err(reason) = state.offer(forwarded) {
+            // A workload that closes ends the offers of a stream that had them; only a
+            // stream that never got one counts as given up.
+            if state.offered.is_none() {
+                tracing::debug!(reason, "no shortcut for this stream");
+                state
+                    .shared
+                    .shortcuts_given_up
+                    .fetch_add(1, Ordering::Relaxed);
             }
+            state.withdraw();
+            self.state = None;
         }
     }
 
@@ -195,33 +185,33 @@ impl Bypass<'_> {
 }
 
 impl State<'_> {
-    /// `Ok(false)`: no offer now, maybe later. `Err`: never again for this stream.
-    fn offer(&mut self, forwarded: u64) -> Result<bool, &'static str> {
+    /// `Ok(())` whether or not it offered (maybe later); `Err`: never again for this stream.
+    fn offer(&mut self, forwarded: u64) -> Result<(), &'static str> {
         if self.offered == Some(forwarded) {
-            return Ok(false); // nothing came through the router since: the offer stands
+            return Ok(()); // nothing came through the router since: the offer stands
         }
         let (Ok(sent), true) = (self.sent(), self.shared.sent.get(&self.target, 0).is_ok()) else {
             self.uncounted += 1;
             if self.uncounted >= MAX_UNCOUNTED_LOOKS {
                 return Err("a workload is not counted (outside the cgroup, or closed)");
             }
-            return Ok(false);
+            return Ok(());
         };
         self.uncounted = 0;
         self.by_shortcut = sent.shortcut;
         // Bytes of ours still on the TCP path would arrive behind the shortcut's.
         if send_queue(self.via).map_err(|_| "cannot read the router's send queue")? > 0 {
-            return Ok(false);
+            return Ok(());
         }
         let queue = sock_diag::queue(self.target_local, self.target_remote)
             .map_err(|_| "the far socket cannot be seen")?;
         if queue.tcp > 0 {
-            return Ok(false);
+            return Ok(());
         }
         let limit = self.shared.limit();
         let room = limit.saturating_sub(queue.charged as usize);
         if room < limit / 4 {
-            return Ok(false);
+            return Ok(());
         }
         let offer = Shortcut {
             to: self.target,
@@ -239,7 +229,7 @@ impl State<'_> {
         self.shared
             .shortcuts_offered
             .fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        Ok(())
     }
 
     /// Raises the budget of the offer in the map to what the far queue can take now; returns
