@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Site, Spawned, free_port, serve};
+use common::{Site, Spawned, free_port, self_signed, serve};
 
 /// nghttpd serving `dir` on `port`, with TLS when `tls` holds (key, cert) paths.
 async fn nghttpd(dir: &std::path::Path, port: u16, tls: Option<(&str, &str)>) -> Spawned {
@@ -37,23 +37,7 @@ async fn http2_passes_through_with_alpn_end_to_end_and_in_cleartext() {
     std::fs::write(files.path().join("index.html"), "over HTTP/2\n").expect("write");
     let key = files.path().join("tls.key");
     let cert = files.path().join("tls.crt");
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(made.status.success(), "{made:?}");
+    self_signed("localhost", &key, &cert);
 
     // TLS from h2load to nghttpd; the routers carry it as bytes.
     let tls_port = free_port().await;

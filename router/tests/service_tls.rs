@@ -9,7 +9,7 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{Site, Spawned, free_port, serve};
+use common::{Site, Spawned, free_port, self_signed, serve};
 
 /// Runs the `skiff` CLI against `site`'s running router; it must succeed.
 fn skiff(site: &Site, args: &[&str]) -> Output {
@@ -54,11 +54,28 @@ fn run(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("failed to run {program}: {e}"))
 }
 
-/// curl `args`; the body when it succeeds, `None` when it fails.
+/// curl `args`; the body when it succeeds, `None` when it fails (curl's reason goes to the
+/// test's output). `localhost` always means 127.0.0.1, where the listeners are: resolved to
+/// ::1 first, it could reach whatever else listens there on the same port number.
 fn curl(args: &[&str]) -> Option<String> {
     let mut all = vec!["-sS", "--fail", "--max-time", "10"];
+    let pins: Vec<String> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("https://localhost:"))
+        .filter_map(|rest| rest.split('/').next())
+        .map(|port| format!("localhost:{port}:127.0.0.1"))
+        .collect();
+    for pin in &pins {
+        all.extend(["--resolve", pin.as_str()]);
+    }
     all.extend_from_slice(args);
     let out = run("curl", &all);
+    if !out.status.success() {
+        eprintln!(
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -244,27 +261,7 @@ async fn a_tls_connector_reaches_an_openssl_server_with_its_bundle() {
     // the service CA: the client gets nothing.
     let other = files.path().join("other");
     std::fs::create_dir_all(&other).expect("dir");
-    let made = run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &text(&other.join("ca.key")),
-            "-out",
-            &text(&other.join("ca.crt")),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=other",
-        ],
-    );
-    assert!(made.status.success(), "{made:?}");
+    self_signed("other", &other.join("ca.key"), &other.join("ca.crt"));
     let (backend, _server) = s_server(
         &text(&bundle.join("tls.crt")),
         &text(&bundle.join("tls.key")),

@@ -325,3 +325,20 @@ pub async fn serve(cmd: &mut std::process::Command, port: u16) -> Spawned {
     wait_listening(port).await;
     server
 }
+
+/// Makes a self-signed P-256 certificate with openssl, valid one day, for `cn` (also its DNS
+/// subject alternative name): `key` and `cert` are written as PEM.
+pub fn self_signed(cn: &str, key: &std::path::Path, cert: &std::path::Path) {
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", &format!("/CN={cn}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{cn}")])
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .expect("openssl runs");
+    assert!(made.status.success(), "openssl req: {made:?}");
+}
