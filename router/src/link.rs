@@ -44,6 +44,10 @@ const OUT_QUEUE: usize = 1024;
 const MAX_CREDIT: usize = (1 << 31) - 1;
 /// Bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 256 * 1024;
+/// How much sealed TLS a link may hold before rustls stops taking plaintext. rustls's default
+/// is 64 KiB, which cut each write batch into four socket writes, each waking the peer's
+/// reader; with room for a whole batch it leaves in one `writev`.
+const TLS_BUFFER_LIMIT: usize = WRITE_BATCH + stream::MAX_DATA + 64 * 1024;
 
 /// Why a link ended.
 #[derive(Debug, thiserror::Error)]

@@ -85,6 +85,10 @@ async fn handle<A: Access>(
             let fingerprint = peer_cert.as_ref().map(pki::fingerprint).unwrap_or_default();
             router.admit_link(&peer_site, &fingerprint)?;
             let events: Arc<dyn Events> = router.clone();
+            let mut tls = tls;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
             super::run(
                 tls,
                 version,

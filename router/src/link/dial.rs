@@ -187,6 +187,10 @@ async fn dial_once(
         .and_then(frame::link_version)
         .ok_or(Error::NoLinkProtocol)?;
     let direction = Direction::Outgoing(config.name.clone());
+    let mut tls = tls;
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
     // The link's own end is logged by super::run.
     let _ = super::run(tls, version, me, certified, direction, events).await;
     Ok(())
