@@ -13,6 +13,7 @@ pub mod stream;
 
 use std::{
     collections::HashMap,
+    io::IoSlice,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -487,21 +488,70 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut frames: mpsc::Receiver<Frame>,
     link: Arc<Link>,
 ) -> Result<(), Error> {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH + stream::MAX_DATA);
+    // Headers and small frames are encoded into `head`; Data payloads stay in their own
+    // buffers and reach rustls as slices of their own, which it seals without gathering them
+    // first: one copy of each byte fewer than encoding whole frames into one buffer.
+    let mut head = BytesMut::with_capacity(64 * 1024);
+    let mut parts: Vec<Part> = Vec::new();
     while let Some(frame) = frames.recv().await {
-        frame.encode(&mut buf);
-        while buf.len() < WRITE_BATCH {
+        let mut batch = add_frame(frame, &mut head, &mut parts);
+        while batch < WRITE_BATCH {
             match frames.try_recv() {
-                Ok(frame) => frame.encode(&mut buf),
+                Ok(frame) => batch += add_frame(frame, &mut head, &mut parts),
                 Err(_) => break,
             }
         }
-        writer.write_all(&buf).await?;
+        let mut slices: Vec<IoSlice<'_>> = parts
+            .iter()
+            .map(|part| match part {
+                Part::Head(range) => IoSlice::new(&head[range.clone()]),
+                Part::Payload(data) => IoSlice::new(data),
+            })
+            .collect();
+        write_all_vectored(&mut writer, &mut slices).await?;
         writer.flush().await?;
         link.stats
             .bytes_out
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
-        buf.clear();
+            .fetch_add(batch as u64, Ordering::Relaxed);
+        head.clear();
+        parts.clear();
+    }
+    Ok(())
+}
+
+/// A piece of a write batch: encoded bytes in the writer's head buffer, or a Data payload.
+enum Part {
+    Head(std::ops::Range<usize>),
+    Payload(bytes::Bytes),
+}
+
+/// Adds `frame` to the batch; returns its encoded length.
+fn add_frame(frame: Frame, head: &mut BytesMut, parts: &mut Vec<Part>) -> usize {
+    let len = frame.encoded_len();
+    let start = head.len();
+    let payload = frame.encode_head(head);
+    match parts.last_mut() {
+        // Consecutive encoded bytes are one slice.
+        Some(Part::Head(range)) if range.end == start => range.end = head.len(),
+        _ => parts.push(Part::Head(start..head.len())),
+    }
+    if let Some(data) = payload.filter(|d| !d.is_empty()) {
+        parts.push(Part::Payload(data));
+    }
+    len
+}
+
+/// Writes every slice, however the writer splits them up.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let n = writer.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
 }

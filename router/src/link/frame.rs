@@ -288,6 +288,23 @@ impl Kind {
 }
 
 impl Frame {
+    /// Encodes the frame as [`Frame::encode`] does, except that a `Data` frame's payload is
+    /// not copied after its header but handed back, to be written right after `dst`'s new
+    /// bytes: the link writer passes it to rustls as a slice of its own.
+    pub fn encode_head(self, dst: &mut BytesMut) -> Option<Bytes> {
+        match self {
+            Self::Data { stream, data } => {
+                dst.reserve(HEADER_LEN);
+                put_header(dst, Kind::Data, stream, data.len());
+                Some(data)
+            }
+            other => {
+                other.encode(dst);
+                None
+            }
+        }
+    }
+
     /// Appends the encoded frame to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
         let len = self.payload_len();
@@ -848,6 +865,16 @@ mod tests {
             Frame::Ping { nonce: 0 },
             Frame::Pong { nonce: u64::MAX },
         ]
+    }
+
+    #[test]
+    fn a_frame_encoded_as_head_and_payload_is_the_same_bytes() {
+        for frame in samples() {
+            let mut head = BytesMut::new();
+            let payload = frame.clone().encode_head(&mut head);
+            head.extend_from_slice(payload.as_deref().unwrap_or_default());
+            assert_eq!(head, encoded(&frame), "{frame:?}");
+        }
     }
 
     #[test]
