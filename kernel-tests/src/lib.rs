@@ -638,6 +638,32 @@ pub fn fill(buf: &mut [u8], state: &mut u64) {
     }
 }
 
+/// Starts redis-server on 127.0.0.1:`port` in `netns` (inside `cgroup` when given), with no
+/// persistence, and waits until it listens.
+///
+/// # Errors
+/// When it cannot start or does not listen within 10 s.
+pub fn redis_server(netns: &Netns, cgroup: Option<&Cgroup>, port: u16) -> anyhow::Result<Proc> {
+    let port_arg = port.to_string();
+    let server = Proc::spawn(
+        netns,
+        cgroup,
+        &[
+            "redis-server",
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    )?;
+    netns.wait_listening(port, Duration::from_secs(10))?;
+    Ok(server)
+}
+
 /// Sends `data` one way with socat, from a client at `connect` to a server listening on
 /// `listen_ip:listen_port` (each inside `cgroup` when given), and returns what the server wrote
 /// out. Nothing flows back, so the transfer never depends on data sent after a half-close.

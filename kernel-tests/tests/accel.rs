@@ -8,8 +8,8 @@ use std::{
 };
 
 use kernel_tests::{
-    Capture, Cgroup, Netns, Proc, children, pattern, proc_status, require_root, run, skiff::Site,
-    socat_transfer,
+    Capture, Cgroup, Netns, Proc, children, pattern, proc_status, redis_server, require_root, run,
+    skiff::Site, socat_transfer,
 };
 
 /// The loadgen helper binary built with the tests.
@@ -801,23 +801,7 @@ fn redis_through_an_accelerated_hop_takes_the_shortcut() -> anyhow::Result<()> {
         return Ok(());
     }
     let f = fixture("acc11", 7372)?;
-    let backend = f.backend().to_string();
-    let _redis = Proc::spawn(
-        &f.ns,
-        Some(&f.cgroup),
-        &[
-            "redis-server",
-            "--port",
-            &backend,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-    )?;
-    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
+    let _redis = redis_server(&f.ns, Some(&f.cgroup), f.backend())?;
     let port = f.port.to_string();
     let in_cgroup = |argv: &[&str]| -> anyhow::Result<String> {
         Proc::spawn(&f.ns, Some(&f.cgroup), argv)?.wait(Duration::from_secs(120))

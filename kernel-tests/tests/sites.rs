@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kernel_tests::{Netns, Proc, TempDir, proc_status, require_root, skiff::Site};
+use kernel_tests::{Netns, Proc, TempDir, proc_status, redis_server, require_root, skiff::Site};
 
 /// Two namespaces joined by a veth pair; `west` accepts links on its veth address.
 struct Pair {
@@ -108,21 +108,7 @@ fn redis_benchmark_runs_through_the_service_network() -> anyhow::Result<()> {
         return Ok(());
     }
     let p = pair(2)?;
-    let _redis = Proc::spawn(
-        &p.west_ns,
-        None,
-        &[
-            "redis-server",
-            "--port",
-            "6379",
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-    )?;
+    let _redis = redis_server(&p.west_ns, None, 6379)?;
     expose(&p, "cache", 6379, 7379)?;
     let set = p
         .east_ns
