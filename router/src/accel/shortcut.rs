@@ -87,6 +87,9 @@ struct State<'a> {
     /// `forwarded` and `until` of the offer in the map.
     offered: Option<u64>,
     until: u64,
+    /// Whether the router has read from the sender since that offer (see
+    /// [`Bypass::fell_back`]).
+    fallback_seen: bool,
     uncounted: u8,
     /// What the sender had sent by the shortcut when last seen.
     by_shortcut: u64,
@@ -108,6 +111,7 @@ impl Backpressure {
                 target_remote: to.local_addr().ok()?,
                 offered: None,
                 until: 0,
+                fallback_seen: false,
                 uncounted: 0,
                 by_shortcut: 0,
             })
@@ -138,17 +142,19 @@ impl Bypass<'_> {
         }
     }
 
-    /// Whether the sender holds an offer: then bytes may reach the far queue without the
-    /// router, and its own pacing must look at that queue before each write.
-    #[must_use]
-    pub const fn offered(&self) -> bool {
-        matches!(
-            &self.state,
-            Some(State {
-                offered: Some(_),
-                ..
-            })
-        )
+    /// Whether bytes the router just read are the first since its latest offer: the sender has
+    /// fallen back from the shortcut, which may have filled the far queue behind the router's
+    /// pacing, so the pacing should look at that queue once before writing. Later reads need
+    /// no look: a sender that went through the router cannot take the shortcut again until
+    /// the next offer.
+    pub fn fell_back(&mut self) -> bool {
+        match &mut self.state {
+            Some(state) if state.offered.is_some() && !state.fallback_seen => {
+                state.fallback_seen = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Runs `wait` (the router waiting for the sender's next bytes), topping the shortcut's
@@ -226,6 +232,7 @@ impl State<'_> {
             .map_err(|_| "the shortcut map is full")?;
         self.offered = Some(forwarded);
         self.until = offer.until;
+        self.fallback_seen = false;
         self.shared
             .shortcuts_offered
             .fetch_add(1, Ordering::Relaxed);

@@ -41,9 +41,7 @@ pub async fn one_way(
             match from.try_read_buf(&mut buf) {
                 Ok(0) => eof = true,
                 Ok(n) => {
-                    if bypass.offered() {
-                        // The sender fell back from its shortcut, which may have filled the
-                        // far queue behind the pacing's back.
+                    if bypass.fell_back() {
                         outflow.look_again();
                     }
                     inflow.check();
