@@ -113,6 +113,7 @@ pub const ALL: &[&str] = &[
     "stunnel",
     "skiff-mtls",
     "skiff-mtls-accel",
+    "skiff-chain",
 ];
 
 /// The scenarios of a `--quick` run: the baseline and skiff's own paths.
@@ -584,6 +585,49 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 _sites: vec![east, west],
                 _backends: backends,
                 client_cgroup: cgroup,
+                client_ns: east_ns,
+                _extra_ns: vec![west_ns],
+                _files: None,
+            }
+        }
+        "skiff-chain" => {
+            // The mTLS path's shape without TLS: the same three TCP legs (loopback, veth,
+            // loopback) and two routers, each joining a listener to a connector with splice(2).
+            // What it makes is a ceiling for the mTLS path on this machine, which does all of
+            // this and encrypts and decrypts every byte on top.
+            let west_ns = Netns::new("bchainw")?;
+            let east_ns = Netns::new("bchaine")?;
+            let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
+            let backends = backends(&west_ns, None)?;
+            let west = Site::start_in(&west_ns, None, "west", None)?;
+            let east = Site::start_in(&east_ns, None, "east", None)?;
+            for (((key, port), listen), tunnel) in SERVICES.iter().zip(FRONT..).zip(TUNNEL..) {
+                let tunnel = tunnel.to_string();
+                west.connector(key, *port)?;
+                west.cli(&[
+                    "listener", "create", key, "--host", &west_ip, "--port", &tunnel,
+                ])?;
+                east.cli(&[
+                    "connector",
+                    "create",
+                    key,
+                    "--host",
+                    &west_ip,
+                    "--port",
+                    &tunnel,
+                ])?;
+                east.listener(key, listen)?;
+            }
+            wait_front(&east_ns, None)?;
+            Scenario {
+                name: "skiff-chain",
+                description: "client -> router east -> plain TCP over veth -> router west -> server (the mTLS path without TLS)",
+                ports: front,
+                relays: vec![router_pid(&east)?, router_pid(&west)?],
+                _relay_procs: vec![],
+                _sites: vec![east, west],
+                _backends: backends,
+                client_cgroup: None,
                 client_ns: east_ns,
                 _extra_ns: vec![west_ns],
                 _files: None,
