@@ -224,6 +224,18 @@ impl Report {
                 );
             }
         }
+        if let (Some(chain), Some(mtls)) =
+            (self.measured("skiff-chain"), self.measured("skiff-mtls"))
+        {
+            let _ = writeln!(
+                md,
+                "\nBound for the mTLS path: skiff-chain, the same three TCP legs and two routers with \
+                 no TLS and no copy into user space, made {:.0}% of direct; skiff-mtls made {:.0}% \
+                 of skiff-chain.",
+                chain.throughput_vs_direct * 100.0,
+                mtls.throughput_gbps.median / chain.throughput_gbps.median * 100.0
+            );
+        }
         let failed: Vec<&Row> = self
             .rows
             .iter()

@@ -111,9 +111,9 @@ pub const ALL: &[&str] = &[
     "skiff-hop-accel",
     "haproxy-tls",
     "stunnel",
+    "skiff-chain",
     "skiff-mtls",
     "skiff-mtls-accel",
-    "skiff-chain",
 ];
 
 /// The scenarios of a `--quick` run: the baseline and skiff's own paths.

@@ -29,6 +29,7 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
             "skiff-hop-accel",
             "haproxy-tls",
             "stunnel",
+            "skiff-chain",
             "skiff-mtls",
             "skiff-mtls-accel",
         ]
