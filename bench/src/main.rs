@@ -236,33 +236,40 @@ fn measure(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<report::Sampl
 
 /// iperf3 with `streams` streams: (Gbit/s received, bytes received).
 fn iperf3(s: &scenario::Scenario, seconds: u32, streams: u32) -> anyhow::Result<(f64, f64)> {
-    let out = client(
-        s,
-        &[
-            "iperf3",
-            "-c",
-            "127.0.0.1",
-            "-p",
-            &s.ports.iperf.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-        seconds,
-    )?;
-    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 printed no JSON")?;
-    let bps = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .with_context(|| {
-            format!(
-                "iperf3 -P {streams} reported no received rate: {}",
-                json["error"].as_str().unwrap_or("no error given")
-            )
-        })?;
-    let bytes = json["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-    Ok((bps / 1e9, bytes))
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let out = client(
+            s,
+            &[
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                &s.ports.iperf.to_string(),
+                "-t",
+                &seconds.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ],
+            seconds,
+        )?;
+        let json: serde_json::Value =
+            serde_json::from_str(&out).context("iperf3 printed no JSON")?;
+        let error = json["error"].as_str().unwrap_or("no error given");
+        // The iperf3 server closes its listening socket after each test and opens a new one:
+        // a client that comes straight back (the direct scenario) can find nothing listening.
+        if error.contains("Connection refused") && attempts < 3 {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let bps = json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .with_context(|| format!("iperf3 -P {streams} reported no received rate: {error}"))?;
+        let bytes = json["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+        return Ok((bps / 1e9, bytes));
+    }
 }
 
 /// sockperf ping-pong over one TCP connection: round-trip (p50, p99) in µs. sockperf spends
