@@ -542,7 +542,7 @@ fn add_frame(frame: Frame, head: &mut BytesMut, parts: &mut Vec<Part>) -> usize 
 }
 
 /// Writes every slice, however the writer splits them up.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
     writer: &mut W,
     mut slices: &mut [IoSlice<'_>],
 ) -> std::io::Result<()> {

@@ -190,6 +190,17 @@ impl StreamRx {
             .unwrap_or(Inbound::Reset(ResetCode::LinkLost))
     }
 
+    /// What the peer sent, if it is already here; never waits. A dead link reads as a reset.
+    pub fn try_recv(&mut self) -> Option<Inbound> {
+        match self.inbound.try_recv() {
+            Ok(inbound) => Some(inbound),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                Some(Inbound::Reset(ResetCode::LinkLost))
+            }
+        }
+    }
+
     /// Says that `n` received bytes were consumed, granting the peer credit for that many.
     pub async fn consumed(&mut self, n: usize) {
         self.unacked += n;
