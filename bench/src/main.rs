@@ -216,8 +216,13 @@ fn client(s: &scenario::Scenario, argv: &[&str], seconds: u32) -> anyhow::Result
 /// One run of every client through `s`.
 fn measure(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<report::Sample> {
     let cpu_before = s.relay_cpu_seconds();
+    let shortcut_before = s.shortcut_bytes();
     let (gbps, bytes) = iperf3(s, seconds, 1)?;
     let cpu = s.relay_cpu_seconds() - cpu_before;
+    let shortcut_share = shortcut_before
+        .zip(s.shortcut_bytes())
+        .filter(|_| bytes > 0.0)
+        .map(|(before, after)| after.saturating_sub(before) as f64 / bytes);
     let gbit = bytes * 8.0 / 1e9;
     let (gbps_parallel, _) = iperf3(s, seconds, PARALLEL)?;
     // Latency and connection rate settle faster than throughput: at most 3 s each keeps the
@@ -231,6 +236,7 @@ fn measure(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<report::Sampl
         rtt_p50_us,
         rtt_p99_us,
         conns_per_s: connrate(s, short)?,
+        shortcut_share,
     })
 }
 

@@ -21,6 +21,9 @@ pub struct Sample {
     pub rtt_p99_us: f64,
     /// New connections per second (connect, one byte there and back, close).
     pub conns_per_s: f64,
+    /// Share of the one-stream run's bytes that took a shortcut past the router (accelerated
+    /// scenarios only).
+    pub shortcut_share: Option<f64>,
 }
 
 /// Median, min and max of one figure.
@@ -70,6 +73,8 @@ pub struct Row {
     pub conns_vs_direct: f64,
     /// Growth of the relays' proportional set size per 1,000 idle streams, KiB.
     pub kib_per_1000_idle_streams: Option<f64>,
+    /// Share of the one-stream bytes that took a shortcut past the router, where accelerated.
+    pub shortcut_share: Option<Spread>,
     /// Runs in which a client failed (left out of the figures), with the reason.
     pub failed_runs: Vec<String>,
     pub samples: Vec<Sample>,
@@ -137,6 +142,11 @@ impl Report {
                     conns_per_second,
                     conns_vs_direct: ratio(conns_per_second.median, conns),
                     kib_per_1000_idle_streams: memory.get(i).copied().flatten(),
+                    shortcut_share: {
+                        let shares: Vec<f64> =
+                            samples[i].iter().filter_map(|x| x.shortcut_share).collect();
+                        (!shares.is_empty()).then(|| Spread::of(shares))
+                    },
                     failed_runs: failures.get(i).cloned().unwrap_or_default(),
                     samples: samples[i].clone(),
                 }
@@ -235,6 +245,19 @@ impl Report {
                 chain.throughput_vs_direct * 100.0,
                 mtls.throughput_gbps.median / chain.throughput_gbps.median * 100.0
             );
+        }
+        for r in self.rows.iter().filter(|r| !r.samples.is_empty()) {
+            if let Some(share) = r.shortcut_share {
+                let _ = writeln!(
+                    md,
+                    "\n{}: {:.0}% ({:.0}-{:.0}%) of the one-stream bytes took the shortcut past \
+                     the router (`skiff status`, accel.bytesShortcut).",
+                    r.scenario,
+                    share.median * 100.0,
+                    share.min * 100.0,
+                    share.max * 100.0
+                );
+            }
         }
         let failed: Vec<&Row> = self
             .rows

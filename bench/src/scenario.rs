@@ -90,6 +90,19 @@ impl Scenario {
         self.relays.iter().map(|pid| tree_cpu_seconds(*pid)).sum()
     }
 
+    /// Bytes skiff's routers have let take a shortcut past themselves so far (`skiff status`,
+    /// `accel.bytesShortcut`); `None` where nothing is accelerated.
+    pub fn shortcut_bytes(&self) -> Option<u64> {
+        self.client_cgroup.as_ref()?;
+        let mut total = None;
+        for site in &self._sites {
+            if let Some(n) = site.status().ok()?["accel"]["bytesShortcut"].as_u64() {
+                *total.get_or_insert(0) += n;
+            }
+        }
+        total
+    }
+
     /// Proportional set size of the relaying processes and their children, in KiB.
     pub fn relay_pss_kib(&self) -> u64 {
         self.relays.iter().map(|pid| tree_pss_kib(*pid)).sum()

@@ -47,6 +47,14 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
                 "{figure}: {row}"
             );
         }
+        let accelerated = row["scenario"]
+            .as_str()
+            .is_some_and(|name| name.ends_with("-accel"));
+        assert_eq!(
+            row["shortcut_share"]["median"].is_number(),
+            accelerated,
+            "the shortcut share is read exactly where skiff accelerates: {row}"
+        );
         let relayed = row["scenario"] != "direct";
         assert_eq!(
             row["kib_per_1000_idle_streams"].is_number(),
