@@ -686,6 +686,38 @@ pub fn redis_server(netns: &Netns, cgroup: Option<&Cgroup>, port: u16) -> anyhow
     Ok(server)
 }
 
+/// Runs `redis-benchmark -p PORT -t set,get -c 20 -q EXTRA...` (inside `cgroup` when given),
+/// prints its report and returns it.
+///
+/// # Errors
+/// When it fails, or does not report a rate for both SET and GET.
+pub fn redis_benchmark(
+    netns: &Netns,
+    cgroup: Option<&Cgroup>,
+    port: u16,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let port = port.to_string();
+    let mut argv = vec![
+        "redis-benchmark",
+        "-p",
+        &port,
+        "-t",
+        "set,get",
+        "-c",
+        "20",
+        "-q",
+    ];
+    argv.extend_from_slice(extra);
+    let report = Proc::spawn(netns, cgroup, &argv)?.wait(Duration::from_secs(120))?;
+    eprintln!("{report}");
+    ensure!(
+        report.matches("requests per second").count() >= 2,
+        "redis-benchmark reported: {report}"
+    );
+    Ok(report)
+}
+
 /// Sends `data` one way with socat, from a client at `connect` to a server listening on
 /// `listen_ip:listen_port` (each inside `cgroup` when given), and returns what the server wrote
 /// out. Nothing flows back, so the transfer never depends on data sent after a half-close.

@@ -8,8 +8,8 @@ use std::{
 };
 
 use kernel_tests::{
-    Capture, Cgroup, Netns, Proc, children, pattern, proc_status, redis_server, require_root, run,
-    skiff::Site, socat_transfer,
+    Capture, Cgroup, Netns, Proc, children, pattern, proc_status, redis_benchmark, redis_server,
+    require_root, run, skiff::Site, socat_transfer,
 };
 
 /// The loadgen helper binary built with the tests.
@@ -807,27 +807,12 @@ fn redis_through_an_accelerated_hop_takes_the_shortcut() -> anyhow::Result<()> {
     let in_cgroup = |argv: &[&str]| -> anyhow::Result<String> {
         Proc::spawn(&f.ns, Some(&f.cgroup), argv)?.wait(Duration::from_secs(120))
     };
-    let bench = in_cgroup(&[
-        "redis-benchmark",
-        "-p",
-        &port,
-        "-t",
-        "set,get",
-        "-n",
-        "100000",
-        "-c",
-        "20",
-        "-P",
-        "16",
-        "-d",
-        "512",
-        "-q",
-    ])?;
-    eprintln!("{bench}");
-    assert!(
-        bench.matches("requests per second").count() >= 2,
-        "redis-benchmark reported: {bench}"
-    );
+    redis_benchmark(
+        &f.ns,
+        Some(&f.cgroup),
+        f.port,
+        &["-n", "100000", "-P", "16", "-d", "512"],
+    )?;
     // The value goes through stdin (-x): a megabyte does not fit in an argument list.
     let script = format!(
         "set -e; f=$(mktemp); trap 'rm -f $f' EXIT; \
