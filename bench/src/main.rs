@@ -26,7 +26,8 @@ use kernel_tests::Proc;
 #[command(name = "bench")]
 struct Args {
     /// Scenarios to run (default: all). Known: direct, socat, haproxy, nginx, skiff-hop,
-    /// skiff-hop-accel, haproxy-tls, stunnel, skiff-chain, skiff-mtls, skiff-mtls-accel.
+    /// skiff-hop-accel, direct-sockmap, haproxy-tls, stunnel, skiff-chain, skiff-mtls,
+    /// skiff-mtls-accel.
     scenarios: Vec<String>,
     /// Runs per scenario.
     #[arg(long, default_value_t = 5)]

@@ -246,6 +246,21 @@ impl Report {
                 mtls.throughput_gbps.median / chain.throughput_gbps.median * 100.0
             );
         }
+        if let (Some(ceiling), Some(accel), Some(hop)) = (
+            self.measured("direct-sockmap"),
+            self.measured("skiff-hop-accel"),
+            self.measured("skiff-hop"),
+        ) {
+            let _ = writeln!(
+                md,
+                "\nCeiling for the accelerated hop: direct-sockmap, client and server redirected \
+                 into each other with no relay, made {:.0}% of direct and {:.2}x skiff-hop; \
+                 skiff-hop-accel made {:.0}% of direct-sockmap.",
+                ceiling.throughput_vs_direct * 100.0,
+                ceiling.throughput_gbps.median / hop.throughput_gbps.median,
+                accel.throughput_gbps.median / ceiling.throughput_gbps.median * 100.0
+            );
+        }
         for r in self.rows.iter().filter(|r| !r.samples.is_empty()) {
             if let Some(share) = r.shortcut_share {
                 let _ = writeln!(

@@ -91,9 +91,12 @@ impl Scenario {
     }
 
     /// Bytes skiff's routers have let take a shortcut past themselves so far (`skiff status`,
-    /// `accel.bytesShortcut`); `None` where nothing is accelerated.
+    /// `accel.bytesShortcut`); `None` where no router relays or nothing is accelerated.
     pub fn shortcut_bytes(&self) -> Option<u64> {
         self.client_cgroup.as_ref()?;
+        if !self.has_relay() {
+            return None;
+        }
         let mut total = None;
         for site in &self._sites {
             if let Some(n) = site.status().ok()?["accel"]["bytesShortcut"].as_u64() {
@@ -122,6 +125,7 @@ pub const ALL: &[&str] = &[
     "nginx",
     "skiff-hop",
     "skiff-hop-accel",
+    "direct-sockmap",
     "haproxy-tls",
     "stunnel",
     "skiff-chain",
@@ -134,6 +138,7 @@ pub const QUICK: &[&str] = &[
     "direct",
     "skiff-hop",
     "skiff-hop-accel",
+    "direct-sockmap",
     "skiff-mtls",
     "skiff-mtls-accel",
 ];
@@ -479,6 +484,36 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 _sites: vec![site],
                 _backends: backends,
                 client_cgroup: cgroup,
+                client_ns: ns,
+                _extra_ns: vec![],
+                _files: None,
+            }
+        }
+        "direct-sockmap" => {
+            // skiff's programs redirect a connection to a registered backend port in both
+            // directions; with no listener in the way, clients reach the backends themselves.
+            let ns = Netns::new("bdirsm")?;
+            let cgroup = Cgroup::new("bdirsm")?;
+            let backends = backends(&ns, Some(&cgroup))?;
+            let site = Site::start_in(&ns, Some(&cgroup), "dsm", None)?;
+            for (key, port) in SERVICES {
+                site.connector(key, port)?;
+            }
+            Scenario {
+                name: "direct-sockmap",
+                description: "client -> server, each socket's sends redirected into the other by \
+                              skiff's programs, no relay: the ceiling of an accelerated hop",
+                ports: Ports {
+                    iperf: SERVICES[0].1,
+                    ping: SERVICES[1].1,
+                    echo: SERVICES[2].1,
+                },
+                // The router only loaded the programs; nothing relays.
+                relays: vec![],
+                _relay_procs: vec![],
+                _sites: vec![site],
+                _backends: backends,
+                client_cgroup: Some(cgroup),
                 client_ns: ns,
                 _extra_ns: vec![],
                 _files: None,

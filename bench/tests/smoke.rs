@@ -27,6 +27,7 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
             "nginx",
             "skiff-hop",
             "skiff-hop-accel",
+            "direct-sockmap",
             "haproxy-tls",
             "stunnel",
             "skiff-chain",
@@ -55,7 +56,8 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
             accelerated,
             "the shortcut share is read exactly where skiff accelerates: {row}"
         );
-        let relayed = row["scenario"] != "direct";
+        let relayed =
+            !["direct", "direct-sockmap"].contains(&row["scenario"].as_str().unwrap_or(""));
         assert_eq!(
             row["kib_per_1000_idle_streams"].is_number(),
             relayed,
