@@ -27,6 +27,12 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// The backends' own ports: for clients that reach them without a relay.
+    fn backends() -> Self {
+        let [(_, iperf), (_, ping), (_, echo)] = SERVICES;
+        Self { iperf, ping, echo }
+    }
+
     fn starting_at(base: u16) -> Self {
         Self {
             iperf: base,
@@ -338,11 +344,7 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
             Scenario {
                 name: "direct",
                 description: "client -> server on loopback (the baseline)",
-                ports: Ports {
-                    iperf: SERVICES[0].1,
-                    ping: SERVICES[1].1,
-                    echo: SERVICES[2].1,
-                },
+                ports: Ports::backends(),
                 relays: vec![],
                 _relay_procs: vec![],
                 _sites: vec![],
@@ -503,11 +505,7 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 name: "direct-sockmap",
                 description: "client -> server, each socket's sends redirected into the other by \
                               skiff's programs, no relay: the ceiling of an accelerated hop",
-                ports: Ports {
-                    iperf: SERVICES[0].1,
-                    ping: SERVICES[1].1,
-                    echo: SERVICES[2].1,
-                },
+                ports: Ports::backends(),
                 // The router only loaded the programs; nothing relays.
                 relays: vec![],
                 _relay_procs: vec![],
