@@ -72,7 +72,12 @@ fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -
             (*shortcut).to,
         )
     };
-    if routed != forwarded || by_shortcut + size > until {
+    if routed != forwarded {
+        count(Counter::ShortcutBehind, 1);
+        return false;
+    }
+    if by_shortcut + size > until {
+        count(Counter::ShortcutOverBudget, 1);
         return false;
     }
     if SKIFF_SOCKS.redirect_msg(ctx, to, u64::from(BPF_F_INGRESS)) != i64::from(SK_PASS) {

@@ -589,6 +589,51 @@ fn a_stalled_backend_holds_back_an_accelerated_client() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A sender on the shortcut whose reader stops is held to its budget: the router offers the
+/// shortcut while the client pauses after its seed, the client then pushes into a backend that
+/// reads nothing for two seconds, and once the budget is spent its messages go to the router
+/// (which paces and diverts them) instead of piling up in the backend's queue. The programs
+/// count both reasons a sender with a shortcut goes to the router, and every byte arrives.
+#[test]
+fn a_shortcut_whose_reader_stops_is_held_to_its_budget() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let f = fixture("acc13", 7392)?;
+    let bytes = (256u64 << 20).to_string();
+    let backend = format!("127.0.0.1:{}", f.backend());
+    let verify = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[&loadgen(), "verify", &backend, "1", &bytes, "2000"],
+    )?;
+    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
+    let listener = format!("127.0.0.1:{}", f.port);
+    let push = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[&loadgen(), "push", &listener, "1", &bytes, "1", "300"],
+    )?;
+    let peak = peak_receive_queues(&f.ns, Duration::from_secs(2))?;
+    push.wait(Duration::from_secs(120))?;
+    let tally = verify.wait(Duration::from_secs(120))?;
+    let accel = f.accel()?;
+    eprintln!("peak receive queues {peak} B; {tally}; {accel}");
+    let bound = held_back(&f.ns, &accel)?;
+    assert!(
+        peak < bound,
+        "the kernel held {peak} B (bound {bound}) for a stalled reader"
+    );
+    let count = |name: &str| accel[name].as_u64().unwrap_or(0);
+    assert!(count("shortcutsOffered") >= 1, "{accel}");
+    assert!(count("messagesShortcut") > 0, "{accel}");
+    // The budget ran out while the router had forwarded everything (the reader stalled)...
+    assert!(count("messagesOverBudget") >= 1, "{accel}");
+    // ...and the messages after that found the router behind.
+    assert!(count("messagesBehindRouter") >= 1, "{accel}");
+    Ok(())
+}
+
 /// A link is slower than redirection, so a client pushing through an accelerated router to
 /// another site outruns it. Before the router diverted such senders, the kernel queued their
 /// bytes until the client got ENOMEM (every benchmark run of this path failed that way).

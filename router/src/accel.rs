@@ -138,6 +138,8 @@ pub struct Counters {
     pub msg_diverted: u64,
     pub msg_shortcut: u64,
     pub bytes_shortcut: u64,
+    pub shortcut_over_budget: u64,
+    pub shortcut_behind: u64,
     /// What the router's flow control for redirected sockets did.
     pub backpressure: BackpressureStats,
 }
@@ -307,6 +309,8 @@ impl Accel {
             msg_diverted: read(Counter::MsgDiverted)?,
             msg_shortcut: read(Counter::MsgShortcut)?,
             bytes_shortcut: read(Counter::BytesShortcut)?,
+            shortcut_over_budget: read(Counter::ShortcutOverBudget)?,
+            shortcut_behind: read(Counter::ShortcutBehind)?,
             backpressure: self.backpressure.stats(),
         })
     }

@@ -1281,6 +1281,8 @@ impl Router {
             "messagesDiverted": counters.msg_diverted,
             "messagesShortcut": counters.msg_shortcut,
             "bytesShortcut": counters.bytes_shortcut,
+            "messagesOverBudget": counters.shortcut_over_budget,
+            "messagesBehindRouter": counters.shortcut_behind,
             "shortcutsOffered": counters.backpressure.shortcuts_offered,
             "shortcutsGivenUp": counters.backpressure.shortcuts_given_up,
             "shortcutsToppedUp": counters.backpressure.shortcuts_topped_up,

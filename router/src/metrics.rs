@@ -143,6 +143,18 @@ impl<S: Source> Collector for RouterCollector<S> {
             )?;
             counter(
                 &mut encoder,
+                "skiff_accel_shortcut_over_budget_messages",
+                "Messages of a sender with a shortcut sent to the router because its budget ran out.",
+                a.shortcut_over_budget,
+            )?;
+            counter(
+                &mut encoder,
+                "skiff_accel_shortcut_behind_messages",
+                "Messages of a sender with a shortcut sent to the router because the router had not forwarded its earlier bytes yet.",
+                a.shortcut_behind,
+            )?;
+            counter(
+                &mut encoder,
                 "skiff_accel_shortcuts_offered",
                 "Shortcut budgets the router offered to local senders.",
                 a.backpressure.shortcuts_offered,

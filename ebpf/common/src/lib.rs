@@ -148,11 +148,19 @@ pub enum Counter {
     MsgShortcut = 6,
     /// Bytes in those messages.
     BytesShortcut = 7,
+    /// Messages of a sender with a shortcut that the router had caught up with, sent to the
+    /// router because they did not fit the budget: the router's top-up came late, or the far
+    /// reader fell behind.
+    ShortcutOverBudget = 8,
+    /// Messages of a sender with a shortcut, sent to the router because it had not forwarded
+    /// all of the sender's earlier bytes yet: the sender is on the router's path and comes
+    /// back when an offer catches it up.
+    ShortcutBehind = 9,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::SocksInserted,
         Self::SocksInsertFailed,
         Self::MsgRedirected,
@@ -161,6 +169,8 @@ impl Counter {
         Self::MsgDiverted,
         Self::MsgShortcut,
         Self::BytesShortcut,
+        Self::ShortcutOverBudget,
+        Self::ShortcutBehind,
     ];
     /// Number of entries in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -177,6 +187,8 @@ impl Counter {
             Self::MsgDiverted => "msg_diverted",
             Self::MsgShortcut => "msg_shortcut",
             Self::BytesShortcut => "bytes_shortcut",
+            Self::ShortcutOverBudget => "shortcut_over_budget",
+            Self::ShortcutBehind => "shortcut_behind",
         }
     }
 }

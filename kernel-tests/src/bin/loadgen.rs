@@ -5,8 +5,10 @@
 //! loadgen sink ADDR                      answer each connection with (checksum, bytes) after EOF
 //! loadgen send ADDR CONNS BYTES [PAR]    CONNS connections of BYTES each, PAR at a time
 //!                                        (default: all at once); verify every answer
-//! loadgen push ADDR CONNS BYTES [PAR]    the same, but close after sending: no answer (each
-//!                                        connection starts with its 8-byte seed)
+//! loadgen push ADDR CONNS BYTES [PAR [PAUSE_MS]]
+//!                                        the same, but close after sending: no answer (each
+//!                                        connection starts with its 8-byte seed; with
+//!                                        PAUSE_MS, it waits that long after the seed)
 //! loadgen verify ADDR CONNS BYTES [STALL_MS]
 //!                                        accept CONNS pushed connections, check each against
 //!                                        its seed, print the tally, exit non-zero on a mismatch;
@@ -43,15 +45,38 @@ fn main() -> anyhow::Result<()> {
         .as_slice()
     {
         ["sink", addr] => sink(addr),
-        ["send", addr, conns, bytes] => {
-            send(addr, conns.parse()?, bytes.parse()?, conns.parse()?, true)
-        }
-        ["send", addr, conns, bytes, par] => {
-            send(addr, conns.parse()?, bytes.parse()?, par.parse()?, true)
-        }
-        ["push", addr, conns, bytes, par] => {
-            send(addr, conns.parse()?, bytes.parse()?, par.parse()?, false)
-        }
+        ["send", addr, conns, bytes] => send(
+            addr,
+            conns.parse()?,
+            bytes.parse()?,
+            conns.parse()?,
+            true,
+            Duration::ZERO,
+        ),
+        ["send", addr, conns, bytes, par] => send(
+            addr,
+            conns.parse()?,
+            bytes.parse()?,
+            par.parse()?,
+            true,
+            Duration::ZERO,
+        ),
+        ["push", addr, conns, bytes, par] => send(
+            addr,
+            conns.parse()?,
+            bytes.parse()?,
+            par.parse()?,
+            false,
+            Duration::ZERO,
+        ),
+        ["push", addr, conns, bytes, par, pause_ms] => send(
+            addr,
+            conns.parse()?,
+            bytes.parse()?,
+            par.parse()?,
+            false,
+            Duration::from_millis(pause_ms.parse()?),
+        ),
         ["connects", addr, n] => connects(addr, n.parse()?),
         ["verify", addr, conns, bytes] => {
             verify(addr, conns.parse()?, bytes.parse()?, Duration::ZERO)
@@ -112,7 +137,14 @@ fn listen(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
-fn send(addr: &str, conns: usize, bytes: u64, parallel: usize, answer: bool) -> anyhow::Result<()> {
+fn send(
+    addr: &str,
+    conns: usize,
+    bytes: u64,
+    parallel: usize,
+    answer: bool,
+    pause: Duration,
+) -> anyhow::Result<()> {
     let parallel = parallel.clamp(1, conns.max(1));
     let workers: Vec<_> = (0..parallel)
         .map(|w| {
@@ -122,7 +154,7 @@ fn send(addr: &str, conns: usize, bytes: u64, parallel: usize, answer: bool) -> 
                 (w..conns)
                     .step_by(parallel)
                     .filter_map(|i| {
-                        one(&addr, bytes, i as u64 + 1, answer)
+                        one(&addr, bytes, i as u64 + 1, answer, pause)
                             .err()
                             .map(|e| format!("connection {i}: {e:#}"))
                     })
@@ -275,7 +307,10 @@ fn connects(addr: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn one(addr: &str, bytes: u64, seed: u64, answer: bool) -> anyhow::Result<()> {
+/// One connection of `bytes` pseudo-random bytes made from `seed`. With `answer`, half-close
+/// and check the receiver's checksum; without, start with the seed (the receiver checks) and
+/// wait `pause` after it.
+fn one(addr: &str, bytes: u64, seed: u64, answer: bool, pause: Duration) -> anyhow::Result<()> {
     let mut conn = connect(addr)?;
     let mut sum = Checksum::default();
     let mut block = vec![0u8; 64 * 1024];
@@ -284,6 +319,7 @@ fn one(addr: &str, bytes: u64, seed: u64, answer: bool) -> anyhow::Result<()> {
     if !answer {
         // Without an answer the receiver checks the bytes itself: tell it how they were made.
         conn.write_all(&seed.to_le_bytes())?;
+        thread::sleep(pause);
     }
     while sent < bytes {
         let n = usize::try_from((bytes - sent).min(block.len() as u64))?;
