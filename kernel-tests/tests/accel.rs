@@ -549,31 +549,49 @@ fn held_back(ns: &Netns, accel: &serde_json::Value) -> anyhow::Result<u64> {
     Ok(2 * limit + tcp_max + (16 << 20))
 }
 
-/// Redirection puts bytes straight into the reader's queue, past its receive buffer. The
-/// router holds back its own writes to a backend that stops reading, then diverts the client
-/// whose bytes pile up at the router to the TCP path, whose flow control stops it. When the
-/// backend reads again, every byte arrives, in order.
-#[test]
-fn a_stalled_backend_holds_back_an_accelerated_client() -> anyhow::Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    let f = fixture("acc7", 7352)?;
-    let bytes = (512u64 << 20).to_string();
+/// Pushes `mib` MiB from a client through fixture `tag`'s router into a backend that reads
+/// nothing past the seed for `stall_ms`, the client pausing `pause_ms` after its seed. Checks
+/// that every byte arrives and that the kernel held less than [`held_back`] meanwhile; returns
+/// the router's accel status.
+fn push_into_stalled_backend(
+    tag: &str,
+    port: u16,
+    mib: u64,
+    stall_ms: u64,
+    pause_ms: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let f = fixture(tag, port)?;
+    let bytes = (mib << 20).to_string();
     let backend = format!("127.0.0.1:{}", f.backend());
     let verify = Proc::spawn(
         &f.ns,
         Some(&f.cgroup),
-        &[&loadgen(), "verify", &backend, "1", &bytes, "4000"],
+        &[
+            &loadgen(),
+            "verify",
+            &backend,
+            "1",
+            &bytes,
+            &stall_ms.to_string(),
+        ],
     )?;
     f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
     let listener = format!("127.0.0.1:{}", f.port);
     let push = Proc::spawn(
         &f.ns,
         Some(&f.cgroup),
-        &[&loadgen(), "push", &listener, "1", &bytes, "1"],
+        &[
+            &loadgen(),
+            "push",
+            &listener,
+            "1",
+            &bytes,
+            "1",
+            &pause_ms.to_string(),
+        ],
     )?;
-    let peak = peak_receive_queues(&f.ns, Duration::from_secs(3))?;
+    // Sampled while the backend stalls; it drains its queue afterwards.
+    let peak = peak_receive_queues(&f.ns, Duration::from_millis(stall_ms))?;
     push.wait(Duration::from_secs(120))?;
     let tally = verify.wait(Duration::from_secs(120))?;
     let accel = f.accel()?;
@@ -583,6 +601,19 @@ fn a_stalled_backend_holds_back_an_accelerated_client() -> anyhow::Result<()> {
         peak < bound,
         "the kernel held {peak} B (bound {bound}) for a stalled reader"
     );
+    Ok(accel)
+}
+
+/// Redirection puts bytes straight into the reader's queue, past its receive buffer. The
+/// router holds back its own writes to a backend that stops reading, then diverts the client
+/// whose bytes pile up at the router to the TCP path, whose flow control stops it. When the
+/// backend reads again, every byte arrives, in order.
+#[test]
+fn a_stalled_backend_holds_back_an_accelerated_client() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let accel = push_into_stalled_backend("acc7", 7352, 512, 4000, 0)?;
     assert!(accel["writesPaused"].as_u64() >= Some(1), "{accel}");
     assert!(accel["sendersDiverted"].as_u64() >= Some(1), "{accel}");
     assert!(accel["messagesDiverted"].as_u64() > Some(0), "{accel}");
@@ -599,31 +630,7 @@ fn a_shortcut_whose_reader_stops_is_held_to_its_budget() -> anyhow::Result<()> {
     if !require_root() {
         return Ok(());
     }
-    let f = fixture("acc13", 7392)?;
-    let bytes = (256u64 << 20).to_string();
-    let backend = format!("127.0.0.1:{}", f.backend());
-    let verify = Proc::spawn(
-        &f.ns,
-        Some(&f.cgroup),
-        &[&loadgen(), "verify", &backend, "1", &bytes, "2000"],
-    )?;
-    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
-    let listener = format!("127.0.0.1:{}", f.port);
-    let push = Proc::spawn(
-        &f.ns,
-        Some(&f.cgroup),
-        &[&loadgen(), "push", &listener, "1", &bytes, "1", "300"],
-    )?;
-    let peak = peak_receive_queues(&f.ns, Duration::from_secs(2))?;
-    push.wait(Duration::from_secs(120))?;
-    let tally = verify.wait(Duration::from_secs(120))?;
-    let accel = f.accel()?;
-    eprintln!("peak receive queues {peak} B; {tally}; {accel}");
-    let bound = held_back(&f.ns, &accel)?;
-    assert!(
-        peak < bound,
-        "the kernel held {peak} B (bound {bound}) for a stalled reader"
-    );
+    let accel = push_into_stalled_backend("acc13", 7392, 256, 2000, 300)?;
     let count = |name: &str| accel[name].as_u64().unwrap_or(0);
     assert!(count("shortcutsOffered") >= 1, "{accel}");
     assert!(count("messagesShortcut") > 0, "{accel}");
