@@ -5,7 +5,7 @@
 //! loadgen sink ADDR                      answer each connection with (checksum, bytes) after EOF
 //! loadgen send ADDR CONNS BYTES [PAR]    CONNS connections of BYTES each, PAR at a time
 //!                                        (default: all at once); verify every answer
-//! loadgen push ADDR CONNS BYTES [PAR [PAUSE_MS]]
+//! loadgen push ADDR CONNS BYTES PAR [PAUSE_MS]
 //!                                        the same, but close after sending: no answer (each
 //!                                        connection starts with its 8-byte seed; with
 //!                                        PAUSE_MS, it waits that long after the seed)
@@ -45,38 +45,22 @@ fn main() -> anyhow::Result<()> {
         .as_slice()
     {
         ["sink", addr] => sink(addr),
-        ["send", addr, conns, bytes] => send(
-            addr,
-            conns.parse()?,
-            bytes.parse()?,
-            conns.parse()?,
-            true,
-            Duration::ZERO,
-        ),
-        ["send", addr, conns, bytes, par] => send(
-            addr,
-            conns.parse()?,
-            bytes.parse()?,
-            par.parse()?,
-            true,
-            Duration::ZERO,
-        ),
-        ["push", addr, conns, bytes, par] => send(
-            addr,
-            conns.parse()?,
-            bytes.parse()?,
-            par.parse()?,
-            false,
-            Duration::ZERO,
-        ),
-        ["push", addr, conns, bytes, par, pause_ms] => send(
-            addr,
-            conns.parse()?,
-            bytes.parse()?,
-            par.parse()?,
-            false,
-            Duration::from_millis(pause_ms.parse()?),
-        ),
+        ["send", addr, conns, bytes, rest @ ..] if rest.len() <= 1 => {
+            let conns = conns.parse()?;
+            let parallel = rest.first().map_or(Ok(conns), |p| p.parse())?;
+            send(addr, conns, bytes.parse()?, parallel, None)
+        }
+        ["push", addr, conns, bytes, parallel, rest @ ..] if rest.len() <= 1 => {
+            let pause_ms = rest.first().map_or(Ok(0), |ms| ms.parse())?;
+            let pause = Duration::from_millis(pause_ms);
+            send(
+                addr,
+                conns.parse()?,
+                bytes.parse()?,
+                parallel.parse()?,
+                Some(pause),
+            )
+        }
         ["connects", addr, n] => connects(addr, n.parse()?),
         ["verify", addr, conns, bytes] => {
             verify(addr, conns.parse()?, bytes.parse()?, Duration::ZERO)
@@ -96,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         }
         ["hold", addr, n] => runtime()?.block_on(hold(addr, n.parse()?)),
         _ => bail!(
-            "usage: loadgen sink ADDR | loadgen send|push ADDR CONNS BYTES [PARALLEL] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen rounds ADDR CONNS ROUNDS MAXLEN | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
+            "usage: loadgen sink ADDR | loadgen send ADDR CONNS BYTES [PARALLEL] | loadgen push ADDR CONNS BYTES PARALLEL [PAUSE_MS] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen rounds ADDR CONNS ROUNDS MAXLEN | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
         ),
     }
 }
@@ -137,13 +121,14 @@ fn listen(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// `push`: `None` to half-close and check each connection's answer (send), or how long to wait
+/// after the seed of a connection that expects none (push).
 fn send(
     addr: &str,
     conns: usize,
     bytes: u64,
     parallel: usize,
-    answer: bool,
-    pause: Duration,
+    push: Option<Duration>,
 ) -> anyhow::Result<()> {
     let parallel = parallel.clamp(1, conns.max(1));
     let workers: Vec<_> = (0..parallel)
@@ -154,7 +139,7 @@ fn send(
                 (w..conns)
                     .step_by(parallel)
                     .filter_map(|i| {
-                        one(&addr, bytes, i as u64 + 1, answer, pause)
+                        one(&addr, bytes, i as u64 + 1, push)
                             .err()
                             .map(|e| format!("connection {i}: {e:#}"))
                     })
@@ -307,16 +292,16 @@ fn connects(addr: &str, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One connection of `bytes` pseudo-random bytes made from `seed`. With `answer`, half-close
-/// and check the receiver's checksum; without, start with the seed (the receiver checks) and
-/// wait `pause` after it.
-fn one(addr: &str, bytes: u64, seed: u64, answer: bool, pause: Duration) -> anyhow::Result<()> {
+/// One connection of `bytes` pseudo-random bytes made from `seed`. Pushed (`Some(pause)`): it
+/// starts with the seed (the receiver checks) and waits `pause` after it. Otherwise it
+/// half-closes and checks the receiver's checksum.
+fn one(addr: &str, bytes: u64, seed: u64, push: Option<Duration>) -> anyhow::Result<()> {
     let mut conn = connect(addr)?;
     let mut sum = Checksum::default();
     let mut block = vec![0u8; 64 * 1024];
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut sent = 0u64;
-    if !answer {
+    if let Some(pause) = push {
         // Without an answer the receiver checks the bytes itself: tell it how they were made.
         conn.write_all(&seed.to_le_bytes())?;
         thread::sleep(pause);
@@ -328,7 +313,7 @@ fn one(addr: &str, bytes: u64, seed: u64, answer: bool, pause: Duration) -> anyh
         conn.write_all(&block[..n])?;
         sent += n as u64;
     }
-    if !answer {
+    if push.is_some() {
         return Ok(());
     }
     conn.shutdown(Shutdown::Write)?;
