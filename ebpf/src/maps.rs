@@ -3,7 +3,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_WRONLY},
     macros::map,
     maps::{HashMap, PerCpuArray, SockHash},
 };
@@ -35,6 +35,13 @@ pub static SKIFF_DIVERTED: HashMap<SockKey, u32> = HashMap::with_max_entries(SOC
 #[map]
 pub static SKIFF_SENT: HashMap<SockKey, Sent> =
     HashMap::with_max_entries(SOCKS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Where each workload socket (each with a sent entry) lives in kernel memory, for sk_msg to
+/// read how much it holds unread; written and removed by sock_ops with the sent entry.
+/// Write-only from userspace: kernel addresses are not for reading out.
+#[map]
+pub static SKIFF_SOCK_ADDRS: HashMap<SockKey, u64> =
+    HashMap::with_max_entries(SOCKS_MAX_ENTRIES, BPF_F_NO_PREALLOC | BPF_F_WRONLY);
 
 /// Shortcuts the router offers, by sender; written by the router only.
 #[map]

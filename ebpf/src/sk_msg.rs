@@ -10,12 +10,13 @@
 //! A workload sender the router offers a shortcut (see `ebpf_common::Shortcut`) skips the
 //! router altogether: its message goes straight into the far workload's socket. It may only
 //! while the router has forwarded everything the sender sent towards it (so nothing is
-//! overtaken) and within the router's budget (so the far queue stays bounded). Any other
-//! message goes towards the router and is counted, which is what the first condition compares.
+//! overtaken) and while the far socket's unread bytes stay within the router's limit (so that
+//! queue stays bounded). Any other message goes towards the router and is counted, which is
+//! what the first condition compares.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
     macros::sk_msg,
     programs::SkMsgContext,
 };
@@ -24,7 +25,8 @@ use ebpf_common::{Counter, Sent, SockKey};
 use core::ptr::read_volatile;
 
 use crate::maps::{
-    SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SHORTCUTS, SKIFF_SOCKS, count, key_ip, read_ip6, remote_port,
+    SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SHORTCUTS, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, key_ip,
+    read_ip6, remote_port,
 };
 
 #[sk_msg]
@@ -63,12 +65,12 @@ fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -
     };
     // SAFETY: live values of RCU-freed maps (see maps.rs); the router replaces a shortcut
     // whole, so each field read here is one the router wrote.
-    let (routed, by_shortcut, forwarded, until, to) = unsafe {
+    let (routed, by_shortcut, forwarded, limit, to) = unsafe {
         (
             (*sent).routed,
             (*sent).shortcut,
             (*shortcut).forwarded,
-            (*shortcut).until,
+            (*shortcut).limit,
             (*shortcut).to,
         )
     };
@@ -76,7 +78,10 @@ fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -
         count(Counter::ShortcutBehind, 1);
         return false;
     }
-    if by_shortcut + size > until {
+    let Some(unread) = unread(to) else {
+        return false;
+    };
+    if u64::from(unread) + size > limit {
         count(Counter::ShortcutOverBudget, 1);
         return false;
     }
@@ -88,6 +93,35 @@ fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -
     count(Counter::MsgShortcut, 1);
     count(Counter::BytesShortcut, size);
     true
+}
+
+/// Where `struct sock` keeps `sk_rmem_alloc` in the running kernel, in bytes; set by the router
+/// from the kernel's BTF when it loads the programs. 0 (never a valid offset: the struct starts
+/// with `sock_common`) means unknown, and then no shortcut is taken.
+#[unsafe(no_mangle)]
+static SK_RMEM_ALLOC_OFFSET: u32 = 0;
+
+/// Bytes charged to the receive side of workload socket `key` (its `sk_rmem_alloc`): what its
+/// reader has not read yet, redirected messages included. `None` if sock_ops did not record
+/// the socket or the offset is unknown.
+///
+/// No helper open to sk_msg reads another socket's fields (a sockhash lookup hands out a
+/// reference sk_msg may not release), so the value is read from the socket's memory, at the
+/// address sock_ops recorded. The entry goes when the socket closes; a read racing that sees
+/// a socket being freed, which the read helper survives and which costs at most one wrong
+/// decision for a stream that is ending.
+#[inline(always)]
+fn unread(key: SockKey) -> Option<u32> {
+    // SAFETY: a plain read of a constant the loader patched; volatile so that the compiler does
+    // not fold in the 0 it was built with.
+    let offset = unsafe { read_volatile(&raw const SK_RMEM_ALLOC_OFFSET) };
+    if offset == 0 {
+        return None;
+    }
+    // SAFETY: a live value of an RCU-freed map, copied at once.
+    let addr = unsafe { read_volatile(SKIFF_SOCK_ADDRS.get_ptr(key)?) };
+    // SAFETY: a read of kernel memory through the fault-tolerant helper.
+    unsafe { bpf_probe_read_kernel((addr + u64::from(offset)) as *const u32) }.ok()
 }
 
 fn sock_key(ctx: &SkMsgContext) -> Option<SockKey> {

@@ -14,7 +14,7 @@ use aya_ebpf::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -23,7 +23,8 @@ use ebpf_common::{Counter, EndpointKind, Sent, SockKey};
 use core::ptr::read_volatile;
 
 use crate::maps::{
-    SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SOCKS, count, endpoint_kind, key_ip, read_ip6, remote_port,
+    SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, endpoint_kind, key_ip,
+    read_ip6, remote_port,
 };
 
 /// The return value means nothing for these callbacks; 1 is what the kernel documents as "ok".
@@ -48,6 +49,7 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Counter> {
                 && let Some(key) = sock_key(ctx)
             {
                 let _ = SKIFF_SENT.remove(key);
+                let _ = SKIFF_SOCK_ADDRS.remove(key);
             }
             Ok(())
         }
@@ -90,9 +92,22 @@ fn established(ctx: &SockOpsContext, passive: bool) -> Result<(), Counter> {
         let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
         if ctx.set_cb_flags(flags as i32).is_err() {
             let _ = SKIFF_SENT.remove(key);
+        } else if let Some(addr) = socket_address(ctx) {
+            // sk_msg reads the socket's receive-queue charge there to bound shortcuts into it.
+            let _ = SKIFF_SOCK_ADDRS.insert(key, addr, u64::from(BPF_ANY));
         }
     }
     Ok(())
+}
+
+/// The address of the context's socket as a plain number. The verifier allows no arithmetic
+/// on socket pointers, but a copy made by the read helper is just a number to it.
+fn socket_address(ctx: &SockOpsContext) -> Option<u64> {
+    // SAFETY: ops is the live bpf_sock_ops; `sk` is one of its fields, read with its own load.
+    let sk = unsafe { read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) };
+    // SAFETY: reads the pointer's own bytes (on this program's stack) through the helper.
+    let addr = unsafe { bpf_probe_read_kernel(&raw const sk) }.ok()? as u64;
+    (addr != 0).then_some(addr)
 }
 
 fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {

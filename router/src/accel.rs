@@ -12,6 +12,7 @@
 //! loading, which also detaches the crashed router's sock_ops program.
 
 mod backpressure;
+mod btf;
 mod shortcut;
 mod sock_diag;
 
@@ -28,7 +29,7 @@ pub use ebpf_common::EndpointKind;
 pub use shortcut::Bypass;
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, ProgramError, SkMsg, SockOps,
@@ -37,7 +38,7 @@ use aya::{
 };
 use ebpf_common::{
     COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, SENT_MAP, SHORTCUTS_MAP,
-    SK_MSG_PROGRAM, SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
+    SK_MSG_PROGRAM, SK_RMEM_ALLOC_OFFSET, SOCK_ADDRS_MAP, SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
 };
 
 /// The eBPF object built from `ebpf/` by `build.rs`.
@@ -165,7 +166,18 @@ impl Accel {
             link: None,
             keeper: false,
         });
-        let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| Error::Load(Box::new(e)))?;
+        // sk_msg bounds shortcuts by the far socket's unread bytes, which it finds at an
+        // offset only the kernel's BTF knows; without it, the router offers none.
+        let mut loader = EbpfLoader::new();
+        let rmem_offset = btf::sk_rmem_alloc_offset()
+            .inspect_err(|e| tracing::warn!("no shortcuts between local workloads: {e}"))
+            .ok();
+        if let Some(offset) = &rmem_offset {
+            loader.override_global(SK_RMEM_ALLOC_OFFSET, offset, true);
+        }
+        let mut ebpf = loader
+            .load(PROGRAMS)
+            .map_err(|e| Error::Load(Box::new(e)))?;
         if let Some(pins) = &pins {
             for name in [
                 SOCKS_MAP,
@@ -173,6 +185,7 @@ impl Accel {
                 COUNTERS_MAP,
                 DIVERTED_MAP,
                 SENT_MAP,
+                SOCK_ADDRS_MAP,
                 SHORTCUTS_MAP,
             ] {
                 let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
@@ -190,6 +203,7 @@ impl Accel {
             take_map(&mut ebpf, DIVERTED_MAP)?,
             take_map(&mut ebpf, SENT_MAP)?,
             take_map(&mut ebpf, SHORTCUTS_MAP)?,
+            rmem_offset.is_some(),
         ));
 
         // sk_msg first: a socket picks up the map's programs when it is inserted, so the

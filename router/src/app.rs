@@ -1285,7 +1285,6 @@ impl Router {
             "messagesBehindRouter": counters.shortcut_behind,
             "shortcutsOffered": counters.backpressure.shortcuts_offered,
             "shortcutsGivenUp": counters.backpressure.shortcuts_given_up,
-            "shortcutsToppedUp": counters.backpressure.shortcuts_topped_up,
             "sendersDiverted": counters.backpressure.senders_diverted,
             "divertFailures": counters.backpressure.divert_failures,
             "writesPaused": counters.backpressure.writes_paused,

@@ -21,8 +21,15 @@ pub const DIVERTED_MAP: &str = "SKIFF_DIVERTED";
 /// creates the entry when the connection is established and removes it when the socket
 /// closes; sk_msg keeps the count. A socket without an entry never gets a shortcut.
 pub const SENT_MAP: &str = "SKIFF_SENT";
+/// Name of the hash of workload sockets' kernel addresses ([`SockKey`] -> `u64`),
+/// kept by sock_ops for sk_msg; write-only from userspace.
+pub const SOCK_ADDRS_MAP: &str = "SKIFF_SOCK_ADDRS";
 /// Name of the hash of shortcuts the router offers: sender's [`SockKey`] -> [`Shortcut`].
 pub const SHORTCUTS_MAP: &str = "SKIFF_SHORTCUTS";
+
+/// Name of the sk_msg program's global holding the byte offset of `sk_rmem_alloc` in the
+/// running kernel's `struct sock` (a `u32`; 0 = unknown, then no shortcut is taken).
+pub const SK_RMEM_ALLOC_OFFSET: &str = "SK_RMEM_ALLOC_OFFSET";
 
 /// Name of the sock_ops program that fills [`SOCKS_MAP`].
 pub const SOCK_OPS_PROGRAM: &str = "skiff_sock_ops";
@@ -78,14 +85,14 @@ pub struct Sent {
 ///
 /// sk_msg takes it only while `Sent::routed == forwarded`, that is when every byte the sender
 /// sent towards the router has been forwarded by the router (and so already sits in `to`'s
-/// queue), and only while `Sent::shortcut` stays within `until`: the router's budget, which
-/// bounds what can pile up unread at `to`. Otherwise the message goes to the router as before.
+/// queue), and only while what `to` holds unread, with the message, stays within `limit`
+/// bytes. Otherwise the message goes to the router as before.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shortcut {
     pub to: SockKey,
     pub forwarded: u64,
-    pub until: u64,
+    pub limit: u64,
 }
 
 /// A local endpoint (address and port) whose connections the programs accelerate.
@@ -149,8 +156,8 @@ pub enum Counter {
     /// Bytes in those messages.
     BytesShortcut = 7,
     /// Messages of a sender with a shortcut that the router had caught up with, sent to the
-    /// router because they did not fit the budget: the router's top-up came late, or the far
-    /// reader fell behind.
+    /// router because the far reader had fallen behind: its unread bytes and the message
+    /// would pass the shortcut's limit.
     ShortcutOverBudget = 8,
     /// Messages of a sender with a shortcut, sent to the router because it had not forwarded
     /// all of the sender's earlier bytes yet: the sender is on the router's path and comes

@@ -71,9 +71,10 @@ pub struct Backpressure {
     /// offered to them (see [`super::shortcut`]).
     pub(super) sent: HashMap<MapData, SockKey, Sent>,
     pub(super) shortcuts: Mutex<HashMap<MapData, SockKey, Shortcut>>,
+    /// Whether sk_msg can bound a shortcut (it knows where to read the far socket's queue).
+    pub(super) shortcuts_possible: bool,
     pub(super) shortcuts_offered: AtomicU64,
     pub(super) shortcuts_given_up: AtomicU64,
-    pub(super) shortcuts_topped_up: AtomicU64,
     senders_diverted: AtomicU64,
     divert_failures: AtomicU64,
     writes_paused: AtomicU64,
@@ -94,13 +95,12 @@ pub struct Stats {
     pub divert_failures: u64,
     /// Times the router paused writing because a peer's queue was full.
     pub writes_paused: u64,
-    /// Shortcuts offered (each with a budget; a long stream gets one per budget).
+    /// Shortcuts offered (a long stream gets one each time the router catches up after its
+    /// sender fell back to it).
     pub shortcuts_offered: u64,
     /// Stream directions that never got a shortcut because a workload is not counted (it is
     /// outside the cgroup, or was not in the sockhash).
     pub shortcuts_given_up: u64,
-    /// Budgets of shortcuts in use raised before they ran out.
-    pub shortcuts_topped_up: u64,
 }
 
 impl Backpressure {
@@ -108,6 +108,7 @@ impl Backpressure {
         diverted: HashMap<MapData, SockKey, u32>,
         sent: HashMap<MapData, SockKey, Sent>,
         shortcuts: HashMap<MapData, SockKey, Shortcut>,
+        shortcuts_possible: bool,
     ) -> Self {
         let limit = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
             .ok()
@@ -120,9 +121,9 @@ impl Backpressure {
             diverted: Mutex::new(diverted),
             sent,
             shortcuts: Mutex::new(shortcuts),
+            shortcuts_possible,
             shortcuts_offered: AtomicU64::new(0),
             shortcuts_given_up: AtomicU64::new(0),
-            shortcuts_topped_up: AtomicU64::new(0),
             senders_diverted: AtomicU64::new(0),
             divert_failures: AtomicU64::new(0),
             writes_paused: AtomicU64::new(0),
@@ -144,7 +145,6 @@ impl Backpressure {
             writes_paused: self.writes_paused.load(Ordering::Relaxed),
             shortcuts_offered: self.shortcuts_offered.load(Ordering::Relaxed),
             shortcuts_given_up: self.shortcuts_given_up.load(Ordering::Relaxed),
-            shortcuts_topped_up: self.shortcuts_topped_up.load(Ordering::Relaxed),
         }
     }
 

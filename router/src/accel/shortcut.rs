@@ -18,20 +18,17 @@
 //! path afterwards is forwarded behind what the shortcut already delivered.
 //!
 //! Flow control: a shortcut delivers into the far socket's queue, which redirection never
-//! bounds. Each offer carries a budget (`Shortcut::until`): what the far queue can still take
-//! under the limit the router applies elsewhere ([`super::Backpressure::limit`]). Once it is
-//! spent, the sender's messages go to the router again, where the usual flow control holds
-//! them back; the router offers a new budget when it has caught up and the far queue has
-//! room.
+//! bounds. So sk_msg bounds it: each offer carries the limit the router applies elsewhere
+//! ([`super::Backpressure::limit`]), and sk_msg takes the shortcut only while what the far
+//! socket holds unread (its `sk_rmem_alloc`, read from the socket at the offset the router
+//! found in the kernel's BTF, see [`super::btf`]) plus the message stays within it. A message
+//! that does not fit goes to the router, where the usual flow control holds it back; the
+//! router offers again when it has caught up and the far queue has room.
 //!
 //! Falling back to the router is safe but costly for a fast sender: it comes back only when
 //! the router catches up between two of its sends, a race a sender that is twice as fast as
-//! the router (one copy per byte against two) mostly wins. So while a shortcut is in use, the
-//! router tops its budget up before it runs out ([`Bypass::watch`]): it looks at how much the
-//! sender has used and how much the far queue holds, as often as the rate of use requires
-//! (1-50 ms), and raises `until` to what the far queue can take now. The sender stays on the
-//! shortcut as long as its reader keeps up. An idle shortcut is looked at less and less (up to
-//! once a second): a burst that spends the budget first just takes the router's path.
+//! the router (one copy per byte against two) mostly wins. With the bound in the kernel that
+//! happens only when the far reader really falls behind, not when a router thread is late.
 //!
 //! The router offers only when it holds nothing of the stream (its read would block), when no
 //! byte it wrote is still on the TCP path (its socket's send queue is empty and the far
@@ -43,12 +40,10 @@
 //! message then took the router's path, which costs more than the next offer.
 
 use std::{
-    future::Future,
     io,
     net::SocketAddr,
     os::fd::{AsRawFd as _, RawFd},
     sync::atomic::Ordering,
-    time::Duration,
 };
 
 use ebpf_common::{Sent, Shortcut, SockKey};
@@ -58,13 +53,6 @@ use super::{Backpressure, sock_diag};
 
 /// Looks in a row without both workloads counted after which a direction is given up.
 const MAX_UNCOUNTED_LOOKS: u8 = 3;
-
-/// How often, at most and at least, the router looks at a shortcut in use (see
-/// [`next_top_up`]).
-const MIN_TOP_UP_INTERVAL: Duration = Duration::from_millis(1);
-const MAX_TOP_UP_INTERVAL: Duration = Duration::from_millis(50);
-/// How far an idle shortcut's looks back off.
-const IDLE_TOP_UP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The router's side of one direction's shortcut: offers it, and withdraws it on drop. Inert
 /// when acceleration is off or the sockets are not both local.
@@ -84,9 +72,8 @@ struct State<'a> {
     via: RawFd,
     target_local: SocketAddr,
     target_remote: SocketAddr,
-    /// `forwarded` and `until` of the offer in the map.
+    /// `forwarded` of the offer in the map.
     offered: Option<u64>,
-    until: u64,
     /// Whether the router has read from the sender since that offer (see
     /// [`Bypass::fell_back`]).
     fallback_seen: bool,
@@ -101,6 +88,9 @@ impl Backpressure {
     #[must_use]
     pub fn bypass(&self, from: &TcpStream, to: &TcpStream) -> Bypass<'_> {
         let state = (|| {
+            if !self.shortcuts_possible {
+                return None;
+            }
             let (sender, target) = (self.sock_key(from)?.peer(), self.sock_key(to)?.peer());
             Some(State {
                 shared: self,
@@ -110,7 +100,6 @@ impl Backpressure {
                 target_local: to.peer_addr().ok()?,
                 target_remote: to.local_addr().ok()?,
                 offered: None,
-                until: 0,
                 fallback_seen: false,
                 uncounted: 0,
                 by_shortcut: 0,
@@ -155,26 +144,6 @@ impl Bypass<'_> {
             }
             _ => false,
         }
-    }
-
-    /// Runs `wait` (the router waiting for the sender's next bytes), topping the shortcut's
-    /// budget up meanwhile so that a sender whose reader keeps up never has to fall back.
-    pub async fn watch<F: Future>(&mut self, wait: F) -> F::Output {
-        tokio::pin!(wait);
-        let mut interval = MIN_TOP_UP_INTERVAL;
-        let mut last = None;
-        while let Some(state) = self.state.as_mut().filter(|s| s.offered.is_some()) {
-            tokio::select! {
-                biased;
-                out = &mut wait => return out,
-                () = tokio::time::sleep(interval) => {
-                    let Some(used) = state.top_up() else { break };
-                    interval = next_top_up(state.until, last, used, interval);
-                    last = Some(used);
-                }
-            }
-        }
-        wait.await
     }
 
     /// Bytes the sender has sent by the shortcut (as of now, or of the last look if its
@@ -222,7 +191,7 @@ impl State<'_> {
         let offer = Shortcut {
             to: self.target,
             forwarded,
-            until: sent.shortcut + room as u64,
+            limit: limit as u64,
         };
         self.shared
             .shortcuts
@@ -231,39 +200,11 @@ impl State<'_> {
             .insert(self.sender, offer, 0)
             .map_err(|_| "the shortcut map is full")?;
         self.offered = Some(forwarded);
-        self.until = offer.until;
         self.fallback_seen = false;
         self.shared
             .shortcuts_offered
             .fetch_add(1, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Raises the budget of the offer in the map to what the far queue can take now; returns
-    /// the bytes used by the shortcut so far, `None` when there is nothing to watch any more.
-    fn top_up(&mut self) -> Option<u64> {
-        let forwarded = self.offered?;
-        let used = self.sent().ok()?.shortcut;
-        self.by_shortcut = used;
-        let queue = sock_diag::queue(self.target_local, self.target_remote).ok()?;
-        let limit = self.shared.limit() as u64;
-        let until = used + limit.saturating_sub(u64::from(queue.charged));
-        // Only raises worth a map update; the same `forwarded`, so a sender that has gone
-        // through the router since is not let back by this.
-        if until >= self.until + limit / 8 {
-            let offer = Shortcut {
-                to: self.target,
-                forwarded,
-                until,
-            };
-            let mut shortcuts = self.shared.shortcuts.lock().expect("shortcuts lock");
-            shortcuts.insert(self.sender, offer, 0).ok()?;
-            self.until = until;
-            self.shared
-                .shortcuts_topped_up
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Some(used)
     }
 
     fn sent(&self) -> Result<Sent, aya::maps::MapError> {
@@ -298,53 +239,4 @@ fn send_queue(fd: RawFd) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(usize::try_from(n).unwrap_or(0))
-}
-
-/// When to look at a shortcut in use again, given the bytes it had carried at the last look
-/// (`last`, `interval` ago) and now (`used`), and where its budget ends (`until`): by the time
-/// half of what is left would be spent at the rate just seen, within 1-50 ms; backing off to a
-/// second while it carries nothing.
-fn next_top_up(until: u64, last: Option<u64>, used: u64, interval: Duration) -> Duration {
-    let spent = last.map_or(0, |last| used.saturating_sub(last));
-    if spent == 0 {
-        return (interval * 2).min(IDLE_TOP_UP_INTERVAL);
-    }
-    let left = until.saturating_sub(used);
-    interval
-        .mul_f64(left as f64 / 2.0 / spent as f64)
-        .clamp(MIN_TOP_UP_INTERVAL, MAX_TOP_UP_INTERVAL)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    #[test]
-    fn a_busy_shortcut_is_looked_at_before_half_its_budget_is_gone() {
-        // 4 MiB used in 2 ms, 16 MiB left: half of it goes in 4 ms.
-        assert_eq!(next_top_up(20 << 20, Some(0), 4 << 20, 2 * MS), 4 * MS);
-        // Faster than a look per millisecond can follow: as soon as allowed.
-        assert_eq!(
-            next_top_up(20 << 20, Some(0), 19 << 20, 10 * MS),
-            MIN_TOP_UP_INTERVAL
-        );
-        // Slow use of a large budget: at most 50 ms apart.
-        assert_eq!(
-            next_top_up(32 << 20, Some(0), 1 << 10, 10 * MS),
-            MAX_TOP_UP_INTERVAL
-        );
-    }
-
-    #[test]
-    fn an_idle_shortcut_is_looked_at_less_and_less() {
-        let mut interval = MIN_TOP_UP_INTERVAL;
-        let mut seen = Vec::new();
-        for _ in 0..12 {
-            interval = next_top_up(32 << 20, Some(5), 5, interval);
-            seen.push(interval.as_millis());
-        }
-        assert_eq!(seen, [2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 1000, 1000]);
-    }
 }

@@ -51,7 +51,7 @@ pub async fn one_way(
                     // Dry: give the buffer back while waiting, and step out of the way.
                     buf = BytesMut::new();
                     bypass.offer(total);
-                    bypass.watch(from.readable()).await?;
+                    from.readable().await?;
                 }
                 Err(e) => return Err(e),
             }
