@@ -52,6 +52,22 @@ pub static SKIFF_SHORTCUTS: HashMap<SockKey, Shortcut> =
 #[map]
 pub static SKIFF_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+/// Where `struct sock` keeps `sk_rmem_alloc` in the running kernel, in bytes; set by the router
+/// from the kernel's BTF when it loads the programs. 0 (never a valid offset: the struct starts
+/// with `sock_common`) means unknown.
+#[unsafe(no_mangle)]
+static SK_RMEM_ALLOC_OFFSET: u32 = 0;
+
+/// [`SK_RMEM_ALLOC_OFFSET`], if known. Without it sk_msg takes no shortcut and sock_ops records
+/// no socket address.
+#[inline(always)]
+pub fn rmem_alloc_offset() -> Option<u32> {
+    // SAFETY: a plain read of a constant the loader patched; volatile so that the compiler does
+    // not fold in the 0 it was built with.
+    let offset = unsafe { read_volatile(&raw const SK_RMEM_ALLOC_OFFSET) };
+    (offset != 0).then_some(offset)
+}
+
 /// Adds `n` to `counter` on this CPU.
 #[inline(always)]
 pub fn count(counter: Counter, n: u64) {

@@ -26,7 +26,7 @@ use core::ptr::read_volatile;
 
 use crate::maps::{
     SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SHORTCUTS, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, key_ip,
-    read_ip6, remote_port,
+    read_ip6, remote_port, rmem_alloc_offset,
 };
 
 #[sk_msg]
@@ -95,12 +95,6 @@ fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -
     true
 }
 
-/// Where `struct sock` keeps `sk_rmem_alloc` in the running kernel, in bytes; set by the router
-/// from the kernel's BTF when it loads the programs. 0 (never a valid offset: the struct starts
-/// with `sock_common`) means unknown, and then no shortcut is taken.
-#[unsafe(no_mangle)]
-static SK_RMEM_ALLOC_OFFSET: u32 = 0;
-
 /// Bytes charged to the receive side of workload socket `key` (its `sk_rmem_alloc`): what its
 /// reader has not read yet, redirected messages included. `None` if sock_ops did not record
 /// the socket or the offset is unknown.
@@ -112,12 +106,7 @@ static SK_RMEM_ALLOC_OFFSET: u32 = 0;
 /// decision for a stream that is ending.
 #[inline(always)]
 fn unread(key: SockKey) -> Option<u32> {
-    // SAFETY: a plain read of a constant the loader patched; volatile so that the compiler does
-    // not fold in the 0 it was built with.
-    let offset = unsafe { read_volatile(&raw const SK_RMEM_ALLOC_OFFSET) };
-    if offset == 0 {
-        return None;
-    }
+    let offset = rmem_alloc_offset()?;
     // SAFETY: a live value of an RCU-freed map, copied at once.
     let addr = unsafe { read_volatile(SKIFF_SOCK_ADDRS.get_ptr(key)?) };
     // SAFETY: a read of kernel memory through the fault-tolerant helper.

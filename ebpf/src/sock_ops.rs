@@ -24,7 +24,7 @@ use core::ptr::read_volatile;
 
 use crate::maps::{
     SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, endpoint_kind, key_ip,
-    read_ip6, remote_port,
+    read_ip6, remote_port, rmem_alloc_offset,
 };
 
 /// The return value means nothing for these callbacks; 1 is what the kernel documents as "ok".
@@ -92,7 +92,9 @@ fn established(ctx: &SockOpsContext, passive: bool) -> Result<(), Counter> {
         let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
         if ctx.set_cb_flags(flags as i32).is_err() {
             let _ = SKIFF_SENT.remove(key);
-        } else if let Some(addr) = socket_address(ctx) {
+        } else if rmem_alloc_offset().is_some()
+            && let Some(addr) = socket_address(ctx)
+        {
             // sk_msg reads the socket's receive-queue charge there to bound shortcuts into it.
             let _ = SKIFF_SOCK_ADDRS.insert(key, addr, u64::from(BPF_ANY));
         }
