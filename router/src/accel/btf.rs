@@ -181,14 +181,15 @@ impl<'a> Btf<'a> {
             let member_name = self.name(u32_at(self.types, at)?);
             let member_type = self.resolve(u32_at(self.types, at + 4)?)?;
             let offset = u32_at(self.types, at + 8)?;
-            // With kind_flag, the top byte is a bitfield's size.
-            let bits = u64::from(if ty.kind_flag {
-                offset & 0xff_ffff
+            // With kind_flag, the top byte is a bitfield's size (0: not a bitfield).
+            let (bits, bitfield) = if ty.kind_flag {
+                (u64::from(offset & 0xff_ffff), offset >> 24 != 0)
             } else {
-                offset
-            });
+                (u64::from(offset), false)
+            };
             if member_name == name {
-                Some((bits, member_type))
+                // A bitfield shares its bytes with its neighbours: nothing to read whole.
+                (!bitfield).then_some((bits, member_type))
             } else if member_name.is_empty() {
                 self.member(member_type, name)
                     .map(|(inner, found)| (bits + inner, found))
@@ -292,7 +293,8 @@ mod tests {
     }
 
     /// A `struct sock` shaped like the kernel's where it matters: the field behind a typedef,
-    /// inside an anonymous struct member, after an anonymous union and a bitfield.
+    /// inside an anonymous struct member, after an anonymous union and a bitfield (whose
+    /// struct's member offsets carry bitfield sizes in their top byte).
     fn sock_like() -> Vec<u8> {
         let mut b = Builder::default();
         b.int("int", 4); // 1
@@ -323,7 +325,6 @@ mod tests {
         );
         assert_eq!(btf.offset_of("sock", &["sk_backlog", "len"], 4), Ok(12));
         assert_eq!(btf.offset_of("sock", &["skc_hash"], 4), Ok(0));
-        assert_eq!(btf.offset_of("sock", &["flags"], 4), Ok(4));
     }
 
     #[test]
@@ -331,6 +332,7 @@ mod tests {
         let data = sock_like();
         let btf = Btf::parse(&data).expect("parses");
         assert!(btf.offset_of("sock", &["sk_backlog", "tail"], 4).is_err());
+        assert!(btf.offset_of("sock", &["flags"], 4).is_err(), "a bitfield");
         assert!(btf.offset_of("inode", &["i_size"], 8).is_err());
         let wrong = btf.offset_of("sock", &["sk_backlog", "rmem_alloc"], 8);
         assert_eq!(
