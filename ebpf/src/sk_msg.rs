@@ -101,9 +101,9 @@ fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -
 ///
 /// No helper open to sk_msg reads another socket's fields (a sockhash lookup hands out a
 /// reference sk_msg may not release), so the value is read from the socket's memory, at the
-/// address sock_ops recorded. The entry goes when the socket closes; a read racing that sees
-/// a socket being freed, which the read helper survives and which costs at most one wrong
-/// decision for a stream that is ending.
+/// address sock_ops recorded. sock_ops removes the address when the socket closes; a read
+/// that races the close may see memory being freed, which the read helper survives, and the
+/// value then decides one message of a stream that is ending.
 #[inline(always)]
 fn unread(key: SockKey) -> Option<u32> {
     let offset = rmem_alloc_offset()?;
