@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
             }
             // A failed run is reported, not fatal: the other scenarios' figures still stand,
             // and how often a path fails is itself a result.
-            let sample = match measure(s, args.seconds) {
+            let sample = match measure(s, run, args.seconds) {
                 Ok(sample) => sample,
                 Err(e) => {
                     eprintln!(
@@ -215,8 +215,8 @@ fn client(s: &scenario::Scenario, argv: &[&str], seconds: u32) -> anyhow::Result
         .wait(Duration::from_secs(u64::from(seconds) + 30))
 }
 
-/// One run of every client through `s`.
-fn measure(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<report::Sample> {
+/// Run number `run` of every client through `s`.
+fn measure(s: &scenario::Scenario, run: usize, seconds: u32) -> anyhow::Result<report::Sample> {
     // The status reads stay outside the CPU reading: answering them is the router's work too.
     let shortcut_before = s.shortcut_bytes();
     let cpu_before = s.relay_cpu_seconds();
@@ -233,6 +233,7 @@ fn measure(s: &scenario::Scenario, seconds: u32) -> anyhow::Result<report::Sampl
     let short = seconds.min(3);
     let (rtt_p50_us, rtt_p99_us) = sockperf(s, short)?;
     Ok(report::Sample {
+        run,
         gbps,
         cpu_per_gbit: if gbit > 0.0 { cpu / gbit } else { 0.0 },
         gbps_parallel,

@@ -9,6 +9,10 @@ use crate::scenario::Scenario;
 /// One measured run of every client through one scenario.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Sample {
+    /// Which of the interleaved runs it is (from 1): run i of every scenario was measured in
+    /// the same pass, minutes apart at most, which makes per-run ratios the fairest
+    /// comparison on a machine whose speed drifts.
+    pub run: usize,
     /// iperf3, one stream.
     pub gbps: f64,
     /// CPU seconds of the relaying processes per Gbit moved in the one-stream run (0 for the
@@ -51,6 +55,19 @@ impl Spread {
             max: values.last().copied().unwrap_or(0.0),
         }
     }
+}
+
+/// One-stream throughput of `a` over `b` in each run both measured (a failed run leaves a
+/// gap), as a spread; `None` when they share no run.
+fn per_run(a: &[Sample], b: &[Sample]) -> Option<Spread> {
+    let ratios: Vec<f64> = a
+        .iter()
+        .filter_map(|x| {
+            let y = b.iter().find(|y| y.run == x.run)?;
+            (y.gbps > 0.0).then(|| x.gbps / y.gbps)
+        })
+        .collect();
+    (!ratios.is_empty()).then(|| Spread::of(ratios))
 }
 
 /// One scenario's results. Every `*_vs_direct` is this scenario's median over the direct
@@ -260,6 +277,23 @@ impl Report {
                 ceiling.throughput_gbps.median / hop.throughput_gbps.median,
                 accel.throughput_gbps.median / ceiling.throughput_gbps.median * 100.0
             );
+            if let (Some(of_ceiling), Some(ceiling_over_hop)) = (
+                per_run(&accel.samples, &ceiling.samples),
+                per_run(&ceiling.samples, &hop.samples),
+            ) {
+                let _ = writeln!(
+                    md,
+                    "\nRun for run (each run's ratio, then their median and spread): \
+                     skiff-hop-accel made {:.0}% ({:.0}-{:.0}%) of direct-sockmap; direct-sockmap \
+                     made {:.2}x ({:.2}-{:.2}x) skiff-hop.",
+                    of_ceiling.median * 100.0,
+                    of_ceiling.min * 100.0,
+                    of_ceiling.max * 100.0,
+                    ceiling_over_hop.median,
+                    ceiling_over_hop.min,
+                    ceiling_over_hop.max
+                );
+            }
         }
         for r in self.rows.iter().filter(|r| !r.samples.is_empty()) {
             if let Some(share) = r.shortcut_share {
@@ -461,6 +495,26 @@ fn machine() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_run_ratios_pair_runs_by_number_and_skip_failed_ones() {
+        let sample = |run, gbps| Sample {
+            run,
+            gbps,
+            cpu_per_gbit: 0.0,
+            gbps_parallel: 0.0,
+            rtt_p50_us: 0.0,
+            rtt_p99_us: 0.0,
+            conns_per_s: 0.0,
+            shortcut_share: None,
+        };
+        // Run 2 of `b` failed: `a`'s run 3 pairs with `b`'s run 3, not with its second sample.
+        let a = [sample(1, 10.0), sample(2, 30.0), sample(3, 12.0)];
+        let b = [sample(1, 20.0), sample(3, 8.0)];
+        let spread = per_run(&a, &b).expect("two runs in common");
+        assert_eq!((spread.min, spread.max, spread.median), (0.5, 1.5, 1.0));
+        assert!(per_run(&a[1..2], &b).is_none());
+    }
 
     #[test]
     fn spread_takes_the_median_of_odd_and_even_counts() {

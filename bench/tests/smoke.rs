@@ -64,7 +64,13 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
             "memory is read exactly where something relays: {row}"
         );
     }
-    assert!(out.path().join("results.md").exists() && out.path().join("chart.svg").exists());
+    for row in rows.iter().filter_map(|r| r["samples"].as_array()) {
+        let runs: Vec<_> = row.iter().map(|s| s["run"].as_u64()).collect();
+        assert_eq!(runs, [Some(1)], "each sample says which run it is");
+    }
+    let md = std::fs::read_to_string(out.path().join("results.md"))?;
+    assert!(md.contains("Run for run"), "{md}");
+    assert!(out.path().join("chart.svg").exists());
     let connect = std::fs::read_to_string(out.path().join("connect.md"))?;
     assert!(connect.contains("added by the hooks"), "{connect}");
     Ok(())
