@@ -144,7 +144,7 @@ impl<S: Source> Collector for RouterCollector<S> {
             counter(
                 &mut encoder,
                 "skiff_accel_shortcut_over_budget_messages",
-                "Messages of a sender with a shortcut sent to the router because its budget ran out.",
+                "Messages of a sender with a shortcut sent to the router because the far reader held the queue limit unread.",
                 a.shortcut_over_budget,
             )?;
             counter(
