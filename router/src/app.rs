@@ -38,10 +38,11 @@ use crate::{
         frame::{Frame, LinkState, ResetCode},
         stream::{StreamRx, StreamTx},
     },
+    log_limit::LogLimit,
     metrics,
     pki::{self, CertKey},
     policy::{Control, Denied, Policy},
-    routing::Routing,
+    routing::{Received, Routing},
     service::{Connector, ConnectorTls, Listener, ListenerTls, Resources},
     site::{self, SiteConfig, StateDir},
     tls,
@@ -198,6 +199,8 @@ pub struct Router {
     /// The site policy; `None` (no policy applied) allows everything.
     policy: std::sync::RwLock<Option<Policy>>,
     policy_denials: Mutex<PolicyDenials>,
+    /// Link-state advertisements refused or refuted (a peer can send them in a loop).
+    link_state_refusals: Mutex<LogLimit>,
 }
 
 /// What the deny events told us, for `skiff status` and rate-limited logs.
@@ -310,6 +313,7 @@ pub async fn run_attached(
         backpressure: accel.as_ref().map(Accel::backpressure),
         policy: std::sync::RwLock::new(policy),
         policy_denials: Mutex::new(PolicyDenials::default()),
+        link_state_refusals: Mutex::new(LogLimit::default()),
         accel: Mutex::new(accel),
         accel_note,
         isolation: Mutex::new(isolation),
@@ -1475,13 +1479,33 @@ impl Events for Router {
     }
 
     fn link_state(&self, from: &Arc<Link>, state: LinkState) {
-        let fresh = self
+        let received = self
             .routing
             .lock()
             .expect("routing lock")
             .receive(state.clone());
-        if fresh {
-            self.flood(vec![state], Some(&from.peer));
+        let refusal = match received {
+            Received::New => {
+                self.flood(vec![state], Some(&from.peer));
+                return;
+            }
+            Received::Old => return,
+            Received::Refuted(own) => {
+                self.flood(vec![own], None);
+                format!(
+                    "a copy of this router's own link state numbered {}: re-originated above it",
+                    state.seq
+                )
+            }
+            Received::Refused(why) => why.to_string(),
+        };
+        let log = self
+            .link_state_refusals
+            .lock()
+            .expect("refusals lock")
+            .hit();
+        if let Some(unlogged) = log {
+            warn!(peer = %from.peer, unlogged, "link state refused: {refusal}");
         }
     }
 

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod datapath;
 pub mod isolation;
 pub mod link;
+pub mod log_limit;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

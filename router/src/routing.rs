@@ -6,13 +6,58 @@
 //! An edge counts only when both ends list it, so a dead router's stale advertisement cannot
 //! attract traffic. New streams for a key go to the cheapest reachable routers that advertise
 //! it, and among those to the one with the fewest outstanding streams from here.
+//!
+//! Sequence numbers are a peer's input, so they are bounded before they are compared: a router
+//! numbers its advertisements with its clock in microseconds (never less than the last number
+//! plus one), and refuses any advertisement numbered more than [`SEQ_AHEAD`] past its own
+//! clock. A forged or replayed copy of this router's own advertisement is never stored: when
+//! its number reaches this router's, the router re-originates above it (the "fight back" of
+//! OSPF and IS-IS), which the bound keeps possible and which refutes the forgery everywhere the
+//! flood reaches. docs/security.md says what this does and does not protect against.
 
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap},
+    time::{Duration, SystemTime},
 };
 
 use crate::link::frame::LinkState;
+
+/// How far past this router's clock a received advertisement may be numbered. Sites' clocks
+/// must agree this closely anyway: their certificates are checked against them.
+pub const SEQ_AHEAD: Duration = Duration::from_secs(600);
+
+/// Microseconds since the Unix epoch: where a router's own sequence numbers start.
+fn clock_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// What became of a received advertisement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Newer than what was known: stored, to be flooded on.
+    New,
+    /// Not newer than what is known: dropped.
+    Old,
+    /// A copy of this router's own advertisement at or above its current number: dropped, and
+    /// this router re-originated above it; flood the returned state to every neighbour.
+    Refuted(LinkState),
+    /// Refused without being stored or flooded.
+    Refused(Refusal),
+}
+
+/// Why an advertisement was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("link state of {origin} numbered {seq}, more than {}s past this router's clock ({limit})", SEQ_AHEAD.as_secs())]
+    AheadOfClock {
+        origin: String,
+        seq: u64,
+        limit: u64,
+    },
+}
 
 /// Where a new stream for a key goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,12 +92,21 @@ pub struct Routing {
     /// router -> (cost, first hop); recomputed on every change.
     paths: HashMap<String, (u32, Option<String>)>,
     outstanding: HashMap<String, usize>,
+    /// Where sequence numbers come from: the clock in microseconds (replaced in tests).
+    clock: fn() -> u64,
 }
 
 impl Routing {
     /// A router named `me` with no links and no keys.
     #[must_use]
     pub fn new(me: &str) -> Self {
+        Self::with_clock(me, clock_micros)
+    }
+
+    /// As [`Self::new`], numbering advertisements and bounding received ones with `clock`
+    /// (microseconds).
+    #[must_use]
+    pub fn with_clock(me: &str, clock: fn() -> u64) -> Self {
         let mut routing = Self {
             me: me.to_owned(),
             seq: 0,
@@ -61,7 +115,9 @@ impl Routing {
             states: HashMap::new(),
             paths: HashMap::new(),
             outstanding: HashMap::new(),
+            clock,
         };
+        routing.seq = (routing.clock)();
         routing.recompute();
         routing
     }
@@ -90,8 +146,15 @@ impl Routing {
     }
 
     fn changed(&mut self) {
-        self.seq += 1;
+        self.renumber(self.seq);
         self.recompute();
+    }
+
+    /// Numbers the next advertisement above `floor` and above the last one, by the clock when
+    /// it is ahead. `floor` is at most the clock plus [`SEQ_AHEAD`], so this cannot overflow
+    /// in practice; it saturates rather than wraps all the same.
+    fn renumber(&mut self, floor: u64) {
+        self.seq = floor.max(self.seq).saturating_add(1).max((self.clock)());
     }
 
     /// A link to `peer` came up (or its cost changed). Returns the advertisement to flood.
@@ -127,25 +190,36 @@ impl Routing {
         self.own_state()
     }
 
-    /// Takes in a received advertisement. Returns `true` when it was new (to be re-flooded).
-    pub fn receive(&mut self, state: LinkState) -> bool {
+    /// Takes in a received advertisement.
+    pub fn receive(&mut self, state: LinkState) -> Received {
+        let limit = (self.clock)().saturating_add(SEQ_AHEAD.as_micros() as u64);
+        if state.seq > limit {
+            return Received::Refused(Refusal::AheadOfClock {
+                origin: state.origin,
+                seq: state.seq,
+                limit,
+            });
+        }
         if state.origin == self.me {
-            // Our own advertisement from before a restart: jump past it so ours wins again.
+            // A copy of ours: from before a restart, replayed, or forged. Never stored; when
+            // it is not older than ours, ours must win again everywhere.
             if state.seq >= self.seq {
-                self.seq = state.seq;
-                self.changed();
+                self.renumber(state.seq);
+                self.recompute();
+                return Received::Refuted(self.own_state());
             }
-            return false;
+            return Received::Old;
         }
         let newer = self
             .states
             .get(&state.origin)
             .is_none_or(|known| state.seq > known.seq);
-        if newer {
-            self.states.insert(state.origin.clone(), state);
-            self.recompute();
+        if !newer {
+            return Received::Old;
         }
-        newer
+        self.states.insert(state.origin.clone(), state);
+        self.recompute();
+        Received::New
     }
 
     fn links_of(&self, router: &str) -> Vec<(String, u32)> {
@@ -291,8 +365,14 @@ mod tests {
     fn multi_hop_route_goes_through_the_middle_router() {
         let mut a = Routing::new("a");
         let _ = a.link_up("b", 1);
-        assert!(a.receive(state("b", 1, &[("a", 1), ("c", 1)], &[])));
-        assert!(a.receive(state("c", 1, &[("b", 1)], &["db"])));
+        assert_eq!(
+            a.receive(state("b", 1, &[("a", 1), ("c", 1)], &[])),
+            Received::New
+        );
+        assert_eq!(
+            a.receive(state("c", 1, &[("b", 1)], &["db"])),
+            Received::New
+        );
         let route = a.choose("db").expect("route");
         assert_eq!(route.dest, "c");
         assert_eq!(route.next_hop.as_deref(), Some("b"));
@@ -350,8 +430,72 @@ mod tests {
     #[test]
     fn old_advertisements_are_ignored() {
         let mut a = Routing::new("a");
-        assert!(a.receive(state("b", 5, &[], &["x"])));
-        assert!(!a.receive(state("b", 4, &[], &[])));
-        assert!(!a.receive(state("b", 5, &[], &[])));
+        assert_eq!(a.receive(state("b", 5, &[], &["x"])), Received::New);
+        assert_eq!(a.receive(state("b", 4, &[], &[])), Received::Old);
+        assert_eq!(a.receive(state("b", 5, &[], &[])), Received::Old);
+    }
+
+    const NOW: u64 = 1_000_000_000;
+    fn fixed_clock() -> u64 {
+        NOW
+    }
+
+    /// The review's frame: a sequence number at the top of the range, for a third site and for
+    /// the receiver itself. Neither is stored or flooded, nothing overflows, and the third
+    /// site's real advertisements still count.
+    #[test]
+    fn sequence_numbers_far_past_the_clock_are_refused() {
+        let mut a = Routing::with_clock("a", fixed_clock);
+        let ahead = NOW + SEQ_AHEAD.as_micros() as u64 + 1;
+        for origin in ["c", "a"] {
+            for seq in [u64::MAX, ahead] {
+                assert!(matches!(
+                    a.receive(state(origin, seq, &[], &["stolen"])),
+                    Received::Refused(Refusal::AheadOfClock { .. })
+                ));
+            }
+        }
+        assert_eq!(a.receive(state("c", NOW, &[], &["db"])), Received::New);
+        assert_eq!(
+            a.network()
+                .iter()
+                .find(|r| r.name == "c")
+                .map(|r| r.keys.clone()),
+            Some(vec!["db".to_owned()])
+        );
+        assert!(a.own_state().seq <= NOW + 1);
+    }
+
+    /// A copy of a router's own advertisement never replaces it: at or above its number, the
+    /// router re-originates above it; below, it is old news.
+    #[test]
+    fn a_forged_own_advertisement_is_refuted_not_stored() {
+        let mut a = Routing::with_clock("a", fixed_clock);
+        let _ = a.add_local_key("web");
+        let forged = NOW + SEQ_AHEAD.as_micros() as u64;
+        let Received::Refuted(own) = a.receive(state("a", forged, &[("evil", 1)], &[])) else {
+            panic!("not refuted");
+        };
+        assert_eq!(own.seq, forged + 1);
+        assert_eq!(own.keys, vec!["web".to_owned()]);
+        assert!(own.links.is_empty());
+        assert_eq!(a.receive(state("a", 5, &[], &[])), Received::Old);
+        // Later changes keep numbering above the refutation.
+        assert!(a.link_up("b", 1).seq > forged + 1);
+    }
+
+    /// Own numbers follow the clock, so a restarted router starts above what it sent before.
+    #[test]
+    fn own_sequence_numbers_start_at_the_clock_and_always_grow() {
+        let mut a = Routing::with_clock("a", fixed_clock);
+        assert_eq!(a.own_state().seq, NOW);
+        let first = a.link_up("b", 1).seq;
+        let second = a.link_down("b").seq;
+        assert!(NOW < first && first < second);
+        let b = Routing::new("b");
+        assert!(
+            b.own_state().seq > 1_600_000_000_000_000,
+            "microseconds since 1970"
+        );
     }
 }

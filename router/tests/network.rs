@@ -5,7 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Site, checksum_backend, transfer};
+use common::{
+    Site, checksum_backend,
+    peer::{credentialed, first_frame, hello, tls_to},
+    transfer,
+};
 use router::{admin::Request, token::Token};
 use serde_json::Value;
 use tokio::{
@@ -238,24 +242,6 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
     );
 }
 
-/// Connects to `west`'s link-access port with TLS `config` and returns the stream, or the
-/// handshake error.
-async fn tls_to(
-    west: &Site,
-    config: std::sync::Arc<rustls::ClientConfig>,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let url = west.token().await.url;
-    let tcp = TcpStream::connect(&url).await?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("ip name");
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await?;
-    // TLS 1.3 servers reject a client certificate after the client's handshake completes:
-    // the refusal shows up on the first read.
-    tls.write_all(&[]).await?;
-    Ok(tls)
-}
-
 /// Whether the server ends the connection (EOF or error) within a few seconds.
 async fn server_hangs_up(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> bool {
     let mut buf = [0u8; 4096];
@@ -345,48 +331,6 @@ async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
             .any(|l| l["peer"] == "east" && l["status"] == "up"),
         "{links}"
     );
-}
-
-/// A link client config for `site` with a credential redeemed from one of `west`'s tokens:
-/// what a peer holds after `token redeem`, for tests that speak the protocol by hand.
-async fn credentialed(west: &Site, site: &str) -> std::sync::Arc<rustls::ClientConfig> {
-    let token = west.token().await;
-    let (link, key) = router::link::dial::redeem(&token, site, "west")
-        .await
-        .expect("redeem");
-    let credential = router::pki::CertKey {
-        cert_pem: link.cert,
-        key_pem: key,
-    };
-    router::tls::link_client_config(&token.ca, &credential).expect("config")
-}
-
-/// An encoded Hello.
-fn hello(version: u16, site: &str) -> bytes::BytesMut {
-    let mut bytes = bytes::BytesMut::new();
-    router::link::frame::Frame::Hello {
-        version,
-        site: site.into(),
-    }
-    .encode(&mut bytes);
-    bytes
-}
-
-/// Reads frames until the first one, which must arrive within a few seconds.
-async fn first_frame(
-    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
-) -> router::link::frame::Frame {
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        if let Some(frame) = router::link::frame::decode(&mut buf).expect("a valid frame") {
-            return frame;
-        }
-        let read = tokio::time::timeout(Duration::from_secs(5), tls.read_buf(&mut buf))
-            .await
-            .expect("a frame in time")
-            .expect("read");
-        assert!(read > 0, "closed before a frame");
-    }
 }
 
 /// Version negotiation: a dialer that speaks only version 1 gets version 1 (Hello says so),

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses its own part of this
 
+pub mod peer;
+
 use std::{
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
