@@ -43,7 +43,7 @@ use crate::{
     pki::{self, CertKey},
     policy::{Control, Denied, Policy},
     routing::{Received, Routing},
-    service::{Connector, ConnectorTls, Listener, ListenerTls, Resources},
+    service::{self, Connector, ConnectorTls, Listener, ListenerTls, Resources},
     site::{self, SiteConfig, StateDir},
     tls,
     token::{self, Grant, Grants, RedeemRequest, RedeemResponse, Token},
@@ -792,6 +792,7 @@ impl Router {
     /// Adds a connector. A new one (`persist`) must be allowed by the site policy; a restored
     /// one is kept either way, and its key is advertised only while the policy allows it.
     fn add_connector(&self, connector: Connector, persist: bool) -> Result<(), String> {
+        connector.validate().map_err(|e| e.to_string())?;
         let key = connector.routing_key.clone();
         let allowed = self.check_policy(|p| {
             p.service(&key)?;
@@ -812,6 +813,13 @@ impl Router {
             let mut inner = self.inner.lock().expect("router lock");
             if inner.connectors.contains_key(&connector.name) {
                 return Err(format!("connector {} already exists", connector.name));
+            }
+            if inner.connectors.len() >= link::frame::MAX_LIST {
+                return Err(format!(
+                    "connector {}: this site has {} connectors, as many as its link-state advertisement can carry",
+                    connector.name,
+                    link::frame::MAX_LIST
+                ));
             }
             if let Some(tls) = tls {
                 inner.backend_tls.insert(name.clone(), tls);
@@ -838,6 +846,7 @@ impl Router {
     }
 
     async fn add_listener(self: &Arc<Self>, spec: Listener, persist: bool) -> Result<(), String> {
+        spec.validate().map_err(|e| e.to_string())?;
         if self
             .inner
             .lock()
@@ -1129,15 +1138,10 @@ impl Router {
         tls::random(&mut id).map_err(|e| e.to_string())?;
         tls::random(&mut code).map_err(|e| e.to_string())?;
         let (id, code) = (token::hex(&id), token::hex(&code));
+        let grant =
+            Grant::new(code.clone(), redemptions, expiry_secs).map_err(|e| e.to_string())?;
         let mut inner = self.inner.lock().expect("router lock");
-        inner.grants.insert(
-            id.clone(),
-            Grant {
-                code: code.clone(),
-                redemptions_left: redemptions,
-                expires_at: token::now_secs() + expiry_secs,
-            },
-        );
+        inner.grants.insert(id.clone(), grant);
         self.state
             .write_json("grants.json", &inner.grants.to_store())
             .map_err(|e| e.to_string())?;
@@ -1585,7 +1589,11 @@ impl Access for Router {
     }
 
     fn redeem(&self, source: SocketAddr, request: RedeemRequest) -> RedeemResponse {
-        // Before the grant is spent: a site the policy refuses keeps nothing from trying.
+        // Before the grant is spent: a name that cannot be had, or a site the policy refuses,
+        // keeps nothing from trying.
+        if let Err(reason) = self.name_available(&request.site) {
+            return RedeemResponse::error(reason);
+        }
         if let Err(denied) = self.check_policy(|p| p.incoming_link(&request.site)) {
             self.policy_denied(&denied, false);
             return RedeemResponse::error(denied.to_string());
@@ -1618,6 +1626,11 @@ impl Access for Router {
             .ok()
             .and_then(|certs| certs.into_iter().next())
         {
+            // Checked again with the record, under one lock: of two redemptions racing for
+            // one name, the second finds the first's credential.
+            if let Err(reason) = self.name_available(&request.site) {
+                return RedeemResponse::error(reason);
+            }
             let mut inner = self.inner.lock().expect("router lock");
             inner
                 .credentials
@@ -1634,6 +1647,52 @@ impl Access for Router {
             ca: self.ca.cert_pem.clone(),
             site: self.config.name.clone(),
         }
+    }
+}
+
+impl Router {
+    /// Whether a redeemer may be given a link credential for site `name`. A site's name is its
+    /// identity in the network: it must be a DNS label, not this site's own, not held by a
+    /// credential this site signed and has not revoked, not linked here now, and not a router
+    /// the network already knows, unless this site revoked that name (inviting it again).
+    fn name_available(&self, name: &str) -> Result<(), String> {
+        if !service::is_dns_label(name) {
+            return Err(format!(
+                "site name {:?} is not valid: use 1 to {} lowercase letters, digits and '-'",
+                name.chars().take(40).collect::<String>(),
+                service::MAX_NAME
+            ));
+        }
+        let taken = |why: &str| {
+            Err(format!(
+                "site name {name} is {why}: a site's name is its identity and cannot be taken over; redeem as another site, or revoke {name} at {} first",
+                self.config.name
+            ))
+        };
+        if name == self.config.name {
+            return taken("the issuing site's own");
+        }
+        let revoked_here = {
+            let inner = self.inner.lock().expect("router lock");
+            if inner.credentials.holds(name) {
+                return taken("held by a credential this site signed");
+            }
+            if inner.links.contains_key(name) {
+                return taken("linked to this site");
+            }
+            inner.credentials.was_revoked(name)
+        };
+        let known = self
+            .routing
+            .lock()
+            .expect("routing lock")
+            .network()
+            .iter()
+            .any(|r| r.name == name && r.cost.is_some());
+        if known && !revoked_here {
+            return taken("already in the network");
+        }
+        Ok(())
     }
 }
 

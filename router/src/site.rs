@@ -326,13 +326,7 @@ pub fn host_of(endpoint: &str) -> Option<&str> {
 }
 
 fn validate_name(name: &str) -> Result<(), Error> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
-    if ok {
+    if crate::service::is_dns_label(name) {
         Ok(())
     } else {
         Err(Error::BadName(name.to_owned()))

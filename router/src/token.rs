@@ -38,6 +38,21 @@ pub enum RedeemError {
     RateLimited,
 }
 
+/// The longest a grant may stay redeemable: tokens are meant to be short-lived.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(365 * 86_400);
+
+/// The most redemptions one grant may allow.
+pub const MAX_REDEMPTIONS: u32 = 1_000;
+
+/// Why a grant could not be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GrantError {
+    #[error("a token must allow at least one redemption and at most {MAX_REDEMPTIONS}, not {0}")]
+    Redemptions(u32),
+    #[error("a token must stay valid for at least 1s and at most 365d, not {0}s")]
+    Expiry(u64),
+}
+
 /// One access grant, as the issuer stores it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -46,6 +61,26 @@ pub struct Grant {
     pub redemptions_left: u32,
     /// Seconds since the Unix epoch.
     pub expires_at: u64,
+}
+
+impl Grant {
+    /// A grant for `redemptions` redemptions within `expiry_secs` from now.
+    ///
+    /// # Errors
+    /// When either is zero or above its limit ([`MAX_REDEMPTIONS`], [`MAX_EXPIRY`]).
+    pub fn new(code: String, redemptions: u32, expiry_secs: u64) -> Result<Self, GrantError> {
+        if !(1..=MAX_REDEMPTIONS).contains(&redemptions) {
+            return Err(GrantError::Redemptions(redemptions));
+        }
+        if !(1..=MAX_EXPIRY.as_secs()).contains(&expiry_secs) {
+            return Err(GrantError::Expiry(expiry_secs));
+        }
+        Ok(Self {
+            code,
+            redemptions_left: redemptions,
+            expires_at: now_secs().saturating_add(expiry_secs),
+        })
+    }
 }
 
 /// The token file.
@@ -139,6 +174,22 @@ impl Credentials {
             .filter(|c| c.site == site && c.revoked_at.is_none())
             .map(|c| c.revoked_at = Some(now))
             .count()
+    }
+
+    /// Whether a credential signed for `site` is still valid (not revoked).
+    #[must_use]
+    pub fn holds(&self, site: &str) -> bool {
+        self.0
+            .values()
+            .any(|c| c.site == site && c.revoked_at.is_none())
+    }
+
+    /// Whether some credential signed for `site` was revoked.
+    #[must_use]
+    pub fn was_revoked(&self, site: &str) -> bool {
+        self.0
+            .values()
+            .any(|c| c.site == site && c.revoked_at.is_some())
     }
 
     /// Whether the credential with this fingerprint was revoked.
@@ -259,17 +310,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 15m, 2h, 1d"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit_secs: u64 = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => {
             return Err(format!(
                 "invalid duration unit in {text:?}: use s, m, h or d"
             ));
         }
     };
+    let secs = n
+        .checked_mul(unit_secs)
+        .ok_or_else(|| format!("duration {text:?} is too long"))?;
     Ok(Duration::from_secs(secs))
 }
 
@@ -291,6 +345,28 @@ mod tests {
     }
 
     const SRC: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    /// The review's lifetimes: zero redemptions, zero seconds, and 2^64-1 seconds (which
+    /// overflowed the expiry time) are refused in one line; the limits themselves are fine.
+    #[test]
+    fn grants_with_no_life_or_endless_life_are_refused() {
+        let grant = |r, e| Grant::new("c".into(), r, e);
+        assert_eq!(grant(0, 60), Err(GrantError::Redemptions(0)));
+        assert_eq!(grant(1, 0), Err(GrantError::Expiry(0)));
+        assert_eq!(grant(1, u64::MAX), Err(GrantError::Expiry(u64::MAX)));
+        assert_eq!(
+            grant(MAX_REDEMPTIONS + 1, 60),
+            Err(GrantError::Redemptions(MAX_REDEMPTIONS + 1))
+        );
+        let longest = grant(MAX_REDEMPTIONS, MAX_EXPIRY.as_secs()).expect("at the limits");
+        assert!(longest.expires_at > now_secs());
+        assert_eq!(
+            parse_duration("18446744073709551615s"),
+            Ok(Duration::from_secs(u64::MAX))
+        );
+        assert!(parse_duration("18446744073709551615d").is_err());
+        assert!(parse_duration("99999999999999999999s").is_err());
+    }
 
     #[test]
     fn single_use_grant_redeems_once() {

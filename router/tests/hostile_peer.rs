@@ -91,3 +91,102 @@ async fn forged_link_state_neither_crashes_nor_poisons_the_network() {
     peer::send(&mut evil, Frame::Ping { nonce: 7 }).await;
     assert!(peer::pong(&mut evil, 7, Duration::from_secs(5)).await);
 }
+
+/// The review's redemptions: a token holder asked for a credential in the name of a linked
+/// site, of the issuer itself, and in names that are paths or 1,000 characters long. Each is
+/// refused in one line, before the grant is spent, so the same token still serves a real new
+/// site; a revoked site can be invited again under its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeemer_cannot_take_a_name_that_is_already_in_the_network() {
+    let west = Site::start("west", true).await;
+    let north = Site::start("north", false).await;
+    north.link_to(&west).await;
+
+    let token = west.token().await;
+    let long = "a".repeat(1000);
+    for (name, why) in [
+        ("north", "held by a credential"),
+        ("west", "the issuing site's own"),
+        ("../../x", "not valid"),
+        ("a/b", "not valid"),
+        (long.as_str(), "not valid"),
+    ] {
+        let err = router::link::dial::redeem(&token, name, "west")
+            .await
+            .expect_err(name)
+            .to_string();
+        assert!(err.contains(why), "{name}: {err}");
+        assert!(!err.contains('\n') && err.len() < 400, "one line: {err}");
+    }
+    // The grant was not spent by the refusals.
+    router::link::dial::redeem(&token, "south", "west")
+        .await
+        .expect("a new name redeems the same token");
+
+    // North goes down; its name is still not free while its credential is valid.
+    let mut north = north;
+    north.stop().await;
+    let err = router::link::dial::redeem(&west.token().await, "north", "west")
+        .await
+        .expect_err("north's name while north is down");
+    assert!(err.to_string().contains("north"), "{err}");
+
+    // Revoked, north may be invited again under its name.
+    west.call(Request::LinkRevoke {
+        site: "north".into(),
+    })
+    .await
+    .expect("revoke");
+    router::link::dial::redeem(&west.token().await, "north", "west")
+        .await
+        .expect("a revoked site is invited again");
+}
+
+/// Token lifetimes from the admin API (the CLI's path): no redemptions, no time, and a time
+/// that overflowed the expiry are refused in one line; the router keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_without_a_life_or_with_an_endless_one_are_refused() {
+    let west = Site::start("west", true).await;
+    for (redemptions, expiry_secs) in [(0, 60), (1, 0), (1, u64::MAX)] {
+        let err = west
+            .call(Request::TokenIssue {
+                redemptions,
+                expiry_secs,
+            })
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("a token must"), "{err}");
+    }
+    west.token().await;
+}
+
+/// Limits are checked where input enters: a 2,000-byte routing key (which the peer's decoder
+/// would refuse in the LinkState, flapping the link) and path-like names are refused at
+/// create, through the admin API that the CLI and `apply -f` use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_that_break_the_protocol_limits_are_refused_at_create() {
+    let west = Site::start("west", true).await;
+    let connector = |name: &str, key: &str| router::service::Connector {
+        name: name.into(),
+        host: "127.0.0.1".into(),
+        port: 9,
+        routing_key: key.into(),
+        tls: None,
+    };
+    for (c, why) in [
+        (connector("db", &"k".repeat(2000)), "routing key"),
+        (connector("a/b", "db"), "connector name"),
+        (connector("..", "db"), "connector name"),
+        (connector("", "db"), "connector name"),
+    ] {
+        let err = west
+            .call(Request::ConnectorCreate { connector: c })
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(why) && err.len() < 400, "{err}");
+    }
+    let connectors = west.call(Request::ConnectorStatus).await.expect("status");
+    assert_eq!(connectors, serde_json::json!([]));
+}

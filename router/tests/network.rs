@@ -216,14 +216,20 @@ async fn used_expired_and_forged_tokens_fail_with_clear_errors() {
         "{reused}"
     );
 
+    // The shortest life a token may have; it has ended once the clock passes the second
+    // after the one it was issued in.
+    let before = router::token::now_secs();
     let expiring = west
         .call(Request::TokenIssue {
             redemptions: 1,
-            expiry_secs: 0,
+            expiry_secs: 1,
         })
         .await
         .expect("issue");
     let expiring: Token = serde_json::from_value(expiring).expect("token");
+    while router::token::now_secs() < before + 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let expired = north.redeem(expiring).await.expect_err("expired");
     assert!(expired.to_string().contains("expired"), "{expired}");
 
