@@ -102,6 +102,9 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     /// `HOST:PORT` to serve Prometheus metrics on (`/metrics`), if any.
     pub metrics_addr: Option<String>,
+    /// The uid the state directory must belong to: `None` for this process's own, or the
+    /// `--user` the router is about to become.
+    pub owner: Option<u32>,
 }
 
 /// Failure to start the router.
@@ -228,6 +231,8 @@ impl std::fmt::Debug for Router {
 /// it opens a network socket (`--user`).
 #[derive(Debug)]
 pub struct Kernel {
+    /// Taken before anything else: one router per state directory.
+    lock: site::Lock,
     accel: Option<Accel>,
     accel_note: String,
     isolation: Option<Isolation>,
@@ -240,9 +245,12 @@ impl Kernel {
     /// When the site cannot be read, or acceleration (unless `auto`) or isolation fails.
     pub fn attach(state: &StateDir, options: &RunOptions) -> Result<Self, Error> {
         let config = state.config()?;
+        site::check_private(state.root(), options.owner.unwrap_or_else(site::euid))?;
+        let lock = site::lock(state.root())?;
         let (accel, accel_note) = start_accel(&config.name, state, options)?;
         let isolation = start_isolation(&config, options)?;
         Ok(Self {
+            lock,
             accel,
             accel_note,
             isolation,
@@ -287,6 +295,7 @@ pub async fn run_attached(
     let ca = state.cert_key("ca")?;
     let identity = state.cert_key("router")?;
     let Kernel {
+        lock,
         accel,
         accel_note,
         mut isolation,
@@ -388,6 +397,7 @@ pub async fn run_attached(
     drop(router.accel.lock().expect("accel lock").take());
     drop(router.isolation.lock().expect("isolation lock").take());
     let _ = std::fs::remove_file(router.state.admin_socket());
+    drop(lock);
     Ok(())
 }
 

@@ -117,6 +117,7 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
         accel: (*accel).into(),
         cgroup: cgroup.clone(),
         metrics_addr: metrics_addr.clone(),
+        owner: user.as_ref().map(|u| u.uid),
     };
     let mut kernel = app::Kernel::attach(&state, &options)?;
     let mut keeper = None;

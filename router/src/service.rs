@@ -298,9 +298,7 @@ mod tests {
     #[test]
     fn names_keys_and_hosts_are_checked_against_the_limits() {
         for bad in ["a/b", "..", "../../x", "a\0b", "", "-a", "a-", "Web", "a.b"] {
-            let e = connector(bad, "k", "127.0.0.1")
-                .validate()
-                .expect_err(bad);
+            let e = connector(bad, "k", "127.0.0.1").validate().expect_err(bad);
             assert!(matches!(e, Invalid::Name { .. }), "{bad}: {e}");
         }
         let long = "a".repeat(10_000);

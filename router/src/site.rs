@@ -10,19 +10,24 @@
 //! STATE/links/NAME.key       the credential's private key
 //! STATE/resources.json       listeners and connectors
 //! STATE/admin.sock           the running router's admin socket (owner only)
+//! STATE/router.lock          held by the running router: one router per state directory
 //! ```
 
 use std::{
     collections::BTreeMap,
     fs,
-    io::Write as _,
-    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::pki::{self, CertKey};
+
+mod files;
+
+pub use files::{
+    Busy, Lock, NotPrivate, check_private, create_private_dir, euid, lock, write_atomic,
+};
 
 /// Failure to read or write the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +54,10 @@ pub enum Error {
     Pki(#[from] pki::Error),
     #[error("--router-cert needs --ca-cert and --ca-key: the CA that signed it")]
     RouterWithoutCa,
+    #[error(transparent)]
+    NotPrivate(#[from] NotPrivate),
+    #[error(transparent)]
+    Busy(#[from] Busy),
 }
 
 /// Certificates a user brings instead of letting the site generate them.
@@ -344,37 +353,10 @@ fn read_string(path: &Path) -> Result<String, Error> {
     fs::read_to_string(path).map_err(io_error(path))
 }
 
-fn create_private_dir(path: &Path) -> Result<(), Error> {
-    fs::create_dir_all(path).map_err(io_error(path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_error(path))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory, so a reader sees
-/// the old content or the new, never a mix; `mode` applies from the first byte.
-///
-/// # Errors
-/// When any step fails; the temporary file is removed.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io_error(path))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
 
     fn temp_dir(tag: &str) -> PathBuf {
