@@ -3,21 +3,25 @@
 //!
 //! A caller's namespace is found by walking up its cgroup ancestors (at most
 //! `MAX_CGROUP_DEPTH` levels) until one is a registered namespace root, so a cgroup created
-//! under a root belongs to it at once, with nothing to update. Loopback destinations are
-//! normalised (any 127.0.0.0/8 address to 127.0.0.1), since a listener bound to the wildcard
-//! answers on all of them; userspace registers a wildcard listener under every local address.
+//! under a root belongs to it at once, with nothing to update. Destinations are looked up
+//! where the kernel delivers them (`ebpf_common::connect_destination`): unspecified addresses
+//! and all of 127.0.0.0/8 fold into loopback, and loopback counts only for callers in the
+//! router's own network namespace (elsewhere it is that namespace's own host). Userspace
+//! registers a wildcard listener under every local address, and again as addresses come.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
 use ebpf_common::{
     AllowKey, DenyEvent, EndpointKey, ISOLATION_MAX_ENTRIES, IsolationCounter, MAX_CGROUP_DEPTH,
-    NO_NAMESPACE, v4_mapped,
+    NO_NAMESPACE, connect_destination, v4_mapped,
 };
 
 use crate::maps::read_ip6;
@@ -43,7 +47,10 @@ static SKIFF_ISOLATION_COUNTERS: PerCpuArray<u64> =
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
-const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// The router's network namespace cookie, set by the router when it loads the programs;
+/// 0 means unknown (loopback then counts in every namespace, as before the router knew).
+#[unsafe(no_mangle)]
+static ROUTER_NETNS: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn skiff_connect4(ctx: SockAddrContext) -> i32 {
@@ -54,7 +61,7 @@ pub fn skiff_connect4(ctx: SockAddrContext) -> i32 {
             read_volatile(&raw const (*ctx.sock_addr).user_port),
         )
     };
-    verdict(v4_mapped(ip4), port)
+    verdict(&ctx, v4_mapped(ip4), port)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -66,12 +73,23 @@ pub fn skiff_connect6(ctx: SockAddrContext) -> i32 {
             read_volatile(&raw const (*ctx.sock_addr).user_port),
         )
     };
-    verdict(ip6, port)
+    verdict(&ctx, ip6, port)
 }
 
-fn verdict(ip: [u32; 4], raw_port: u32) -> i32 {
+fn verdict(ctx: &SockAddrContext, ip: [u32; 4], raw_port: u32) -> i32 {
     let port = u32::from(u16::from_be(raw_port as u16));
-    let ip = normalise(ip);
+    let (ip, loopback) = connect_destination(ip);
+    if loopback {
+        // SAFETY: a plain read of a constant the loader patched; volatile so that the compiler
+        // does not fold in the 0 it was built with.
+        let router_netns = unsafe { read_volatile(&raw const ROUTER_NETNS) };
+        // SAFETY: connect hooks may call bpf_get_netns_cookie with their own context.
+        if router_netns != 0
+            && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != router_netns
+        {
+            return ALLOW;
+        }
+    }
     // SAFETY: plain lookups; the values are Copy and read at once.
     let Some(listener) = (unsafe { SKIFF_PROTECTED.get(EndpointKey { ip, port }) }).copied() else {
         return ALLOW;
@@ -101,16 +119,6 @@ fn verdict(ip: [u32; 4], raw_port: u32) -> i32 {
         count(IsolationCounter::EventsLost);
     }
     DENY
-}
-
-/// Every 127.0.0.0/8 address (and its v4-mapped form) reaches the same wildcard listener.
-#[inline(always)]
-fn normalise(ip: [u32; 4]) -> [u32; 4] {
-    let mapped = v4_mapped(0);
-    if ip[0] == 0 && ip[1] == 0 && ip[2] == mapped[2] && ip[3].to_ne_bytes()[0] == 127 {
-        return v4_mapped(LOOPBACK_V4);
-    }
-    ip
 }
 
 /// The namespace of the nearest registered ancestor of the caller's cgroup.

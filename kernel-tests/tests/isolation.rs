@@ -330,3 +330,100 @@ fn isolation_holds_when_the_router_runs_as_nobody() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The review's bypass and its class: from a denied namespace, the unspecified address in
+/// each form the kernel turns into loopback (`0.0.0.0`, `[::]`, `::ffff:0.0.0.0`), and an
+/// address added to the namespace after the listener exists, all reach a wildcard listener
+/// unless the hooks refuse them. A process in another network namespace connecting to its own
+/// loopback at the same port reaches its own host, not the router, and is left alone.
+#[test]
+fn no_address_of_this_host_bypasses_isolation() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("isoa")?;
+    let other = Netns::new("isoo")?;
+    let parent = Cgroup::new("isoa")?;
+    let (a, b) = (parent.child("a")?, parent.child("b")?);
+    let path = |cg: &Cgroup| cg.path().to_str().expect("utf-8").to_owned();
+    let (pa, pb) = (format!("a={}", path(&a)), format!("b={}", path(&b)));
+    let site = Site::start_with(
+        &ns,
+        Some(&parent),
+        "west",
+        None,
+        &[
+            "--namespace",
+            &pa,
+            "--namespace",
+            &pb,
+            "--isolate-namespaces",
+        ],
+        &[],
+    )?;
+    for (name, host, port) in [("four", "0.0.0.0", "8621"), ("dual", "::", "8622")] {
+        site.cli(&[
+            "listener",
+            "create",
+            name,
+            "--host",
+            host,
+            "--port",
+            port,
+            "--namespace",
+            "a",
+        ])?;
+    }
+
+    for addr in [
+        "0.0.0.0:8621",
+        "[::ffff:0.0.0.0]:8621",
+        "[::]:8622",
+        "0.0.0.0:8622",
+        "[::ffff:0.0.0.0]:8622",
+    ] {
+        assert_eq!(connect(&ns, &a, addr)?, "ok", "own namespace at {addr}");
+        assert_eq!(
+            connect(&ns, &b, addr)?,
+            EPERM,
+            "{addr} from a denied namespace"
+        );
+    }
+
+    // An address that arrives after the listeners: protected as soon as the router hears of
+    // it (rtnetlink); until then a connect may pass, so wait for the refusal, bounded.
+    ns.run(&["ip", "addr", "add", "198.18.213.1/32", "dev", "lo"])?;
+    ns.run(&[
+        "ip",
+        "addr",
+        "add",
+        "fd00:5c1f:213::1/128",
+        "dev",
+        "lo",
+        "nodad",
+    ])?;
+    for addr in ["198.18.213.1:8621", "[fd00:5c1f:213::1]:8622"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = connect(&ns, &b, addr)?;
+            if got == EPERM {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr}, added after the listener, still reachable from b: {got}"
+            );
+        }
+        assert_eq!(connect(&ns, &a, addr)?, "ok", "own namespace at {addr}");
+    }
+
+    // Another network namespace's loopback is its own: nothing listens there.
+    for addr in ["127.0.0.1:8621", "0.0.0.0:8621", "[::1]:8622"] {
+        assert_eq!(
+            connect(&other, &b, addr)?,
+            REFUSED,
+            "{addr} in another netns"
+        );
+    }
+    Ok(())
+}

@@ -377,6 +377,14 @@ pub async fn run_attached(
     }
     if let Some(events) = deny_events {
         background.push(tokio::spawn(read_denials(Arc::clone(&router), events)).abort_handle());
+        match isolation::AddressWatch::new() {
+            Ok(watch) => background
+                .push(tokio::spawn(follow_addresses(Arc::clone(&router), watch)).abort_handle()),
+            Err(e) => warn!(
+                error = %e,
+                "isolation will not see addresses added from now on: wildcard listeners stay protected at today's"
+            ),
+        }
     }
     background.push(tokio::spawn(renew_certificates(Arc::clone(&router))).abort_handle());
     router.restore().await?;
@@ -454,6 +462,20 @@ fn start_isolation(config: &SiteConfig, options: &RunOptions) -> Result<Option<I
 }
 
 /// Reads deny events from the kernel until the task is aborted.
+/// Keeps wildcard listeners protected at every local address as addresses come and go.
+async fn follow_addresses(router: Arc<Router>, watch: isolation::AddressWatch) {
+    loop {
+        if let Err(e) = watch.changed().await {
+            warn!(error = %e, "stopped following address changes");
+            return;
+        }
+        let mut isolation = router.isolation.lock().expect("isolation lock");
+        if let Some(Err(e)) = isolation.as_mut().map(Isolation::follow_addresses) {
+            warn!(error = %e, "failed to protect a new address");
+        }
+    }
+}
+
 async fn read_denials(router: Arc<Router>, events: aya::maps::RingBuf<aya::maps::MapData>) {
     // SAFETY: the ring buffer owns its map's file descriptor, which stays open and the same
     // for as long as the AsyncFd (which owns the ring buffer) lives.

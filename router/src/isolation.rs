@@ -15,17 +15,22 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
 };
 use ebpf_common::{
     ALLOWED_MAP, AllowKey, CONNECT4_PROGRAM, CONNECT6_PROGRAM, DENY_EVENTS_MAP, DenyEvent,
     EndpointKey, ISOLATION_COUNTERS_MAP, IsolationCounter, NAMESPACES_MAP, NO_NAMESPACE,
-    PROTECTED_MAP,
+    PROTECTED_MAP, ROUTER_NETNS,
 };
 
 use crate::accel::endpoint_key;
+
+mod addresses;
+
+use addresses::local_ips;
+pub use addresses::{AddressWatch, netns_cookie};
 
 /// Failure to set up or drive the isolation hooks.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +88,8 @@ pub struct Isolation {
     events: Option<RingBuf<MapData>>,
     /// Namespace name -> id (1-based; 0 is "no namespace").
     namespaces: BTreeMap<String, u32>,
+    /// Protected endpoint id -> the addresses it is protected at now.
+    protected_at: BTreeMap<u32, (SocketAddr, Vec<SocketAddr>)>,
 }
 
 impl std::fmt::Debug for Isolation {
@@ -109,8 +116,23 @@ impl Isolation {
     /// # Errors
     /// Without CAP_BPF/CAP_NET_ADMIN, or when a cgroup path is not a cgroup v2 directory.
     pub fn attach(cgroup: &Path, namespaces: &BTreeMap<String, PathBuf>) -> Result<Self, Error> {
-        let mut ebpf =
-            Ebpf::load(crate::accel::programs()).map_err(|e| Error::Load(Box::new(e)))?;
+        // Loopback reaches a listener only from the router's own network namespace; without
+        // the cookie (kernels before 5.14) the hooks treat loopback alike in every namespace.
+        let mut loader = EbpfLoader::new();
+        let netns = netns_cookie()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    error = %e,
+                    "isolation cannot tell this network namespace's loopback from others': loopback counts in every namespace"
+                );
+            })
+            .ok();
+        if let Some(cookie) = &netns {
+            loader.override_global(ROUTER_NETNS, cookie, true);
+        }
+        let mut ebpf = loader
+            .load(crate::accel::programs())
+            .map_err(|e| Error::Load(Box::new(e)))?;
         let take =
             |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(Error::Missing(name));
         let protected =
@@ -174,6 +196,7 @@ impl Isolation {
             counters,
             events: Some(events),
             namespaces: ids,
+            protected_at: BTreeMap::new(),
         })
     }
 
@@ -222,18 +245,22 @@ impl Isolation {
                 )
                 .map_err(map_err(ALLOWED_MAP))?;
         }
-        for addr in reachable_addrs(p.addr) {
+        let addrs = reachable_addrs(p.addr);
+        for addr in &addrs {
             self.protected
-                .insert(endpoint_key(addr), p.id, 0)
+                .insert(endpoint_key(*addr), p.id, 0)
                 .map_err(map_err(PROTECTED_MAP))?;
         }
+        self.protected_at.insert(p.id, (p.addr, addrs));
         Ok(())
     }
 
     /// Removes the protection `protect` added; connect() then behaves as without skiff.
     pub fn unprotect(&mut self, p: &Protection) {
-        for addr in reachable_addrs(p.addr) {
-            let _ = self.protected.remove(&endpoint_key(addr));
+        if let Some((_, addrs)) = self.protected_at.remove(&p.id) {
+            for addr in addrs {
+                let _ = self.protected.remove(&endpoint_key(addr));
+            }
         }
         let keys: Vec<AllowKey> = self
             .allowed
@@ -244,6 +271,31 @@ impl Isolation {
         for key in keys {
             let _ = self.allowed.remove(&key);
         }
+    }
+
+    /// Protects every wildcard listener at the local addresses there are now, and no longer at
+    /// those that went away: called when the namespace's addresses change.
+    ///
+    /// # Errors
+    /// When the map is full; the other endpoints are brought up to date first.
+    pub fn follow_addresses(&mut self) -> Result<(), Error> {
+        let mut failed = None;
+        for (id, (bound, now)) in &mut self.protected_at {
+            if !bound.ip().is_unspecified() {
+                continue;
+            }
+            let wanted = reachable_addrs(*bound);
+            for gone in now.iter().filter(|a| !wanted.contains(a)) {
+                let _ = self.protected.remove(&endpoint_key(*gone));
+            }
+            for new in wanted.iter().filter(|a| !now.contains(a)) {
+                if let Err(e) = self.protected.insert(endpoint_key(*new), *id, 0) {
+                    failed = Some(e);
+                }
+            }
+            *now = wanted;
+        }
+        failed.map_or(Ok(()), |e| Err(map_err(PROTECTED_MAP)(e)))
     }
 
     /// The hooks' counters, summed over CPUs.
@@ -305,43 +357,6 @@ fn reachable_addrs(addr: SocketAddr) -> Vec<SocketAddr> {
     );
     out.sort();
     out.dedup();
-    out
-}
-
-/// The addresses configured on this network namespace's interfaces.
-fn local_ips() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
-        return out;
-    }
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: cur walks the list getifaddrs returned; ifa_addr may be null.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: the family says which sockaddr type the pointer refers to.
-            unsafe {
-                match i32::from((*ifa.ifa_addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*ifa.ifa_addr.cast::<libc::sockaddr_in>();
-                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                            sin.sin_addr.s_addr,
-                        ))));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*ifa.ifa_addr.cast::<libc::sockaddr_in6>();
-                        out.push(IpAddr::V6(sin6.sin6_addr.s6_addr.into()));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: head came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
     out
 }
 

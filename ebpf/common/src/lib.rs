@@ -264,6 +264,76 @@ pub const CONNECT4_PROGRAM: &str = "skiff_connect4";
 /// Name of the connect6 program.
 pub const CONNECT6_PROGRAM: &str = "skiff_connect6";
 
+/// Name of the connect hooks' global holding the router's network namespace cookie (a `u64`;
+/// 0 = unknown, then loopback destinations count in every namespace).
+pub const ROUTER_NETNS: &str = "ROUTER_NETNS";
+
+/// `::1`, as stored in keys.
+pub const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+/// Where a connect() to `ip` (IPv6 or v4-mapped, network byte order) arrives, as the key to
+/// look up, and whether the destination is this host's loopback, which reaches only the
+/// caller's own network namespace. The kernel connects to loopback for an unspecified
+/// destination (`0.0.0.0`, `::`, `::ffff:0.0.0.0`), and a listener bound to the wildcard
+/// answers on every 127.0.0.0/8 address, so all of these fold into `127.0.0.1` or `::1`.
+#[inline(always)]
+#[must_use]
+pub fn connect_destination(ip: [u32; 4]) -> ([u32; 4], bool) {
+    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX;
+    if mapped {
+        let first = ip[3].to_ne_bytes()[0];
+        if first == 127 || ip[3] == 0 {
+            return (v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])), true);
+        }
+        return (ip, false);
+    }
+    if ip == [0; 4] || ip == LOOPBACK_V6 {
+        return (LOOPBACK_V6, true);
+    }
+    (ip, false)
+}
+
+#[cfg(test)]
+mod destination_tests {
+    use super::*;
+
+    fn key(ip: &str) -> [u32; 4] {
+        extern crate std;
+        let v6 = match ip.parse::<std::net::IpAddr>().expect("ip") {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        let mut out = [0u32; 4];
+        for (word, chunk) in out.iter_mut().zip(v6.octets().chunks_exact(4)) {
+            *word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        out
+    }
+
+    /// The review's bypass: `0.0.0.0`, `[::]` and `::ffff:0.0.0.0` reach the loopback
+    /// listener, so they must be looked up as loopback.
+    #[test]
+    fn unspecified_and_loopback_destinations_fold_into_loopback() {
+        let v4 = (key("127.0.0.1"), true);
+        let v6 = (key("::1"), true);
+        for ip in [
+            "0.0.0.0",
+            "::ffff:0.0.0.0",
+            "127.0.0.1",
+            "127.9.9.9",
+            "::ffff:127.0.0.5",
+        ] {
+            assert_eq!(connect_destination(key(ip)), v4, "{ip}");
+        }
+        for ip in ["::", "::1"] {
+            assert_eq!(connect_destination(key(ip)), v6, "{ip}");
+        }
+        for ip in ["10.0.0.1", "::ffff:10.0.0.1", "fd00::1", "128.0.0.1", "::2"] {
+            assert_eq!(connect_destination(key(ip)), (key(ip), false), "{ip}");
+        }
+    }
+}
+
 /// Capacity of the protected, namespace and allowed maps.
 pub const ISOLATION_MAX_ENTRIES: u32 = 16_384;
 /// How many cgroup levels above the caller the programs look for a namespace root.
