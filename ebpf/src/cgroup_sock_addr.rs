@@ -24,7 +24,7 @@ use ebpf_common::{
     NO_NAMESPACE, connect_destination, v4_mapped,
 };
 
-use crate::maps::read_ip6;
+use crate::maps::{read_ip6, router_netns};
 
 #[map]
 static SKIFF_PROTECTED: HashMap<EndpointKey, u32> =
@@ -46,11 +46,6 @@ static SKIFF_ISOLATION_COUNTERS: PerCpuArray<u64> =
 /// The verdicts cgroup_sock_addr programs return.
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
-
-/// The router's network namespace cookie, set by the router when it loads the programs;
-/// 0 means unknown (loopback then counts in every namespace, as before the router knew).
-#[unsafe(no_mangle)]
-static ROUTER_NETNS: u64 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn skiff_connect4(ctx: SockAddrContext) -> i32 {
@@ -79,14 +74,10 @@ pub fn skiff_connect6(ctx: SockAddrContext) -> i32 {
 fn verdict(ctx: &SockAddrContext, ip: [u32; 4], raw_port: u32) -> i32 {
     let port = u32::from(u16::from_be(raw_port as u16));
     let (ip, loopback) = connect_destination(ip);
-    if loopback {
-        // SAFETY: a plain read of a constant the loader patched; volatile so that the compiler
-        // does not fold in the 0 it was built with.
-        let router_netns = unsafe { read_volatile(&raw const ROUTER_NETNS) };
+    // Without the router's cookie, loopback counts in every namespace.
+    if loopback && let Some(router_netns) = router_netns() {
         // SAFETY: connect hooks may call bpf_get_netns_cookie with their own context.
-        if router_netns != 0
-            && unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != router_netns
-        {
+        if unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } != router_netns {
             return ALLOW;
         }
     }

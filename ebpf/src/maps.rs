@@ -5,11 +5,11 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_F_WRONLY},
     macros::map,
-    maps::{HashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use ebpf_common::{
-    ANY_IP, Counter, ENDPOINTS_MAX_ENTRIES, EndpointKey, SOCKS_MAX_ENTRIES, Sent, Shortcut,
-    SockKey, v4_mapped,
+    ANY_IP, Counter, ENDPOINTS_MAX_ENTRIES, EndpointKey, ROUTER_SOCKETS_MAX_ENTRIES,
+    SOCKS_MAX_ENTRIES, Sent, Shortcut, SockKey, v4_mapped,
 };
 
 /// Accelerated sockets. The kernel removes a socket from it when the socket closes.
@@ -48,6 +48,18 @@ pub static SKIFF_SOCK_ADDRS: HashMap<SockKey, u64> =
 pub static SKIFF_SHORTCUTS: HashMap<SockKey, Shortcut> =
     HashMap::with_max_entries(SOCKS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// Sockets the router is connecting to a backend, by socket cookie; written by the router.
+#[map]
+pub static SKIFF_ROUTER_SOCKETS: HashMap<u64, u8> =
+    HashMap::with_max_entries(ROUTER_SOCKETS_MAX_ENTRIES, 0);
+
+/// Router sockets whose connection to a backend is established, by key, until the backend's
+/// end is established too (sock_ops removes the entry then). LRU: an end that never comes
+/// (a backend outside the cgroup) ages out instead of filling the map.
+#[map]
+pub static SKIFF_ROUTER_ENDS: LruHashMap<SockKey, u8> =
+    LruHashMap::with_max_entries(SOCKS_MAX_ENTRIES, 0);
+
 /// Event counters; per-CPU because the bpf target has no 64-bit atomics.
 #[map]
 pub static SKIFF_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -68,6 +80,20 @@ pub fn rmem_alloc_offset() -> Option<u32> {
     (offset != 0).then_some(offset)
 }
 
+/// The router's network namespace cookie, set by the router when it loads the programs;
+/// 0 means unknown. sock_ops leaves sockets of other namespaces alone; the connect hooks count
+/// loopback only in this one.
+#[unsafe(no_mangle)]
+static ROUTER_NETNS: u64 = 0;
+
+/// [`ROUTER_NETNS`], if known.
+#[inline(always)]
+pub fn router_netns() -> Option<u64> {
+    // SAFETY: as for SK_RMEM_ALLOC_OFFSET.
+    let netns = unsafe { read_volatile(&raw const ROUTER_NETNS) };
+    (netns != 0).then_some(netns)
+}
+
 /// Adds `n` to `counter` on this CPU.
 #[inline(always)]
 pub fn count(counter: Counter, n: u64) {
@@ -78,15 +104,19 @@ pub fn count(counter: Counter, n: u64) {
     }
 }
 
-/// The kind of endpoint `ip:port` is (an `EndpointKind` as `u32`), bound to that address or to
-/// any address; `None` if it is not registered.
+/// The kind of endpoint `ip:port` is (an `EndpointKind` as `u32`), and whether it is registered
+/// at that address (`true`) or at any address (`false`); `None` if it is not registered.
 #[inline(always)]
-pub fn endpoint_kind(ip: [u32; 4], port: u32) -> Option<u32> {
-    let value = SKIFF_ENDPOINTS
-        .get_ptr(EndpointKey { ip, port })
-        .or_else(|| SKIFF_ENDPOINTS.get_ptr(EndpointKey { ip: ANY_IP, port }))?;
+pub fn endpoint_kind(ip: [u32; 4], port: u32) -> Option<(u32, bool)> {
+    let (value, exact) = match SKIFF_ENDPOINTS.get_ptr(EndpointKey { ip, port }) {
+        Some(value) => (value, true),
+        None => (
+            SKIFF_ENDPOINTS.get_ptr(EndpointKey { ip: ANY_IP, port })?,
+            false,
+        ),
+    };
     // SAFETY: the pointer is a live value of the map, valid for this program's run.
-    Some(unsafe { read_volatile(value) })
+    Some((unsafe { read_volatile(value) }, exact))
 }
 
 /// An address as keys store it: IPv4 in its v4-mapped form, IPv6 as is.

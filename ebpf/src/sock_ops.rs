@@ -5,6 +5,13 @@
 //! (`PASSIVE_ESTABLISHED`, local end is the endpoint). With both in the map, sk_msg can move
 //! bytes from one to the other.
 //!
+//! Only connections with the router at one end are taken, in the router's own network
+//! namespace: for a listener, the router accepted the connection (it owns the listener's
+//! port there), and the client reached this host (the listener's exact address, loopback, or
+//! its own address); for a backend, the connecting socket is one the router registered
+//! (`SKIFF_ROUTER_SOCKETS`) and the backend's end is that socket's peer (`SKIFF_ROUTER_ENDS`).
+//! Anything else is counted (`SocksForeign`) and left to TCP.
+//!
 //! The workload end of each connection also gets an entry in the sent map, which sk_msg
 //! keeps and the router's shortcuts rely on (see `ebpf_common::Shortcut`). The program asks
 //! for that socket's state changes and removes the entry when the socket closes.
@@ -14,17 +21,18 @@ use aya_ebpf::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use ebpf_common::{Counter, EndpointKind, Sent, SockKey};
+use ebpf_common::{Counter, EndpointKind, LOOPBACK_V6, Sent, SockKey, V4_MAPPED_PREFIX};
 
 use core::ptr::read_volatile;
 
 use crate::maps::{
-    SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, endpoint_kind, key_ip,
-    read_ip6, remote_port, rmem_alloc_offset,
+    SKIFF_DIVERTED, SKIFF_ROUTER_ENDS, SKIFF_ROUTER_SOCKETS, SKIFF_SENT, SKIFF_SOCK_ADDRS,
+    SKIFF_SOCKS, count, endpoint_kind, key_ip, read_ip6, remote_port, rmem_alloc_offset,
+    router_netns,
 };
 
 /// The return value means nothing for these callbacks; 1 is what the kernel documents as "ok".
@@ -66,9 +74,12 @@ fn established(ctx: &SockOpsContext, passive: bool) -> Result<(), Counter> {
     } else {
         endpoint_kind(key.remote_ip, key.remote_port)
     };
-    let Some(kind) = kind else {
+    let Some((kind, exact)) = kind else {
         return Ok(());
     };
+    if !routers_own(ctx, &key, kind, exact, passive) {
+        return Err(Counter::SocksForeign);
+    }
     // A new connection never inherits the diverted mark of an earlier one with the same key.
     let _ = SKIFF_DIVERTED.remove(key);
     // SAFETY: ops is the live bpf_sock_ops the kernel passed to this program.
@@ -100,6 +111,48 @@ fn established(ctx: &SockOpsContext, passive: bool) -> Result<(), Counter> {
         }
     }
     Ok(())
+}
+
+/// Whether the router is at one end of this connection, in its own network namespace.
+fn routers_own(ctx: &SockOpsContext, key: &SockKey, kind: u32, exact: bool, passive: bool) -> bool {
+    if router_netns().is_some_and(|netns| netns != key.netns) {
+        return false;
+    }
+    match (kind == EndpointKind::Listener as u32, passive) {
+        // The router accepted it: no one else can listen on the router's port here.
+        (true, true) => true,
+        // A client of a listener registered at any address: it must have reached this host,
+        // not some other host's same port.
+        (true, false) => exact || key.remote_ip == key.local_ip || is_loopback(key.remote_ip),
+        // The router connecting to a backend: a socket it registered before connect().
+        (false, false) => {
+            // SAFETY: sock_ops may call bpf_get_socket_cookie with its own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            // SAFETY: a plain lookup; the value is not kept.
+            if unsafe { SKIFF_ROUTER_SOCKETS.get(cookie) }.is_none() {
+                return false;
+            }
+            // The backend's end is established after this one (it needs this end's ACK).
+            SKIFF_ROUTER_ENDS.insert(key, 1, u64::from(BPF_ANY)).is_ok()
+        }
+        // The backend accepting: only from a router socket established just before.
+        (false, true) => {
+            let peer = key.peer();
+            // SAFETY: a plain lookup; the value is not kept.
+            let known = unsafe { SKIFF_ROUTER_ENDS.get(peer) }.is_some();
+            if known {
+                let _ = SKIFF_ROUTER_ENDS.remove(peer);
+            }
+            known
+        }
+    }
+}
+
+/// 127.0.0.0/8 (v4-mapped) or ::1.
+#[inline(always)]
+fn is_loopback(ip: [u32; 4]) -> bool {
+    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX;
+    (mapped && ip[3].to_ne_bytes()[0] == 127) || ip == LOOPBACK_V6
 }
 
 /// The address of the context's socket as a plain number. The verifier allows no arithmetic

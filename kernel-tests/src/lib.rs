@@ -132,6 +132,44 @@ impl Netns {
 }
 
 impl Netns {
+    /// The namespace's cookie, as the eBPF programs see it: read from a socket made by a
+    /// thread that entered the namespace (the calling thread stays where it is).
+    ///
+    /// # Errors
+    /// When the namespace cannot be entered or the kernel cannot tell the cookie.
+    pub fn cookie(&self) -> anyhow::Result<u64> {
+        let path = format!("/run/netns/{}", self.name);
+        thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<u64> {
+                use std::os::fd::AsRawFd as _;
+                let file = fs::File::open(&path)?;
+                // SAFETY: setns on this thread only, with a namespace file it holds open.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                let socket = std::net::UdpSocket::bind(("127.0.0.1", 0))?;
+                let mut cookie = 0u64;
+                let mut len = size_of::<u64>() as libc::socklen_t;
+                // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        socket.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_NETNS_COOKIE,
+                        (&raw mut cookie).cast(),
+                        &raw mut len,
+                    )
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                Ok(cookie)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the cookie thread panicked"))?
+        })
+    }
+
     /// Bytes charged to the receive queues of all TCP sockets in the namespace, as `ss -m`
     /// reports them (`skmem:(r…)`): what readers have not read yet, redirected bytes included.
     ///

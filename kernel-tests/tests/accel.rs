@@ -882,3 +882,88 @@ fn redis_through_an_accelerated_hop_takes_the_shortcut() -> anyhow::Result<()> {
     assert!(shortcut >= 9 * routed && shortcut > 0, "{accel}");
     Ok(())
 }
+
+/// The review's tenant: a process in the accelerated cgroup connecting straight to a
+/// connector's backend port, whose receiver never reads, had both ends redirected with none of
+/// the router's flow control, and the kernel queued hundreds of MiB. Now neither end of a
+/// connection without the router enters the sockhash (counted as not the router's), so TCP's
+/// own window holds the sender; and a pair in another network namespace at the same address
+/// and port is left alone too. The router's own connections are still accelerated.
+#[test]
+fn only_connections_with_the_router_at_one_end_are_redirected() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let f = fixture("accf", 7392)?;
+    let backend = f.backend();
+    let before = f.accel()?;
+
+    // The tenant: connects to the backend port directly and pushes 128 MiB into a reader
+    // that reads nothing for 3 s, then checks every byte.
+    let bytes = (128u64 << 20).to_string();
+    let target = format!("127.0.0.1:{backend}");
+    let verify = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[&loadgen(), "verify", &target, "1", &bytes, "3000"],
+    )?;
+    f.ns.wait_listening(backend, Duration::from_secs(10))?;
+    let push = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[&loadgen(), "push", &target, "1", &bytes, "1"],
+    )?;
+    let peak = peak_receive_queues(&f.ns, Duration::from_millis(3000))?;
+    push.wait(Duration::from_secs(120))?;
+    let tally = verify.wait(Duration::from_secs(120))?;
+    eprintln!("tenant pair: {tally}");
+
+    // Another network namespace, same cgroup, same address and port: its own pair.
+    let other = Netns::new("accg")?;
+    let data = pattern(1 << 20, 11);
+    let got = socat_transfer(
+        &other,
+        Some(&f.cgroup),
+        "127.0.0.1",
+        backend,
+        &format!("127.0.0.1:{backend}"),
+        &data,
+    )?;
+    assert!(got == data, "the other namespace's transfer corrupted");
+
+    let after = f.accel()?;
+    eprintln!("tenant pair: kernel queues peaked at {peak} B; {after}");
+    let field = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+    assert!(
+        field(&after, "socketsNotTheRouters") >= field(&before, "socketsNotTheRouters") + 2,
+        "the tenant's sockets were counted as not the router's: {after}"
+    );
+    assert_eq!(
+        field(&after, "socketsInserted"),
+        field(&before, "socketsInserted"),
+        "no socket without the router entered the sockhash: {after}"
+    );
+    // TCP's window bounds what a non-reading receiver holds (its tcp_rmem maximum, 32 MiB
+    // here, and the sender's send buffer): far below what redirection queued.
+    assert!(
+        peak < 96 << 20,
+        "the kernel held {peak} B for a receiver that does not read"
+    );
+
+    // The router's own connections are still taken.
+    let got = socat_transfer(
+        &f.ns,
+        Some(&f.cgroup),
+        "127.0.0.1",
+        backend,
+        &format!("127.0.0.1:{}", f.port),
+        &data,
+    )?;
+    assert!(got == data, "transfer through the router corrupted");
+    let last = f.accel()?;
+    assert!(
+        field(&last, "socketsInserted") >= field(&after, "socketsInserted") + 4,
+        "both legs of the router's connection were accelerated: {last}"
+    );
+    Ok(())
+}

@@ -16,7 +16,7 @@ fn sockmap_redirects_payload_inside_cgroup_only() -> anyhow::Result<()> {
     }
     let ns = Netns::new("redir")?;
     let cgroup = Cgroup::new("redir")?;
-    let mut accel = Accel::attach(cgroup.path(), None)?;
+    let mut accel = Accel::attach_for(cgroup.path(), None, ns.cookie()?)?;
     // Any local address: the accelerated pair uses 127.0.0.1, the control pair 127.0.0.2.
     // No router here: socat's two ends talk directly, so the kind only decides which end is
     // counted for shortcuts, which this test does not use.

@@ -13,19 +13,22 @@
 
 mod backpressure;
 mod btf;
+mod own;
 mod shortcut;
 mod sock_diag;
 
 use std::{
     fs::File,
+    io,
     net::{IpAddr, SocketAddr},
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 pub use backpressure::{Backpressure, Inflow, Outflow, Stats as BackpressureStats};
 pub use ebpf_common::EndpointKind;
+pub use own::{OwnSockets, Registered};
 pub use shortcut::Bypass;
 
 use aya::{
@@ -37,8 +40,9 @@ use aya::{
     },
 };
 use ebpf_common::{
-    COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, SENT_MAP, SHORTCUTS_MAP,
-    SK_MSG_PROGRAM, SK_RMEM_ALLOC_OFFSET, SOCK_ADDRS_MAP, SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
+    COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, ROUTER_NETNS,
+    ROUTER_SOCKETS_MAP, SENT_MAP, SHORTCUTS_MAP, SK_MSG_PROGRAM, SK_RMEM_ALLOC_OFFSET,
+    SOCK_ADDRS_MAP, SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
 };
 
 /// The eBPF object built from `ebpf/` by `build.rs`.
@@ -50,11 +54,65 @@ pub fn programs() -> &'static [u8] {
     PROGRAMS
 }
 
+/// The cookie of the network namespace `fd` lives in, as `bpf_get_netns_cookie` sees it.
+pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes through the pointer, which is valid for it.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The cookie of this process's network namespace (see [`netns_cookie`]).
+///
+/// # Errors
+/// On kernels before 5.14, which cannot tell it.
+pub fn own_netns_cookie() -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    netns_cookie(socket.as_raw_fd())
+}
+
+/// The cookie of socket `fd`, as `bpf_get_socket_cookie` sees it.
+///
+/// # Errors
+/// When `fd` is not a socket.
+pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes through the pointer, which is valid for it.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// Failure to set up or drive the socket-redirection programs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("failed to load the eBPF object")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error("the kernel cannot tell this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14)")]
+    Netns(#[source] io::Error),
     #[error("eBPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
@@ -64,7 +122,7 @@ pub enum Error {
     Cgroup {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("failed to load or attach program {name}")]
     Program {
@@ -88,7 +146,7 @@ pub enum Error {
     Cleanup {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
 }
 
@@ -120,6 +178,7 @@ pub struct Accel {
     endpoints: HashMap<MapData, EndpointKey, u32>,
     counters: PerCpuArray<MapData, u64>,
     backpressure: Arc<Backpressure>,
+    own: Arc<OwnSockets>,
 }
 
 impl std::fmt::Debug for Accel {
@@ -141,6 +200,8 @@ pub struct Counters {
     pub bytes_shortcut: u64,
     pub shortcut_over_budget: u64,
     pub shortcut_behind: u64,
+    /// Sockets of a registered endpoint left out because the router is at neither end.
+    pub socks_foreign: u64,
     /// What the router's flow control for redirected sockets did.
     pub backpressure: BackpressureStats,
 }
@@ -153,6 +214,15 @@ impl Accel {
     /// Fails without CAP_BPF and CAP_NET_ADMIN, when the kernel lacks sock_ops or sk_msg, when
     /// `cgroup` is not a cgroup v2 directory, or when pinning fails.
     pub fn attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Self, Error> {
+        Self::attach_for(cgroup, pin_dir, own_netns_cookie().map_err(Error::Netns)?)
+    }
+
+    /// [`Accel::attach`], taking only the sockets of the network namespace whose cookie is
+    /// `netns` (the router's own, for a router; the test's, in the kernel tests).
+    ///
+    /// # Errors
+    /// As [`Accel::attach`].
+    pub fn attach_for(cgroup: &Path, pin_dir: Option<&Path>, netns: u64) -> Result<Self, Error> {
         if let Some(dir) = pin_dir {
             clear_pins(dir)?;
             std::fs::create_dir_all(dir).map_err(|source| Error::Cleanup {
@@ -175,6 +245,10 @@ impl Accel {
         if let Some(offset) = &rmem_offset {
             loader.override_global(SK_RMEM_ALLOC_OFFSET, offset, true);
         }
+        // Only sockets of the router's network namespace are taken; without its cookie
+        // (kernels before 5.14) the programs could not tell namespaces apart, so acceleration
+        // does not start there.
+        loader.override_global(ROUTER_NETNS, &netns, true);
         let mut ebpf = loader
             .load(PROGRAMS)
             .map_err(|e| Error::Load(Box::new(e)))?;
@@ -199,6 +273,7 @@ impl Accel {
         let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, SOCKS_MAP)?;
         let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
+        let own = Arc::new(OwnSockets::new(take_map(&mut ebpf, ROUTER_SOCKETS_MAP)?));
         let backpressure = Arc::new(Backpressure::new(
             take_map(&mut ebpf, DIVERTED_MAP)?,
             take_map(&mut ebpf, SENT_MAP)?,
@@ -245,6 +320,7 @@ impl Accel {
             endpoints,
             counters,
             backpressure,
+            own,
         })
     }
 
@@ -261,6 +337,12 @@ impl Accel {
     #[must_use]
     pub fn backpressure(&self) -> Arc<Backpressure> {
         Arc::clone(&self.backpressure)
+    }
+
+    /// Where the router registers its sockets towards backends before connecting them.
+    #[must_use]
+    pub fn own_sockets(&self) -> Arc<OwnSockets> {
+        Arc::clone(&self.own)
     }
 
     /// The pin directory, if the objects are pinned.
@@ -325,6 +407,7 @@ impl Accel {
             bytes_shortcut: read(Counter::BytesShortcut)?,
             shortcut_over_budget: read(Counter::ShortcutOverBudget)?,
             shortcut_behind: read(Counter::ShortcutBehind)?,
+            socks_foreign: read(Counter::SocksForeign)?,
             backpressure: self.backpressure.stats(),
         })
     }
@@ -374,7 +457,7 @@ fn clear_pins(dir: &Path) -> Result<(), Error> {
     };
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(cleanup(e)),
     };
     for entry in entries {

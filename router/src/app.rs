@@ -19,10 +19,7 @@ use std::{
 
 use ebpf_common::EndpointKind;
 use serde_json::json;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::AbortHandle,
-};
+use tokio::{net::TcpListener, task::AbortHandle};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
@@ -195,6 +192,8 @@ pub struct Router {
     /// Flow control for redirected sockets, when acceleration is on. Fixed at start: it also
     /// tells a local proxy to copy rather than splice (splice cannot see redirected bytes).
     backpressure: Option<Arc<accel::Backpressure>>,
+    /// Where connections to backends register with the programs, when acceleration is on.
+    own_sockets: Option<Arc<accel::OwnSockets>>,
     /// The connect() hooks, when the site isolates its namespaces.
     isolation: Mutex<Option<Isolation>>,
     denials: Mutex<Denials>,
@@ -320,6 +319,7 @@ pub async fn run_attached(
         shutdown: tokio::sync::Notify::new(),
         link_access: std::sync::OnceLock::new(),
         backpressure: accel.as_ref().map(Accel::backpressure),
+        own_sockets: accel.as_ref().map(Accel::own_sockets),
         policy: std::sync::RwLock::new(policy),
         policy_denials: Mutex::new(PolicyDenials::default()),
         link_state_refusals: Mutex::new(LogLimit::default()),
@@ -721,7 +721,9 @@ impl Router {
         let (addr, tls) = self
             .local_backend(key)
             .ok_or_else(|| "no local connector".to_owned())?;
-        let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(&addr))
+        let own = self.own_sockets.as_ref();
+        let connect = datapath::connect(&addr, |socket| own.and_then(|o| o.register(socket)));
+        let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| format!("connect to {addr} timed out"))?
             .map_err(|e| format!("connect to {addr} failed: {e}"))?;
@@ -1315,6 +1317,7 @@ impl Router {
             "countedSockets": accel.backpressure().counted_len().ok(),
             "socketsInserted": counters.socks_inserted,
             "insertFailures": counters.socks_insert_failed,
+            "socketsNotTheRouters": counters.socks_foreign,
             "messagesRedirected": counters.msg_redirected,
             "bytesRedirected": counters.bytes_redirected,
             "messagesMissed": counters.msg_missed,

@@ -41,6 +41,39 @@ pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Connects to `addr` (`host:port`: each address it resolves to in turn, until one answers).
+/// `before` sees each socket before its connect() and what it returns is kept until connect()
+/// has returned (the router registers its own sockets with the eBPF programs that way).
+///
+/// # Errors
+/// When `addr` does not resolve, or no address accepts the connection (the last error).
+pub async fn connect<G>(
+    addr: &str,
+    mut before: impl FnMut(&tokio::net::TcpSocket) -> G,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = if resolved.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let guard = before(&socket);
+        let connected = socket.connect(resolved).await;
+        drop(guard);
+        match connected {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
 /// Read buffer per direction of a relayed connection. On this machine a relay with tokio's
 /// default 8 KiB buffers reached 29% of direct loopback throughput, with 256 KiB 58%.
 pub const BUFFER_SIZE: usize = 256 * 1024;

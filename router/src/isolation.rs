@@ -29,8 +29,8 @@ use crate::accel::endpoint_key;
 
 mod addresses;
 
+pub use addresses::AddressWatch;
 use addresses::local_ips;
-pub use addresses::{AddressWatch, netns_cookie};
 
 /// Failure to set up or drive the isolation hooks.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +119,7 @@ impl Isolation {
         // Loopback reaches a listener only from the router's own network namespace; without
         // the cookie (kernels before 5.14) the hooks treat loopback alike in every namespace.
         let mut loader = EbpfLoader::new();
-        let netns = netns_cookie()
+        let netns = crate::accel::own_netns_cookie()
             .inspect_err(|e| {
                 tracing::warn!(
                     error = %e,

@@ -31,6 +31,13 @@ pub const SHORTCUTS_MAP: &str = "SKIFF_SHORTCUTS";
 /// running kernel's `struct sock` (a `u32`; 0 = unknown, then no shortcut is taken).
 pub const SK_RMEM_ALLOC_OFFSET: &str = "SK_RMEM_ALLOC_OFFSET";
 
+/// Name of the hash of sockets the router is connecting to a backend: socket cookie -> 1,
+/// written by the router before connect() and removed after. Only such a socket, and the
+/// backend's end of its connection, go into [`SOCKS_MAP`] for a backend endpoint.
+pub const ROUTER_SOCKETS_MAP: &str = "SKIFF_ROUTER_SOCKETS";
+/// Capacity of [`ROUTER_SOCKETS_MAP`]: connects in flight at once.
+pub const ROUTER_SOCKETS_MAX_ENTRIES: u32 = 16_384;
+
 /// Name of the sock_ops program that fills [`SOCKS_MAP`].
 pub const SOCK_OPS_PROGRAM: &str = "skiff_sock_ops";
 /// Name of the sk_msg program that redirects between sockets of [`SOCKS_MAP`].
@@ -163,11 +170,15 @@ pub enum Counter {
     /// all of the sender's earlier bytes yet: the sender is on the router's path and comes
     /// back when an offer catches it up.
     ShortcutBehind = 9,
+    /// Established sockets of a registered endpoint left out of the sockhash because the
+    /// router is at neither end (another namespace, another process's connection to a
+    /// backend, or a destination that is not this host).
+    SocksForeign = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::SocksInserted,
         Self::SocksInsertFailed,
         Self::MsgRedirected,
@@ -178,6 +189,7 @@ impl Counter {
         Self::BytesShortcut,
         Self::ShortcutOverBudget,
         Self::ShortcutBehind,
+        Self::SocksForeign,
     ];
     /// Number of entries in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -196,6 +208,7 @@ impl Counter {
             Self::BytesShortcut => "bytes_shortcut",
             Self::ShortcutOverBudget => "shortcut_over_budget",
             Self::ShortcutBehind => "shortcut_behind",
+            Self::SocksForeign => "socks_foreign",
         }
     }
 }

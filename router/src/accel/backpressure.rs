@@ -183,7 +183,7 @@ impl Backpressure {
         let (local, peer) = (tcp.local_addr().ok()?, tcp.peer_addr().ok()?);
         let netns = (*self
             .netns
-            .get_or_init(|| netns_cookie(tcp.as_raw_fd()).ok()))?;
+            .get_or_init(|| super::netns_cookie(tcp.as_raw_fd()).ok()))?;
         let (local_key, peer_key) = (super::endpoint_key(local), super::endpoint_key(peer));
         Some(SockKey {
             netns,
@@ -382,26 +382,6 @@ fn unread(fd: RawFd) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(usize::try_from(n).unwrap_or(0))
-}
-
-/// The cookie of the network namespace `fd` lives in, as `bpf_get_netns_cookie` sees it.
-fn netns_cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes through the pointer, which is valid for it.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! This network namespace's own addresses: what a listener bound to the wildcard answers on,
-//! the namespace's cookie, and a watch on addresses as they come and go (rtnetlink), so that
-//! protection follows an address added after the listener.
+//! and a watch on addresses as they come and go (rtnetlink), so that protection follows an
+//! address added after the listener.
 
 use std::{
     io,
@@ -45,34 +45,6 @@ pub fn local_ips() -> Vec<IpAddr> {
     // SAFETY: head came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
     out
-}
-
-/// `SO_NETNS_COOKIE` (Linux 5.14); not in the libc crate yet.
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
-/// The cookie of this process's network namespace, as BPF programs see it
-/// (`bpf_get_netns_cookie`).
-///
-/// # Errors
-/// On kernels before 5.14, which cannot tell it.
-pub fn netns_cookie() -> io::Result<u64> {
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64 on this stack.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 /// A subscription to this namespace's address changes (IPv4 and IPv6, added or removed).
