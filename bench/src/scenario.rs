@@ -55,6 +55,8 @@ pub struct Scenario {
     relays: Vec<u32>,
     _relay_procs: Vec<Graceful>,
     _sites: Vec<Site>,
+    /// Programs the bench loaded itself (direct-sockmap); detached before the cgroup goes.
+    _accel: Option<router::accel::Accel>,
     _backends: Vec<Proc>,
     /// Where the clients run, and inside which cgroup.
     pub client_cgroup: Option<Cgroup>,
@@ -83,6 +85,7 @@ impl Scenario {
                 .collect(),
             _relay_procs: relays,
             _sites: vec![],
+            _accel: None,
             _backends: backends,
             client_cgroup: None,
             client_ns: ns,
@@ -348,6 +351,7 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 relays: vec![],
                 _relay_procs: vec![],
                 _sites: vec![],
+                _accel: None,
                 _backends: backends(&ns, None)?,
                 client_cgroup: None,
                 client_ns: ns,
@@ -484,6 +488,7 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 relays: vec![router_pid(&site)?],
                 _relay_procs: vec![],
                 _sites: vec![site],
+                _accel: None,
                 _backends: backends,
                 client_cgroup: cgroup,
                 client_ns: ns,
@@ -492,24 +497,28 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
             }
         }
         "direct-sockmap" => {
-            // skiff's programs redirect a connection to a registered backend port in both
-            // directions; with no listener in the way, clients reach the backends themselves.
+            // skiff's programs, loaded by the bench itself with each server's port registered
+            // as a listener endpoint: the router takes only connections it is an end of, so
+            // no router can show what the mechanism makes with no relay at all.
             let ns = Netns::new("bdirsm")?;
             let cgroup = Cgroup::new("bdirsm")?;
             let backends = backends(&ns, Some(&cgroup))?;
-            let site = Site::start_in(&ns, Some(&cgroup), "dsm", None)?;
-            for (key, port) in SERVICES {
-                site.connector(key, port)?;
+            let mut accel = router::accel::Accel::attach_for(cgroup.path(), None, ns.cookie()?)?;
+            for (_, port) in SERVICES {
+                accel.add_endpoint(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    router::accel::EndpointKind::Listener,
+                )?;
             }
             Scenario {
                 name: "direct-sockmap",
                 description: "client -> server, each socket's sends redirected into the other by \
                               skiff's programs, no relay: the ceiling of an accelerated hop",
                 ports: Ports::backends(),
-                // The router only loaded the programs; nothing relays.
                 relays: vec![],
                 _relay_procs: vec![],
-                _sites: vec![site],
+                _sites: vec![],
+                _accel: Some(accel),
                 _backends: backends,
                 client_cgroup: Some(cgroup),
                 client_ns: ns,
@@ -579,6 +588,7 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                     .collect(),
                 _relay_procs: procs,
                 _sites: vec![],
+                _accel: None,
                 _backends: backends,
                 client_cgroup: None,
                 client_ns: east_ns,
@@ -629,6 +639,7 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 relays: vec![router_pid(&east)?, router_pid(&west)?],
                 _relay_procs: vec![],
                 _sites: vec![east, west],
+                _accel: None,
                 _backends: backends,
                 client_cgroup: cgroup,
                 client_ns: east_ns,
@@ -672,6 +683,7 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 relays: vec![router_pid(&east)?, router_pid(&west)?],
                 _relay_procs: vec![],
                 _sites: vec![east, west],
+                _accel: None,
                 _backends: backends,
                 client_cgroup: None,
                 client_ns: east_ns,
