@@ -7,7 +7,7 @@
 //! `.await`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
@@ -39,7 +39,7 @@ use crate::{
     metrics,
     pki::{self, CertKey},
     policy::{Control, Denied, Policy},
-    routing::{Received, Routing},
+    routing::{self, Received, Routing},
     service::{self, Connector, ConnectorTls, Listener, ListenerTls, Resources},
     site::{self, SiteConfig, StateDir},
     tls,
@@ -162,10 +162,13 @@ struct Inner {
     /// TLS settings of the connectors that reach their backend over TLS, by connector name.
     backend_tls: HashMap<String, Arc<BackendTls>>,
     /// Connectors whose routing key this router advertises (the site policy may withhold one).
-    advertised: std::collections::BTreeSet<String>,
+    advertised: BTreeSet<String>,
     grants: Grants,
     /// Link credentials this site signed, and which of them are revoked.
     credentials: token::Credentials,
+    /// Sites revoked here (`STATE/revoked.json`): no link to or from them, no stream from or
+    /// to them, until they are invited again or a link to them is made anew.
+    revoked: BTreeSet<String>,
     next_connector: usize,
     /// Ids of protected endpoints (listeners, link access); 0 is never used.
     next_protection_id: u32,
@@ -308,6 +311,7 @@ pub async fn run_attached(
         inner: Mutex::new(Inner {
             grants: Grants::new(state.read_json_or_default("grants.json")?),
             credentials: state.read_json_or_default("credentials.json")?,
+            revoked: state.read_json_or_default("revoked.json")?,
             ..Inner::default()
         }),
         config,
@@ -387,6 +391,7 @@ pub async fn run_attached(
         }
     }
     background.push(tokio::spawn(renew_certificates(Arc::clone(&router))).abort_handle());
+    router.exclude_revoked();
     router.restore().await?;
 
     let admin = admin::bind(&router.state.admin_socket()).map_err(Error::Admin)?;
@@ -744,6 +749,14 @@ impl Router {
     /// Handles a stream a peer opened: serve it here, or pass it on towards its destination.
     async fn serve_stream(self: Arc<Self>, open: Open, tx: StreamTx, rx: StreamRx) {
         let _active = self.track();
+        if let Some(site) = [&open.origin, &open.dest]
+            .into_iter()
+            .find(|s| self.is_revoked(s))
+        {
+            tx.reset(ResetCode::Policy, &format!("site {site} was revoked"))
+                .await;
+            return;
+        }
         if open.dest == self.config.name {
             if let Err(denied) = self.check_policy(|p| p.service(&open.routing_key)) {
                 self.policy_denied(&denied, true);
@@ -794,6 +807,10 @@ impl Router {
         if let Some(denied) = &denied {
             self.policy_denied(denied, false);
         }
+        let denied = denied.map(|d| d.to_string()).or_else(|| {
+            self.is_revoked(&config.peer_site)
+                .then(|| format!("site {} was revoked here", config.peer_site))
+        });
         let tasks = (0..if denied.is_some() {
             0
         } else {
@@ -815,7 +832,7 @@ impl Router {
             OutgoingRt {
                 config,
                 tasks,
-                denied: denied.map(|d| d.to_string()),
+                denied,
             },
         );
         if let Some(old) = old {
@@ -1231,6 +1248,8 @@ impl Router {
         self.state
             .write_json(&format!("links/{name}.json"), &config)
             .map_err(|e| e.to_string())?;
+        // The operator linked to this site anew: it is no longer revoked here.
+        self.unrevoke(&config.peer_site)?;
         self.start_link(config, key);
         Ok(())
     }
@@ -1461,6 +1480,10 @@ async fn accept_loop(
 
 impl Events for Router {
     fn link_up(&self, link: &Arc<Link>) {
+        if self.is_revoked(&link.peer) {
+            link.shut(format!("the site {} was revoked here", link.peer));
+            return;
+        }
         let first = {
             let mut inner = self.inner.lock().expect("router lock");
             let links = inner.links.entry(link.peer.clone()).or_default();
@@ -1517,7 +1540,7 @@ impl Events for Router {
         }
     }
 
-    fn link_state(&self, from: &Arc<Link>, state: LinkState) {
+    fn link_state(self: Arc<Self>, from: &Arc<Link>, state: LinkState) {
         let received = self
             .routing
             .lock()
@@ -1534,6 +1557,19 @@ impl Events for Router {
                 format!(
                     "a copy of this router's own link state numbered {}: re-originated above it",
                     state.seq
+                )
+            }
+            Received::RefuteLater => {
+                let router = Arc::clone(&self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(routing::REFUTE_EVERY).await;
+                    let own = router.routing.lock().expect("routing lock").refute_now();
+                    router.flood(vec![own], None);
+                });
+                format!(
+                    "another copy of this router's own link state numbered {} within {:?}: another site may use this site's name",
+                    state.seq,
+                    routing::REFUTE_EVERY
                 )
             }
             Received::Refused(why) => why.to_string(),
@@ -1666,6 +1702,10 @@ impl Access for Router {
             if let Err(reason) = self.name_available(&request.site) {
                 return RedeemResponse::error(reason);
             }
+            // Invited again: no longer revoked here.
+            if let Err(e) = self.unrevoke(&request.site) {
+                return RedeemResponse::error(e);
+            }
             let mut inner = self.inner.lock().expect("router lock");
             inner
                 .credentials
@@ -1687,9 +1727,10 @@ impl Access for Router {
 
 impl Router {
     /// Whether a redeemer may be given a link credential for site `name`. A site's name is its
-    /// identity in the network: it must be a DNS label, not this site's own, not held by a
-    /// credential this site signed and has not revoked, not linked here now, and not a router
-    /// the network already knows, unless this site revoked that name (inviting it again).
+    /// identity: it must be a DNS label, not this site's own, not held by a credential this
+    /// site signed and has not revoked, and not linked here now. A name known elsewhere in the
+    /// network is not refused: that is how a site adds a second path (docs/security.md says
+    /// what a token holder can claim).
     fn name_available(&self, name: &str) -> Result<(), String> {
         if !service::is_dns_label(name) {
             return Err(format!(
@@ -1707,25 +1748,12 @@ impl Router {
         if name == self.config.name {
             return taken("the issuing site's own");
         }
-        let revoked_here = {
-            let inner = self.inner.lock().expect("router lock");
-            if inner.credentials.holds(name) {
-                return taken("held by a credential this site signed");
-            }
-            if inner.links.contains_key(name) {
-                return taken("linked to this site");
-            }
-            inner.credentials.was_revoked(name)
-        };
-        let known = self
-            .routing
-            .lock()
-            .expect("routing lock")
-            .network()
-            .iter()
-            .any(|r| r.name == name && r.cost.is_some());
-        if known && !revoked_here {
-            return taken("already in the network");
+        let inner = self.inner.lock().expect("router lock");
+        if inner.credentials.holds(name) {
+            return taken("held by a credential this site signed");
+        }
+        if inner.links.contains_key(name) {
+            return taken("linked to this site");
         }
         Ok(())
     }

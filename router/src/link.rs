@@ -86,7 +86,7 @@ pub trait Events: Send + Sync + 'static {
     /// The link is gone; its streams have been reset.
     fn link_down(&self, link: &Arc<Link>);
     /// The peer sent an advertisement.
-    fn link_state(&self, from: &Arc<Link>, state: LinkState);
+    fn link_state(self: Arc<Self>, from: &Arc<Link>, state: LinkState);
     /// The peer opened a stream (already granted its initial credit).
     fn open(self: Arc<Self>, link: &Arc<Link>, open: Open, tx: StreamTx, rx: StreamRx);
 }
@@ -470,7 +470,7 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
                 rx,
             );
         }
-        Frame::LinkState(state) => events.link_state(link, state),
+        Frame::LinkState(state) => Arc::clone(events).link_state(link, state),
         Frame::Ping { nonce } => link.send(Frame::Pong { nonce }).await?,
         Frame::Pong { nonce } => {
             let now = u64::try_from(link.since.elapsed().as_micros()).unwrap_or(u64::MAX);

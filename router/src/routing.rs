@@ -44,9 +44,17 @@ pub enum Received {
     /// A copy of this router's own advertisement at or above its current number: dropped, and
     /// this router re-originated above it; flood the returned state to every neighbour.
     Refuted(LinkState),
+    /// As `Refuted`, but this router refuted another copy less than [`REFUTE_EVERY`] ago:
+    /// flood [`Routing::refute_now`]'s state once that has passed. Two routers that claim one
+    /// name would otherwise outbid each other as fast as the flood goes round.
+    RefuteLater,
     /// Refused without being stored or flooded.
     Refused(Refusal),
 }
+
+/// How often a router re-originates to refute copies of its own state (OSPF's MinLSInterval
+/// plays this part).
+pub const REFUTE_EVERY: Duration = Duration::from_secs(1);
 
 /// Why an advertisement was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -94,6 +102,11 @@ pub struct Routing {
     outstanding: HashMap<String, usize>,
     /// Where sequence numbers come from: the clock in microseconds (replaced in tests).
     clock: fn() -> u64,
+    /// Routers this one neither sends to nor routes through (revoked sites).
+    excluded: BTreeSet<String>,
+    /// When this router last refuted a copy of its state, and whether a refutation waits.
+    last_refuted: Option<std::time::Instant>,
+    refute_pending: bool,
 }
 
 impl Routing {
@@ -116,6 +129,9 @@ impl Routing {
             paths: HashMap::new(),
             outstanding: HashMap::new(),
             clock,
+            excluded: BTreeSet::new(),
+            last_refuted: None,
+            refute_pending: false,
         };
         routing.seq = (routing.clock)();
         routing.recompute();
@@ -190,6 +206,12 @@ impl Routing {
         self.own_state()
     }
 
+    /// Sets the routers this one must neither send streams to nor route through.
+    pub fn exclude(&mut self, routers: BTreeSet<String>) {
+        self.excluded = routers;
+        self.recompute();
+    }
+
     /// Takes in a received advertisement.
     pub fn receive(&mut self, state: LinkState) -> Received {
         let limit = (self.clock)().saturating_add(SEQ_AHEAD.as_micros() as u64);
@@ -206,6 +228,17 @@ impl Routing {
             if state.seq >= self.seq {
                 self.renumber(state.seq);
                 self.recompute();
+                let now = std::time::Instant::now();
+                if self
+                    .last_refuted
+                    .is_some_and(|t| now.duration_since(t) < REFUTE_EVERY)
+                {
+                    if std::mem::replace(&mut self.refute_pending, true) {
+                        return Received::Old;
+                    }
+                    return Received::RefuteLater;
+                }
+                self.last_refuted = Some(now);
                 return Received::Refuted(self.own_state());
             }
             return Received::Old;
@@ -220,6 +253,13 @@ impl Routing {
         self.states.insert(state.origin.clone(), state);
         self.recompute();
         Received::New
+    }
+
+    /// The state to flood for a refutation that waited ([`Received::RefuteLater`]).
+    pub fn refute_now(&mut self) -> LinkState {
+        self.refute_pending = false;
+        self.last_refuted = Some(std::time::Instant::now());
+        self.own_state()
     }
 
     fn links_of(&self, router: &str) -> Vec<(String, u32)> {
@@ -250,7 +290,10 @@ impl Routing {
             }
             paths.insert(router.clone(), (cost, first_hop.clone()));
             for (neighbor, link_cost) in self.links_of(&router) {
-                if paths.contains_key(&neighbor) || !self.lists(&neighbor, &router) {
+                if paths.contains_key(&neighbor)
+                    || self.excluded.contains(&neighbor)
+                    || !self.lists(&neighbor, &router)
+                {
                     continue;
                 }
                 let hop = first_hop.clone().or_else(|| Some(neighbor.clone()));
@@ -427,6 +470,25 @@ mod tests {
         assert_eq!(a.choose("web"), None);
     }
 
+    /// A revoked router is neither a destination nor a transit: a - b - c with the key at c
+    /// and at b; excluding b leaves no route to either.
+    #[test]
+    fn excluded_routers_are_neither_served_nor_crossed() {
+        let mut a = Routing::new("a");
+        let _ = a.link_up("b", 1);
+        a.receive(state("b", 1, &[("a", 1), ("c", 1)], &["web"]));
+        a.receive(state("c", 1, &[("b", 1)], &["db"]));
+        assert!(a.choose("db").is_some() && a.choose("web").is_some());
+        a.exclude(["b".to_owned()].into());
+        assert_eq!(a.choose("db"), None);
+        assert_eq!(a.choose("web"), None);
+        a.exclude(BTreeSet::new());
+        assert_eq!(
+            a.choose("db").expect("route").next_hop.as_deref(),
+            Some("b")
+        );
+    }
+
     #[test]
     fn old_advertisements_are_ignored() {
         let mut a = Routing::new("a");
@@ -472,7 +534,7 @@ mod tests {
     fn a_forged_own_advertisement_is_refuted_not_stored() {
         let mut a = Routing::with_clock("a", fixed_clock);
         let _ = a.add_local_key("web");
-        let forged = NOW + SEQ_AHEAD.as_micros() as u64;
+        let forged = NOW + SEQ_AHEAD.as_micros() as u64 - 100;
         let Received::Refuted(own) = a.receive(state("a", forged, &[("evil", 1)], &[])) else {
             panic!("not refuted");
         };
@@ -480,6 +542,14 @@ mod tests {
         assert_eq!(own.keys, vec!["web".to_owned()]);
         assert!(own.links.is_empty());
         assert_eq!(a.receive(state("a", 5, &[], &[])), Received::Old);
+        // Another site under the same name outbids at once: the next refutation waits, and
+        // copies in the meantime add nothing; the waiting one is numbered above them all.
+        assert_eq!(
+            a.receive(state("a", forged + 5, &[], &[])),
+            Received::RefuteLater
+        );
+        assert_eq!(a.receive(state("a", forged + 9, &[], &[])), Received::Old);
+        assert_eq!(a.refute_now().seq, forged + 10);
         // Later changes keep numbering above the refutation.
         assert!(a.link_up("b", 1).seq > forged + 1);
     }

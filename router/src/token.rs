@@ -184,14 +184,6 @@ impl Credentials {
             .any(|c| c.site == site && c.revoked_at.is_none())
     }
 
-    /// Whether some credential signed for `site` was revoked.
-    #[must_use]
-    pub fn was_revoked(&self, site: &str) -> bool {
-        self.0
-            .values()
-            .any(|c| c.site == site && c.revoked_at.is_some())
-    }
-
     /// Whether the credential with this fingerprint was revoked.
     #[must_use]
     pub fn is_revoked(&self, fingerprint: &str) -> bool {

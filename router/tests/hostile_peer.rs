@@ -97,7 +97,7 @@ async fn forged_link_state_neither_crashes_nor_poisons_the_network() {
 /// refused in one line, before the grant is spent, so the same token still serves a real new
 /// site; a revoked site can be invited again under its name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redeemer_cannot_take_a_name_that_is_already_in_the_network() {
+async fn a_redeemer_cannot_take_a_linked_sites_name() {
     let west = Site::start("west", true).await;
     let north = Site::start("north", false).await;
     north.link_to(&west).await;

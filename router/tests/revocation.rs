@@ -72,3 +72,83 @@ async fn a_revoked_site_is_cut_off_at_once_and_stays_out_until_invited_again() {
     east.link_to(&hub).await;
     assert_eq!(links(&east).await, 1);
 }
+
+/// Whether a client at `port` is turned away (reset or closed before any answer) instead of
+/// reaching the checksum backend behind it.
+async fn turned_away(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut conn) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return true;
+    };
+    let _ = conn.write_all(b"hello").await;
+    let _ = conn.shutdown().await;
+    let mut answer = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await {
+        Ok(Ok(_)) => answer.is_empty(),
+        Ok(Err(_)) => true,
+        Err(_) => false,
+    }
+}
+
+/// The review's gap: revoking a site closed incoming links only, so a link the revoking site
+/// dials to it stayed up and carried streams both ways. Now, whichever side dialled, and
+/// through a third site: the hub neither sends to the revoked site nor serves streams from it,
+/// and its dialer to it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_site_is_cut_off_whichever_side_dialled() {
+    let hub = Site::start("hub", true).await;
+    let north = Site::start("north", true).await;
+    let east = Site::start("east", true).await;
+    hub.link_to(&north).await; // the hub dials north
+    north.link_to(&east).await;
+    east.link_to(&hub).await; // a second path, hub - east - north
+    let (backend, _server) = checksum_backend().await;
+    north.connector("db", "db", backend).await;
+    hub.connector("web", "web", backend).await;
+    let db_at_hub = hub.listener("db", "db").await;
+    let web_at_north = north.listener("web", "web").await;
+    transfer(db_at_hub, 1 << 16).await;
+    transfer(web_at_north, 1 << 16).await;
+
+    let done = hub
+        .call(Request::LinkRevoke {
+            site: "north".into(),
+        })
+        .await
+        .expect("revoke");
+    assert_eq!(done["stoppedLinks"], serde_json::json!(["north"]), "{done}");
+    // The hub's own link to north goes and is not dialled again.
+    hub.wait_for(
+        |v| {
+            v.as_array().is_some_and(|rows| {
+                rows.iter()
+                    .all(|r| r["peer"] != "north" || r["status"] != "up")
+            })
+        },
+        Request::LinkStatus,
+    )
+    .await;
+    // Nothing at the hub routes to north, not even through east.
+    hub.wait_for(
+        |v| {
+            v.as_array()
+                .is_some_and(|ls| ls.iter().all(|l| l["reachable"] == false))
+        },
+        Request::ListenerStatus,
+    )
+    .await;
+    assert!(
+        turned_away(db_at_hub).await,
+        "the hub sent a stream to north"
+    );
+    // North still reaches the hub through east, and is refused there.
+    assert!(
+        turned_away(web_at_north).await,
+        "a stream from north was served at the hub"
+    );
+    let links = hub.call(Request::LinkStatus).await.expect("links");
+    assert!(
+        links.to_string().contains("was revoked here"),
+        "the stopped link says why: {links}"
+    );
+}

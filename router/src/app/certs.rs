@@ -8,27 +8,76 @@ impl Router {
     /// Revokes every link credential this site signed for `site` and cuts its links at once;
     /// the site's dialers are refused from then on, until it redeems a new token.
     pub(super) fn revoke(&self, site: &str) -> Result<serde_json::Value, String> {
-        let (revoked, links) = {
+        let (revoked, links, stopped) = {
             let mut inner = self.inner.lock().expect("router lock");
             let revoked = inner.credentials.revoke(site);
             self.state
                 .write_json("credentials.json", &inner.credentials)
                 .map_err(|e| format!("failed to record the revocation: {e}"))?;
+            inner.revoked.insert(site.to_owned());
+            self.state
+                .write_json("revoked.json", &inner.revoked)
+                .map_err(|e| format!("failed to record the revocation: {e}"))?;
+            // Whichever side dialled: every connection to the site goes.
             let links: Vec<Arc<Link>> = inner
                 .links
                 .get(site)
                 .into_iter()
                 .flatten()
-                .filter(|l| l.direction == link::Direction::Incoming)
                 .cloned()
                 .collect();
-            (revoked, links)
+            // Links this site dials to it stop dialling.
+            let mut stopped = Vec::new();
+            for (name, outgoing) in &mut inner.outgoing {
+                if outgoing.config.peer_site == site {
+                    outgoing.tasks.drain(..).for_each(|t| t.abort());
+                    outgoing.denied = Some(format!("site {site} was revoked here"));
+                    stopped.push(name.clone());
+                }
+            }
+            (revoked, links, stopped)
         };
+        self.exclude_revoked();
         for link in &links {
-            link.shut(format!("the link credential of site {site} was revoked"));
+            link.shut(format!("the site {site} was revoked"));
         }
-        info!(%site, revoked, closed = links.len(), "link credentials revoked");
-        Ok(json!({ "site": site, "revokedCredentials": revoked, "closedConnections": links.len() }))
+        info!(%site, revoked, closed = links.len(), stopped = stopped.len(), "site revoked");
+        Ok(json!({
+            "site": site,
+            "revokedCredentials": revoked,
+            "closedConnections": links.len(),
+            "stoppedLinks": stopped,
+        }))
+    }
+
+    /// Whether `site` is revoked here.
+    pub(super) fn is_revoked(&self, site: &str) -> bool {
+        self.inner
+            .lock()
+            .expect("router lock")
+            .revoked
+            .contains(site)
+    }
+
+    /// Ends the revocation of `site` (invited again, or linked to anew).
+    pub(super) fn unrevoke(&self, site: &str) -> Result<(), String> {
+        {
+            let mut inner = self.inner.lock().expect("router lock");
+            if !inner.revoked.remove(site) {
+                return Ok(());
+            }
+            self.state
+                .write_json("revoked.json", &inner.revoked)
+                .map_err(|e| format!("failed to record that {site} is no longer revoked: {e}"))?;
+        }
+        self.exclude_revoked();
+        Ok(())
+    }
+
+    /// Tells routing which sites are revoked: it neither sends to them nor through them.
+    pub(super) fn exclude_revoked(&self) {
+        let revoked = self.inner.lock().expect("router lock").revoked.clone();
+        self.routing.lock().expect("routing lock").exclude(revoked);
     }
 
     /// The TLS acceptor of a TLS listener: a certificate from the service CA for the names a
