@@ -65,6 +65,8 @@ pub enum Error {
     Identity { claimed: String, certified: String },
     #[error("nothing received from the peer for {0:?}")]
     Timeout(Duration),
+    #[error("the peer read nothing for {0:?} while frames waited for it")]
+    WriteStalled(Duration),
     #[error("peer closed the link")]
     Closed,
     #[error("closed here: {0}")]
@@ -293,7 +295,7 @@ where
     // task aborted by `link delete` or router shutdown), not only when the reader returns.
     let guard = Teardown {
         tasks: [
-            tokio::spawn(write_loop(writer, out_rx, Arc::clone(&link))).abort_handle(),
+            tokio::spawn(write_until_failure(writer, out_rx, Arc::clone(&link))).abort_handle(),
             tokio::spawn(heartbeat(Arc::clone(&link))).abort_handle(),
         ],
         link: Arc::clone(&link),
@@ -471,7 +473,11 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
             );
         }
         Frame::LinkState(state) => Arc::clone(events).link_state(link, state),
-        Frame::Ping { nonce } => link.send(Frame::Pong { nonce }).await?,
+        // A Pong is dropped when the queue is full: a peer that pings without reading must not
+        // block this reader on its own answers (the stalled writer ends the link instead).
+        Frame::Ping { nonce } => {
+            let _ = link.out.try_send(Frame::Pong { nonce });
+        }
         Frame::Pong { nonce } => {
             let now = u64::try_from(link.since.elapsed().as_micros()).unwrap_or(u64::MAX);
             link.stats
@@ -481,6 +487,18 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
         Frame::Hello { .. } => return Err(Error::Protocol("second Hello")),
     }
     Ok(())
+}
+
+/// Runs the writer; when it fails (the peer stopped reading, or the connection broke) the link
+/// ends as it would for a read failure.
+async fn write_until_failure<W: AsyncWrite + Unpin>(
+    writer: W,
+    frames: mpsc::Receiver<Frame>,
+    link: Arc<Link>,
+) {
+    if let Err(e) = write_loop(writer, frames, Arc::clone(&link)).await {
+        link.shut(e.to_string());
+    }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
@@ -508,8 +526,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Part::Payload(data) => IoSlice::new(data),
             })
             .collect();
-        write_all_vectored(&mut writer, &mut slices).await?;
-        writer.flush().await?;
+        // A peer that reads nothing for DEAD_AFTER while this waits is dead, however many
+        // frames it sends (a peer flooding Pings keeps the reader busy, not the writer).
+        let written = async {
+            write_all_vectored(&mut writer, &mut slices).await?;
+            writer.flush().await
+        };
+        tokio::time::timeout(DEAD_AFTER, written)
+            .await
+            .map_err(|_| Error::WriteStalled(DEAD_AFTER))??;
         link.stats
             .bytes_out
             .fetch_add(batch as u64, Ordering::Relaxed);

@@ -190,3 +190,48 @@ async fn resources_that_break_the_protocol_limits_are_refused_at_create() {
     let connectors = west.call(Request::ConnectorStatus).await.expect("status");
     assert_eq!(connectors, serde_json::json!([]));
 }
+
+/// The review's peer floods Pings and never reads. The router's answers pile up unsent; the
+/// link used to stay `up` through 30 s of it. Now a peer that reads nothing for the dead-link
+/// time while frames wait for it is cut off like one that sends nothing, and other links go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_floods_pings_and_never_reads_is_cut_off() {
+    use tokio::io::AsyncWriteExt as _;
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let mut evil = peer::linked_peer(&west, "evil").await;
+    let evil_up = |v: &Value| {
+        v.as_array().is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r["peer"] == "evil" && r["status"] == "up")
+        })
+    };
+    west.wait_for(evil_up, Request::LinkStatus).await;
+    let mut pings = bytes::BytesMut::new();
+    for nonce in 0..512 {
+        Frame::Ping { nonce }.encode(&mut pings);
+    }
+    let start = std::time::Instant::now();
+    let limit = router::link::DEAD_AFTER * 4;
+    let cut = loop {
+        let sent = tokio::time::timeout(Duration::from_secs(1), evil.write_all(&pings)).await;
+        if matches!(sent, Ok(Err(_))) {
+            break start.elapsed();
+        }
+        let links = west.call(Request::LinkStatus).await.expect("links");
+        if !evil_up(&links) {
+            break start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "still up after {limit:?}: {links}");
+    };
+    eprintln!("cut off after {cut:?}");
+    // East's link was never disturbed.
+    let links = west.call(Request::LinkStatus).await.expect("links");
+    assert!(
+        links.as_array().is_some_and(|rows| rows
+            .iter()
+            .any(|r| r["peer"] == "east" && r["status"] == "up")),
+        "{links}"
+    );
+}
