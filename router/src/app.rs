@@ -631,13 +631,21 @@ impl Router {
     }
 
     /// Picks a local connector for `key` (round robin): its address, and its TLS settings.
-    fn local_backend(&self, key: &str) -> Option<(String, Option<Arc<BackendTls>>)> {
+    /// A connector for `key` to serve a stream with, in turn among those the site policy
+    /// lets this router advertise (a withdrawn one serves nothing, whoever asks).
+    fn local_backend(&self, key: &str) -> Option<(String, u16, Option<Arc<BackendTls>>)> {
         let mut inner = self.inner.lock().expect("router lock");
-        let matching: Vec<(String, Option<Arc<BackendTls>>)> = inner
+        let matching: Vec<(String, u16, Option<Arc<BackendTls>>)> = inner
             .connectors
             .values()
-            .filter(|c| c.routing_key == key)
-            .map(|c| (c.backend_addr(), inner.backend_tls.get(&c.name).cloned()))
+            .filter(|c| c.routing_key == key && inner.advertised.contains(&c.name))
+            .map(|c| {
+                (
+                    c.host.clone(),
+                    c.port,
+                    inner.backend_tls.get(&c.name).cloned(),
+                )
+            })
             .collect();
         if matching.is_empty() {
             return None;
@@ -723,11 +731,25 @@ impl Router {
     /// Connects to a local backend for `key`; a TLS connector asks the backend for `alpn`
     /// (when not empty), so that both ends of the service speak the protocol the client chose.
     async fn connect_backend(&self, key: &str, alpn: &str) -> Result<Conn, String> {
-        let (addr, tls) = self
+        let (host, port, tls) = self
             .local_backend(key)
             .ok_or_else(|| "no local connector".to_owned())?;
+        let addr = service::join_host_port(&host, port);
         let own = self.own_sockets.as_ref();
-        let connect = datapath::connect(&addr, |socket| own.and_then(|o| o.register(socket)));
+        // The site policy names backends by host and by address: the address is checked here,
+        // where it is known, for each one the name resolves to.
+        let connect = datapath::connect(&addr, |socket, resolved| {
+            if let Err(denied) =
+                self.check_policy(|p| p.exposed_resource(&host, port, Some(resolved.ip())))
+            {
+                self.policy_denied(&denied, true);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    denied.to_string(),
+                ));
+            }
+            Ok(own.and_then(|o| o.register(socket)))
+        });
         let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| format!("connect to {addr} timed out"))?
@@ -847,7 +869,7 @@ impl Router {
         let key = connector.routing_key.clone();
         let allowed = self.check_policy(|p| {
             p.service(&key)?;
-            p.exposed_resource(&connector.host, connector.port)
+            p.exposed_resource(&connector.host, connector.port, None)
         });
         if let Err(denied) = &allowed {
             self.policy_denied(denied, false);

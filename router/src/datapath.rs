@@ -42,14 +42,15 @@ pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Connects to `addr` (`host:port`: each address it resolves to in turn, until one answers).
-/// `before` sees each socket before its connect() and what it returns is kept until connect()
-/// has returned (the router registers its own sockets with the eBPF programs that way).
+/// `before` sees each socket and the address it is for before its connect(): an error skips
+/// that address, and what it returns is kept until connect() has returned (the router checks
+/// the address against its policy and registers its own sockets with the eBPF programs so).
 ///
 /// # Errors
 /// When `addr` does not resolve, or no address accepts the connection (the last error).
 pub async fn connect<G>(
     addr: &str,
-    mut before: impl FnMut(&tokio::net::TcpSocket) -> G,
+    mut before: impl FnMut(&tokio::net::TcpSocket, std::net::SocketAddr) -> std::io::Result<G>,
 ) -> std::io::Result<tokio::net::TcpStream> {
     let mut last = None;
     for resolved in tokio::net::lookup_host(addr).await? {
@@ -58,7 +59,13 @@ pub async fn connect<G>(
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        let guard = before(&socket);
+        let guard = match before(&socket, resolved) {
+            Ok(guard) => guard,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
         let connected = socket.connect(resolved).await;
         drop(guard);
         match connected {

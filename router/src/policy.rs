@@ -107,22 +107,57 @@ impl Policy {
     /// # Errors
     /// When the policy does not allow it.
     pub fn outgoing_link(&self, host: &str) -> Result<(), Denied> {
-        let allowed = matches_any(&self.allowed_outgoing_links_hostnames, host);
+        let is_ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok();
+        // An address pattern never matches a hostname that merely starts like an address.
+        let allowed = self
+            .allowed_outgoing_links_hostnames
+            .iter()
+            .any(|p| (is_ip || !names_addresses(p)) && glob(p, host));
         allow(allowed, Control::OutgoingLinks, || {
             format!("a link to {host}")
         })
     }
 
-    /// May a connector expose the backend at `host`:`port`?
+    /// May a connector expose the backend at `host`:`port`? Patterns that name addresses
+    /// (`10.0.0.*`, `fd00::*`, with or without `:PORT`) match addresses only: `host` when it is
+    /// an IP literal, else `resolved`, the address the router is about to connect to (at
+    /// create time there is none, and a hostname passes only a hostname pattern).
     ///
     /// # Errors
     /// When the policy does not allow it.
-    pub fn exposed_resource(&self, host: &str, port: u16) -> Result<(), Denied> {
-        let addr = crate::service::join_host_port(host, port);
-        let allowed = matches_any(&self.allowed_exposed_resources, host)
-            || matches_any(&self.allowed_exposed_resources, &addr);
+    pub fn exposed_resource(
+        &self,
+        host: &str,
+        port: u16,
+        resolved: Option<std::net::IpAddr>,
+    ) -> Result<(), Denied> {
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok();
+        let address = literal.or(resolved).map(|ip| ip.to_string());
+        let allowed = self.allowed_exposed_resources.iter().any(|p| {
+            let text = if names_addresses(p) {
+                match &address {
+                    Some(ip) => ip.as_str(),
+                    None => return false,
+                }
+            } else {
+                host
+            };
+            glob(p, text) || glob(p, &crate::service::join_host_port(text, port))
+        });
         allow(allowed, Control::ExposedResources, || {
-            format!("backend {addr}")
+            let addr = crate::service::join_host_port(host, port);
+            match resolved {
+                Some(ip) if literal.is_none() => format!("backend {addr} (at {ip})"),
+                _ => format!("backend {addr}"),
+            }
         })
     }
 
@@ -149,6 +184,25 @@ fn allow(allowed: bool, control: Control, what: impl FnOnce() -> String) -> Resu
 
 fn matches_any(patterns: &[String], text: &str) -> bool {
     patterns.iter().any(|p| glob(p, text))
+}
+
+/// Whether `pattern` names addresses rather than hostnames: an IPv6 shape (brackets or two
+/// colons), or four dot-separated labels of digits and `*` with at least one digit, either
+/// optionally followed by `:PORT`. `*` alone names everything, hostnames included.
+fn names_addresses(pattern: &str) -> bool {
+    if pattern.starts_with('[') || pattern.matches(':').count() >= 2 {
+        return true;
+    }
+    let host = match pattern.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit() || b == b'*') => host,
+        _ => pattern,
+    };
+    let labels: Vec<&str> = host.split('.').collect();
+    labels.len() == 4
+        && host.bytes().any(|b| b.is_ascii_digit())
+        && labels
+            .iter()
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit() || b == b'*'))
 }
 
 /// Whole-string match where `*` matches any run of characters (including none).
@@ -199,7 +253,7 @@ mod tests {
         let empty = Policy::default();
         assert!(empty.incoming_link("east").is_err());
         assert!(empty.outgoing_link("10.0.0.1").is_err());
-        assert!(empty.exposed_resource("10.0.0.1", 80).is_err());
+        assert!(empty.exposed_resource("10.0.0.1", 80, None).is_err());
         let err = empty.service("web").expect_err("denied");
         assert_eq!(
             err.to_string(),
@@ -219,12 +273,69 @@ mod tests {
         assert!(policy.incoming_link("west").is_err());
         assert!(policy.outgoing_link("hub.corp").is_ok());
         assert!(policy.outgoing_link("hub.example").is_err());
-        assert!(policy.exposed_resource("10.0.0.9", 5432).is_ok());
-        assert!(policy.exposed_resource("127.0.0.1", 6379).is_ok());
-        assert!(policy.exposed_resource("127.0.0.1", 6380).is_err());
+        assert!(policy.exposed_resource("10.0.0.9", 5432, None).is_ok());
+        assert!(policy.exposed_resource("127.0.0.1", 6379, None).is_ok());
+        assert!(policy.exposed_resource("127.0.0.1", 6380, None).is_err());
         assert!(policy.service("db-main").is_ok());
         assert!(policy.service("cache").is_err());
         let open: Policy = serde_json::from_str(r#"{"allowIncomingLinks": true}"#).expect("parses");
         assert!(open.incoming_link("anyone").is_ok());
+    }
+
+    /// The review's look-alike: `10.0.0.*` matched the hostname `10.0.0.9.example.com`.
+    /// Address patterns match addresses only, a hostname's resolved one where there is one.
+    #[test]
+    fn address_patterns_match_addresses_not_hostnames_that_look_like_them() {
+        let policy: Policy = serde_json::from_str(
+            r#"{"allowedOutgoingLinksHostnames": ["10.0.0.*", "*.corp"],
+                "allowedExposedResources": ["10.0.0.*", "fd00::*", "db.corp", "127.0.0.1:*"]}"#,
+        )
+        .expect("parses");
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().expect("ip"));
+        assert!(
+            policy
+                .exposed_resource("10.0.0.9.example.com", 80, None)
+                .is_err()
+        );
+        assert!(
+            policy
+                .exposed_resource("10.0.0.9.example.com", 80, ip("192.0.2.1"))
+                .is_err()
+        );
+        assert!(policy.exposed_resource("10.0.0.9", 80, None).is_ok());
+        assert!(policy.exposed_resource("fd00::5", 80, None).is_ok());
+        assert!(policy.exposed_resource("[fd00::5]", 80, None).is_ok());
+        assert!(policy.exposed_resource("127.0.0.1", 1234, None).is_ok());
+        // A hostname pattern is the name; an address pattern is what it resolves to.
+        assert!(
+            policy
+                .exposed_resource("db.corp", 5432, ip("192.0.2.7"))
+                .is_ok()
+        );
+        assert!(
+            policy
+                .exposed_resource("cache.example", 1, ip("10.0.0.3"))
+                .is_ok()
+        );
+        assert!(
+            policy
+                .exposed_resource("cache.example", 1, ip("192.0.2.3"))
+                .is_err()
+        );
+        assert!(policy.outgoing_link("10.0.0.9.example.com").is_err());
+        assert!(policy.outgoing_link("10.0.0.9").is_ok());
+        assert!(policy.outgoing_link("hub.corp").is_ok());
+        for (p, names) in [
+            ("10.0.0.*", true),
+            ("10.*.*.*:8080", true),
+            ("[fd00::1]:80", true),
+            ("fd00::*", true),
+            ("*", false),
+            ("*.corp", false),
+            ("10.0.0.9.example.com", false),
+            ("db", false),
+        ] {
+            assert_eq!(names_addresses(p), names, "{p}");
+        }
     }
 }

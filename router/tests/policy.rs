@@ -203,3 +203,58 @@ async fn outgoing_links_stop_and_resume_with_the_policy() {
     assert_eq!(changes["resumedLinks"], json!(["west"]), "{changes}");
     east.wait_for(|v| v["links"] == 1, Request::Status).await;
 }
+
+/// The review's peer sent Open for a routing key whose connector the policy had withdrawn
+/// (`allowedExposedResources`), and reached the backend. The control holds where the stream
+/// arrives: the stream is reset and the backend never sees a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_connector_serves_no_stream_whoever_asks() {
+    use router::link::frame::{Frame, decode};
+    let west = Site::start("west", true).await;
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = backend.local_addr().expect("addr").port();
+    west.connector("db", "db", port).await;
+    let changes = set(
+        &west,
+        json!({"allowIncomingLinks": true, "allowedServices": ["*"], "allowedExposedResources": ["10.0.0.*"]}),
+    )
+    .await;
+    assert_eq!(changes["withdrawnConnectors"], json!(["db"]), "{changes}");
+
+    let mut evil = common::peer::linked_peer(&west, "evil").await;
+    common::peer::send(
+        &mut evil,
+        Frame::Open {
+            stream: 1,
+            routing_key: "db".into(),
+            origin: "evil".into(),
+            dest: "west".into(),
+            window: 1 << 16,
+            alpn: String::new(),
+        },
+    )
+    .await;
+    let mut buf = bytes::BytesMut::new();
+    let reset = loop {
+        if let Some(frame) = decode(&mut buf).expect("valid frames") {
+            if let Frame::Reset {
+                stream: 1, reason, ..
+            } = frame
+            {
+                break reason;
+            }
+            continue;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), evil.read_buf(&mut buf))
+            .await
+            .expect("a reset for the stream in time")
+            .expect("read");
+        assert!(n > 0, "closed before the reset");
+    };
+    eprintln!("reset: {reset}");
+    // The reset came after the router chose (or refused) a backend: nothing was accepted.
+    let accepted = tokio::time::timeout(Duration::ZERO, backend.accept()).await;
+    assert!(accepted.is_err(), "the backend saw a connection");
+}

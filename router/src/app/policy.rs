@@ -123,7 +123,7 @@ impl Router {
                 let allowed = self
                     .check_policy(|p| {
                         p.service(&c.routing_key)?;
-                        p.exposed_resource(&c.host, c.port)
+                        p.exposed_resource(&c.host, c.port, None)
                     })
                     .is_ok();
                 let was = inner.advertised.contains(&c.name);
