@@ -155,6 +155,30 @@ pub fn issue(
     issue_for(ca, common_name, sans, usage, LEAF_LIFETIME)
 }
 
+/// [`issue`], with `uri` among the subject alternative names: the service resource the
+/// certificate is for (see `tls::identity`).
+///
+/// # Errors
+/// When `ca` does not parse or a SAN is invalid.
+pub fn issue_with_uri(
+    ca: &CertKey,
+    common_name: &str,
+    sans: &[String],
+    uri: &str,
+    usage: Usage,
+) -> Result<CertKey, Error> {
+    let key = new_key()?;
+    let mut params = leaf_params(common_name, sans, usage, LEAF_LIFETIME)?;
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from(uri).map_err(Error::San)?,
+    ));
+    let cert = params.signed_by(&key, &issuer(ca)?).map_err(Error::Sign)?;
+    Ok(CertKey {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// [`issue`], valid for `lifetime` from now.
 ///
 /// # Errors

@@ -6,6 +6,8 @@
 
 use std::sync::{Arc, RwLock};
 
+pub mod identity;
+
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     crypto::{CryptoProvider, ring},
@@ -28,6 +30,8 @@ pub enum Error {
     Rustls(#[from] rustls::Error),
     #[error("failed to build the client certificate verifier")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("failed to build the server certificate verifier")]
+    ServerVerifier(#[source] rustls::client::VerifierBuilderError),
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -142,39 +146,55 @@ pub fn grant_client_config(issuer_ca_pem: &str) -> Result<Arc<ClientConfig>, Err
 }
 
 /// A TLS listener towards workloads: presents `identity` (issued by the site's service CA,
-/// rotatable);
-/// with `client_ca_pem`, requires a client certificate signed by it. TLS 1.2 and 1.3, since
-/// workloads bring their own TLS stacks.
+/// rotatable); with `clients` (a CA and an identity URI), requires a client certificate signed
+/// by that CA and naming that URI ([`identity`]). TLS 1.2 and 1.3, since workloads bring
+/// their own TLS stacks.
 ///
 /// # Errors
 /// When a certificate or key does not parse.
 pub fn service_server_config(
     identity: Arc<RotatingCert>,
-    client_ca_pem: Option<&str>,
+    clients: Option<(&str, String)>,
 ) -> Result<Arc<ServerConfig>, Error> {
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let builder = match client_ca_pem {
-        Some(ca) => builder.with_client_cert_verifier(
-            WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider()).build()?,
-        ),
+    let builder = match clients {
+        Some((ca, uri)) => builder.with_client_cert_verifier(Arc::new(identity::ClientFor {
+            inner: WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider()).build()?,
+            uri,
+        })),
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(builder.with_cert_resolver(identity)))
 }
 
-/// The router's side of a TLS connector: trusts only `ca_pem` for the backend's certificate,
-/// and presents `client` when given.
+/// The router's side of a TLS connector: trusts only `ca_pem` for the backend's certificate
+/// and, with `backend_uri`, only a certificate that names it ([`identity`]); presents `client`
+/// when given.
 ///
 /// # Errors
 /// When the CA, the certificate or the key does not parse.
 pub fn service_client_config(
     ca_pem: &str,
+    backend_uri: Option<String>,
     client: Option<&CertKey>,
 ) -> Result<Arc<ClientConfig>, Error> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca_pem)?);
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match backend_uri {
+        Some(uri) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots(ca_pem)?,
+                provider(),
+            )
+            .build()
+            .map_err(Error::ServerVerifier)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(identity::ServerFor { inner, uri }))
+        }
+        None => builder.with_root_certificates(roots(ca_pem)?),
+    };
     let config = match client {
         Some(pair) => builder.with_client_auth_cert(
             pki::certs_from_pem(&pair.cert_pem)?,

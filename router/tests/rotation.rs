@@ -87,7 +87,7 @@ async fn rotation_keeps_links_and_streams_and_new_handshakes_get_new_certificate
     .expect("TLS listener");
     let tls_port = east.reachable_port("sink-tls").await;
     let service_client =
-        tls::service_client_config(&pem(&east, "service-ca.crt"), None).expect("config");
+        tls::service_client_config(&pem(&east, "service-ca.crt"), None, None).expect("config");
     let listener_before = served(tls_port, Arc::clone(&service_client), "localhost").await;
 
     // A checksummed stream crosses the link while both sites rotate.

@@ -469,3 +469,79 @@ async fn alpn_travels_from_a_tls_listener_to_a_tls_connector() {
     assert!(!report.contains("Application protocol: h2"), "{report}");
     assert!(!report.contains("2000 succeeded"), "{report}");
 }
+
+/// The review's two findings. A client bundle written for one listener opened every listener
+/// of the site (each trusted the whole service CA); now it opens only its own. A TLS connector
+/// accepted any certificate from the service CA, so a process that took the backend's port and
+/// relayed to one of the router's own TLS listeners passed verification; now the connector
+/// accepts only the certificate made for its backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_certificates_open_only_what_they_were_made_for() {
+    let (west, east) = pair().await;
+    let files = kernel_tests::TempDir::new("tls-scope").expect("dir");
+    std::fs::write(files.path().join("hello.txt"), "hello\n").expect("write");
+    let (web, _server) = web_server(files.path()).await;
+    connect(&west, "web", web, &[]);
+
+    let (one, two) = (files.path().join("one"), files.path().join("two"));
+    let (one_dir, two_dir) = (text(&one), text(&two));
+    let mtls = |dir: &str| {
+        vec![
+            "--routing-key".to_owned(),
+            "web".to_owned(),
+            "--tls".to_owned(),
+            "--require-client-cert".to_owned(),
+            "--bundle-out".to_owned(),
+            dir.to_owned(),
+        ]
+    };
+    let args: Vec<String> = mtls(&one_dir);
+    let a = listen(
+        &east,
+        "one",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let args: Vec<String> = mtls(&two_dir);
+    let b = listen(
+        &east,
+        "two",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let with = |bundle: &Path, port: u16| {
+        curl(&[
+            "--cacert",
+            &text(&bundle.join("ca.crt")),
+            "--cert",
+            &text(&bundle.join("tls.crt")),
+            "--key",
+            &text(&bundle.join("tls.key")),
+            &format!("https://localhost:{port}/hello.txt"),
+        ])
+    };
+    assert_eq!(with(&one, a).as_deref(), Some("hello\n"));
+    assert_eq!(with(&two, b).as_deref(), Some("hello\n"));
+    assert_eq!(
+        with(&one, b),
+        None,
+        "listener one's bundle opened listener two"
+    );
+    assert_eq!(
+        with(&two, a),
+        None,
+        "listener two's bundle opened listener one"
+    );
+
+    // A TLS connector whose "backend" is the router's own TLS listener (what a relay on the
+    // backend's port would show it): its certificate is from the service CA and names
+    // 127.0.0.1, but not this connector, so the connector refuses it.
+    let own = listen(&west, "own", &["--routing-key", "web", "--tls"]).await;
+    connect(&west, "stolen", own, &["--routing-key", "stolen", "--tls"]);
+    let front = listen(&east, "front", &["--routing-key", "stolen"]).await;
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{front}/hello.txt")]),
+        None,
+        "the connector accepted a listener's certificate as its backend's"
+    );
+}

@@ -105,10 +105,14 @@ impl Router {
         };
         let cert = tls::RotatingCert::new(&identity)
             .map_err(|e| format!("listener {}: {e}", spec.name))?;
-        let client_ca = tls
-            .require_client_cert
-            .then_some(self.service_ca.cert_pem.as_str());
-        let mut config = tls::service_server_config(Arc::clone(&cert), client_ca)
+        // A client bundle opens only the listener it was made for.
+        let clients = tls.require_client_cert.then(|| {
+            (
+                self.service_ca.cert_pem.as_str(),
+                tls::identity::listener_uri(&self.config.name, &spec.name),
+            )
+        });
+        let mut config = tls::service_server_config(Arc::clone(&cert), clients)
             .map_err(|e| format!("listener {}: {e}", spec.name))?;
         if !tls.alpn.is_empty() {
             // Offered in this order; the protocol agreed goes with the stream to the connector.
@@ -202,10 +206,22 @@ impl Router {
         tls: &ConnectorTls,
     ) -> Result<BackendTls, String> {
         let what = |e: &dyn std::fmt::Display| format!("connector {}: {e}", connector.name);
-        let ca_pem = match &tls.ca_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map_err(|e| what(&format!("failed to read the CA file {path}: {e}")))?,
-            None => self.service_ca.cert_pem.clone(),
+        // With the service CA, which signs every listener's and bundle's certificate, only
+        // the certificate made for this connector's backend will do; a CA of the user's own
+        // is theirs to scope.
+        let (ca_pem, backend_uri) = match &tls.ca_file {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|e| what(&format!("failed to read the CA file {path}: {e}")))?,
+                None,
+            ),
+            None => (
+                self.service_ca.cert_pem.clone(),
+                Some(tls::identity::connector_uri(
+                    &self.config.name,
+                    &connector.name,
+                )),
+            ),
         };
         let client = user_pair(
             tls.cert_file.as_deref(),
@@ -213,7 +229,8 @@ impl Router {
             pki::Usage::Client,
         )
         .map_err(|e| what(&e))?;
-        let config = tls::service_client_config(&ca_pem, client.as_ref()).map_err(|e| what(&e))?;
+        let config = tls::service_client_config(&ca_pem, backend_uri, client.as_ref())
+            .map_err(|e| what(&e))?;
         let name = tls
             .server_name
             .clone()
@@ -242,10 +259,11 @@ impl Router {
                     .listeners
                     .get(name)
                     .ok_or_else(|| format!("no listener named {name}"))?;
-                pki::issue(
+                pki::issue_with_uri(
                     &self.service_ca,
                     &format!("client of {}", listener.spec.routing_key),
                     &[],
+                    &tls::identity::listener_uri(&self.config.name, name),
                     pki::Usage::Client,
                 )
             }
@@ -258,7 +276,13 @@ impl Router {
                 if let Some(n) = connector.tls.as_ref().and_then(|t| t.server_name.clone()) {
                     sans.push(n);
                 }
-                pki::issue(&self.service_ca, &sans[0], &sans, pki::Usage::Server)
+                pki::issue_with_uri(
+                    &self.service_ca,
+                    &sans[0],
+                    &sans,
+                    &tls::identity::connector_uri(&self.config.name, name),
+                    pki::Usage::Server,
+                )
             }
         }
         .map_err(|e| format!("failed to issue the bundle's certificate: {e}"))?;
