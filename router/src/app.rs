@@ -1259,7 +1259,9 @@ impl Router {
         key: String,
     ) -> Result<(), String> {
         config.cost = config.cost.max(1);
-        config.connections = config.connections.clamp(1, 16);
+        config.connections = config
+            .connections
+            .clamp(1, link::MAX_CONNECTIONS_PER_PEER as u32);
         let name = &config.name;
         site::write_atomic(
             &self.state.links_dir().join(format!("{name}.key")),
@@ -1509,6 +1511,16 @@ impl Events for Router {
         let first = {
             let mut inner = self.inner.lock().expect("router lock");
             let links = inner.links.entry(link.peer.clone()).or_default();
+            // admit_link counts before the handshake ends; connections racing past it stop here.
+            if links.len() >= link::MAX_CONNECTIONS_PER_PEER {
+                drop(inner);
+                link.shut(format!(
+                    "site {} already has {} link connections here, the most one site may hold",
+                    link.peer,
+                    link::MAX_CONNECTIONS_PER_PEER
+                ));
+                return;
+            }
             links.push(Arc::clone(link));
             links.len() == 1
         };
@@ -1663,16 +1675,19 @@ impl Access for Router {
     }
 
     fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), String> {
-        if self
-            .inner
-            .lock()
-            .expect("router lock")
-            .credentials
-            .is_revoked(fingerprint)
         {
-            return Err(format!(
-                "the link credential of site {peer_site} was revoked"
-            ));
+            let inner = self.inner.lock().expect("router lock");
+            if inner.credentials.is_revoked(fingerprint) || inner.revoked.contains(peer_site) {
+                return Err(format!(
+                    "the link credential of site {peer_site} was revoked"
+                ));
+            }
+            let open = inner.links.get(peer_site).map_or(0, Vec::len);
+            if open >= link::MAX_CONNECTIONS_PER_PEER {
+                return Err(format!(
+                    "site {peer_site} already has {open} link connections here, the most one site may hold"
+                ));
+            }
         }
         self.check_policy(|p| p.incoming_link(peer_site))
             .map_err(|denied| {

@@ -33,6 +33,9 @@ use self::{
     stream::{Slot, StreamRx, StreamTx, new_stream},
 };
 
+/// Link connections one peer site may hold at once (a dialer makes at most this many too).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
+
 /// Interval between heartbeats.
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 /// A link that receives nothing for this long is dead.
@@ -41,6 +44,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for the writer before senders wait.
 const OUT_QUEUE: usize = 1024;
+/// Encoded bytes queued for the writer before senders wait: what one link connection may hold
+/// for a peer that grants credit and does not read (frame count alone allowed 64 MiB).
+pub const QUEUE_BYTES: usize = 4 << 20;
 /// Most send credit a stream may hold (docs/protocol.md).
 const MAX_CREDIT: usize = (1 << 31) - 1;
 /// Bytes the writer gathers into one write.
@@ -123,7 +129,9 @@ pub struct Link {
     pub since: Instant,
     /// The protocol version agreed by ALPN.
     pub version: u16,
-    out: mpsc::Sender<Frame>,
+    out: mpsc::Sender<Queued>,
+    /// Room left in the writer's queue, in encoded bytes ([`QUEUE_BYTES`]).
+    room: Arc<tokio::sync::Semaphore>,
     streams: Mutex<HashMap<u32, Slot>>,
     next_stream: AtomicU32,
     closed: AtomicBool,
@@ -138,7 +146,22 @@ impl Link {
     /// # Errors
     /// When the link is gone.
     pub async fn send(&self, frame: Frame) -> Result<(), Error> {
-        self.out.send(frame).await.map_err(|_| Error::Closed)
+        let room = Arc::clone(&self.room)
+            .acquire_many_owned(queued_size(&frame))
+            .await
+            .map_err(|_| Error::Closed)?;
+        self.out
+            .send(Queued { frame, room })
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Queues a frame if there is room now; `false` when there is none (or the link is gone).
+    fn try_send(&self, frame: Frame) -> bool {
+        let Ok(room) = Arc::clone(&self.room).try_acquire_many_owned(queued_size(&frame)) else {
+            return false;
+        };
+        self.out.try_send(Queued { frame, room }).is_ok()
     }
 
     /// Whether the link has ended.
@@ -271,6 +294,7 @@ where
     }
 
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+    let room = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES));
     let first_stream = match direction {
         Direction::Outgoing(_) => 1,
         Direction::Incoming => 2,
@@ -282,6 +306,7 @@ where
         since: Instant::now(),
         version,
         out,
+        room,
         streams: Mutex::new(HashMap::new()),
         next_stream: AtomicU32::new(first_stream),
         closed: AtomicBool::new(false),
@@ -476,7 +501,7 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
         // A Pong is dropped when the queue is full: a peer that pings without reading must not
         // block this reader on its own answers (the stalled writer ends the link instead).
         Frame::Ping { nonce } => {
-            let _ = link.out.try_send(Frame::Pong { nonce });
+            let _ = link.try_send(Frame::Pong { nonce });
         }
         Frame::Pong { nonce } => {
             let now = u64::try_from(link.since.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -493,7 +518,7 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
 /// ends as it would for a read failure.
 async fn write_until_failure<W: AsyncWrite + Unpin>(
     writer: W,
-    frames: mpsc::Receiver<Frame>,
+    frames: mpsc::Receiver<Queued>,
     link: Arc<Link>,
 ) {
     if let Err(e) = write_loop(writer, frames, Arc::clone(&link)).await {
@@ -503,7 +528,7 @@ async fn write_until_failure<W: AsyncWrite + Unpin>(
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut frames: mpsc::Receiver<Frame>,
+    mut frames: mpsc::Receiver<Queued>,
     link: Arc<Link>,
 ) -> Result<(), Error> {
     // Headers and small frames are encoded into `head`; Data payloads stay in their own
@@ -511,11 +536,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     // first: one copy of each byte fewer than encoding whole frames into one buffer.
     let mut head = BytesMut::with_capacity(64 * 1024);
     let mut parts: Vec<Part> = Vec::new();
-    while let Some(frame) = frames.recv().await {
-        let mut batch = add_frame(frame, &mut head, &mut parts);
+    // The queue room the batch's frames took, given back once they are written.
+    let mut taken = Vec::new();
+    while let Some(first) = frames.recv().await {
+        let mut batch = add_frame(first.frame, &mut head, &mut parts);
+        taken.push(first.room);
         while batch < WRITE_BATCH {
             match frames.try_recv() {
-                Ok(frame) => batch += add_frame(frame, &mut head, &mut parts),
+                Ok(next) => {
+                    batch += add_frame(next.frame, &mut head, &mut parts);
+                    taken.push(next.room);
+                }
                 Err(_) => break,
             }
         }
@@ -540,8 +571,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             .fetch_add(batch as u64, Ordering::Relaxed);
         head.clear();
         parts.clear();
+        taken.clear();
     }
     Ok(())
+}
+
+/// A frame in the writer's queue, holding the room it takes there.
+struct Queued {
+    frame: Frame,
+    room: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The room a frame takes in the writer's queue: its encoded length (a frame is at most
+/// `MAX_PAYLOAD` and a little, far below the queue's room).
+fn queued_size(frame: &Frame) -> u32 {
+    u32::try_from(frame.encoded_len().min(QUEUE_BYTES)).unwrap_or(u32::MAX)
 }
 
 /// A piece of a write batch: encoded bytes in the writer's head buffer, or a Data payload.

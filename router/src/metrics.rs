@@ -202,18 +202,49 @@ pub async fn serve<S: Source>(listener: TcpListener, source: &Arc<S>) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RouterCollector(Arc::downgrade(source))));
     let registry = Arc::new(registry);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let mut refused = crate::log_limit::LogLimit::default();
     loop {
-        let Ok((conn, _)) = listener.accept().await else {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of descriptors, most likely: let the others finish first.
+                debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Scrapers are few; a crowd of slow clients gets closed at once rather than holding
+        // the router's descriptors.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(conn);
+            if let Some(unlogged) = refused.hit() {
+                tracing::warn!(
+                    unlogged,
+                    limit = MAX_SCRAPES,
+                    "metrics connection refused: too many at once"
+                );
+            }
             continue;
         };
         let registry = Arc::clone(&registry);
         tokio::spawn(async move {
-            if let Err(e) = answer(conn, &registry).await {
-                debug!(error = %e, "metrics request failed");
+            match tokio::time::timeout(SCRAPE_DEADLINE, answer(conn, &registry)).await {
+                Ok(Err(e)) => debug!(error = %e, "metrics request failed"),
+                Err(_) => debug!("metrics request timed out"),
+                Ok(Ok(())) => {}
             }
+            drop(slot);
         });
     }
 }
+
+/// Metrics requests served at once; more are closed as they arrive.
+pub const MAX_SCRAPES: usize = 32;
+
+/// How long one metrics request may take from accept to the last byte, however slowly the
+/// client drips its request.
+pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Answers one HTTP/1.x request: the exposition for `GET /metrics`, 404 otherwise.
 async fn answer(mut conn: TcpStream, registry: &Registry) -> std::io::Result<()> {

@@ -235,3 +235,78 @@ async fn a_peer_that_floods_pings_and_never_reads_is_cut_off() {
         "{links}"
     );
 }
+
+/// The review's credential opened 200 concurrent link connections. One site may hold at most
+/// `MAX_CONNECTIONS_PER_PEER`; the rest are refused after the handshake, in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_site_cannot_hold_more_than_its_share_of_link_connections() {
+    use router::link::{MAX_CONNECTIONS_PER_PEER, frame::Frame};
+    let west = Site::start("west", true).await;
+    let config = peer::credentialed(&west, "evil").await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..MAX_CONNECTIONS_PER_PEER + 8 {
+        let Ok(mut tls) = peer::tls_to(&west, std::sync::Arc::clone(&config)).await else {
+            refused += 1;
+            continue;
+        };
+        match tokio::time::timeout(Duration::from_secs(5), peer::next_frame(&mut tls)).await {
+            Ok(Some(Frame::Hello { version, .. })) => {
+                peer::send_hello(&mut tls, version, "evil").await;
+                held.push(tls);
+                // Wait until west counts it, so the next one sees the true number.
+                let n = held.len();
+                west.wait_for(
+                    |v| {
+                        v.as_array().is_some_and(|rows| {
+                            rows.iter().any(|r| {
+                                r["peer"] == "evil" && r["connections"].as_u64() >= Some(n as u64)
+                            })
+                        })
+                    },
+                    Request::LinkStatus,
+                )
+                .await;
+            }
+            _ => refused += 1,
+        }
+    }
+    assert_eq!(held.len(), MAX_CONNECTIONS_PER_PEER);
+    assert_eq!(refused, 8);
+}
+
+/// The review's 20,000 dripping clients on the metrics port exhausted the router's file
+/// descriptors, and service clients failed until they left. Metrics connections beyond a few
+/// are closed as they arrive, and each has a deadline for its whole request: with a crowd of
+/// drippers holding on, the router's descriptors stay bounded and a service still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_metrics_clients_cannot_take_the_routers_descriptors() {
+    use tokio::io::AsyncWriteExt as _;
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let (backend, _server) = common::checksum_backend().await;
+    west.connector("db", "db", backend).await;
+    let port = east.listener("db", "db").await;
+    let status = west.call(Request::Status).await.expect("status");
+    let metrics = status["metricsAddr"].as_str().expect("metrics").to_owned();
+
+    let fds = || std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    let before = fds();
+    let mut drippers = Vec::new();
+    for _ in 0..400 {
+        if let Ok(mut conn) = tokio::net::TcpStream::connect(&metrics).await {
+            let _ = conn.write_all(b"G").await;
+            drippers.push(conn);
+        }
+    }
+    // Both ends live in this process: 400 of ours, and what the router kept of its side.
+    let during = fds();
+    eprintln!("descriptors: {before} before, {during} with 400 drippers");
+    assert!(
+        during < before + 400 + 2 * router::metrics::MAX_SCRAPES,
+        "the router kept a descriptor per dripping client: {before} -> {during}"
+    );
+    common::transfer(port, 1 << 20).await;
+    drop(drippers);
+}

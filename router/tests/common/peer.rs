@@ -105,3 +105,22 @@ pub async fn pong(tls: &mut Tls, nonce: u64, limit: Duration) -> bool {
         }
     }
 }
+
+/// The next frame, or `None` when the connection ends first.
+pub async fn next_frame(tls: &mut Tls) -> Option<Frame> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if let Ok(Some(frame)) = frame::decode(&mut buf) {
+            return Some(frame);
+        }
+        match tls.read_buf(&mut buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Sends our Hello as site `site`.
+pub async fn send_hello(tls: &mut Tls, version: u16, site: &str) {
+    tls.write_all(&hello(version, site)).await.expect("hello");
+}
