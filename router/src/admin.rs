@@ -33,6 +33,10 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("{0}")]
     Router(String),
+    #[error(
+        "the request is {0} bytes, more than the router takes ({MAX_REQUEST}): a name, file or list in it is too long"
+    )]
+    TooLarge(usize),
 }
 
 /// A request to the running router.
@@ -183,6 +187,10 @@ pub async fn call(path: &Path, request: &Request) -> Result<serde_json::Value, E
     let (read, mut write) = conn.into_split();
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
+    // Refused here in one line, rather than as a broken pipe when the router stops reading.
+    if line.len() as u64 > MAX_REQUEST {
+        return Err(Error::TooLarge(line.len()));
+    }
     write.write_all(&line).await?;
     let mut answer = String::new();
     BufReader::new(read)

@@ -44,6 +44,7 @@ use crate::{
     site::{self, SiteConfig, StateDir},
     tls,
     token::{self, Grant, Grants, RedeemRequest, RedeemResponse, Token},
+    trim,
 };
 
 mod certs;
@@ -206,6 +207,10 @@ pub struct Router {
     policy_denials: Mutex<PolicyDenials>,
     /// Link-state advertisements refused or refuted (a peer can send them in a loop).
     link_state_refusals: Mutex<LogLimit>,
+    /// Streams refused at their destination (a peer can open them in a loop).
+    stream_refusals: Mutex<LogLimit>,
+    /// Returns the memory of ended connections to the kernel.
+    trimmer: trim::Trimmer,
 }
 
 /// What the deny events told us, for `skiff status` and rate-limited logs.
@@ -327,6 +332,8 @@ pub async fn run_attached(
         policy: std::sync::RwLock::new(policy),
         policy_denials: Mutex::new(PolicyDenials::default()),
         link_state_refusals: Mutex::new(LogLimit::default()),
+        stream_refusals: Mutex::new(LogLimit::default()),
+        trimmer: trim::Trimmer::default(),
         accel: Mutex::new(accel),
         accel_note,
         isolation: Mutex::new(isolation),
@@ -391,6 +398,18 @@ pub async fn run_attached(
         }
     }
     background.push(tokio::spawn(renew_certificates(Arc::clone(&router))).abort_handle());
+    {
+        let router = Arc::clone(&router);
+        background.push(
+            tokio::spawn(async move {
+                router
+                    .trimmer
+                    .run(|| router.active.load(Ordering::Relaxed))
+                    .await;
+            })
+            .abort_handle(),
+        );
+    }
     router.exclude_revoked();
     router.restore().await?;
 
@@ -797,7 +816,11 @@ impl Router {
                     .await;
                 }
                 Err(reason) => {
-                    warn!(routing_key = %open.routing_key, origin = %open.origin, reason, "stream refused");
+                    // A peer can open streams for a missing key in a loop: one line a second.
+                    let log = self.stream_refusals.lock().expect("refusals lock").hit();
+                    if let Some(unlogged) = log {
+                        warn!(routing_key = %open.routing_key, origin = %open.origin, reason, unlogged, "stream refused");
+                    }
                     tx.reset(ResetCode::Refused, &reason).await;
                 }
             }
@@ -1339,6 +1362,11 @@ impl Router {
             "listeners": inner.listeners.len(),
             "connectors": inner.connectors.len(),
             "activeConnections": self.active.load(Ordering::Relaxed),
+            "memory": {
+                "trims": self.trimmer.trims(),
+                "connectionsEnded": self.trimmer.ended_count(),
+                "trimmedAfter": self.trimmer.trimmed_after(),
+            },
             "accel": self.accel_status(),
             "accelSummary": self.accel_note,
             "isolation": self.isolation_status(),
@@ -1381,11 +1409,18 @@ impl Router {
     fn link_status(&self) -> serde_json::Value {
         let inner = self.inner.lock().expect("router lock");
         let mut rows = Vec::new();
-        let mut described = std::collections::HashSet::new();
+        // Each row counts only its own connections: those an outgoing link dialled, or those
+        // a peer dialled in, never another link's to the same peer.
         for (name, out) in &inner.outgoing {
             let peer = &out.config.peer_site;
-            described.insert(peer.clone());
-            let mut row = link_row(name, "outgoing", peer, inner.links.get(peer));
+            let own: Vec<&Arc<Link>> = inner
+                .links
+                .get(peer)
+                .into_iter()
+                .flatten()
+                .filter(|l| matches!(&l.direction, link::Direction::Outgoing(n) if n == name))
+                .collect();
+            let mut row = link_row(name, "outgoing", peer, &own);
             if let Some(reason) = &out.denied {
                 row["status"] = json!("denied");
                 row["reason"] = json!(reason);
@@ -1393,8 +1428,12 @@ impl Router {
             rows.push(row);
         }
         for (peer, links) in &inner.links {
-            if !described.contains(peer) && !links.is_empty() {
-                rows.push(link_row(peer, "incoming", peer, Some(links)));
+            let incoming: Vec<&Arc<Link>> = links
+                .iter()
+                .filter(|l| l.direction == link::Direction::Incoming)
+                .collect();
+            if !incoming.is_empty() {
+                rows.push(link_row(peer, "incoming", peer, &incoming));
             }
         }
         json!(rows)
@@ -1427,13 +1466,7 @@ fn apply_row(kind: &str, name: &str, result: Result<&str, String>) -> serde_json
     }
 }
 
-fn link_row(
-    name: &str,
-    direction: &str,
-    peer: &str,
-    links: Option<&Vec<Arc<Link>>>,
-) -> serde_json::Value {
-    let links = links.map(Vec::as_slice).unwrap_or_default();
+fn link_row(name: &str, direction: &str, peer: &str, links: &[&Arc<Link>]) -> serde_json::Value {
     let up = links.iter().filter(|l| !l.is_closed()).count();
     let sum = |f: fn(&Link) -> u64| links.iter().map(|l| f(l)).sum::<u64>();
     json!({
@@ -1457,6 +1490,7 @@ struct ActiveGuard(Arc<Router>);
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.trimmer.ended();
     }
 }
 

@@ -18,3 +18,4 @@ pub mod service;
 pub mod site;
 pub mod tls;
 pub mod token;
+pub mod trim;

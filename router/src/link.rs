@@ -330,7 +330,11 @@ where
     drop(guard);
     match &result {
         Err(Error::Closed) => info!(peer = %link.peer, "link closed by peer"),
-        Err(e) => warn!(peer = %link.peer, error = %e, "link down"),
+        Err(e) => {
+            // The cause says which rule a malformed frame broke.
+            let cause = std::error::Error::source(e).map(ToString::to_string);
+            warn!(peer = %link.peer, error = %e, cause, "link down");
+        }
         Ok(()) => {}
     }
     result
@@ -405,26 +409,30 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
                 let streams = link.streams.lock().expect("stream table lock");
                 match streams.get(&stream) {
                     // Data for a stream we already dropped: it was in flight; ignore it.
-                    None => false,
+                    None => None,
+                    Some(slot) if slot.peer_closed.load(Ordering::Acquire) => {
+                        slot.kill(ResetCode::Internal);
+                        Some("data after the peer's own close")
+                    }
                     Some(slot) => {
                         if slot.recv_budget.fetch_sub(len, Ordering::AcqRel) < len {
                             slot.kill(ResetCode::Internal);
-                            true
+                            Some("sent beyond credit")
                         } else {
                             let _ = slot.inbound.send(stream::Inbound::Data(data));
-                            false
+                            None
                         }
                     }
                 }
             };
-            if violated {
-                warn!(peer = %link.peer, stream, "peer sent beyond its credit; stream reset");
+            if let Some(reason) = violated {
+                debug!(peer = %link.peer, stream, reason, "stream reset");
                 link.forget_stream(stream);
                 let _ = link
                     .send(Frame::Reset {
                         stream,
                         code: ResetCode::Internal,
-                        reason: "sent beyond credit".into(),
+                        reason: reason.into(),
                     })
                     .await;
             }
@@ -440,6 +448,7 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
         }
         Frame::Close { stream } => {
             if let Some(slot) = link.streams.lock().expect("stream table lock").get(&stream) {
+                slot.peer_closed.store(true, Ordering::Release);
                 let _ = slot.inbound.send(stream::Inbound::Close);
             }
         }

@@ -46,6 +46,42 @@ pub enum Error {
     SecondPolicy { index: usize },
     #[error("document {index}: {reason}")]
     Field { index: usize, reason: String },
+    #[error("the file is {0} bytes; resource files may have at most {MAX_TEXT}")]
+    TooLarge(usize),
+    #[error("the file nests collections more than {MAX_DEPTH} deep")]
+    TooDeep,
+}
+
+/// The largest resource file taken (the admin socket takes requests up to 1 MiB too).
+pub const MAX_TEXT: usize = 1 << 20;
+/// How deep flow collections (`[`, `{`) may nest: resources need a few levels, and the YAML
+/// parser spends time out of all proportion on deep ones (200 KB of `[` took a minute).
+pub const MAX_DEPTH: usize = 64;
+
+/// Refuses text the parser should not be given: too long, or nested too deep. Block nesting
+/// is bounded by the text's length; flow nesting is counted outside quoted scalars.
+fn check_shape(text: &str) -> Result<(), Error> {
+    if text.len() > MAX_TEXT {
+        return Err(Error::TooLarge(text.len()));
+    }
+    let (mut depth, mut quote) = (0usize, None);
+    for c in text.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(Error::TooDeep);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            (None, '\n') => {}
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +170,7 @@ pub struct Declared {
 /// # Errors
 /// On the first document that is not a valid resource, or a second Site.
 pub fn parse(text: &str) -> Result<Declared, Error> {
+    check_shape(text)?;
     let mut declared = Declared::default();
     let resources = &mut declared.resources;
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -224,6 +261,26 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The review's 200 KB of nested `[` took 63 s of CPU in the parser; it is refused before
+    /// the parser sees it, as is a file past the size limit. Quoted brackets do not count.
+    #[test]
+    fn deep_or_huge_files_are_refused_before_parsing() {
+        assert!(matches!(
+            parse(&"[".repeat(200_000)),
+            Err(Error::TooLarge(_) | Error::TooDeep)
+        ));
+        assert!(matches!(parse(&"[".repeat(65)), Err(Error::TooDeep)));
+        assert!(matches!(
+            parse(&"#".repeat(MAX_TEXT + 1)),
+            Err(Error::TooLarge(_))
+        ));
+        let quoted = format!(
+            "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {{name: web}}\nspec: {{port: 1, routingKey: \"{}\"}}\n",
+            "[".repeat(100)
+        );
+        assert!(!matches!(parse(&quoted), Err(Error::TooDeep)));
+    }
 
     #[test]
     fn parses_several_documents_with_defaults() {

@@ -12,6 +12,7 @@ use router::{
     link::frame::{Frame, LinkState},
 };
 use serde_json::Value;
+use tokio::io::AsyncReadExt as _;
 
 fn micros_now() -> u64 {
     let since = SystemTime::now()
@@ -250,7 +251,8 @@ async fn one_site_cannot_hold_more_than_its_share_of_link_connections() {
             refused += 1;
             continue;
         };
-        match tokio::time::timeout(Duration::from_secs(5), peer::next_frame(&mut tls)).await {
+        match tokio::time::timeout(Duration::from_secs(5), peer::first_frame_or_end(&mut tls)).await
+        {
             Ok(Some(Frame::Hello { version, .. })) => {
                 peer::send_hello(&mut tls, version, "evil").await;
                 held.push(tls);
@@ -309,4 +311,68 @@ async fn slow_metrics_clients_cannot_take_the_routers_descriptors() {
     );
     common::transfer(port, 1 << 20).await;
     drop(drippers);
+}
+
+/// Data after the peer's own Close is reset (docs/protocol.md), and says why; an oversized
+/// admin request (the review's 50 MB name) is refused in one line instead of a broken pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_after_close_is_reset_and_oversized_requests_are_refused_in_one_line() {
+    let west = Site::start("west", true).await;
+    let (backend, _server) = common::checksum_backend().await;
+    west.connector("db", "db", backend).await;
+    let mut evil = peer::linked_peer(&west, "evil").await;
+    for frame in [
+        Frame::Open {
+            stream: 1,
+            routing_key: "db".into(),
+            origin: "evil".into(),
+            dest: "west".into(),
+            window: 1 << 16,
+            alpn: String::new(),
+        },
+        Frame::Close { stream: 1 },
+        Frame::Data {
+            stream: 1,
+            data: bytes::Bytes::from_static(b"after close"),
+        },
+    ] {
+        peer::send(&mut evil, frame).await;
+    }
+    let mut buf = bytes::BytesMut::new();
+    let reason = loop {
+        if let Some(frame) = router::link::frame::decode(&mut buf).expect("valid frames") {
+            eprintln!("{frame:?}");
+            if let Frame::Reset {
+                stream: 1, reason, ..
+            } = frame
+            {
+                break reason;
+            }
+            continue;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), evil.read_buf(&mut buf))
+            .await
+            .expect("a reset in time")
+            .expect("read");
+        assert!(n > 0, "the link closed");
+    };
+    assert!(reason.contains("after the peer's own close"), "{reason}");
+
+    let connector = router::service::Connector {
+        name: "n".repeat(2 << 20),
+        host: "127.0.0.1".into(),
+        port: 9,
+        routing_key: "k".into(),
+        tls: None,
+    };
+    let err = west
+        .call(Request::ConnectorCreate { connector })
+        .await
+        .expect_err("too large")
+        .to_string();
+    assert!(
+        err.contains("more than the router takes") && err.len() < 200,
+        "{err}"
+    );
+    west.call(Request::Status).await.expect("still serving");
 }

@@ -40,6 +40,8 @@ pub(super) struct Slot {
     pub credit: Arc<Semaphore>,
     /// Bytes the peer may still send before we grant more; below zero is a protocol violation.
     pub recv_budget: Arc<AtomicI64>,
+    /// The peer half-closed: Data after that is a protocol violation of the stream.
+    pub peer_closed: std::sync::atomic::AtomicBool,
 }
 
 impl Slot {
@@ -96,6 +98,7 @@ pub(super) fn new_stream(
         inbound: inbound_tx,
         credit: Arc::clone(&credit),
         recv_budget: Arc::clone(&recv_budget),
+        peer_closed: std::sync::atomic::AtomicBool::new(false),
     };
     (
         StreamTx {

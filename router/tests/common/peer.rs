@@ -106,8 +106,9 @@ pub async fn pong(tls: &mut Tls, nonce: u64, limit: Duration) -> bool {
     }
 }
 
-/// The next frame, or `None` when the connection ends first.
-pub async fn next_frame(tls: &mut Tls) -> Option<Frame> {
+/// The first frame of a fresh connection, or `None` when it ends first (bytes after that
+/// frame are dropped: for the first frame only).
+pub async fn first_frame_or_end(tls: &mut Tls) -> Option<Frame> {
     let mut buf = bytes::BytesMut::new();
     loop {
         if let Ok(Some(frame)) = frame::decode(&mut buf) {
