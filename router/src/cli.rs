@@ -238,9 +238,9 @@ pub struct ListenerArgs {
     pub name: String,
     #[arg(long)]
     pub port: u16,
-    /// Address to bind.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub host: String,
+    /// Address to bind (default: 127.0.0.1 for a listener with --namespace, 0.0.0.0 otherwise).
+    #[arg(long)]
+    pub host: Option<String>,
     /// Routing key (default: the listener's name).
     #[arg(long)]
     pub routing_key: Option<String>,

@@ -372,7 +372,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let routing_key = args.routing_key.unwrap_or_else(|| args.name.clone());
             let listener = Listener {
                 name: args.name.clone(),
-                host: args.host,
+                host: args.host.unwrap_or_else(|| {
+                    router::service::default_listener_host(args.namespace.as_deref())
+                }),
                 port: args.port,
                 routing_key,
                 namespace: args.namespace,

@@ -233,7 +233,9 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
             }
             Document::Listener { spec, .. } => resources.listeners.push(Listener {
                 routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
-                host: spec.host.unwrap_or_else(|| "0.0.0.0".to_owned()),
+                host: spec.host.unwrap_or_else(|| {
+                    crate::service::default_listener_host(spec.namespace.as_deref())
+                }),
                 port: spec.port,
                 namespace: spec.namespace,
                 allow_namespaces: spec.allow_namespaces,
@@ -280,6 +282,16 @@ mod tests {
             "[".repeat(100)
         );
         assert!(!matches!(parse(&quoted), Err(Error::TooDeep)));
+    }
+
+    /// A listener that belongs to a namespace binds loopback unless told otherwise: the
+    /// connect hooks govern local callers in `--cgroup`, never remote hosts.
+    #[test]
+    fn namespace_listeners_default_to_loopback() {
+        let text = "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: web}\nspec: {port: 1, namespace: team}\n---\napiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: open}\nspec: {port: 2}\n";
+        let r = parse(text).expect("parses").resources;
+        assert_eq!(r.listeners[0].host, "127.0.0.1");
+        assert_eq!(r.listeners[1].host, "0.0.0.0");
     }
 
     #[test]

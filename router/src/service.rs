@@ -198,6 +198,19 @@ fn any_host() -> String {
     "0.0.0.0".to_owned()
 }
 
+/// Where a listener binds when its host is not given: loopback for a listener that belongs to
+/// a namespace (the connect hooks govern only local callers inside `--cgroup`; remote hosts
+/// would reach a wildcard bind ungoverned), every IPv4 address otherwise. The CLI and YAML use
+/// this; the admin API takes the host it is given.
+#[must_use]
+pub fn default_listener_host(namespace: Option<&str>) -> String {
+    if namespace.is_some() {
+        "127.0.0.1".to_owned()
+    } else {
+        any_host()
+    }
+}
+
 impl Listener {
     /// Checks the name, routing key and host against the limits the protocol and the state
     /// directory need.
