@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    crash_on_panic();
     // Before the runtime starts its threads: privilege is per thread in the kernel.
     let started = match before_threads(&cli) {
         Ok(started) => started,
@@ -69,6 +70,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => failure(&e),
     }
+}
+
+/// A panic anywhere ends the process at once, after one line that says where. Tokio would
+/// catch a panicking task and go on, but a panic while a lock is held leaves that lock
+/// poisoned and the state behind it half-changed, and every later use of it would panic in
+/// turn: a wedged router is worse than a restarted one (systemd's `Restart=`, a DaemonSet's
+/// pod restart), which re-dials its links from the state directory and clears its own pins.
+fn crash_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        eprintln!("skiff: internal error (a bug, please report it): {info}; stopping");
+        std::process::abort();
+    }));
 }
 
 /// Prints `e` on one line: what failed, then its causes.
