@@ -55,23 +55,11 @@ pub fn programs() -> &'static [u8] {
 }
 
 /// The cookie of the network namespace `fd` lives in, as `bpf_get_netns_cookie` sees it.
+///
+/// # Errors
+/// On kernels before 5.14, which cannot tell it, or when `fd` is not a socket.
 pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes through the pointer, which is valid for it.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    socket_u64(fd, libc::SO_NETNS_COOKIE)
 }
 
 /// The cookie of this process's network namespace (see [`netns_cookie`]).
@@ -88,22 +76,27 @@ pub fn own_netns_cookie() -> io::Result<u64> {
 /// # Errors
 /// When `fd` is not a socket.
 pub fn socket_cookie(fd: RawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
+    socket_u64(fd, libc::SO_COOKIE)
+}
+
+/// A `u64` socket option at `SOL_SOCKET`.
+fn socket_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes through the pointer, which is valid for it.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
+            option,
+            (&raw mut value).cast(),
             &raw mut len,
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Failure to set up or drive the socket-redirection programs.

@@ -12,7 +12,6 @@ use router::{
     link::frame::{Frame, LinkState},
 };
 use serde_json::Value;
-use tokio::io::AsyncReadExt as _;
 
 fn micros_now() -> u64 {
     let since = SystemTime::now()
@@ -338,24 +337,7 @@ async fn data_after_close_is_reset_and_oversized_requests_are_refused_in_one_lin
     ] {
         peer::send(&mut evil, frame).await;
     }
-    let mut buf = bytes::BytesMut::new();
-    let reason = loop {
-        if let Some(frame) = router::link::frame::decode(&mut buf).expect("valid frames") {
-            eprintln!("{frame:?}");
-            if let Frame::Reset {
-                stream: 1, reason, ..
-            } = frame
-            {
-                break reason;
-            }
-            continue;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), evil.read_buf(&mut buf))
-            .await
-            .expect("a reset in time")
-            .expect("read");
-        assert!(n > 0, "the link closed");
-    };
+    let reason = common::peer::reset_reason(&mut evil, 1).await;
     assert!(reason.contains("after the peer's own close"), "{reason}");
 
     let connector = router::service::Connector {

@@ -209,7 +209,7 @@ async fn outgoing_links_stop_and_resume_with_the_policy() {
 /// arrives: the stream is reset and the backend never sees a connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawn_connector_serves_no_stream_whoever_asks() {
-    use router::link::frame::{Frame, decode};
+    use router::link::frame::Frame;
     let west = Site::start("west", true).await;
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -236,23 +236,7 @@ async fn a_withdrawn_connector_serves_no_stream_whoever_asks() {
         },
     )
     .await;
-    let mut buf = bytes::BytesMut::new();
-    let reset = loop {
-        if let Some(frame) = decode(&mut buf).expect("valid frames") {
-            if let Frame::Reset {
-                stream: 1, reason, ..
-            } = frame
-            {
-                break reason;
-            }
-            continue;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), evil.read_buf(&mut buf))
-            .await
-            .expect("a reset for the stream in time")
-            .expect("read");
-        assert!(n > 0, "closed before the reset");
-    };
+    let reset = common::peer::reset_reason(&mut evil, 1).await;
     eprintln!("reset: {reset}");
     // The reset came after the router chose (or refused) a backend: nothing was accepted.
     let accepted = tokio::time::timeout(Duration::ZERO, backend.accept()).await;

@@ -125,3 +125,26 @@ pub async fn first_frame_or_end(tls: &mut Tls) -> Option<Frame> {
 pub async fn send_hello(tls: &mut Tls, version: u16, site: &str) {
     tls.write_all(&hello(version, site)).await.expect("hello");
 }
+
+/// Reads frames until the peer resets `stream`, and returns the reason it gave; panics when
+/// the connection ends or no reset comes within a few seconds.
+pub async fn reset_reason(tls: &mut Tls, stream: u32) -> String {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        if let Some(frame) = frame::decode(&mut buf).expect("valid frames") {
+            if let Frame::Reset {
+                stream: s, reason, ..
+            } = frame
+                && s == stream
+            {
+                return reason;
+            }
+            continue;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), tls.read_buf(&mut buf))
+            .await
+            .expect("a reset for the stream in time")
+            .expect("read");
+        assert!(n > 0, "the connection closed before the reset");
+    }
+}
