@@ -337,7 +337,7 @@ async fn data_after_close_is_reset_and_oversized_requests_are_refused_in_one_lin
     ] {
         peer::send(&mut evil, frame).await;
     }
-    let reason = common::peer::reset_reason(&mut evil, 1).await;
+    let reason = peer::reset_reason(&mut evil, 1).await;
     assert!(reason.contains("after the peer's own close"), "{reason}");
 
     let connector = router::service::Connector {
