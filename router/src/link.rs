@@ -127,6 +127,10 @@ pub struct Link {
     pub direction: Direction,
     pub stats: Stats,
     pub since: Instant,
+    /// The last Ping this router sent (a random nonce, and when), and when a Pong last
+    /// answered one: a peer that answers none for [`DEAD_AFTER`] is not reading, however
+    /// much it sends.
+    ping: Mutex<Heartbeat>,
     /// The protocol version agreed by ALPN.
     pub version: u16,
     out: mpsc::Sender<Queued>,
@@ -304,6 +308,11 @@ where
         direction,
         stats: Stats::default(),
         since: Instant::now(),
+        ping: Mutex::new(Heartbeat {
+            nonce: 0,
+            sent: Instant::now(),
+            answered: Instant::now(),
+        }),
         version,
         out,
         room,
@@ -513,10 +522,13 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
             let _ = link.try_send(Frame::Pong { nonce });
         }
         Frame::Pong { nonce } => {
-            let now = u64::try_from(link.since.elapsed().as_micros()).unwrap_or(u64::MAX);
-            link.stats
-                .rtt_us
-                .store(now.saturating_sub(nonce), Ordering::Relaxed);
+            let mut ping = link.ping.lock().expect("heartbeat lock");
+            // Only an answer to the last Ping counts; any other nonce is ignored.
+            if nonce == ping.nonce {
+                let rtt = u64::try_from(ping.sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                ping.answered = Instant::now();
+                link.stats.rtt_us.store(rtt, Ordering::Relaxed);
+            }
         }
         Frame::Hello { .. } => return Err(Error::Protocol("second Hello")),
     }
@@ -592,8 +604,13 @@ struct Queued {
 }
 
 /// The room a frame takes in the writer's queue: its encoded length (a frame is at most
-/// `MAX_PAYLOAD` and a little, far below the queue's room).
+/// `MAX_PAYLOAD` and a little, far below the queue's room). Pings and Pongs take none, so
+/// that a queue full of data never keeps the heartbeat out; the channel's frame count still
+/// bounds them.
 fn queued_size(frame: &Frame) -> u32 {
+    if matches!(frame, Frame::Ping { .. } | Frame::Pong { .. }) {
+        return 0;
+    }
     u32::try_from(frame.encoded_len().min(QUEUE_BYTES)).unwrap_or(u32::MAX)
 }
 
@@ -634,12 +651,39 @@ pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// What the heartbeat knows of the peer's answers.
+#[derive(Debug)]
+struct Heartbeat {
+    nonce: u64,
+    sent: Instant,
+    answered: Instant,
+}
+
 async fn heartbeat(link: Arc<Link>) {
     let mut tick = tokio::time::interval(PING_EVERY);
     loop {
         tick.tick().await;
-        let nonce = u64::try_from(link.since.elapsed().as_micros()).unwrap_or(u64::MAX);
-        if link.send(Frame::Ping { nonce }).await.is_err() {
+        let silent = link.ping.lock().expect("heartbeat lock").answered.elapsed();
+        if silent > DEAD_AFTER {
+            link.shut(format!(
+                "the peer answered no Ping for {silent:?}: it is not reading"
+            ));
+            return;
+        }
+        // Random, so that a peer cannot answer Pings it never read.
+        let mut nonce = [0u8; 8];
+        if crate::tls::random(&mut nonce).is_err() {
+            continue;
+        }
+        let nonce = u64::from_ne_bytes(nonce);
+        {
+            let mut ping = link.ping.lock().expect("heartbeat lock");
+            ping.nonce = nonce;
+            ping.sent = Instant::now();
+        }
+        // Never waits: a queue so full that a Ping finds no place is a peer not reading.
+        let _ = link.try_send(Frame::Ping { nonce });
+        if link.is_closed() {
             return;
         }
     }
