@@ -289,6 +289,98 @@ impl Netns {
     }
 }
 
+/// A shared Ethernet segment for many namespaces: a bridge in a namespace of its own, each
+/// member joined by a veth pair with the address `10.233.<lan>.<host>/24`. Removed with its
+/// namespace (and the members' ends with theirs).
+#[derive(Debug)]
+pub struct Lan {
+    hub: Netns,
+    lan: u8,
+}
+
+impl Lan {
+    /// Makes the segment `10.233.<lan>.0/24`.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn new(tag: &str, lan: u8) -> anyhow::Result<Self> {
+        let hub = Netns::new(tag)?;
+        run(
+            "ip",
+            &["-n", &hub.name, "link", "add", "br0", "type", "bridge"],
+        )?;
+        run("ip", &["-n", &hub.name, "link", "set", "br0", "up"])?;
+        Ok(Self { hub, lan })
+    }
+
+    /// Joins `member` as host `host` (1-254) on its interface `lan0`; returns its address.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn join(&self, member: &Netns, host: u8) -> anyhow::Result<String> {
+        let hub_end = format!("p{}-{host}", std::process::id() % 100_000);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "lan0",
+                "netns",
+                &member.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &hub_end,
+                "netns",
+                &self.hub.name,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.hub.name,
+                "link",
+                "set",
+                &hub_end,
+                "master",
+                "br0",
+            ],
+        )?;
+        run("ip", &["-n", &self.hub.name, "link", "set", &hub_end, "up"])?;
+        let ip = format!("10.233.{}.{host}", self.lan);
+        run(
+            "ip",
+            &[
+                "-n",
+                &member.name,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "lan0",
+            ],
+        )?;
+        run("ip", &["-n", &member.name, "link", "set", "lan0", "up"])?;
+        Ok(ip)
+    }
+
+    /// Cuts `host` off the segment, as a pulled cable would: its hub end goes down, and
+    /// nothing is sent or closed.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn cut(&self, host: u8) -> anyhow::Result<()> {
+        let hub_end = format!("p{}-{host}", std::process::id() % 100_000);
+        run(
+            "ip",
+            &["-n", &self.hub.name, "link", "set", &hub_end, "down"],
+        )
+        .map(drop)
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = run("ip", &["netns", "del", &self.name]) {
