@@ -5,21 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::Site;
+use common::{Site, rss_kib};
 use router::admin::Request;
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
 };
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 const STREAMS: usize = 2000;
 const ROUNDS: usize = 6;

@@ -5,21 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Site, peer};
+use common::{Site, peer, rss_kib};
 use router::{
     admin::Request,
     link::frame::{Frame, LinkState},
 };
 use tokio::io::AsyncWriteExt as _;
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 /// The review's peer granted credit and read nothing, and each link connection queued about
 /// 64 MiB for it (1,024 frames of 64 KiB). Now the queue holds at most `QUEUE_BYTES` (4 MiB):

@@ -287,6 +287,16 @@ pub async fn transfer(port: u16, len: u64) {
     assert_eq!(answer[..8], expected[..8], "checksum");
 }
 
+/// This process's resident set size, in KiB.
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
 /// A process a test started, killed (by PID) on drop.
 pub struct Spawned(pub std::process::Child);
 
