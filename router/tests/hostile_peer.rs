@@ -316,10 +316,25 @@ async fn slow_metrics_clients_cannot_take_the_routers_descriptors() {
 /// admin request (the review's 50 MB name) is refused in one line instead of a broken pipe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_after_close_is_reset_and_oversized_requests_are_refused_in_one_line() {
+    use tokio::io::AsyncWriteExt as _;
     let west = Site::start("west", true).await;
-    let (backend, _server) = common::checksum_backend().await;
-    west.connector("db", "db", backend).await;
+    // A backend that holds its connections open: the stream outlives the peer's Close, so the
+    // Data after it finds the stream (a backend that answered and closed could end the stream
+    // first, and the Data would be a late frame for a stream already gone).
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = backend.local_addr().expect("addr").port();
+    let _held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((conn, _)) = backend.accept().await {
+            conns.push(conn);
+        }
+    });
+    west.connector("db", "db", port).await;
     let mut evil = peer::linked_peer(&west, "evil").await;
+    // One write: the router decodes all three in one pass.
+    let mut frames = bytes::BytesMut::new();
     for frame in [
         Frame::Open {
             stream: 1,
@@ -335,8 +350,9 @@ async fn data_after_close_is_reset_and_oversized_requests_are_refused_in_one_lin
             data: bytes::Bytes::from_static(b"after close"),
         },
     ] {
-        peer::send(&mut evil, frame).await;
+        frame.encode(&mut frames);
     }
+    evil.write_all(&frames).await.expect("send");
     let reason = peer::reset_reason(&mut evil, 1).await;
     assert!(reason.contains("after the peer's own close"), "{reason}");
 
