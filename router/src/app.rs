@@ -790,10 +790,14 @@ impl Router {
     /// Handles a stream a peer opened: serve it here, or pass it on towards its destination.
     async fn serve_stream(self: Arc<Self>, open: Open, tx: StreamTx, rx: StreamRx) {
         let _active = self.track();
-        if let Some(site) = [&open.origin, &open.dest]
-            .into_iter()
-            .find(|s| self.is_revoked(s))
-        {
+        let revoked = {
+            let inner = self.inner.lock().expect("router lock");
+            [&open.origin, &open.dest]
+                .into_iter()
+                .find(|s| inner.revoked.contains(*s))
+                .cloned()
+        };
+        if let Some(site) = revoked {
             tx.reset(ResetCode::Policy, &format!("site {site} was revoked"))
                 .await;
             return;
@@ -1768,16 +1772,12 @@ impl Access for Router {
             .ok()
             .and_then(|certs| certs.into_iter().next())
         {
-            // Checked again with the record, under one lock: of two redemptions racing for
-            // one name, the second finds the first's credential.
-            if let Err(reason) = self.name_available(&request.site) {
-                return RedeemResponse::error(reason);
-            }
-            // Invited again: no longer revoked here.
-            if let Err(e) = self.unrevoke(&request.site) {
-                return RedeemResponse::error(e);
-            }
+            // Checked again under the lock the record is made under: of two redemptions racing
+            // for one name, the second finds the first's credential.
             let mut inner = self.inner.lock().expect("router lock");
+            if let Some(why) = name_taken(&inner, &request.site) {
+                return RedeemResponse::error(self.name_refused(&request.site, why));
+            }
             inner
                 .credentials
                 .issued(pki::fingerprint(&der), &request.site);
@@ -1786,6 +1786,11 @@ impl Access for Router {
                 .write_json("credentials.json", &inner.credentials)
             {
                 return RedeemResponse::error(format!("failed to record the credential: {e}"));
+            }
+            drop(inner);
+            // Invited again: no longer revoked here.
+            if let Err(e) = self.unrevoke(&request.site) {
+                return RedeemResponse::error(e);
             }
         }
         RedeemResponse::Ok {
@@ -1810,23 +1815,31 @@ impl Router {
                 service::MAX_NAME
             ));
         }
-        let taken = |why: &str| {
-            Err(format!(
-                "site name {name} is {why}: a site's name is its identity and cannot be taken over; redeem as another site, or revoke {name} at {} first",
-                self.config.name
-            ))
-        };
         if name == self.config.name {
-            return taken("the issuing site's own");
+            return Err(self.name_refused(name, "the issuing site's own"));
         }
-        let inner = self.inner.lock().expect("router lock");
-        if inner.credentials.holds(name) {
-            return taken("held by a credential this site signed");
+        match name_taken(&self.inner.lock().expect("router lock"), name) {
+            Some(why) => Err(self.name_refused(name, why)),
+            None => Ok(()),
         }
-        if inner.links.contains_key(name) {
-            return taken("linked to this site");
-        }
-        Ok(())
+    }
+
+    fn name_refused(&self, name: &str, why: &str) -> String {
+        format!(
+            "site name {name} is {why}: a site's name is its identity and cannot be taken over; redeem as another site, or revoke {name} at {} first",
+            self.config.name
+        )
+    }
+}
+
+/// Why `name` is held by a site this one knows, if it is.
+fn name_taken(inner: &Inner, name: &str) -> Option<&'static str> {
+    if inner.credentials.holds(name) {
+        Some("held by a credential this site signed")
+    } else if inner.links.contains_key(name) {
+        Some("linked to this site")
+    } else {
+        None
     }
 }
 

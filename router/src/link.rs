@@ -127,7 +127,7 @@ pub struct Link {
     pub direction: Direction,
     pub stats: Stats,
     pub since: Instant,
-    /// The last Ping this router sent (a random nonce, and when), and when a Pong last
+    /// The Pings this router sent lately (random nonces, and when), and when a Pong last
     /// answered one: a peer that answers none for [`DEAD_AFTER`] is not reading, however
     /// much it sends.
     ping: Mutex<Heartbeat>,
@@ -308,11 +308,7 @@ where
         direction,
         stats: Stats::default(),
         since: Instant::now(),
-        ping: Mutex::new(Heartbeat {
-            nonce: 0,
-            sent: Instant::now(),
-            answered: Instant::now(),
-        }),
+        ping: Mutex::new(Heartbeat::new()),
         version,
         out,
         room,
@@ -522,11 +518,10 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
             let _ = link.try_send(Frame::Pong { nonce });
         }
         Frame::Pong { nonce } => {
-            let mut ping = link.ping.lock().expect("heartbeat lock");
-            // Only an answer to the last Ping counts; any other nonce is ignored.
-            if nonce == ping.nonce {
-                let rtt = u64::try_from(ping.sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                ping.answered = Instant::now();
+            // Only an answer to one of our recent Pings counts; any other nonce is ignored.
+            let rtt = link.ping.lock().expect("heartbeat lock").answered(nonce);
+            if let Some(rtt) = rtt {
+                let rtt = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
                 link.stats.rtt_us.store(rtt, Ordering::Relaxed);
             }
         }
@@ -651,12 +646,44 @@ pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Pings still awaiting their Pong: every Ping of the dead-link time, so that a slow link
+/// whose round trip exceeds the Ping interval still answers in time.
+const PINGS_IN_FLIGHT: usize = 5;
+const _: () = assert!(PINGS_IN_FLIGHT as u64 * PING_EVERY.as_secs() >= DEAD_AFTER.as_secs());
+
 /// What the heartbeat knows of the peer's answers.
 #[derive(Debug)]
 struct Heartbeat {
-    nonce: u64,
-    sent: Instant,
+    /// The last Pings sent (random nonce, when), oldest overwritten first.
+    sent: [Option<(u64, Instant)>; PINGS_IN_FLIGHT],
+    next: usize,
     answered: Instant,
+}
+
+impl Heartbeat {
+    fn new() -> Self {
+        Self {
+            sent: [None; PINGS_IN_FLIGHT],
+            next: 0,
+            answered: Instant::now(),
+        }
+    }
+
+    fn sent(&mut self, nonce: u64) {
+        self.sent[self.next] = Some((nonce, Instant::now()));
+        self.next = (self.next + 1) % PINGS_IN_FLIGHT;
+    }
+
+    /// Takes in a Pong; returns the round trip when it answers one of our Pings.
+    fn answered(&mut self, nonce: u64) -> Option<Duration> {
+        let slot = self
+            .sent
+            .iter_mut()
+            .find(|s| s.is_some_and(|(n, _)| n == nonce))?;
+        let (_, at) = slot.take()?;
+        self.answered = Instant::now();
+        Some(at.elapsed())
+    }
 }
 
 async fn heartbeat(link: Arc<Link>) {
@@ -676,15 +703,38 @@ async fn heartbeat(link: Arc<Link>) {
             continue;
         }
         let nonce = u64::from_ne_bytes(nonce);
-        {
-            let mut ping = link.ping.lock().expect("heartbeat lock");
-            ping.nonce = nonce;
-            ping.sent = Instant::now();
-        }
+        link.ping.lock().expect("heartbeat lock").sent(nonce);
         // Never waits: a queue so full that a Ping finds no place is a peer not reading.
         let _ = link.try_send(Frame::Ping { nonce });
         if link.is_closed() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Pong counts for any of the recent Pings (a slow link's round trip may span several),
+    /// once, and never for a nonce this router did not send.
+    #[test]
+    fn pongs_answer_recent_pings_only() {
+        let mut beat = Heartbeat::new();
+        for nonce in 1..=3 {
+            beat.sent(nonce);
+        }
+        assert!(beat.answered(99).is_none());
+        assert!(beat.answered(0).is_none(), "an unused slot is no Ping");
+        assert!(beat.answered(1).is_some(), "an older Ping still counts");
+        assert!(beat.answered(1).is_none(), "once");
+        for nonce in 4..=8 {
+            beat.sent(nonce);
+        }
+        assert!(
+            beat.answered(2).is_none(),
+            "overwritten after PINGS_IN_FLIGHT newer ones"
+        );
+        assert!(beat.answered(8).is_some());
     }
 }
