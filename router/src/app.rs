@@ -1744,22 +1744,15 @@ impl Access for Router {
             self.policy_denied(&denied, false);
             return RedeemResponse::error(denied.to_string());
         }
-        let checked = self.inner.lock().expect("router lock").grants.redeem(
+        // The code is checked before anything is signed, and the redemption is spent only
+        // once the credential can be kept: a refused request costs the grant nothing.
+        let authorized = self.inner.lock().expect("router lock").grants.authorize(
             source.ip(),
             &request.grant,
             &request.code,
         );
-        if let Err(e) = checked {
+        if let Err(e) = authorized {
             return RedeemResponse::error(e.to_string());
-        }
-        {
-            let inner = self.inner.lock().expect("router lock");
-            if let Err(e) = self
-                .state
-                .write_json("grants.json", &inner.grants.to_store())
-            {
-                warn!(error = %e, "failed to persist grants");
-            }
         }
         let certificate = match pki::sign_csr(&self.ca, &request.csr, &request.site) {
             Ok(certificate) => certificate,
@@ -1767,31 +1760,43 @@ impl Access for Router {
                 return RedeemResponse::error(format!("certificate signing request refused: {e}"));
             }
         };
-        // Remember what was signed, so that it can be revoked.
-        if let Some(der) = pki::certs_from_pem(&certificate)
+        let Some(der) = pki::certs_from_pem(&certificate)
             .ok()
             .and_then(|certs| certs.into_iter().next())
+        else {
+            return RedeemResponse::error("the signed certificate could not be read back");
+        };
         {
-            // Checked again under the lock the record is made under: of two redemptions racing
-            // for one name, the second finds the first's credential.
+            // One lock for the second name check, the spend and the record: of two
+            // redemptions racing for one name or one grant's last use, the second is refused.
             let mut inner = self.inner.lock().expect("router lock");
             if let Some(why) = name_taken(&inner, &request.site) {
                 return RedeemResponse::error(self.name_refused(&request.site, why));
             }
-            inner
-                .credentials
-                .issued(pki::fingerprint(&der), &request.site);
+            if let Err(e) = inner.grants.spend(&request.grant) {
+                return RedeemResponse::error(e.to_string());
+            }
+            let fingerprint = pki::fingerprint(&der);
+            inner.credentials.issued(fingerprint.clone(), &request.site);
+            // The credential is recorded before the grant's use is: a failure leaves neither.
             if let Err(e) = self
                 .state
                 .write_json("credentials.json", &inner.credentials)
             {
+                inner.credentials.forget(&fingerprint);
+                inner.grants.refund(&request.grant);
                 return RedeemResponse::error(format!("failed to record the credential: {e}"));
             }
-            drop(inner);
-            // Invited again: no longer revoked here.
-            if let Err(e) = self.unrevoke(&request.site) {
-                return RedeemResponse::error(e);
+            if let Err(e) = self
+                .state
+                .write_json("grants.json", &inner.grants.to_store())
+            {
+                warn!(error = %e, "failed to persist grants");
             }
+        }
+        // Invited again: no longer revoked here.
+        if let Err(e) = self.unrevoke(&request.site) {
+            return RedeemResponse::error(e);
         }
         RedeemResponse::Ok {
             certificate,

@@ -22,6 +22,8 @@ pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(15 * 60);
 /// Failed redemptions from one source address allowed per [`FAILURE_WINDOW`].
 const MAX_FAILURES: u32 = 5;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Sources whose failures are remembered at once.
+const MAX_SOURCES: usize = 4096;
 
 /// Why a redemption was refused. The messages go back to the redeeming site verbatim.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -135,7 +137,24 @@ impl RedeemResponse {
 #[derive(Debug, Default)]
 pub struct Grants {
     grants: BTreeMap<String, Grant>,
-    failures: HashMap<IpAddr, (u32, Instant)>,
+    failures: HashMap<Source, (u32, Instant)>,
+}
+
+/// Where failed redemptions are counted: an IPv4 address, or an IPv6 /64 (one host's share
+/// of IPv6 space, so one host cannot pick a fresh address per guess).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    V4(std::net::Ipv4Addr),
+    V6Prefix(u64),
+}
+
+impl Source {
+    fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => Self::V4(v4),
+            IpAddr::V6(v6) => Self::V6Prefix((v6.to_bits() >> 64) as u64),
+        }
+    }
 }
 
 /// The link credentials this site signed, by certificate fingerprint, and which are revoked:
@@ -164,6 +183,11 @@ impl Credentials {
                 revoked_at: None,
             },
         );
+    }
+
+    /// Forgets a credential recorded by [`Self::issued`] that was never handed out.
+    pub fn forget(&mut self, fingerprint: &str) {
+        self.0.remove(fingerprint);
     }
 
     /// Revokes every credential signed for `site`; returns how many were still valid.
@@ -227,18 +251,21 @@ impl Grants {
         self.grants.insert(id, grant);
     }
 
-    /// Checks a redemption attempt from `source` and, when it is good, uses one redemption.
+    /// Checks a redemption attempt from `source` without using a redemption: the caller
+    /// signs the credential, then [`Self::spend`]s, so a request refused after this (a bad
+    /// certificate signing request, a name taken meanwhile) costs the grant nothing.
     ///
     /// # Errors
     /// When the grant is unknown, expired, used up, the code is wrong, or `source` failed too
     /// often in the last minute.
-    pub fn redeem(
+    pub fn authorize(
         &mut self,
         source: IpAddr,
         grant_id: &str,
         code: &str,
     ) -> Result<(), RedeemError> {
         let now = Instant::now();
+        let source = Source::of(source);
         if let Some((count, since)) = self.failures.get(&source)
             && *count >= MAX_FAILURES
             && now.duration_since(*since) < FAILURE_WINDOW
@@ -247,20 +274,69 @@ impl Grants {
         }
         let result = self.check(grant_id, code);
         if result.is_err() {
-            let entry = self.failures.entry(source).or_insert((0, now));
-            if now.duration_since(entry.1) >= FAILURE_WINDOW {
-                *entry = (0, now);
-            }
-            entry.0 += 1;
+            self.failed(source, now);
         }
         result
     }
 
-    fn check(&mut self, grant_id: &str, code: &str) -> Result<(), RedeemError> {
+    /// Uses one redemption of a grant [`Self::authorize`] accepted; refused when another
+    /// redemption took the last one meanwhile, or it expired.
+    ///
+    /// # Errors
+    /// When the grant is gone, expired or used up.
+    pub fn spend(&mut self, grant_id: &str) -> Result<(), RedeemError> {
         let grant = self
             .grants
             .get_mut(grant_id)
             .ok_or(RedeemError::UnknownGrant)?;
+        if grant.expires_at <= now_secs() {
+            return Err(RedeemError::Expired);
+        }
+        grant.redemptions_left = grant
+            .redemptions_left
+            .checked_sub(1)
+            .ok_or(RedeemError::UsedUp)?;
+        Ok(())
+    }
+
+    /// Gives back a redemption [`Self::spend`] used, when what it paid for could not be kept.
+    pub fn refund(&mut self, grant_id: &str) {
+        if let Some(grant) = self.grants.get_mut(grant_id) {
+            grant.redemptions_left = grant.redemptions_left.saturating_add(1);
+        }
+    }
+
+    /// Redemptions left on a grant (none for an unknown one).
+    #[must_use]
+    pub fn left(&self, grant_id: &str) -> u32 {
+        self.grants.get(grant_id).map_or(0, |g| g.redemptions_left)
+    }
+
+    /// Counts a failure from `source`. The table is bounded: past [`MAX_SOURCES`] entries,
+    /// those whose window ended go first, then the oldest.
+    fn failed(&mut self, source: Source, now: Instant) {
+        if self.failures.len() >= MAX_SOURCES && !self.failures.contains_key(&source) {
+            self.failures
+                .retain(|_, (_, since)| now.duration_since(*since) < FAILURE_WINDOW);
+            if self.failures.len() >= MAX_SOURCES
+                && let Some(oldest) = self
+                    .failures
+                    .iter()
+                    .min_by_key(|(_, (_, since))| *since)
+                    .map(|(k, _)| *k)
+            {
+                self.failures.remove(&oldest);
+            }
+        }
+        let entry = self.failures.entry(source).or_insert((0, now));
+        if now.duration_since(entry.1) >= FAILURE_WINDOW {
+            *entry = (0, now);
+        }
+        entry.0 = entry.0.saturating_add(1);
+    }
+
+    fn check(&self, grant_id: &str, code: &str) -> Result<(), RedeemError> {
+        let grant = self.grants.get(grant_id).ok_or(RedeemError::UnknownGrant)?;
         if !constant_time_eq(grant.code.as_bytes(), code.as_bytes()) {
             return Err(RedeemError::WrongCode);
         }
@@ -270,7 +346,6 @@ impl Grants {
         if grant.redemptions_left == 0 {
             return Err(RedeemError::UsedUp);
         }
-        grant.redemptions_left -= 1;
         Ok(())
     }
 }
@@ -363,23 +438,29 @@ mod tests {
     #[test]
     fn single_use_grant_redeems_once() {
         let mut g = grants(1, 60);
-        assert_eq!(g.redeem(SRC, "g1", "secret"), Ok(()));
-        assert_eq!(g.redeem(SRC, "g1", "secret"), Err(RedeemError::UsedUp));
+        assert_eq!(g.authorize(SRC, "g1", "secret"), Ok(()));
+        assert_eq!(g.left("g1"), 1, "authorizing spends nothing");
+        assert_eq!(g.spend("g1"), Ok(()));
+        assert_eq!(g.authorize(SRC, "g1", "secret"), Err(RedeemError::UsedUp));
+        assert_eq!(g.spend("g1"), Err(RedeemError::UsedUp));
+        g.refund("g1");
+        assert_eq!(g.left("g1"), 1, "a refund gives the redemption back");
+        assert_eq!(g.spend("g1"), Ok(()));
         assert!(g.to_store().is_empty(), "used-up grants are not persisted");
     }
 
     #[test]
     fn expired_wrong_code_and_unknown_are_refused() {
         assert_eq!(
-            grants(1, -1).redeem(SRC, "g1", "secret"),
+            grants(1, -1).authorize(SRC, "g1", "secret"),
             Err(RedeemError::Expired)
         );
         assert_eq!(
-            grants(1, 60).redeem(SRC, "g1", "guess"),
+            grants(1, 60).authorize(SRC, "g1", "guess"),
             Err(RedeemError::WrongCode)
         );
         assert_eq!(
-            grants(1, 60).redeem(SRC, "nope", "secret"),
+            grants(1, 60).authorize(SRC, "nope", "secret"),
             Err(RedeemError::UnknownGrant)
         );
     }
@@ -388,14 +469,46 @@ mod tests {
     fn repeated_failures_are_rate_limited_even_with_the_right_code() {
         let mut g = grants(1, 60);
         for _ in 0..MAX_FAILURES {
-            assert_eq!(g.redeem(SRC, "g1", "guess"), Err(RedeemError::WrongCode));
+            assert_eq!(g.authorize(SRC, "g1", "guess"), Err(RedeemError::WrongCode));
         }
-        assert_eq!(g.redeem(SRC, "g1", "secret"), Err(RedeemError::RateLimited));
+        assert_eq!(
+            g.authorize(SRC, "g1", "secret"),
+            Err(RedeemError::RateLimited)
+        );
         let other: IpAddr = "127.0.0.2".parse().expect("ip");
         assert_eq!(
-            g.redeem(other, "g1", "secret"),
+            g.authorize(other, "g1", "secret"),
             Ok(()),
             "other sources are unaffected"
+        );
+    }
+
+    /// One IPv6 host picking a new address per guess is still one source; a flood of sources
+    /// leaves the table at its bound and still limits the newest.
+    #[test]
+    fn failure_counts_are_per_host_and_bounded() {
+        let mut g = grants(1, 60);
+        for i in 0..MAX_FAILURES {
+            let ip: IpAddr = format!("2001:db8::{:x}", i + 1).parse().expect("ip");
+            assert_eq!(g.authorize(ip, "g1", "guess"), Err(RedeemError::WrongCode));
+        }
+        let fresh: IpAddr = "2001:db8::ffff".parse().expect("ip");
+        assert_eq!(
+            g.authorize(fresh, "g1", "secret"),
+            Err(RedeemError::RateLimited)
+        );
+        for i in 0..(MAX_SOURCES as u32 * 2) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let _ = g.authorize(ip, "g1", "guess");
+        }
+        assert!(g.failures.len() <= MAX_SOURCES, "{}", g.failures.len());
+        let last = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000));
+        for _ in 0..MAX_FAILURES {
+            let _ = g.authorize(last, "g1", "guess");
+        }
+        assert_eq!(
+            g.authorize(last, "g1", "secret"),
+            Err(RedeemError::RateLimited)
         );
     }
 

@@ -142,6 +142,41 @@ async fn a_redeemer_cannot_take_a_linked_sites_name() {
         .expect("a revoked site is invited again");
 }
 
+/// A request with the right code that is refused for what else it carries (no certificate
+/// signing request, garbage in its place) costs the grant nothing: the single redemption is
+/// still there for a good request. Before, the grant was spent before the CSR was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_redemption_costs_the_grant_nothing() {
+    use router::token::{RedeemRequest, RedeemResponse};
+    let west = Site::start("west", true).await;
+    let token = west.token().await;
+    for csr in [
+        "",
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+    ] {
+        let request = RedeemRequest {
+            grant: token.grant.clone(),
+            code: token.code.clone(),
+            site: "south".into(),
+            csr: csr.into(),
+        };
+        let answer = router::link::dial::exchange(&token, &request)
+            .await
+            .expect("an answer");
+        let RedeemResponse::Error { error } = answer else {
+            panic!("a request without a valid CSR was granted");
+        };
+        assert!(error.contains("certificate signing request"), "{error}");
+    }
+    router::link::dial::redeem(&token, "south", "west")
+        .await
+        .expect("the single redemption is still there");
+    let err = router::link::dial::redeem(&token, "east", "west")
+        .await
+        .expect_err("and now it is used");
+    assert!(err.to_string().contains("used"), "{err}");
+}
+
 /// Token lifetimes from the admin API (the CLI's path): no redemptions, no time, and a time
 /// that overflowed the expiry are refused in one line; the router keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

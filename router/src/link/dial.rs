@@ -102,7 +102,7 @@ async fn connect_tls(
             url: url.to_owned(),
             source,
         })?;
-    let _ = tcp.set_nodelay(true);
+    super::tune(&tcp);
     tokio::time::timeout(
         CONNECT_TIMEOUT,
         TlsConnector::from(config).connect(server_name, tcp),
@@ -122,23 +122,13 @@ async fn connect_tls(
 /// refuses the token (expired, used, wrong code, rate-limited).
 pub async fn redeem(token: &Token, me: &str, name: &str) -> Result<(LinkConfig, String), Error> {
     let (csr, key_pem) = pki::new_csr(me)?;
-    let mut tls = connect_tls(&token.url, tls::grant_client_config(&token.ca)?).await?;
     let request = RedeemRequest {
         grant: token.grant.clone(),
         code: token.code.clone(),
         site: me.to_owned(),
         csr,
     };
-    let mut line = serde_json::to_vec(&request).map_err(|_| Error::BadResponse)?;
-    line.push(b'\n');
-    tls.write_all(&line).await?;
-    tls.flush().await?;
-    let mut answer = String::new();
-    BufReader::new(tls)
-        .take(64 * 1024)
-        .read_line(&mut answer)
-        .await?;
-    match serde_json::from_str::<RedeemResponse>(&answer).map_err(|_| Error::BadResponse)? {
+    match exchange(token, &request).await? {
         RedeemResponse::Error { error } => Err(Error::Refused(error)),
         RedeemResponse::Ok {
             certificate,
@@ -157,6 +147,24 @@ pub async fn redeem(token: &Token, me: &str, name: &str) -> Result<(LinkConfig, 
             key_pem,
         )),
     }
+}
+
+/// Sends one redemption request to the issuer `token` names and returns its answer.
+///
+/// # Errors
+/// When the issuer cannot be reached or verified, or its answer is not a redemption response.
+pub async fn exchange(token: &Token, request: &RedeemRequest) -> Result<RedeemResponse, Error> {
+    let mut tls = connect_tls(&token.url, tls::grant_client_config(&token.ca)?).await?;
+    let mut line = serde_json::to_vec(request).map_err(|_| Error::BadResponse)?;
+    line.push(b'\n');
+    tls.write_all(&line).await?;
+    tls.flush().await?;
+    let mut answer = String::new();
+    BufReader::new(tls)
+        .take(64 * 1024)
+        .read_line(&mut answer)
+        .await?;
+    serde_json::from_str(&answer).map_err(|_| Error::BadResponse)
 }
 
 /// Dials the link once and runs it until it ends.
