@@ -381,6 +381,29 @@ impl Lan {
     }
 }
 
+impl Netns {
+    /// Discards every packet this namespace sends to `ip` (a blackhole route): with the same
+    /// at the other end, the one path between two hosts of a segment is cut, silently for
+    /// both (nothing is sent, so nothing is refused or reset), and the rest is untouched.
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn blackhole(&self, ip: &str) -> anyhow::Result<()> {
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.name,
+                "route",
+                "add",
+                "blackhole",
+                &format!("{ip}/32"),
+            ],
+        )
+        .map(drop)
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = run("ip", &["netns", "del", &self.name]) {

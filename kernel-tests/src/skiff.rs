@@ -352,6 +352,12 @@ impl Site {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
+    /// The site's state directory (its admin socket is `admin.sock` in it).
+    #[must_use]
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state
+    }
+
     /// The router's process id, while it runs.
     #[must_use]
     pub fn router_pid(&self) -> Option<u32> {

@@ -36,9 +36,15 @@ use self::{
 /// Link connections one peer site may hold at once (a dialer makes at most this many too).
 pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
 
-/// Interval between heartbeats.
-pub const PING_EVERY: Duration = Duration::from_secs(1);
-/// A link that receives nothing for this long is dead.
+/// Interval between heartbeats. Each Ping is also bytes in flight for [`USER_TIMEOUT`] to
+/// time: an idle link is never without something the peer's kernel must acknowledge.
+pub const PING_EVERY: Duration = Duration::from_millis(250);
+/// How long sent bytes may go unacknowledged before the kernel ends a link connection
+/// (`TCP_USER_TIMEOUT`): a silently cut path is noticed within this plus one Ping interval.
+/// A peer that is alive but not reading still acknowledges (its window is closed, the
+/// kernel's window probes are answered), so this does not cut it; the heartbeat does.
+pub const USER_TIMEOUT: Duration = Duration::from_millis(1250);
+/// A link that receives nothing, or whose peer answers no Ping, for this long is dead.
 pub const DEAD_AFTER: Duration = Duration::from_secs(5);
 /// How long the peer has to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -245,6 +251,14 @@ impl Link {
     fn owns_parity(&self, id: u32) -> bool {
         // Our ids share next_stream's parity; the peer's have the other one.
         id % 2 == self.next_stream.load(Ordering::Relaxed) % 2
+    }
+}
+
+/// Sets a link connection's socket options: no Nagle delay, and [`USER_TIMEOUT`].
+pub fn tune(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        warn!(error = %e, "TCP_USER_TIMEOUT not set: a cut path is noticed by the heartbeat only");
     }
 }
 
@@ -648,8 +662,8 @@ pub(crate) async fn write_all_vectored<W: AsyncWrite + Unpin>(
 
 /// Pings still awaiting their Pong: every Ping of the dead-link time, so that a slow link
 /// whose round trip exceeds the Ping interval still answers in time.
-const PINGS_IN_FLIGHT: usize = 5;
-const _: () = assert!(PINGS_IN_FLIGHT as u64 * PING_EVERY.as_secs() >= DEAD_AFTER.as_secs());
+const PINGS_IN_FLIGHT: usize = 20;
+const _: () = assert!(PINGS_IN_FLIGHT as u128 * PING_EVERY.as_millis() >= DEAD_AFTER.as_millis());
 
 /// What the heartbeat knows of the peer's answers.
 #[derive(Debug)]

@@ -34,6 +34,13 @@ enum Command {
     },
     /// Show skiff working on this machine.
     Demo,
+    /// A mesh of many routers, each in its own network namespace: how long routes take to
+    /// converge after a router dies and a link is cut, and each router's RSS (needs root).
+    Scale {
+        /// Sites in the mesh (6 to 250).
+        #[arg(long, default_value_t = 30)]
+        sites: u8,
+    },
     /// Benchmarks: skiff against direct loopback and other relays, as ratios (needs root).
     Bench {
         /// Arguments for the bench binary: scenario names, --quick, --runs N, --seconds S, --out DIR.
@@ -66,6 +73,23 @@ fn main() -> anyhow::Result<()> {
         Command::KernelTest { args } => {
             setup::ensure()?;
             let mut tally = task::Tally::default();
+            let result = task::kernel_tests(&args, &mut tally);
+            tally.print();
+            result
+        }
+        Command::Scale { sites } => {
+            setup::ensure()?;
+            anyhow::ensure!(task::is_root(), "the mesh needs root (network namespaces)");
+            let mut tally = task::Tally::default();
+            let args = [
+                "--ignored",
+                "--exact",
+                "a_mesh_converges_around_a_dead_router_and_a_cut_link",
+                "--nocapture",
+            ]
+            .map(String::from);
+            // SAFETY (edition 2024 marks this unsafe): no other thread runs yet.
+            unsafe { std::env::set_var("SKIFF_SITES", sites.to_string()) };
             let result = task::kernel_tests(&args, &mut tally);
             tally.print();
             result

@@ -66,7 +66,7 @@ async fn handle<A: Access>(
     acceptor: TlsAcceptor,
     router: Arc<A>,
 ) -> Result<(), String> {
-    let _ = tcp.set_nodelay(true);
+    super::tune(&tcp);
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| "tls handshake timed out".to_owned())?
