@@ -17,8 +17,12 @@ pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 /// Connects to `west`'s link-access port with TLS `config` and returns the stream, or the
 /// handshake error.
 pub async fn tls_to(west: &Site, config: Arc<rustls::ClientConfig>) -> std::io::Result<Tls> {
-    let url = west.token().await.url;
-    let tcp = TcpStream::connect(&url).await?;
+    tls_at(&west.token().await.url, config).await
+}
+
+/// Connects to the link-access port at `addr` with TLS `config`.
+pub async fn tls_at(addr: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<Tls> {
+    let tcp = TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("ip name");
     let mut tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
