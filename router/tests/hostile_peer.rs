@@ -177,6 +177,34 @@ async fn a_refused_redemption_costs_the_grant_nothing() {
     assert!(err.to_string().contains("used"), "{err}");
 }
 
+/// A redemption request that is not UTF-8 gets a one-line refusal, as any malformed request
+/// does; before, the issuer dropped the connection without a word (found by the
+/// `grant_exchange` fuzz target).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redemption_request_that_is_not_text_is_refused_in_one_line() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let west = Site::start("west", true).await;
+    let token = west.token().await;
+    let config = router::tls::grant_client_config(&token.ca).expect("config");
+    let tcp = tokio::net::TcpStream::connect(&token.url)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    tls.write_all(&[0xf1; 40]).await.expect("send");
+    tls.write_all(b"\n").await.expect("send");
+    let mut answer = String::new();
+    tokio::io::BufReader::new(tls)
+        .read_line(&mut answer)
+        .await
+        .expect("an answer, not a dropped connection");
+    assert!(answer.contains("malformed redemption request"), "{answer}");
+    assert_eq!(answer.matches('\n').count(), 1, "one line: {answer}");
+}
+
 /// Token lifetimes from the admin API (the CLI's path): no redemptions, no time, and a time
 /// that overflowed the expiry are refused in one line; the router keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

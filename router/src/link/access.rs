@@ -111,13 +111,15 @@ async fn redeem<A: Access>(
     router: &A,
 ) -> Result<(), String> {
     let mut stream = BufReader::new(tls);
-    let mut line = String::new();
+    // Bytes, not a String: a request that is not UTF-8 gets a one-line refusal like any other
+    // malformed one, instead of a dropped connection.
+    let mut line = Vec::new();
     let mut limited = (&mut stream).take(MAX_REQUEST);
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, limited.read_line(&mut line))
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, limited.read_until(b'\n', &mut line))
         .await
         .map_err(|_| "redemption request timed out".to_owned())?
         .map_err(|e| format!("failed to read redemption request: {e}"))?;
-    let response = match serde_json::from_str::<token::RedeemRequest>(&line) {
+    let response = match serde_json::from_slice::<token::RedeemRequest>(&line) {
         Ok(request) => router.redeem(peer, request),
         Err(e) => token::RedeemResponse::error(format!("malformed redemption request: {e}")),
     };
