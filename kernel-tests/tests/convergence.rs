@@ -14,12 +14,7 @@ const SITES: u8 = 10;
 
 /// Whether site `name` is reachable in `network status` JSON.
 fn reachable(network: &str, name: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(network).is_ok_and(|v| {
-        v.as_array().is_some_and(|rows| {
-            rows.iter()
-                .any(|r| r["site"] == name && r["reachable"] == true)
-        })
-    })
+    serde_json::from_str::<serde_json::Value>(network).is_ok_and(|v| reachable_in(&v, name))
 }
 
 /// c0 - c1 - c2 - c3 - c4 - c9 and c0 - c5 - c6 - c7 - c8 - c9; a connector at c9, a
