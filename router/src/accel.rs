@@ -71,6 +71,14 @@ pub fn own_netns_cookie() -> io::Result<u64> {
     netns_cookie(socket.as_raw_fd())
 }
 
+/// The local and remote addresses of connected socket `fd`.
+fn socket_ends(fd: std::os::fd::BorrowedFd<'_>) -> Option<(SocketAddr, SocketAddr)> {
+    let socket = socket2::SockRef::from(&fd);
+    let local = socket.local_addr().ok()?.as_socket()?;
+    let peer = socket.peer_addr().ok()?.as_socket()?;
+    Some((local, peer))
+}
+
 /// The cookie of socket `fd`, as `bpf_get_socket_cookie` sees it.
 ///
 /// # Errors

@@ -3,8 +3,8 @@
 //!
 //! Threads: one tokio multi-threaded runtime. The control work (links' readers and writers,
 //! routing, admin) and the data path (relays) share it; relays are plain tasks, one per
-//! connection. Shared state sits behind one `std::sync::Mutex` that is never held across an
-//! `.await`.
+//! connection. Forwarding ([`crate::forward`]) owns the table new connections consult; the
+//! control state here sits behind `std::sync::Mutex`es never held across an `.await`.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -26,57 +26,32 @@ use tracing::{info, warn};
 use crate::{
     accel::{self, Accel},
     admin::{self, Request, Response},
-    datapath::{self, Conn, Side},
+    datapath::DataPath,
+    forward::{Backend, Forwarding},
     isolation::{self, Isolation, Protection},
     link::{
         self, Events, Link, Open,
         access::Access,
         dial::{self, LinkConfig},
-        frame::{Frame, LinkState, ResetCode},
+        frame::{Frame, LinkState},
         stream::{StreamRx, StreamTx},
     },
     log_limit::LogLimit,
     metrics,
     pki::{self, CertKey},
-    policy::{Control, Denied, Policy},
+    policy::{Gate, Policy},
     routing::{self, Received, Routing},
     service::{self, Connector, ConnectorTls, Listener, ListenerTls, Resources},
     site::{self, SiteConfig, StateDir},
     tls,
     token::{self, Grant, Grants, RedeemRequest, RedeemResponse, Token},
-    trim,
 };
 
 mod certs;
 mod policy;
 
 use certs::renew_certificates;
-use policy::PolicyDenials;
 
-/// How long a backend has to accept a connection (and, for a TLS connector, to finish the
-/// handshake).
-const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a workload has to finish the TLS handshake with a TLS listener.
-const SERVICE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How the router reaches a TLS backend.
-struct BackendTls {
-    config: Arc<rustls::ClientConfig>,
-    server_name: rustls::pki_types::ServerName<'static>,
-}
-
-impl BackendTls {
-    /// A connector asking the backend for `alpn` (the protocol the client agreed with a TLS
-    /// listener), or for nothing.
-    fn connector(&self, alpn: &str) -> tokio_rustls::TlsConnector {
-        if alpn.is_empty() {
-            return tokio_rustls::TlsConnector::from(Arc::clone(&self.config));
-        }
-        let mut config = (*self.config).clone();
-        config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    }
-}
 /// How long shutdown waits for open connections to finish.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -156,21 +131,15 @@ struct OutgoingRt {
 
 #[derive(Default)]
 struct Inner {
-    links: HashMap<String, Vec<Arc<Link>>>,
     outgoing: BTreeMap<String, OutgoingRt>,
     listeners: BTreeMap<String, ListenerRt>,
     connectors: BTreeMap<String, Connector>,
-    /// TLS settings of the connectors that reach their backend over TLS, by connector name.
-    backend_tls: HashMap<String, Arc<BackendTls>>,
-    /// Connectors whose routing key this router advertises (the site policy may withhold one).
-    advertised: BTreeSet<String>,
     grants: Grants,
     /// Link credentials this site signed, and which of them are revoked.
     credentials: token::Credentials,
     /// Sites revoked here (`STATE/revoked.json`): no link to or from them, no stream from or
     /// to them, until they are invited again or a link to them is made anew.
     revoked: BTreeSet<String>,
-    next_connector: usize,
     /// Ids of protected endpoints (listeners, link access); 0 is never used.
     next_protection_id: u32,
 }
@@ -184,33 +153,24 @@ pub struct Router {
     service_ca: CertKey,
     /// The router identity served at link access (replaced on rotation).
     link_cert: Arc<tls::RotatingCert>,
-    routing: Mutex<Routing>,
+    routing: Arc<Mutex<Routing>>,
     inner: Mutex<Inner>,
-    active: AtomicUsize,
+    /// New connections and streams, and the table they consult.
+    forwarding: Arc<Forwarding>,
+    /// The site policy in force, and its denial counts.
+    gate: Arc<Gate>,
     shutdown: tokio::sync::Notify,
     /// The link-access address actually bound (the configured port may be 0).
     link_access: std::sync::OnceLock<SocketAddr>,
     /// Socket redirection, when on; `accel_note` says why it is off otherwise.
     accel: Mutex<Option<Accel>>,
     accel_note: String,
-    /// Flow control for redirected sockets, when acceleration is on. Fixed at start: it also
-    /// tells a local proxy to copy rather than splice (splice cannot see redirected bytes).
-    backpressure: Option<Arc<accel::Backpressure>>,
-    /// Where connections to backends register with the programs, when acceleration is on.
-    own_sockets: Option<Arc<accel::OwnSockets>>,
     /// The connect() hooks, when the site isolates its namespaces.
     isolation: Mutex<Option<Isolation>>,
     denials: Mutex<Denials>,
     metrics_addr: std::sync::OnceLock<SocketAddr>,
-    /// The site policy; `None` (no policy applied) allows everything.
-    policy: std::sync::RwLock<Option<Policy>>,
-    policy_denials: Mutex<PolicyDenials>,
     /// Link-state advertisements refused or refuted (a peer can send them in a loop).
     link_state_refusals: Mutex<LogLimit>,
-    /// Streams refused at their destination (a peer can open them in a loop).
-    stream_refusals: Mutex<LogLimit>,
-    /// Returns the memory of ended connections to the kernel.
-    trimmer: trim::Trimmer,
 }
 
 /// What the deny events told us, for `skiff status` and rate-limited logs.
@@ -311,29 +271,32 @@ pub async fn run_attached(
     let policy: Option<Policy> = state.read_json_or_default("policy.json")?;
     let service_ca = state.service_ca(&config.name)?;
     let link_cert = tls::RotatingCert::new(&identity)?;
+    let routing = Arc::new(Mutex::new(Routing::new(&config.name)));
+    let gate = Arc::new(Gate::new(policy));
+    let forwarding = Arc::new(Forwarding::new(
+        config.name.clone(),
+        DataPath::new(accel.as_ref()),
+        Arc::clone(&routing),
+        Arc::clone(&gate),
+    ));
     let router = Arc::new(Router {
-        routing: Mutex::new(Routing::new(&config.name)),
+        routing,
         inner: Mutex::new(Inner {
             grants: Grants::new(state.read_json_or_default("grants.json")?),
             credentials: state.read_json_or_default("credentials.json")?,
             revoked: state.read_json_or_default("revoked.json")?,
             ..Inner::default()
         }),
+        forwarding,
+        gate,
         config,
         state,
         ca,
         service_ca,
         link_cert,
-        active: AtomicUsize::new(0),
         shutdown: tokio::sync::Notify::new(),
         link_access: std::sync::OnceLock::new(),
-        backpressure: accel.as_ref().map(Accel::backpressure),
-        own_sockets: accel.as_ref().map(Accel::own_sockets),
-        policy: std::sync::RwLock::new(policy),
-        policy_denials: Mutex::new(PolicyDenials::default()),
         link_state_refusals: Mutex::new(LogLimit::default()),
-        stream_refusals: Mutex::new(LogLimit::default()),
-        trimmer: trim::Trimmer::default(),
         accel: Mutex::new(accel),
         accel_note,
         isolation: Mutex::new(isolation),
@@ -343,8 +306,12 @@ pub async fn run_attached(
 
     let mut background = Vec::new();
     if let Some(addr) = router.config.link_access.clone() {
-        let listener = datapath::listen(&addr)
+        let listener = router
+            .forwarding
+            .datapath()
+            .listen(&addr)
             .await
+            .map(crate::datapath::Listener::into_tokio)
             .map_err(|source| Error::Bind {
                 what: "link access",
                 addr: addr.clone(),
@@ -399,16 +366,8 @@ pub async fn run_attached(
     }
     background.push(tokio::spawn(renew_certificates(Arc::clone(&router))).abort_handle());
     {
-        let router = Arc::clone(&router);
-        background.push(
-            tokio::spawn(async move {
-                router
-                    .trimmer
-                    .run(|| router.active.load(Ordering::Relaxed))
-                    .await;
-            })
-            .abort_handle(),
-        );
+        let forwarding = Arc::clone(&router.forwarding);
+        background.push(tokio::spawn(async move { forwarding.trim().await }).abort_handle());
     }
     router.exclude_revoked();
     router.restore().await?;
@@ -593,11 +552,7 @@ impl Router {
                 listener.task.abort();
             }
         }
-        let deadline = tokio::time::Instant::now() + DRAIN_DEADLINE;
-        while self.active.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let left = self.active.load(Ordering::Acquire);
+        let left = self.forwarding.drain(DRAIN_DEADLINE).await;
         if left > 0 {
             warn!(
                 connections = left,
@@ -616,15 +571,13 @@ impl Router {
 
     /// Sends `frames` to every link (except those to `skip`), in the background.
     fn flood(&self, states: Vec<LinkState>, skip: Option<&str>) {
-        let links: Vec<Arc<Link>> = {
-            let inner = self.inner.lock().expect("router lock");
-            inner
-                .links
-                .iter()
-                .filter(|(peer, _)| Some(peer.as_str()) != skip)
-                .filter_map(|(_, links)| links.first().cloned())
-                .collect()
-        };
+        let links: Vec<Arc<Link>> = self
+            .forwarding
+            .links()
+            .into_iter()
+            .filter(|(peer, _)| Some(peer.as_str()) != skip)
+            .filter_map(|(_, links)| links.first().cloned())
+            .collect();
         for link in links {
             let states = states.clone();
             tokio::spawn(async move {
@@ -637,224 +590,12 @@ impl Router {
         }
     }
 
-    /// The least-loaded connection of the link to `peer`.
-    fn link_to(&self, peer: &str) -> Option<Arc<Link>> {
-        let inner = self.inner.lock().expect("router lock");
-        inner
-            .links
-            .get(peer)?
-            .iter()
-            .filter(|l| !l.is_closed())
-            .min_by_key(|l| l.stream_count())
-            .cloned()
-    }
-
-    /// Picks a local connector for `key` (round robin): its address, and its TLS settings.
-    /// A connector for `key` to serve a stream with, in turn among those the site policy
-    /// lets this router advertise (a withdrawn one serves nothing, whoever asks).
-    fn local_backend(&self, key: &str) -> Option<(String, u16, Option<Arc<BackendTls>>)> {
-        let mut inner = self.inner.lock().expect("router lock");
-        let matching: Vec<(String, u16, Option<Arc<BackendTls>>)> = inner
-            .connectors
-            .values()
-            .filter(|c| c.routing_key == key && inner.advertised.contains(&c.name))
-            .map(|c| {
-                (
-                    c.host.clone(),
-                    c.port,
-                    inner.backend_tls.get(&c.name).cloned(),
-                )
-            })
-            .collect();
-        if matching.is_empty() {
-            return None;
-        }
-        inner.next_connector = inner.next_connector.wrapping_add(1);
-        Some(matching[inner.next_connector % matching.len()].clone())
-    }
-
-    fn track(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        ActiveGuard(Arc::clone(self))
-    }
-
-    /// Routes one client connection accepted by a listener for `key`.
-    async fn route_client(self: Arc<Self>, client: Conn, key: String) {
-        let _active = self.track();
-        let _ = client.tcp().set_nodelay(true);
-        if let Err(denied) = self.check_policy(|p| p.service(&key)) {
-            self.policy_denied(&denied, true);
-            datapath::abort(client.tcp());
-            return;
-        }
-        let route = self.routing.lock().expect("routing lock").choose(&key);
-        let Some(route) = route else {
-            warn!(routing_key = %key, "no reachable connector; client reset");
-            datapath::abort(client.tcp());
-            return;
-        };
-        self.routing
-            .lock()
-            .expect("routing lock")
-            .stream_started(&route.dest);
-        let outcome = match route.next_hop {
-            None => match self.connect_backend(&key, &client.alpn()).await {
-                Ok(backend) => datapath::proxy(client, backend, self.backpressure.as_deref()).await,
-                Err(reason) => {
-                    warn!(routing_key = %key, reason, "backend unreachable; client reset");
-                    datapath::abort(client.tcp());
-                    datapath::Outcome::default()
-                }
-            },
-            Some(hop) => match self.link_to(&hop) {
-                None => {
-                    warn!(routing_key = %key, next_hop = %hop, "link to next hop is down; client reset");
-                    datapath::abort(client.tcp());
-                    datapath::Outcome::default()
-                }
-                Some(link) => {
-                    let open = Open {
-                        routing_key: key.clone(),
-                        origin: self.config.name.clone(),
-                        dest: route.dest.clone(),
-                        alpn: client.alpn(),
-                    };
-                    match link.open(&open).await {
-                        Ok((tx, rx)) => {
-                            datapath::relay(
-                                client,
-                                Side::Downstream,
-                                tx,
-                                rx,
-                                self.backpressure.as_deref(),
-                            )
-                            .await
-                        }
-                        Err(_) => {
-                            datapath::abort(client.tcp());
-                            datapath::Outcome::default()
-                        }
-                    }
-                }
-            },
-        };
-        self.routing
-            .lock()
-            .expect("routing lock")
-            .stream_ended(&route.dest);
-        if let Some(side) = outcome.failed {
-            info!(routing_key = %key, side = side.as_str(), "connection ended with a failure");
-        }
-    }
-
-    /// Connects to a local backend for `key`; a TLS connector asks the backend for `alpn`
-    /// (when not empty), so that both ends of the service speak the protocol the client chose.
-    async fn connect_backend(&self, key: &str, alpn: &str) -> Result<Conn, String> {
-        let (host, port, tls) = self
-            .local_backend(key)
-            .ok_or_else(|| "no local connector".to_owned())?;
-        let addr = service::join_host_port(&host, port);
-        let own = self.own_sockets.as_ref();
-        // The site policy names backends by host and by address: the address is checked here,
-        // where it is known, for each one the name resolves to.
-        let connect = datapath::connect(&addr, |socket, resolved| {
-            if let Err(denied) =
-                self.check_policy(|p| p.exposed_resource(&host, port, Some(resolved.ip())))
-            {
-                self.policy_denied(&denied, true);
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    denied.to_string(),
-                ));
-            }
-            Ok(own.and_then(|o| o.register(socket)))
-        });
-        let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, connect)
-            .await
-            .map_err(|_| format!("connect to {addr} timed out"))?
-            .map_err(|e| format!("connect to {addr} failed: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let Some(tls) = tls else {
-            return Ok(Conn::Tcp(tcp));
-        };
-        let stream = tokio::time::timeout(
-            BACKEND_CONNECT_TIMEOUT,
-            tls.connector(alpn).connect(tls.server_name.clone(), tcp),
-        )
-        .await
-        .map_err(|_| format!("TLS handshake with {addr} timed out"))?
-        .map_err(|e| format!("TLS handshake with {addr} failed: {e}"))?;
-        Ok(Conn::TlsClient(Box::new(stream)))
-    }
-
-    /// Handles a stream a peer opened: serve it here, or pass it on towards its destination.
-    async fn serve_stream(self: Arc<Self>, open: Open, tx: StreamTx, rx: StreamRx) {
-        let _active = self.track();
-        let revoked = {
-            let inner = self.inner.lock().expect("router lock");
-            [&open.origin, &open.dest]
-                .into_iter()
-                .find(|s| inner.revoked.contains(*s))
-                .cloned()
-        };
-        if let Some(site) = revoked {
-            tx.reset(ResetCode::Policy, &format!("site {site} was revoked"))
-                .await;
-            return;
-        }
-        if open.dest == self.config.name {
-            if let Err(denied) = self.check_policy(|p| p.service(&open.routing_key)) {
-                self.policy_denied(&denied, true);
-                tx.reset(ResetCode::Refused, &denied.to_string()).await;
-                return;
-            }
-            match self.connect_backend(&open.routing_key, &open.alpn).await {
-                Ok(backend) => {
-                    let _ = datapath::relay(
-                        backend,
-                        Side::Upstream,
-                        tx,
-                        rx,
-                        self.backpressure.as_deref(),
-                    )
-                    .await;
-                }
-                Err(reason) => {
-                    // A peer can open streams for a missing key in a loop: one line a second.
-                    let log = self.stream_refusals.lock().expect("refusals lock").hit();
-                    if let Some(unlogged) = log {
-                        warn!(routing_key = %open.routing_key, origin = %open.origin, reason, unlogged, "stream refused");
-                    }
-                    tx.reset(ResetCode::Refused, &reason).await;
-                }
-            }
-            return;
-        }
-        let hop = self
-            .routing
-            .lock()
-            .expect("routing lock")
-            .next_hop(&open.dest);
-        let next = hop.as_deref().and_then(|h| self.link_to(h));
-        let Some(next) = next else {
-            tx.reset(ResetCode::NoRoute, "no route to destination")
-                .await;
-            return;
-        };
-        match next.open(&open).await {
-            Ok((next_tx, next_rx)) => {
-                let _ = datapath::splice(tx, rx, next_tx, next_rx).await;
-            }
-            Err(_) => tx.reset(ResetCode::LinkLost, "next hop link lost").await,
-        }
-    }
-
     fn start_link(self: &Arc<Self>, config: LinkConfig, key: String) {
         let events: Arc<dyn Events> = Arc::clone(self) as Arc<dyn Events>;
         let host = site::host_of(&config.url).unwrap_or(&config.url).to_owned();
-        let denied = self.check_policy(|p| p.outgoing_link(&host)).err();
+        let denied = self.gate.check(|p| p.outgoing_link(&host)).err();
         if let Some(denied) = &denied {
-            self.policy_denied(denied, false);
+            self.gate.denied(denied, false);
         }
         let denied = denied.map(|d| d.to_string()).or_else(|| {
             self.is_revoked(&config.peer_site)
@@ -894,19 +635,19 @@ impl Router {
     fn add_connector(&self, connector: Connector, persist: bool) -> Result<(), String> {
         connector.validate().map_err(|e| e.to_string())?;
         let key = connector.routing_key.clone();
-        let allowed = self.check_policy(|p| {
+        let allowed = self.gate.check(|p| {
             p.service(&key)?;
             p.exposed_resource(&connector.host, connector.port, None)
         });
         if let Err(denied) = &allowed {
-            self.policy_denied(denied, false);
+            self.gate.denied(denied, false);
             if persist {
                 return Err(format!("connector {}: {denied}", connector.name));
             }
         }
         let name = connector.name.clone();
         let tls = match &connector.tls {
-            Some(tls) => Some(Arc::new(self.connector_tls(&connector, tls)?)),
+            Some(tls) => Some(self.connector_tls(&connector, tls)?),
             None => None,
         };
         {
@@ -921,20 +662,23 @@ impl Router {
                     link::frame::MAX_LIST
                 ));
             }
-            if let Some(tls) = tls {
-                inner.backend_tls.insert(name.clone(), tls);
-            }
             if let Ok(addr) = connector.backend_addr().parse::<SocketAddr>() {
                 self.accel_endpoint(addr, Some(EndpointKind::Backend));
             }
+            let backend = Backend {
+                routing_key: connector.routing_key.clone(),
+                host: connector.host.clone(),
+                port: connector.port,
+                tls,
+            };
             inner.connectors.insert(connector.name.clone(), connector);
             if persist {
                 self.save_resources(&inner).map_err(|e| e.to_string())?;
             }
+            self.forwarding.add_backend(&name, backend, allowed.is_ok());
             if allowed.is_err() {
                 return Ok(());
             }
-            inner.advertised.insert(name);
         }
         let own = self
             .routing
@@ -957,8 +701,8 @@ impl Router {
             return Err(format!("listener {} already exists", spec.name));
         }
         // A restored listener is kept either way: each connection is checked as it arrives.
-        if let Err(denied) = self.check_policy(|p| p.service(&spec.routing_key)) {
-            self.policy_denied(&denied, false);
+        if let Err(denied) = self.gate.check(|p| p.service(&spec.routing_key)) {
+            self.gate.denied(&denied, false);
             if persist {
                 return Err(format!("listener {}: {denied}", spec.name));
             }
@@ -970,13 +714,18 @@ impl Router {
             }
             None => (None, None),
         };
-        let socket = datapath::listen(&spec.bind_addr()).await.map_err(|e| {
-            format!(
-                "failed to bind listener {} on {}: {e}",
-                spec.name,
-                spec.bind_addr()
-            )
-        })?;
+        let socket = self
+            .forwarding
+            .datapath()
+            .listen(&spec.bind_addr())
+            .await
+            .map_err(|e| {
+                format!(
+                    "failed to bind listener {} on {}: {e}",
+                    spec.name,
+                    spec.bind_addr()
+                )
+            })?;
         let bound = socket.local_addr().ok();
         if let Some(addr) = bound {
             self.accel_endpoint(addr, Some(EndpointKind::Listener));
@@ -986,12 +735,11 @@ impl Router {
             None => None,
         };
         let connections = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(accept_loop(
+        let task = tokio::spawn(Arc::clone(&self.forwarding).serve_listener(
             socket,
             spec.routing_key.clone(),
             tls,
             Arc::clone(&connections),
-            Arc::clone(self),
         ))
         .abort_handle();
         info!(listener = %spec.name, addr = %spec.bind_addr(), routing_key = %spec.routing_key, "listener up");
@@ -1196,7 +944,6 @@ impl Router {
                 .connectors
                 .remove(name)
                 .ok_or_else(|| format!("no connector named {name}"))?;
-            inner.backend_tls.remove(name);
             self.save_resources(&inner).map_err(|e| e.to_string())?;
             let shared = inner
                 .connectors
@@ -1205,7 +952,7 @@ impl Router {
             if !shared && let Ok(addr) = removed.backend_addr().parse::<SocketAddr>() {
                 self.accel_endpoint(addr, None);
             }
-            if !inner.advertised.remove(name) {
+            if !self.forwarding.remove_backend(name) {
                 return Ok(()); // withheld by the policy: nothing to withdraw
             }
             removed
@@ -1266,8 +1013,8 @@ impl Router {
             return Err("this token was issued by this site; redeem it at another site".into());
         }
         let host = site::host_of(&token.url).unwrap_or(&token.url).to_owned();
-        if let Err(denied) = self.check_policy(|p| p.outgoing_link(&host)) {
-            self.policy_denied(&denied, false);
+        if let Err(denied) = self.gate.check(|p| p.outgoing_link(&host)) {
+            self.gate.denied(&denied, false);
             return Err(denied.to_string());
         }
         let (mut config, key) = dial::redeem(&token, &self.config.name, &name)
@@ -1334,8 +1081,8 @@ impl Router {
         pki::validate_link_credential(&pair, &config.ca, &self.config.name)
             .map_err(|e| format!("link {name}: {e}"))?;
         let host = site::host_of(&config.url).unwrap_or(&config.url).to_owned();
-        if let Err(denied) = self.check_policy(|p| p.outgoing_link(&host)) {
-            self.policy_denied(&denied, false);
+        if let Err(denied) = self.gate.check(|p| p.outgoing_link(&host)) {
+            self.gate.denied(&denied, false);
             return Err(denied.to_string());
         }
         self.store_and_start_link(config, pair.key_pem)
@@ -1362,14 +1109,14 @@ impl Router {
         json!({
             "site": self.config.name,
             "linkAccess": self.config.link_access,
-            "links": inner.links.values().filter(|l| !l.is_empty()).count(),
+            "links": self.forwarding.links().len(),
             "listeners": inner.listeners.len(),
             "connectors": inner.connectors.len(),
-            "activeConnections": self.active.load(Ordering::Relaxed),
+            "activeConnections": self.forwarding.active(),
             "memory": {
-                "trims": self.trimmer.trims(),
-                "connectionsEnded": self.trimmer.ended_count(),
-                "trimmedAfter": self.trimmer.trimmed_after(),
+                "trims": self.forwarding.trimmer().trims(),
+                "connectionsEnded": self.forwarding.trimmer().ended_count(),
+                "trimmedAfter": self.forwarding.trimmer().trimmed_after(),
             },
             "accel": self.accel_status(),
             "accelSummary": self.accel_note,
@@ -1411,14 +1158,14 @@ impl Router {
     }
 
     fn link_status(&self) -> serde_json::Value {
+        let links: HashMap<String, Vec<Arc<Link>>> = self.forwarding.links().into_iter().collect();
         let inner = self.inner.lock().expect("router lock");
         let mut rows = Vec::new();
         // Each row counts only its own connections: those an outgoing link dialled, or those
         // a peer dialled in, never another link's to the same peer.
         for (name, out) in &inner.outgoing {
             let peer = &out.config.peer_site;
-            let own: Vec<&Arc<Link>> = inner
-                .links
+            let own: Vec<&Arc<Link>> = links
                 .get(peer)
                 .into_iter()
                 .flatten()
@@ -1431,7 +1178,9 @@ impl Router {
             }
             rows.push(row);
         }
-        for (peer, links) in &inner.links {
+        let mut peers: Vec<_> = links.iter().collect();
+        peers.sort_by_key(|(peer, _)| peer.as_str());
+        for (peer, links) in peers {
             let incoming: Vec<&Arc<Link>> = links
                 .iter()
                 .filter(|l| l.direction == link::Direction::Incoming)
@@ -1488,79 +1237,19 @@ fn link_row(name: &str, direction: &str, peer: &str, links: &[&Arc<Link>]) -> se
     })
 }
 
-/// Counts a connection or stream in flight, for the drain on shutdown.
-struct ActiveGuard(Arc<Router>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
-        self.0.trimmer.ended();
-    }
-}
-
-async fn accept_loop(
-    socket: TcpListener,
-    key: String,
-    tls: Option<TlsAcceptor>,
-    connections: Arc<AtomicU64>,
-    router: Arc<Router>,
-) {
-    loop {
-        match socket.accept().await {
-            Ok((client, peer)) => {
-                connections.fetch_add(1, Ordering::Relaxed);
-                let router = Arc::clone(&router);
-                let key = key.clone();
-                let Some(tls) = tls.clone() else {
-                    tokio::spawn(router.route_client(Conn::Tcp(client), key));
-                    continue;
-                };
-                tokio::spawn(async move {
-                    match tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, tls.accept(client)).await
-                    {
-                        Ok(Ok(stream)) => {
-                            router
-                                .route_client(Conn::TlsServer(Box::new(stream)), key)
-                                .await;
-                        }
-                        Ok(Err(e)) => {
-                            warn!(routing_key = %key, %peer, "TLS client refused: {e}");
-                        }
-                        Err(_) => {
-                            warn!(routing_key = %key, %peer, "TLS client refused: handshake timed out")
-                        }
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(routing_key = %key, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 impl Events for Router {
     fn link_up(&self, link: &Arc<Link>) {
         if self.is_revoked(&link.peer) {
             link.shut(format!("the site {} was revoked here", link.peer));
             return;
         }
-        let first = {
-            let mut inner = self.inner.lock().expect("router lock");
-            let links = inner.links.entry(link.peer.clone()).or_default();
-            // admit_link counts before the handshake ends; connections racing past it stop here.
-            if links.len() >= link::MAX_CONNECTIONS_PER_PEER {
-                drop(inner);
-                link.shut(format!(
-                    "site {} already has {} link connections here, the most one site may hold",
-                    link.peer,
-                    link::MAX_CONNECTIONS_PER_PEER
-                ));
+        // admit_link counts before the handshake ends; connections racing past it stop here.
+        let first = match self.forwarding.add_link(link) {
+            Ok(first) => first,
+            Err(e) => {
+                link.shut(e.to_string());
                 return;
             }
-            links.push(Arc::clone(link));
-            links.len() == 1
         };
         let cost = match &link.direction {
             link::Direction::Outgoing(name) => self
@@ -1592,17 +1281,7 @@ impl Events for Router {
     }
 
     fn link_down(&self, link: &Arc<Link>) {
-        let last = {
-            let mut inner = self.inner.lock().expect("router lock");
-            let links = inner.links.entry(link.peer.clone()).or_default();
-            links.retain(|l| !Arc::ptr_eq(l, link));
-            let last = links.is_empty();
-            if last {
-                inner.links.remove(&link.peer);
-            }
-            last
-        };
-        if last {
+        if self.forwarding.remove_link(link) {
             let own = self
                 .routing
                 .lock()
@@ -1657,16 +1336,19 @@ impl Events for Router {
     }
 
     fn open(self: Arc<Self>, _link: &Arc<Link>, open: Open, tx: StreamTx, rx: StreamRx) {
-        tokio::spawn(self.serve_stream(open, tx, rx));
+        let forwarding = Arc::clone(&self.forwarding);
+        tokio::spawn(async move { forwarding.serve_stream(open, tx, rx).await });
     }
 }
 
 impl metrics::Source for Router {
     fn snapshot(&self) -> metrics::Snapshot {
-        let link_connections = {
-            let inner = self.inner.lock().expect("router lock");
-            inner.links.values().map(|l| l.len() as u64).sum()
-        };
+        let link_connections = self
+            .forwarding
+            .links()
+            .iter()
+            .map(|(_, l)| l.len() as u64)
+            .sum();
         let (accel, accel_sockets) = {
             let accel = self.accel.lock().expect("accel lock");
             match accel.as_ref() {
@@ -1688,16 +1370,15 @@ impl metrics::Source for Router {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
-        let policy_denials = {
-            let d = self.policy_denials.lock().expect("policy lock");
-            Control::ALL
-                .iter()
-                .map(|c| (c.as_str(), d.by_control.get(c).copied().unwrap_or(0)))
-                .collect()
-        };
+        let policy_denials = self
+            .gate
+            .denials()
+            .into_iter()
+            .map(|(c, n)| (c.as_str(), n))
+            .collect();
         metrics::Snapshot {
             policy_denials,
-            active_connections: self.active.load(Ordering::Relaxed) as u64,
+            active_connections: self.forwarding.active() as u64,
             link_connections,
             accel,
             accel_sockets,
@@ -1720,16 +1401,17 @@ impl Access for Router {
                     "the link credential of site {peer_site} was revoked"
                 ));
             }
-            let open = inner.links.get(peer_site).map_or(0, Vec::len);
+            let open = self.forwarding.links_to(peer_site).len();
             if open >= link::MAX_CONNECTIONS_PER_PEER {
                 return Err(format!(
                     "site {peer_site} already has {open} link connections here, the most one site may hold"
                 ));
             }
         }
-        self.check_policy(|p| p.incoming_link(peer_site))
+        self.gate
+            .check(|p| p.incoming_link(peer_site))
             .map_err(|denied| {
-                self.policy_denied(&denied, false);
+                self.gate.denied(&denied, false);
                 denied.to_string()
             })
     }
@@ -1740,8 +1422,8 @@ impl Access for Router {
         if let Err(reason) = self.name_available(&request.site) {
             return RedeemResponse::error(reason);
         }
-        if let Err(denied) = self.check_policy(|p| p.incoming_link(&request.site)) {
-            self.policy_denied(&denied, false);
+        if let Err(denied) = self.gate.check(|p| p.incoming_link(&request.site)) {
+            self.gate.denied(&denied, false);
             return RedeemResponse::error(denied.to_string());
         }
         // The code is checked before anything is signed, and the redemption is spent only
@@ -1769,8 +1451,9 @@ impl Access for Router {
         {
             // One lock for the second name check, the spend and the record: of two
             // redemptions racing for one name or one grant's last use, the second is refused.
+            let linked = !self.forwarding.links_to(&request.site).is_empty();
             let mut inner = self.inner.lock().expect("router lock");
-            if let Some(why) = name_taken(&inner, &request.site) {
+            if let Some(why) = name_taken(&inner, linked, &request.site) {
                 return RedeemResponse::error(self.name_refused(&request.site, why));
             }
             if let Err(e) = inner.grants.spend(&request.grant) {
@@ -1823,7 +1506,8 @@ impl Router {
         if name == self.config.name {
             return Err(self.name_refused(name, "the issuing site's own"));
         }
-        match name_taken(&self.inner.lock().expect("router lock"), name) {
+        let linked = !self.forwarding.links_to(name).is_empty();
+        match name_taken(&self.inner.lock().expect("router lock"), linked, name) {
             Some(why) => Err(self.name_refused(name, why)),
             None => Ok(()),
         }
@@ -1838,10 +1522,10 @@ impl Router {
 }
 
 /// Why `name` is held by a site this one knows, if it is.
-fn name_taken(inner: &Inner, name: &str) -> Option<&'static str> {
+fn name_taken(inner: &Inner, linked: bool, name: &str) -> Option<&'static str> {
     if inner.credentials.holds(name) {
         Some("held by a credential this site signed")
-    } else if inner.links.contains_key(name) {
+    } else if linked {
         Some("linked to this site")
     } else {
         None

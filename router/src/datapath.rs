@@ -1,89 +1,243 @@
-//! The data path: the loops that move bytes between sockets and streams.
+//! The data path: the sockets the router serves and the loops that move bytes between them
+//! and link streams.
 //!
-//! This module is the seam between routing and byte moving. Routing decides where a connection
-//! goes and hands the ends to one of three functions: [`proxy`] (client socket to a local
-//! backend socket), [`relay`] (a socket to a link stream) and [`splice`] (a link stream to
-//! another link stream, at an interior router). Today one backend implements them on tokio's
-//! epoll reactor ([`tokio_rt`]); an io_uring backend slots in behind the same functions.
+//! [`DataPath`] is the one interface between forwarding and byte moving. Forwarding decides
+//! where a connection goes; the data path binds the listeners, accepts and connects the
+//! sockets, and moves the bytes: [`DataPath::proxy`] (client socket to a local backend
+//! socket), [`DataPath::relay`] (a socket to a link stream) and [`DataPath::splice`] (a link
+//! stream to another link stream, at an interior router). It also owns what the kernel's
+//! socket redirection needs from sockets (registration before connect, flow-control guards),
+//! so no other module handles a data socket's file descriptor. One backend implements it
+//! today, on tokio's epoll reactor ([`epoll`]).
+//!
+//! A relayed connection that fails says which side failed and why ([`Failure`]); the stream
+//! peer is told with the reset code that side maps to ([`Failure::reset_code`]).
 
 mod conn;
 mod copy;
+mod epoll;
 mod splice;
-mod tokio_rt;
+
+use std::{fmt, io, net::SocketAddr, sync::Arc};
 
 pub use conn::Conn;
-pub use tokio_rt::{abort, proxy, relay, splice};
+
+use crate::{
+    accel::{Accel, Backpressure, OwnSockets},
+    link::{
+        frame::ResetCode,
+        stream::{StreamRx, StreamTx},
+    },
+};
 
 /// Accept queue depth of the router's listeners; the kernel caps it at net.core.somaxconn
 /// (4096 by default). Connection bursts overflow a shallow queue, and an overflowing queue
 /// drops handshakes, which clients see as one-second stalls.
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds a TCP listener on `addr` (`host:port`; the first address it resolves to) with a
-/// [`LISTEN_BACKLOG`]-deep accept queue.
-///
-/// # Errors
-/// When `addr` does not resolve, or the address cannot be bound.
-pub async fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
-    let resolved = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "the address resolves to nothing",
-        )
-    })?;
-    let socket = if resolved.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(resolved)?;
-    socket.listen(LISTEN_BACKLOG)
+/// Read buffer per direction of a relayed connection (see docs/performance.md for how the
+/// size was chosen).
+pub const BUFFER_SIZE: usize = 256 * 1024;
+
+/// The router's data path: its sockets and the byte-moving loops, with the kernel's socket
+/// redirection when it is on.
+#[derive(Debug, Default, Clone)]
+pub struct DataPath {
+    /// Flow control for redirected sockets. Its presence also tells a local proxy to copy
+    /// rather than splice (splice cannot see redirected bytes).
+    backpressure: Option<Arc<Backpressure>>,
+    /// Where connections to backends register with the programs before connect().
+    own_sockets: Option<Arc<OwnSockets>>,
 }
 
-/// Connects to `addr` (`host:port`: each address it resolves to in turn, until one answers).
-/// `before` sees each socket and the address it is for before its connect(): an error skips
-/// that address, and what it returns is kept until connect() has returned (the router checks
-/// the address against its policy and registers its own sockets with the eBPF programs so).
-///
-/// # Errors
-/// When `addr` does not resolve, or no address accepts the connection (the last error).
-pub async fn connect<G>(
-    addr: &str,
-    mut before: impl FnMut(&tokio::net::TcpSocket, std::net::SocketAddr) -> std::io::Result<G>,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let mut last = None;
-    for resolved in tokio::net::lookup_host(addr).await? {
+/// A listening socket of the data path.
+#[derive(Debug)]
+pub struct Listener(tokio::net::TcpListener);
+
+/// Why [`DataPath::connect`] did not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError<E> {
+    /// The caller's check refused every address the name resolved to.
+    #[error("{0}")]
+    Refused(E),
+    /// The name did not resolve, or no address accepted (the last error).
+    #[error("{0}")]
+    Failed(#[source] io::Error),
+}
+
+impl DataPath {
+    /// A data path whose sockets the kernel may redirect (`accel`), or plain.
+    #[must_use]
+    pub fn new(accel: Option<&Accel>) -> Self {
+        Self {
+            backpressure: accel.map(Accel::backpressure),
+            own_sockets: accel.map(Accel::own_sockets),
+        }
+    }
+
+    /// Binds a TCP listener on `addr` (`host:port`; the first address it resolves to) with a
+    /// [`LISTEN_BACKLOG`]-deep accept queue.
+    ///
+    /// # Errors
+    /// When `addr` does not resolve, or the address cannot be bound.
+    pub async fn listen(&self, addr: &str) -> io::Result<Listener> {
+        let resolved = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "resolves to nothing"))?;
         let socket = if resolved.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        let guard = match before(&socket, resolved) {
-            Ok(guard) => guard,
-            Err(e) => {
-                last = Some(e);
+        socket.set_reuseaddr(true)?;
+        socket.bind(resolved)?;
+        socket.listen(LISTEN_BACKLOG).map(Listener)
+    }
+
+    /// Connects to `addr` (`host:port`: each address it resolves to in turn, until one
+    /// answers) with Nagle off. `check` sees each address before its socket connects and may
+    /// refuse it (the router checks backends' addresses against the site policy so). With
+    /// acceleration on, the socket is registered with the programs before connect(), so that
+    /// sock_ops redirects this connection and no other process's to the same backend.
+    ///
+    /// # Errors
+    /// [`ConnectError::Refused`] when `check` refused every address; otherwise
+    /// [`ConnectError::Failed`] with the last error.
+    pub async fn connect<E>(
+        &self,
+        addr: &str,
+        mut check: impl FnMut(SocketAddr) -> Result<(), E>,
+    ) -> Result<Conn, ConnectError<E>> {
+        let mut last = None;
+        let mut refused = None;
+        let resolved = tokio::net::lookup_host(addr)
+            .await
+            .map_err(ConnectError::Failed)?;
+        for resolved in resolved {
+            if let Err(e) = check(resolved) {
+                refused = Some(e);
                 continue;
             }
-        };
-        let connected = socket.connect(resolved).await;
-        drop(guard);
-        match connected {
-            Ok(stream) => return Ok(stream),
-            Err(e) => last = Some(e),
+            let socket = if resolved.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            };
+            let socket = match socket {
+                Ok(socket) => socket,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let registered = self.own_sockets.as_ref().and_then(|o| o.register(&socket));
+            let connected = socket.connect(resolved).await;
+            drop(registered);
+            match connected {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(Conn::Tcp(stream));
+                }
+                Err(e) => last = Some(e),
+            }
         }
+        Err(match (last, refused) {
+            (Some(e), _) => ConnectError::Failed(e),
+            (None, Some(refused)) => ConnectError::Refused(refused),
+            (None, None) => ConnectError::Failed(io::Error::new(
+                io::ErrorKind::NotFound,
+                "resolves to nothing",
+            )),
+        })
     }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "the address resolves to nothing",
-        )
-    }))
+
+    /// Moves bytes between a client socket and a local backend socket until both directions
+    /// end; each direction half-closes the other side when it ends. A failure closes both
+    /// sockets with RST.
+    pub async fn proxy(&self, client: Conn, backend: Conn) -> Outcome {
+        epoll::proxy(client, backend, self.backpressure.as_deref()).await
+    }
+
+    /// Relays between a connection (`side` says which kind) and a link stream until both
+    /// directions end. A failure closes the socket with RST and resets the stream with the
+    /// code the failing side maps to.
+    pub async fn relay(&self, conn: Conn, side: Side, tx: StreamTx, rx: StreamRx) -> Outcome {
+        epoll::relay(conn, side, tx, rx, self.backpressure.as_deref()).await
+    }
+
+    /// Splices two link streams at an interior router until both directions end; a reset on
+    /// either is passed on to the other with its code.
+    pub async fn splice(&self, a: (StreamTx, StreamRx), b: (StreamTx, StreamRx)) -> Outcome {
+        epoll::splice(a.0, a.1, b.0, b.1).await
+    }
+
+    /// Whether sockets may be redirected by the kernel (acceleration is on).
+    #[must_use]
+    pub fn accelerated(&self) -> bool {
+        self.backpressure.is_some()
+    }
 }
 
-/// Read buffer per direction of a relayed connection. On this machine a relay with tokio's
-/// default 8 KiB buffers reached 29% of direct loopback throughput, with 256 KiB 58%.
-pub const BUFFER_SIZE: usize = 256 * 1024;
+impl Listener {
+    /// The next client: its connection (Nagle off) and address.
+    ///
+    /// # Errors
+    /// What accept(2) returns (out of descriptors, for one).
+    pub async fn accept(&self) -> io::Result<(Conn, SocketAddr)> {
+        let (tcp, peer) = self.0.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        Ok((Conn::Tcp(tcp), peer))
+    }
+
+    /// The address actually bound (the requested port may be 0).
+    ///
+    /// # Errors
+    /// When the socket has no address (never, once bound).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    /// The tokio listener, for the control-plane servers (link access) that run TLS on it.
+    #[must_use]
+    pub fn into_tokio(self) -> tokio::net::TcpListener {
+        self.0
+    }
+}
+
+/// Runs the TLS handshake of a workload connected to a TLS listener.
+///
+/// # Errors
+/// When the handshake fails, or `conn` is TLS already.
+pub async fn tls_server(conn: Conn, acceptor: &tokio_rustls::TlsAcceptor) -> io::Result<Conn> {
+    match conn {
+        Conn::Tcp(tcp) => Ok(Conn::TlsServer(Box::new(acceptor.accept(tcp).await?))),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "already TLS")),
+    }
+}
+
+/// Runs the TLS handshake with a TLS backend as `name`.
+///
+/// # Errors
+/// When the handshake fails, or `conn` is TLS already.
+pub async fn tls_client(
+    conn: Conn,
+    connector: &tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+) -> io::Result<Conn> {
+    match conn {
+        Conn::Tcp(tcp) => Ok(Conn::TlsClient(Box::new(
+            connector.connect(name, tcp).await?,
+        ))),
+        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "already TLS")),
+    }
+}
+
+/// Closes the connection with RST instead of FIN: the client sees a reset at once, not a
+/// clean end and not a hang.
+pub fn reject(conn: Conn) {
+    epoll::abort(conn.tcp());
+}
 
 /// Which side of a relayed connection failed. Used as a log field and metric label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +262,56 @@ impl Side {
     }
 }
 
+/// Why a side failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// A socket call failed (reset by the peer, for one).
+    Io(io::ErrorKind),
+    /// The stream's peer reset it, with this code.
+    Reset(ResetCode),
+    /// The link the stream runs on died.
+    LinkLost,
+}
+
+/// The side of a relayed connection that failed, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub side: Side,
+    pub cause: Cause,
+}
+
+impl Failure {
+    pub(crate) fn io(side: Side, error: &io::Error) -> Self {
+        Self {
+            side,
+            cause: Cause::Io(error.kind()),
+        }
+    }
+
+    /// The code the stream's peer is reset with when this ends a relay: a backend that failed
+    /// is `Refused`, a client that went away `Cancelled`. A failure of the link itself sends
+    /// nothing (the peer reset the stream, or there is no link to send on).
+    #[must_use]
+    pub const fn reset_code(&self) -> Option<ResetCode> {
+        match self.side {
+            Side::Upstream => Some(ResetCode::Refused),
+            Side::Downstream => Some(ResetCode::Cancelled),
+            Side::Link => None,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let side = self.side.as_str();
+        match self.cause {
+            Cause::Io(kind) => write!(f, "{side}: {kind}"),
+            Cause::Reset(code) => write!(f, "{side}: reset by the peer ({code})"),
+            Cause::LinkLost => write!(f, "{side}: the link went down"),
+        }
+    }
+}
+
 /// How a relayed connection ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
@@ -115,6 +319,6 @@ pub struct Outcome {
     pub bytes_out: u64,
     /// Bytes from the other end towards the socket (or first stream).
     pub bytes_in: u64,
-    /// The side that failed, if the connection did not end cleanly.
-    pub failed: Option<Side>,
+    /// The side that failed and why, if the connection did not end cleanly.
+    pub failed: Option<Failure>,
 }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod datapath;
+pub mod forward;
 pub mod isolation;
 pub mod link;
 pub mod log_limit;

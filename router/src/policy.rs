@@ -225,6 +225,102 @@ fn glob(pattern: &str, text: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
+/// The policy in force and what it has denied: one per router, shared by everything that
+/// admits a link, a resource or a stream.
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// `None` (no policy applied) allows everything.
+    policy: std::sync::RwLock<Option<Policy>>,
+    denials: std::sync::Mutex<Denials>,
+}
+
+/// Denials, counted per control, with the per-connection ones' logs rate-limited.
+#[derive(Debug, Default)]
+struct Denials {
+    by_control: std::collections::BTreeMap<Control, u64>,
+    last_log: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl Gate {
+    /// A gate enforcing `policy` (`None`: allow everything).
+    #[must_use]
+    pub fn new(policy: Option<Policy>) -> Self {
+        Self {
+            policy: std::sync::RwLock::new(policy),
+            denials: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Runs `check` against the policy in force; no policy allows everything.
+    ///
+    /// # Errors
+    /// What `check` returns.
+    pub fn check(&self, check: impl FnOnce(&Policy) -> Result<(), Denied>) -> Result<(), Denied> {
+        match &*self.policy.read().expect("policy lock") {
+            Some(policy) => check(policy),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Gate::check`], and a denial is counted and logged ([`Gate::denied`]).
+    ///
+    /// # Errors
+    /// What `check` returns.
+    pub fn admit(
+        &self,
+        frequent: bool,
+        check: impl FnOnce(&Policy) -> Result<(), Denied>,
+    ) -> Result<(), Denied> {
+        self.check(check)
+            .inspect_err(|denied| self.denied(denied, frequent))
+    }
+
+    /// Counts and logs a denial. Per-connection denials (`frequent`) are logged at most once
+    /// a second, with the number left unlogged, so a client retrying in a loop cannot flood
+    /// the log.
+    pub fn denied(&self, denied: &Denied, frequent: bool) {
+        let mut d = self.denials.lock().expect("denials lock");
+        *d.by_control.entry(denied.control).or_default() += 1;
+        let now = std::time::Instant::now();
+        if frequent
+            && d.last_log
+                .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            d.unlogged += 1;
+            return;
+        }
+        d.last_log = Some(now);
+        let unlogged = std::mem::take(&mut d.unlogged);
+        tracing::warn!(
+            control = denied.control.as_str(),
+            unlogged,
+            "denied: {denied}"
+        );
+    }
+
+    /// Puts `policy` in force (`None` removes it).
+    pub fn set(&self, policy: Option<Policy>) {
+        *self.policy.write().expect("policy lock") = policy;
+    }
+
+    /// The policy in force.
+    #[must_use]
+    pub fn policy(&self) -> Option<Policy> {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    /// Denials so far, per control (every control listed, zero included).
+    #[must_use]
+    pub fn denials(&self) -> Vec<(Control, u64)> {
+        let d = self.denials.lock().expect("denials lock");
+        Control::ALL
+            .iter()
+            .map(|c| (*c, d.by_control.get(c).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,7 +32,7 @@ use std::{
     future::Future,
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd as _, RawFd},
+    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -42,7 +42,6 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use ebpf_common::{Sent, Shortcut, SockKey};
-use tokio::net::TcpStream;
 
 use super::sock_diag;
 
@@ -157,33 +156,34 @@ impl Backpressure {
         self.sent.keys().try_fold(0, |n, key| key.map(|_| n + 1))
     }
 
-    /// Watches what `tcp`'s peer sends to the router. The guard must not outlive `tcp`.
+    /// Watches what the peer of socket `fd` sends to the router. The guard must not outlive
+    /// the socket.
     #[must_use]
-    pub fn inflow(&self, tcp: &TcpStream) -> Inflow<'_> {
-        let sender = self.sock_key(tcp).map(|key| key.peer());
+    pub fn inflow(&self, fd: BorrowedFd<'_>) -> Inflow<'_> {
+        let sender = self.sock_key(fd).map(|key| key.peer());
         Inflow {
             guard: sender.map(|sender| (self, sender)),
-            fd: tcp.as_raw_fd(),
+            fd: fd.as_raw_fd(),
             diverted: false,
         }
     }
 
-    /// Paces what the router writes to `tcp`'s peer.
+    /// Paces what the router writes to the peer of socket `fd`.
     #[must_use]
-    pub fn outflow(&self, tcp: &TcpStream) -> Outflow<'_> {
-        let ends = tcp.local_addr().ok().zip(tcp.peer_addr().ok());
+    pub fn outflow(&self, fd: BorrowedFd<'_>) -> Outflow<'_> {
+        let ends = super::socket_ends(fd);
         Outflow {
             guard: ends.map(|(local, peer)| (self, local, peer)),
             budget: self.limit,
         }
     }
 
-    /// The key sock_ops gave `tcp` in the sockhash.
-    pub(super) fn sock_key(&self, tcp: &TcpStream) -> Option<SockKey> {
-        let (local, peer) = (tcp.local_addr().ok()?, tcp.peer_addr().ok()?);
+    /// The key sock_ops gave socket `fd` in the sockhash.
+    pub(super) fn sock_key(&self, fd: BorrowedFd<'_>) -> Option<SockKey> {
+        let (local, peer) = super::socket_ends(fd)?;
         let netns = (*self
             .netns
-            .get_or_init(|| super::netns_cookie(tcp.as_raw_fd()).ok()))?;
+            .get_or_init(|| super::netns_cookie(fd.as_raw_fd()).ok()))?;
         let (local_key, peer_key) = (super::endpoint_key(local), super::endpoint_key(peer));
         Some(SockKey {
             netns,

@@ -42,12 +42,11 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd as _, RawFd},
+    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     sync::atomic::Ordering,
 };
 
 use ebpf_common::{Sent, Shortcut, SockKey};
-use tokio::net::TcpStream;
 
 use super::{Backpressure, sock_diag};
 
@@ -83,10 +82,10 @@ struct State<'a> {
 }
 
 impl Backpressure {
-    /// The shortcut for bytes the router reads from `from` and writes to `to`: from `from`'s
-    /// peer straight to `to`'s peer.
+    /// The shortcut for bytes the router reads from socket `from` and writes to socket `to`:
+    /// from `from`'s peer straight to `to`'s peer.
     #[must_use]
-    pub fn bypass(&self, from: &TcpStream, to: &TcpStream) -> Bypass<'_> {
+    pub fn bypass(&self, from: BorrowedFd<'_>, to: BorrowedFd<'_>) -> Bypass<'_> {
         let state = (|| {
             if !self.shortcuts_possible {
                 return None;
@@ -97,8 +96,8 @@ impl Backpressure {
                 sender,
                 target,
                 via: to.as_raw_fd(),
-                target_local: to.peer_addr().ok()?,
-                target_remote: to.local_addr().ok()?,
+                target_local: super::socket_ends(to)?.1,
+                target_remote: super::socket_ends(to)?.0,
                 offered: None,
                 fallback_seen: false,
                 uncounted: 0,

@@ -19,13 +19,7 @@ impl Router {
                 .write_json("revoked.json", &inner.revoked)
                 .map_err(|e| format!("failed to record the revocation: {e}"))?;
             // Whichever side dialled: every connection to the site goes.
-            let links: Vec<Arc<Link>> = inner
-                .links
-                .get(site)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
+            let links = self.forwarding.links_to(site);
             // Links this site dials to it stop dialling.
             let mut stopped = Vec::new();
             for (name, outgoing) in &mut inner.outgoing {
@@ -74,9 +68,11 @@ impl Router {
         Ok(())
     }
 
-    /// Tells routing which sites are revoked: it neither sends to them nor through them.
+    /// Tells routing and forwarding which sites are revoked: routing neither sends to them
+    /// nor through them, forwarding refuses streams from and to them.
     pub(super) fn exclude_revoked(&self) {
         let revoked = self.inner.lock().expect("router lock").revoked.clone();
+        self.forwarding.set_revoked(revoked.clone());
         self.routing.lock().expect("routing lock").exclude(revoked);
     }
 
@@ -204,7 +200,7 @@ impl Router {
         &self,
         connector: &Connector,
         tls: &ConnectorTls,
-    ) -> Result<BackendTls, String> {
+    ) -> Result<crate::forward::BackendTls, String> {
         let what = |e: &dyn std::fmt::Display| format!("connector {}: {e}", connector.name);
         // With the service CA, which signs every listener's and bundle's certificate, only
         // the certificate made for this connector's backend will do; a CA of the user's own
@@ -238,7 +234,7 @@ impl Router {
         let server_name =
             rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']).to_owned())
                 .map_err(|e| what(&format!("{name:?} is not a valid TLS server name: {e}")))?;
-        Ok(BackendTls {
+        Ok(crate::forward::BackendTls {
             config,
             server_name,
         })

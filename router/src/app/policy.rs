@@ -3,48 +3,7 @@
 
 use super::*;
 
-/// Policy denials, counted per control, with stream-level logs rate-limited.
-#[derive(Default)]
-pub(super) struct PolicyDenials {
-    pub(super) by_control: BTreeMap<Control, u64>,
-    pub(super) last_log: Option<std::time::Instant>,
-    pub(super) unlogged: u64,
-}
-
 impl Router {
-    /// Runs `check` against the site policy; no policy allows everything.
-    pub(super) fn check_policy(
-        &self,
-        check: impl FnOnce(&Policy) -> Result<(), Denied>,
-    ) -> Result<(), Denied> {
-        match &*self.policy.read().expect("policy lock") {
-            Some(policy) => check(policy),
-            None => Ok(()),
-        }
-    }
-
-    /// Counts and logs a denial. Per-connection denials (`frequent`) are logged at most once
-    /// a second, with the number left unlogged, so a client retrying in a loop cannot flood
-    /// the log.
-    pub(super) fn policy_denied(&self, denied: &Denied, frequent: bool) {
-        let mut d = self.policy_denials.lock().expect("policy lock");
-        *d.by_control.entry(denied.control).or_default() += 1;
-        let now = std::time::Instant::now();
-        if frequent
-            && d.last_log
-                .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            d.unlogged += 1;
-            return;
-        }
-        d.last_log = Some(now);
-        let unlogged = std::mem::take(&mut d.unlogged);
-        warn!(
-            control = denied.control.as_str(),
-            unlogged, "denied: {denied}"
-        );
-    }
-
     /// Replaces the site policy (`None` removes it) and applies it to what exists: incoming
     /// links from sites no longer allowed are closed, outgoing links to hosts no longer allowed
     /// stop (and resume when allowed again), connectors no longer allowed are withdrawn from
@@ -64,22 +23,20 @@ impl Router {
             },
         };
         stored.map_err(|e| format!("failed to store the policy: {e}"))?;
-        *self.policy.write().expect("policy lock") = policy;
+        self.gate.set(policy);
 
         let mut closed = Vec::new();
         let incoming: Vec<Arc<Link>> = {
-            let inner = self.inner.lock().expect("router lock");
-            inner
-                .links
-                .values()
-                .flatten()
+            self.forwarding
+                .links()
+                .into_iter()
+                .flat_map(|(_, links)| links)
                 .filter(|l| l.direction == link::Direction::Incoming)
-                .cloned()
                 .collect()
         };
         for link in incoming {
-            if let Err(denied) = self.check_policy(|p| p.incoming_link(&link.peer)) {
-                self.policy_denied(&denied, false);
+            if let Err(denied) = self.gate.check(|p| p.incoming_link(&link.peer)) {
+                self.gate.denied(&denied, false);
                 link.shut(denied.to_string());
                 closed.push(link.peer.clone());
             }
@@ -96,7 +53,7 @@ impl Router {
         };
         for (name, config, was_denied) in outgoing {
             let host = site::host_of(&config.url).unwrap_or(&config.url).to_owned();
-            let now_denied = self.check_policy(|p| p.outgoing_link(&host)).is_err();
+            let now_denied = self.gate.check(|p| p.outgoing_link(&host)).is_err();
             if now_denied == was_denied {
                 continue;
             }
@@ -116,23 +73,22 @@ impl Router {
         let (mut withdrawn, mut advertised) = (Vec::new(), Vec::new());
         let mut states = Vec::new();
         {
-            let mut inner = self.inner.lock().expect("router lock");
+            let inner = self.inner.lock().expect("router lock");
             let mut routing = self.routing.lock().expect("routing lock");
             let connectors: Vec<Connector> = inner.connectors.values().cloned().collect();
             for c in connectors {
                 let allowed = self
-                    .check_policy(|p| {
+                    .gate
+                    .check(|p| {
                         p.service(&c.routing_key)?;
                         p.exposed_resource(&c.host, c.port, None)
                     })
                     .is_ok();
-                let was = inner.advertised.contains(&c.name);
+                let was = self.forwarding.set_advertised(&c.name, allowed);
                 if allowed && !was {
-                    inner.advertised.insert(c.name.clone());
                     states.push(routing.add_local_key(&c.routing_key));
                     advertised.push(c.name);
                 } else if !allowed && was {
-                    inner.advertised.remove(&c.name);
                     states.push(routing.remove_local_key(&c.routing_key));
                     withdrawn.push(c.name);
                 }
@@ -147,10 +103,7 @@ impl Router {
             inner
                 .listeners
                 .values()
-                .filter(|l| {
-                    self.check_policy(|p| p.service(&l.spec.routing_key))
-                        .is_err()
-                })
+                .filter(|l| self.gate.check(|p| p.service(&l.spec.routing_key)).is_err())
                 .map(|l| l.spec.name.clone())
                 .collect()
         };
@@ -173,15 +126,14 @@ impl Router {
 
     pub(super) fn policy_status(&self) -> serde_json::Value {
         let denials: BTreeMap<&str, u64> = self
-            .policy_denials
-            .lock()
-            .expect("policy lock")
-            .by_control
-            .iter()
-            .map(|(c, n)| (c.as_str(), *n))
+            .gate
+            .denials()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| (c.as_str(), n))
             .collect();
         json!({
-            "policy": *self.policy.read().expect("policy lock"),
+            "policy": self.gate.policy(),
             "denials": denials,
         })
     }

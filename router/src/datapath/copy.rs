@@ -1,5 +1,5 @@
 //! Proxying between two TCP sockets through a user-space buffer, for sockets whose bytes the
-//! kernel redirects with sk_msg (splice does not see them; see [`super::tokio_rt::proxy`]).
+//! kernel redirects with sk_msg (splice does not see them; see [`super::epoll::proxy`]).
 //!
 //! The buffer exists only while a direction has bytes to move: it is allocated when the source
 //! becomes readable and released when the source runs dry, so an idle stream holds no buffer.
@@ -14,7 +14,7 @@ use std::io;
 use bytes::{Buf as _, BytesMut};
 use tokio::net::TcpStream;
 
-use super::BUFFER_SIZE;
+use super::{BUFFER_SIZE, epoll::OneWay};
 use crate::accel::{Bypass, Inflow, Outflow};
 
 /// Moves bytes from `from` to `to` until `from` reaches end-of-stream, then half-closes `to`.
@@ -26,7 +26,7 @@ pub async fn one_way(
     mut inflow: Inflow<'_>,
     mut outflow: Outflow<'_>,
     mut bypass: Bypass<'_>,
-) -> io::Result<u64> {
+) -> Result<u64, OneWay> {
     let mut buf = BytesMut::new();
     let mut total = 0u64;
     let mut eof = false;
@@ -51,9 +51,9 @@ pub async fn one_way(
                     // Dry: give the buffer back while waiting, and step out of the way.
                     buf = BytesMut::new();
                     bypass.offer(total);
-                    from.readable().await?;
+                    from.readable().await.map_err(OneWay::Read)?;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(OneWay::Read(e)),
             }
             continue;
         }
@@ -62,8 +62,10 @@ pub async fn one_way(
                 buf.advance(n);
                 total += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => inflow.watch(to.writable()).await?,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                inflow.watch(to.writable()).await.map_err(OneWay::Write)?;
+            }
+            Err(e) => return Err(OneWay::Write(e)),
         }
     }
 }

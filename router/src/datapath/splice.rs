@@ -9,6 +9,8 @@ use std::{
 
 use tokio::{io::Interest, net::TcpStream};
 
+use super::epoll::OneWay;
+
 /// Pipe capacity per direction; the kernel rounds it to pages and may cap it
 /// (/proc/sys/fs/pipe-max-size, 1 MiB by default).
 const PIPE_SIZE: libc::c_int = 1 << 20;
@@ -59,8 +61,9 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// Moves bytes from `from` to `to` until `from` reaches end-of-stream, then half-closes `to`.
 /// Returns the number of bytes moved.
-pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let mut pipe = Pipe::new()?;
+pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
+    // A pipe that cannot be made is the router's own failure; it is charged to the source.
+    let mut pipe = Pipe::new().map_err(OneWay::Read)?;
     let mut total = 0u64;
     let mut eof = false;
     loop {
@@ -73,11 +76,11 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 Ok(n) => pipe.pending += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if pipe.pending == 0 {
-                        from.readable().await?;
+                        from.readable().await.map_err(OneWay::Read)?;
                         continue;
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(OneWay::Read(e)),
             }
         }
         if pipe.pending > 0 {
@@ -91,15 +94,15 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Wait for whichever comes first: room to write, or more to read.
                     if eof || pipe.pending >= PIPE_SIZE as usize {
-                        to.writable().await?;
+                        to.writable().await.map_err(OneWay::Write)?;
                     } else {
                         tokio::select! {
-                            r = to.writable() => r?,
-                            r = from.readable() => r?,
+                            r = to.writable() => r.map_err(OneWay::Write)?,
+                            r = from.readable() => r.map_err(OneWay::Read)?,
                         }
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(OneWay::Write(e)),
             }
         } else if eof {
             shutdown_write(to);

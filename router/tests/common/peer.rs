@@ -130,18 +130,49 @@ pub async fn send_hello(tls: &mut Tls, version: u16, site: &str) {
     tls.write_all(&hello(version, site)).await.expect("hello");
 }
 
+/// Frames read from a link connection, with what has arrived of the next one kept between
+/// calls.
+#[derive(Default)]
+pub struct Frames(bytes::BytesMut);
+
+impl Frames {
+    /// Reads frames until one `wanted` picks, within a few seconds; panics otherwise.
+    pub async fn until(&mut self, tls: &mut Tls, wanted: impl Fn(&Frame) -> bool) -> Frame {
+        loop {
+            while let Some(frame) = frame::decode(&mut self.0).expect("valid frames") {
+                if wanted(&frame) {
+                    return frame;
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), tls.read_buf(&mut self.0))
+                .await
+                .expect("the frame in time")
+                .expect("read");
+            assert!(n > 0, "the connection closed before the frame");
+        }
+    }
+}
+
 /// Reads frames until the peer resets `stream`, and returns the reason it gave; panics when
 /// the connection ends or no reset comes within a few seconds.
 pub async fn reset_reason(tls: &mut Tls, stream: u32) -> String {
+    reset(tls, stream).await.1
+}
+
+/// Reads frames until the peer resets `stream`, and returns the code and reason it gave;
+/// panics when the connection ends or no reset comes within a few seconds.
+pub async fn reset(tls: &mut Tls, stream: u32) -> (frame::ResetCode, String) {
     let mut buf = bytes::BytesMut::new();
     loop {
         if let Some(frame) = frame::decode(&mut buf).expect("valid frames") {
             if let Frame::Reset {
-                stream: s, reason, ..
+                stream: s,
+                code,
+                reason,
             } = frame
                 && s == stream
             {
-                return reason;
+                return (code, reason);
             }
             continue;
         }

@@ -1,10 +1,13 @@
-//! The tokio (epoll) backend of the data path.
+//! The epoll backend of the data path: tokio's reactor, one task per relayed connection.
 //!
 //! A relayed connection ends cleanly when both directions have seen end-of-stream (TCP
 //! half-close is carried end to end). Any failure ends it at once: the socket is closed with
 //! RST (linger 0) so the client sees a reset, and the stream is reset at the peer.
 
-use std::{io::IoSlice, time::Duration};
+use std::{
+    io::{self, IoSlice},
+    os::fd::AsFd as _,
+};
 
 use bytes::{Bytes, BytesMut};
 use tokio::{
@@ -12,13 +15,32 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{BUFFER_SIZE, Conn, Outcome, Side};
+use super::{BUFFER_SIZE, Cause, Conn, Failure, Outcome, Side};
 use crate::accel::{Backpressure, Inflow, Outflow};
 use crate::link::{
     frame::ResetCode,
     stream::{Inbound, StreamRx, StreamTx},
     write_all_vectored,
 };
+
+/// Which end of a one-way copy failed.
+#[derive(Debug)]
+pub(super) enum OneWay {
+    /// Reading from the source.
+    Read(io::Error),
+    /// Writing to the destination.
+    Write(io::Error),
+}
+
+impl OneWay {
+    /// The failure, for a copy from `from` to `to`.
+    fn blame(&self, from: Side, to: Side) -> Failure {
+        match self {
+            Self::Read(e) => Failure::io(from, e),
+            Self::Write(e) => Failure::io(to, e),
+        }
+    }
+}
 
 /// Moves bytes between a client socket and a local backend socket until both directions end;
 /// each direction half-closes the other side when it ends.
@@ -34,36 +56,74 @@ pub async fn proxy(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
         (Conn::Tcp(client), Conn::Tcp(backend)) => (client, backend),
         (client, backend) => return proxy_tls(client, backend, accel).await,
     };
+    let (c, b) = (client.as_fd(), backend.as_fd());
     let result = if let Some(accel) = accel {
         tokio::try_join!(
-            super::copy::one_way(
-                &client,
-                &backend,
-                accel.inflow(&client),
-                accel.outflow(&backend),
-                accel.bypass(&client, &backend),
+            blamed(
+                super::copy::one_way(
+                    &client,
+                    &backend,
+                    accel.inflow(c),
+                    accel.outflow(b),
+                    accel.bypass(c, b),
+                ),
+                Side::Downstream,
+                Side::Upstream,
             ),
-            super::copy::one_way(
-                &backend,
-                &client,
-                accel.inflow(&backend),
-                accel.outflow(&client),
-                accel.bypass(&backend, &client),
+            blamed(
+                super::copy::one_way(
+                    &backend,
+                    &client,
+                    accel.inflow(b),
+                    accel.outflow(c),
+                    accel.bypass(b, c),
+                ),
+                Side::Upstream,
+                Side::Downstream,
             )
         )
     } else {
         tokio::try_join!(
-            super::splice::one_way(&client, &backend),
-            super::splice::one_way(&backend, &client)
+            blamed(
+                super::splice::one_way(&client, &backend),
+                Side::Downstream,
+                Side::Upstream
+            ),
+            blamed(
+                super::splice::one_way(&backend, &client),
+                Side::Upstream,
+                Side::Downstream
+            )
         )
     };
+    ended(result, &client, &backend)
+}
+
+/// A one-way copy whose failure names the side it came from.
+async fn blamed(
+    copy: impl Future<Output = Result<u64, OneWay>>,
+    from: Side,
+    to: Side,
+) -> Result<u64, Failure> {
+    copy.await.map_err(|e| e.blame(from, to))
+}
+
+/// The outcome of a proxied connection; a failure closes both sockets with RST.
+fn ended(result: Result<(u64, u64), Failure>, client: &TcpStream, backend: &TcpStream) -> Outcome {
     match result {
         Ok((bytes_out, bytes_in)) => Outcome {
             bytes_out,
             bytes_in,
             failed: None,
         },
-        Err(_) => failed_both(&client, &backend),
+        Err(failure) => {
+            abort(client);
+            abort(backend);
+            Outcome {
+                failed: Some(failure),
+                ..Outcome::default()
+            }
+        }
     }
 }
 
@@ -74,27 +134,28 @@ async fn proxy_tls(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut backend_read, mut backend_write) = tokio::io::split(backend);
     let result = tokio::try_join!(
-        pump(&mut client_read, &mut backend_write, client_in, backend_out),
-        pump(&mut backend_read, &mut client_write, backend_in, client_out)
+        blamed(
+            pump(&mut client_read, &mut backend_write, client_in, backend_out),
+            Side::Downstream,
+            Side::Upstream
+        ),
+        blamed(
+            pump(&mut backend_read, &mut client_write, backend_in, client_out),
+            Side::Upstream,
+            Side::Downstream
+        )
     );
     let (client, backend) = (
         client_read.unsplit(client_write),
         backend_read.unsplit(backend_write),
     );
-    match result {
-        Ok((bytes_out, bytes_in)) => Outcome {
-            bytes_out,
-            bytes_in,
-            failed: None,
-        },
-        Err(_) => failed_both(client.tcp(), backend.tcp()),
-    }
+    ended(result, client.tcp(), backend.tcp())
 }
 
 /// Flow-control guards for reading from and writing to `tcp`; inert without acceleration.
 fn guards<'a>(accel: Option<&'a Backpressure>, tcp: &TcpStream) -> (Inflow<'a>, Outflow<'a>) {
     match accel {
-        Some(accel) => (accel.inflow(tcp), accel.outflow(tcp)),
+        Some(accel) => (accel.inflow(tcp.as_fd()), accel.outflow(tcp.as_fd())),
         None => (Inflow::inert(), Outflow::inert()),
     }
 }
@@ -106,13 +167,13 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     to: &mut W,
     mut inflow: Inflow<'_>,
     mut outflow: Outflow<'_>,
-) -> std::io::Result<u64> {
+) -> Result<u64, OneWay> {
     let mut buf = vec![0u8; TLS_BUFFER];
     let mut total = 0u64;
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = from.read(&mut buf).await.map_err(OneWay::Read)?;
         if n == 0 {
-            to.shutdown().await?;
+            to.shutdown().await.map_err(OneWay::Write)?;
             return Ok(total);
         }
         inflow.check();
@@ -124,18 +185,9 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 // a flush sends them even if no more bytes come.
                 to.flush().await
             })
-            .await?;
+            .await
+            .map_err(OneWay::Write)?;
         total += n as u64;
-    }
-}
-
-/// Neither copy loop says which socket failed: reset both.
-fn failed_both(client: &TcpStream, backend: &TcpStream) -> Outcome {
-    abort(client);
-    abort(backend);
-    Outcome {
-        failed: Some(Side::Downstream),
-        ..Outcome::default()
     }
 }
 
@@ -144,7 +196,8 @@ const TLS_BUFFER: usize = 64 * 1024;
 
 /// Relays between a connection (`side` says which kind) and a link stream until both
 /// directions end. With `accel`, the connection's socket may be redirected by sk_msg and gets
-/// the flow control redirection lacks.
+/// the flow control redirection lacks. A failure resets the stream with the code its side
+/// maps to ([`Failure::reset_code`]).
 pub async fn relay(
     conn: Conn,
     side: Side,
@@ -171,7 +224,7 @@ pub async fn relay(
 }
 
 async fn finish_relay(
-    result: Result<(u64, u64), (Side, u64, u64)>,
+    result: Result<(u64, u64), (Failure, u64, u64)>,
     tcp: &TcpStream,
     tx: &StreamTx,
 ) -> Outcome {
@@ -183,13 +236,8 @@ async fn finish_relay(
         },
         Err((failed, bytes_out, bytes_in)) => {
             abort(tcp);
-            if failed != Side::Link {
-                let code = if failed == Side::Upstream {
-                    ResetCode::Refused
-                } else {
-                    ResetCode::Cancelled
-                };
-                tx.reset(code, failed.as_str()).await;
+            if let Some(code) = failed.reset_code() {
+                tx.reset(code, &failed.to_string()).await;
             }
             Outcome {
                 bytes_out,
@@ -208,7 +256,7 @@ async fn both_directions<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     side: Side,
     tx: &StreamTx,
     rx: &mut StreamRx,
-) -> Result<(u64, u64), (Side, u64, u64)> {
+) -> Result<(u64, u64), (Failure, u64, u64)> {
     let up = socket_to_stream(read, inflow, tx, side);
     let down = stream_to_socket(rx, write, outflow, side);
     tokio::pin!(up, down);
@@ -233,14 +281,17 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
     mut inflow: Inflow<'_>,
     tx: &StreamTx,
     side: Side,
-) -> Result<u64, (Side, u64)> {
+) -> Result<u64, (Failure, u64)> {
     let mut buf = BytesMut::with_capacity(BUFFER_SIZE);
     let mut total = 0u64;
     loop {
         if buf.capacity() < BUFFER_SIZE / 4 {
             buf.reserve(BUFFER_SIZE);
         }
-        let n = read.read_buf(&mut buf).await.map_err(|_| (side, total))?;
+        let n = read
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| (Failure::io(side, &e), total))?;
         if n == 0 {
             tx.close().await;
             return Ok(total);
@@ -250,7 +301,24 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
         inflow
             .watch(tx.send(buf.split().freeze()))
             .await
-            .map_err(|_| (Side::Link, total))?;
+            .map_err(|_| (LINK_LOST, total))?;
+    }
+}
+
+/// The link died (or the stream was reset) while the relay was sending on it.
+const LINK_LOST: Failure = Failure {
+    side: Side::Link,
+    cause: Cause::LinkLost,
+};
+
+/// The failure a reset read from a stream stands for: a dead link reads as `LinkLost`.
+const fn reset(code: ResetCode) -> Failure {
+    Failure {
+        side: Side::Link,
+        cause: match code {
+            ResetCode::LinkLost => Cause::LinkLost,
+            code => Cause::Reset(code),
+        },
     }
 }
 
@@ -259,7 +327,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
     mut write: W,
     mut outflow: Outflow<'_>,
     side: Side,
-) -> Result<u64, (Side, u64)> {
+) -> Result<u64, (Failure, u64)> {
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
     let mut next = None;
@@ -290,9 +358,12 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
                 let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
                 write_all_vectored(&mut write, &mut slices)
                     .await
-                    .map_err(|_| (side, total))?;
+                    .map_err(|e| (Failure::io(side, &e), total))?;
                 // See `pump`: a TLS connection may hold back the tail of its records.
-                write.flush().await.map_err(|_| (side, total))?;
+                write
+                    .flush()
+                    .await
+                    .map_err(|e| (Failure::io(side, &e), total))?;
                 drop(slices);
                 batch.clear();
                 total += len as u64;
@@ -303,7 +374,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
                 let _ = write.shutdown().await;
                 return Ok(total);
             }
-            Inbound::Reset(_) => return Err((Side::Link, total)),
+            Inbound::Reset(code) => return Err((reset(code), total)),
         }
     }
 }
@@ -323,25 +394,30 @@ pub async fn splice(
             bytes_in,
             failed: None,
         },
-        Err(code) => {
-            // Pass the reset on in both directions; the side that reset ignores the echo.
+        Err(failed) => {
+            // Pass the reset on in both directions, with the code it came with; the side that
+            // reset ignores the echo.
+            let code = match failed.cause {
+                Cause::Reset(code) => code,
+                Cause::LinkLost | Cause::Io(_) => ResetCode::LinkLost,
+            };
             a_tx.reset(code, "reset further along the path").await;
             b_tx.reset(code, "reset further along the path").await;
             Outcome {
-                failed: Some(Side::Link),
+                failed: Some(failed),
                 ..Outcome::default()
             }
         }
     }
 }
 
-async fn pipe(rx: &mut StreamRx, tx: &StreamTx) -> Result<u64, ResetCode> {
+async fn pipe(rx: &mut StreamRx, tx: &StreamTx) -> Result<u64, Failure> {
     let mut total = 0u64;
     loop {
         match rx.recv().await {
             Inbound::Data(data) => {
                 let n = data.len();
-                tx.send(data).await.map_err(|_| ResetCode::LinkLost)?;
+                tx.send(data).await.map_err(|_| LINK_LOST)?;
                 total += n as u64;
                 rx.consumed(n).await;
             }
@@ -349,7 +425,7 @@ async fn pipe(rx: &mut StreamRx, tx: &StreamTx) -> Result<u64, ResetCode> {
                 tx.close().await;
                 return Ok(total);
             }
-            Inbound::Reset(code) => return Err(code),
+            Inbound::Reset(code) => return Err(reset(code)),
         }
     }
 }
@@ -357,8 +433,6 @@ async fn pipe(rx: &mut StreamRx, tx: &StreamTx) -> Result<u64, ResetCode> {
 /// Makes the socket's close send RST instead of FIN: the client sees a reset at once, not a
 /// clean end and not a hang.
 pub fn abort(tcp: &TcpStream) {
-    // tokio deprecates set_linger because a positive linger blocks the thread on drop; a zero
-    // linger never blocks, it discards unsent data and sends RST.
-    #[expect(deprecated, reason = "zero linger does not block on drop")]
-    let _ = tcp.set_linger(Some(Duration::ZERO));
+    // A zero linger never blocks the thread on close: it discards unsent data and sends RST.
+    let _ = tcp.set_zero_linger();
 }
