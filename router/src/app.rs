@@ -71,6 +71,8 @@ pub enum AccelMode {
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub accel: AccelMode,
+    /// The data-path backend.
+    pub datapath: crate::datapath::Mode,
     /// The cgroup (v2 directory) whose sockets the programs see.
     pub cgroup: Option<PathBuf>,
     /// `HOST:PORT` to serve Prometheus metrics on (`/metrics`), if any.
@@ -108,6 +110,8 @@ pub enum Error {
     IsolationNeedsCgroup,
     #[error("namespace isolation failed to start")]
     Isolation(#[source] isolation::Error),
+    #[error("--datapath uring: {0}")]
+    Datapath(#[source] crate::datapath::uring::Unavailable),
 }
 
 struct ListenerRt {
@@ -273,9 +277,18 @@ pub async fn run_attached(
     let link_cert = tls::RotatingCert::new(&identity)?;
     let routing = Arc::new(Mutex::new(Routing::new(&config.name)));
     let gate = Arc::new(Gate::new(policy));
+    let datapath = DataPath::new(options.datapath, accel.as_ref()).map_err(Error::Datapath)?;
+    if datapath.backend() == "uring" || options.datapath == crate::datapath::Mode::Epoll {
+        info!(datapath = datapath.note(), "data path");
+    } else {
+        warn!(
+            datapath = datapath.note(),
+            "io_uring unavailable: data path on epoll"
+        );
+    }
     let forwarding = Arc::new(Forwarding::new(
         config.name.clone(),
-        DataPath::new(accel.as_ref()),
+        datapath,
         Arc::clone(&routing),
         Arc::clone(&gate),
     ));
@@ -1118,6 +1131,9 @@ impl Router {
                 "connectionsEnded": self.forwarding.trimmer().ended_count(),
                 "trimmedAfter": self.forwarding.trimmer().trimmed_after(),
             },
+            "datapath": self.forwarding.datapath().backend(),
+            "datapathSummary": self.forwarding.datapath().note(),
+            "uringConnections": self.forwarding.datapath().uring_connections(),
             "accel": self.accel_status(),
             "accelSummary": self.accel_note,
             "isolation": self.isolation_status(),

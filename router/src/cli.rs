@@ -32,6 +32,27 @@ pub enum Output {
     Yaml,
 }
 
+/// `--datapath` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Datapath {
+    /// tokio's epoll reactor.
+    Epoll,
+    /// io_uring, or fail to start.
+    Uring,
+    /// io_uring where `io_uring_setup` works; epoll otherwise, saying why.
+    Auto,
+}
+
+impl From<Datapath> for crate::datapath::Mode {
+    fn from(value: Datapath) -> Self {
+        match value {
+            Datapath::Epoll => Self::Epoll,
+            Datapath::Uring => Self::Uring,
+            Datapath::Auto => Self::Auto,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create or delete this site.
@@ -115,6 +136,10 @@ pub enum RouterCommand {
         /// Socket redirection between local workloads and the router (sock_ops + sk_msg).
         #[arg(long, value_enum, default_value_t = Accel::Off, env = "SKIFF_ACCEL")]
         accel: Accel,
+        /// The backend that moves bytes: io_uring worker threads, tokio's epoll reactor, or
+        /// io_uring where the kernel allows it (epoll otherwise, with the reason logged).
+        #[arg(long, value_enum, default_value_t = Datapath::Auto, env = "SKIFF_DATAPATH")]
+        datapath: Datapath,
         /// The cgroup v2 directory whose workloads' sockets are accelerated (the router's own
         /// process must be inside it too). Required by --accel sockmap.
         #[arg(long, env = "SKIFF_CGROUP")]

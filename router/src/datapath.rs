@@ -7,8 +7,9 @@
 //! socket), [`DataPath::relay`] (a socket to a link stream) and [`DataPath::splice`] (a link
 //! stream to another link stream, at an interior router). It also owns what the kernel's
 //! socket redirection needs from sockets (registration before connect, flow-control guards),
-//! so no other module handles a data socket's file descriptor. One backend implements it
-//! today, on tokio's epoll reactor ([`epoll`]).
+//! so no other module handles a data socket's file descriptor. Two backends implement it:
+//! tokio's epoll reactor ([`epoll`]) and io_uring worker threads ([`uring`]), which today move
+//! local hops between plain TCP sockets; everything else runs on epoll.
 //!
 //! A relayed connection that fails says which side failed and why ([`Failure`]); the stream
 //! peer is told with the reset code that side maps to ([`Failure::reset_code`]).
@@ -17,6 +18,7 @@ mod conn;
 mod copy;
 mod epoll;
 mod splice;
+pub mod uring;
 
 use std::{fmt, io, net::SocketAddr, sync::Arc};
 
@@ -39,10 +41,26 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// size was chosen).
 pub const BUFFER_SIZE: usize = 256 * 1024;
 
+/// Which backend moves the bytes (`skiff router run --datapath`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// tokio's epoll reactor.
+    Epoll,
+    /// io_uring workers; failing to set them up fails the start.
+    Uring,
+    /// io_uring where `io_uring_setup` works, else epoll with the reason logged.
+    #[default]
+    Auto,
+}
+
 /// The router's data path: its sockets and the byte-moving loops, with the kernel's socket
 /// redirection when it is on.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct DataPath {
+    /// The io_uring workers, when that backend runs.
+    uring: Option<uring::Uring>,
+    /// Which backend runs and why, for `skiff status` and the log.
+    note: String,
     /// Flow control for redirected sockets. Its presence also tells a local proxy to copy
     /// rather than splice (splice cannot see redirected bytes).
     backpressure: Option<Arc<Backpressure>>,
@@ -66,13 +84,55 @@ pub enum ConnectError<E> {
 }
 
 impl DataPath {
-    /// A data path whose sockets the kernel may redirect (`accel`), or plain.
-    #[must_use]
-    pub fn new(accel: Option<&Accel>) -> Self {
-        Self {
+    /// A data path on the backend `mode` asks for, whose sockets the kernel may redirect
+    /// (`accel`), or plain.
+    ///
+    /// # Errors
+    /// [`Mode::Uring`] when io_uring cannot be set up here.
+    pub fn new(mode: Mode, accel: Option<&Accel>) -> Result<Self, uring::Unavailable> {
+        let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let (uring, note) = match mode {
+            Mode::Epoll => (None, "epoll".to_owned()),
+            Mode::Uring | Mode::Auto => match uring::Uring::start(workers) {
+                Ok(uring) => {
+                    let note = format!(
+                        "uring ({}): local hops on the rings; link streams and TLS on epoll",
+                        uring.describe()
+                    );
+                    (Some(uring), note)
+                }
+                Err(e) if mode == Mode::Auto => (None, format!("epoll: {e}")),
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(Self {
+            uring,
+            note,
             backpressure: accel.map(Accel::backpressure),
             own_sockets: accel.map(Accel::own_sockets),
+        })
+    }
+
+    /// The backend that runs (`uring` or `epoll`).
+    #[must_use]
+    pub fn backend(&self) -> &'static str {
+        if self.uring.is_some() {
+            "uring"
+        } else {
+            "epoll"
         }
+    }
+
+    /// Connections the io_uring workers have moved (none on epoll).
+    #[must_use]
+    pub fn uring_connections(&self) -> u64 {
+        self.uring.as_ref().map_or(0, uring::Uring::connections)
+    }
+
+    /// Which backend runs, and why (for a fallback), in one line.
+    #[must_use]
+    pub fn note(&self) -> &str {
+        &self.note
     }
 
     /// Binds a TCP listener on `addr` (`host:port`; the first address it resolves to) with a
@@ -156,7 +216,13 @@ impl DataPath {
     /// end; each direction half-closes the other side when it ends. A failure closes both
     /// sockets with RST.
     pub async fn proxy(&self, client: Conn, backend: Conn) -> Outcome {
-        epoll::proxy(client, backend, self.backpressure.as_deref()).await
+        match (&self.uring, client, backend, &self.backpressure) {
+            // Redirected sockets need the epoll copy's flow control.
+            (Some(uring), Conn::Tcp(client), Conn::Tcp(backend), None) => {
+                uring.proxy(client, backend).await
+            }
+            (_, client, backend, accel) => epoll::proxy(client, backend, accel.as_deref()).await,
+        }
     }
 
     /// Relays between a connection (`side` says which kind) and a link stream until both

@@ -110,17 +110,18 @@ enum Started {
 /// `router run` attaches its eBPF programs and, with `--user`, gives up privilege (with a pin
 /// keeper started first when there are pins); `router keep-pins` is the keeper.
 fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
-    let (accel, cgroup, metrics_addr, user) = match &cli.command {
+    let (accel, datapath, cgroup, metrics_addr, user) = match &cli.command {
         Command::Router(RouterCommand::KeepPins { pin_dir }) => {
             privilege::keep_pins(pin_dir)?;
             return Ok(Started::Finished);
         }
         Command::Router(RouterCommand::Run {
             accel,
+            datapath,
             cgroup,
             metrics_addr,
             user,
-        }) => (accel, cgroup, metrics_addr, user),
+        }) => (accel, datapath, cgroup, metrics_addr, user),
         _ => return Ok(Started::Nothing),
     };
     let state = StateDir::new(&cli.state_dir);
@@ -130,6 +131,7 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
     }
     let options = app::RunOptions {
         accel: (*accel).into(),
+        datapath: (*datapath).into(),
         cgroup: cgroup.clone(),
         metrics_addr: metrics_addr.clone(),
         owner: user.as_ref().map(|u| u.uid),
@@ -479,6 +481,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("LISTENERS", "listeners"),
                 ("CONNECTORS", "connectors"),
                 ("ACTIVE", "activeConnections"),
+                ("DATAPATH", "datapathSummary"),
                 ("ACCEL", "accelSummary"),
                 ("ISOLATION", "isolationSummary"),
             ],

@@ -93,6 +93,7 @@ impl Site {
         self.task = Some(tokio::spawn(async move {
             let options = app::RunOptions {
                 metrics_addr: Some("127.0.0.1:0".into()),
+                datapath: datapath(),
                 ..app::RunOptions::default()
             };
             app::run(state, options).await.expect("router runs");
@@ -229,6 +230,17 @@ impl Drop for Site {
             task.abort();
         }
         let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
+/// The data-path backend the suite runs on: `SKIFF_DATAPATH` (epoll, uring, auto), as the
+/// router's own flag reads it; `auto` when unset.
+pub fn datapath() -> router::datapath::Mode {
+    match std::env::var("SKIFF_DATAPATH").as_deref() {
+        Ok("epoll") => router::datapath::Mode::Epoll,
+        Ok("uring") => router::datapath::Mode::Uring,
+        Ok("auto") | Err(_) => router::datapath::Mode::Auto,
+        Ok(other) => panic!("SKIFF_DATAPATH={other}: use epoll, uring or auto"),
     }
 }
 
