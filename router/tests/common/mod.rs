@@ -247,14 +247,22 @@ pub fn datapath() -> router::datapath::Mode {
 /// A backend that reads until EOF, then answers with the checksum and byte count of what it
 /// read and closes: a transfer is byte-exact and half-close is carried end to end.
 pub async fn checksum_backend() -> (u16, JoinHandle<()>) {
-    let socket = TcpListener::bind("127.0.0.1:0")
-        .await
+    // As deep an accept queue as the router's: a burst of connections must not overflow it.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind((std::net::Ipv4Addr::LOCALHOST, 0).into())
         .expect("bind backend");
+    let socket = socket.listen(4096).expect("listen");
     let port = socket.local_addr().expect("addr").port();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut conn, _)) = socket.accept().await else {
-                return;
+            let mut conn = match socket.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    eprintln!("checksum backend: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
             };
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 256 * 1024];
