@@ -26,7 +26,7 @@ use kernel_tests::Proc;
 #[command(name = "bench")]
 struct Args {
     /// Scenarios to run (default: all). Known: direct, socat, haproxy, nginx, skiff-hop,
-    /// skiff-hop-accel, direct-sockmap, haproxy-tls, stunnel, skiff-chain, skiff-mtls,
+    /// skiff-hop-uring, skiff-hop-accel, direct-sockmap, haproxy-tls, stunnel, skiff-chain, skiff-mtls,
     /// skiff-mtls-accel.
     scenarios: Vec<String>,
     /// Runs per scenario.

@@ -340,6 +340,12 @@ impl Report {
         let vs = |name: &str| self.measured(name).map(|r| r.throughput_vs_direct);
         at_least("one plain hop >= 75% of direct", vs("skiff-hop"), 0.75, "%");
         at_least(
+            "one plain hop on io_uring >= 80% of direct",
+            vs("skiff-hop-uring"),
+            0.8,
+            "%",
+        );
+        at_least(
             "one hop with acceleration >= 100% of direct",
             vs("skiff-hop-accel"),
             1.0,
@@ -369,6 +375,19 @@ impl Report {
             0.25,
             "%",
         );
+        if let (Some(uring), Some(epoll)) =
+            (self.measured("skiff-hop-uring"), self.measured("skiff-hop"))
+        {
+            let (u, e) = (
+                uring.relay_cpu_seconds_per_gbit.median,
+                epoll.relay_cpu_seconds_per_gbit.median,
+            );
+            goals.push((
+                "io_uring hop: router CPU per Gbit no worse than the epoll hop's",
+                format!("{u:.3} vs {e:.3} CPU-s/Gbit"),
+                u <= e,
+            ));
+        }
         if let (Some(hop), Some(direct)) =
             (self.measured("skiff-hop-accel"), self.measured("direct"))
         {

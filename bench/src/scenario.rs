@@ -133,6 +133,7 @@ pub const ALL: &[&str] = &[
     "haproxy",
     "nginx",
     "skiff-hop",
+    "skiff-hop-uring",
     "skiff-hop-accel",
     "direct-sockmap",
     "haproxy-tls",
@@ -146,6 +147,7 @@ pub const ALL: &[&str] = &[
 pub const QUICK: &[&str] = &[
     "direct",
     "skiff-hop",
+    "skiff-hop-uring",
     "skiff-hop-accel",
     "direct-sockmap",
     "skiff-mtls",
@@ -458,31 +460,49 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 files,
             )
         }
-        "skiff-hop" | "skiff-hop-accel" => {
+        "skiff-hop" | "skiff-hop-uring" | "skiff-hop-accel" => {
             let accel = name == "skiff-hop-accel";
-            let ns = Netns::new(if accel { "bhopacc" } else { "bhop" })?;
+            let uring = name == "skiff-hop-uring";
+            let ns = Netns::new(match name {
+                "skiff-hop-accel" => "bhopacc",
+                "skiff-hop-uring" => "bhopur",
+                _ => "bhop",
+            })?;
             let cgroup = if accel {
                 Some(Cgroup::new("bhopacc")?)
             } else {
                 None
             };
             let backends = backends(&ns, cgroup.as_ref())?;
-            let site = Site::start_in(&ns, cgroup.as_ref(), "hop", None)?;
+            // The data path is named: a router's default (auto) would pick io_uring here.
+            let datapath = ["--datapath", if uring { "uring" } else { "epoll" }];
+            let run_args: Vec<&str> = if accel {
+                ["--accel", "sockmap"].into_iter().chain(datapath).collect()
+            } else {
+                datapath.to_vec()
+            };
+            let site = Site::start_with(&ns, cgroup.as_ref(), "hop", None, &[], &run_args)?;
             for ((key, port), listen) in SERVICES.iter().zip(FRONT..) {
                 site.connector(key, *port)?;
                 site.listener(key, listen)?;
             }
             wait_front(&ns, None)?;
             Scenario {
-                name: if accel {
-                    "skiff-hop-accel"
-                } else {
-                    "skiff-hop"
+                name: match name {
+                    "skiff-hop-accel" => "skiff-hop-accel",
+                    "skiff-hop-uring" => "skiff-hop-uring",
+                    _ => "skiff-hop",
                 },
-                description: if accel {
-                    "client -> skiff listener -> connector -> server, sockmap on both legs"
-                } else {
-                    "client -> skiff listener -> connector -> server (one router, plain TCP)"
+                description: match name {
+                    "skiff-hop-accel" => {
+                        "client -> skiff listener -> connector -> server, sockmap on both legs"
+                    }
+                    "skiff-hop-uring" => {
+                        "client -> skiff listener -> connector -> server (one router, plain TCP, io_uring data path)"
+                    }
+                    _ => {
+                        "client -> skiff listener -> connector -> server (one router, plain TCP, epoll data path)"
+                    }
                 },
                 ports: front,
                 relays: vec![router_pid(&site)?],
@@ -609,13 +629,21 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
             };
             let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
             let backends = backends(&west_ns, cgroup.as_ref())?;
-            let west = Site::start_in(
+            // Link streams run on epoll whatever the flag says; it is named all the same.
+            let run_args: &[&str] = if accel {
+                &["--accel", "sockmap", "--datapath", "epoll"]
+            } else {
+                &["--datapath", "epoll"]
+            };
+            let west = Site::start_with(
                 &west_ns,
                 cgroup.as_ref(),
                 "west",
                 Some(&format!("{west_ip}:55671")),
+                &[],
+                run_args,
             )?;
-            let east = Site::start_in(&east_ns, cgroup.as_ref(), "east", None)?;
+            let east = Site::start_with(&east_ns, cgroup.as_ref(), "east", None, &[], run_args)?;
             west.link_from_with(&east, &["--connections", &link_connections.to_string()])?;
             for ((key, port), listen) in SERVICES.iter().zip(FRONT..) {
                 west.connector(key, *port)?;
@@ -656,8 +684,9 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
             let east_ns = Netns::new("bchaine")?;
             let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
             let backends = backends(&west_ns, None)?;
-            let west = Site::start_in(&west_ns, None, "west", None)?;
-            let east = Site::start_in(&east_ns, None, "east", None)?;
+            let epoll = ["--datapath", "epoll"];
+            let west = Site::start_with(&west_ns, None, "west", None, &[], &epoll)?;
+            let east = Site::start_with(&east_ns, None, "east", None, &[], &epoll)?;
             for (((key, port), listen), tunnel) in SERVICES.iter().zip(FRONT..).zip(TUNNEL..) {
                 let tunnel = tunnel.to_string();
                 west.connector(key, *port)?;

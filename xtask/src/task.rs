@@ -47,8 +47,21 @@ impl Tally {
 
 /// Runs `cargo test ARGS`, echoing its output and counting its results into `tally`.
 fn cargo_test(args: &[&str], extra: &[String], tally: &mut Tally) -> anyhow::Result<()> {
+    cargo_test_with(&[], args, extra, tally)
+}
+
+/// [`cargo_test`] with `env` set for the tests.
+fn cargo_test_with(
+    env: &[(&str, &str)],
+    args: &[&str],
+    extra: &[String],
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.arg("test").args(args);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
@@ -124,7 +137,16 @@ pub fn unit_tests(tally: &mut Tally) -> anyhow::Result<()> {
     // The benchmark smoke test drives the real skiff binary and the loadgen helper.
     status(cargo().args(["build", "--package", "router", "--bin", "skiff"]))?;
     status(cargo().args(["build", "--package", "kernel-tests", "--bins"]))?;
-    cargo_test(&[], &[], tally)
+    // The routers run on their default data path (io_uring where this kernel allows it) ...
+    cargo_test(&[], &[], tally)?;
+    // ... and the in-process suite once more on the other backend.
+    println!("test: in-process integration tests again on the epoll data path");
+    cargo_test_with(
+        &[("SKIFF_DATAPATH", "epoll")],
+        &["--package", "router", "--tests"],
+        &[],
+        tally,
+    )
 }
 
 pub fn kernel_tests(args: &[String], tally: &mut Tally) -> anyhow::Result<()> {
