@@ -159,6 +159,8 @@ pub struct Router {
     link_cert: Arc<tls::RotatingCert>,
     routing: Arc<Mutex<Routing>>,
     inner: Mutex<Inner>,
+    /// Serialises writes of `STATE/resources.json`.
+    resources_file: Mutex<()>,
     /// New connections and streams, and the table they consult.
     forwarding: Arc<Forwarding>,
     /// The site policy in force, and its denial counts.
@@ -300,6 +302,7 @@ pub async fn run_attached(
             revoked: state.read_json_or_default("revoked.json")?,
             ..Inner::default()
         }),
+        resources_file: Mutex::new(()),
         forwarding,
         gate,
         config,
@@ -574,10 +577,17 @@ impl Router {
         }
     }
 
-    fn save_resources(&self, inner: &Inner) -> Result<(), site::Error> {
-        let resources = Resources {
-            listeners: inner.listeners.values().map(|l| l.spec.clone()).collect(),
-            connectors: inner.connectors.values().cloned().collect(),
+    /// Writes `STATE/resources.json` from the listeners and connectors that exist now. Writes
+    /// take turns on their own lock; the router lock is held only for the snapshot, never
+    /// across the write, so a slow disk holds up no other request.
+    fn save_resources(&self) -> Result<(), site::Error> {
+        let _turn = self.resources_file.lock().expect("resources file lock");
+        let resources = {
+            let inner = self.inner.lock().expect("router lock");
+            Resources {
+                listeners: inner.listeners.values().map(|l| l.spec.clone()).collect(),
+                connectors: inner.connectors.values().cloned().collect(),
+            }
         };
         self.state.write_json("resources.json", &resources)
     }
@@ -678,20 +688,26 @@ impl Router {
             if let Ok(addr) = connector.backend_addr().parse::<SocketAddr>() {
                 self.accel_endpoint(addr, Some(EndpointKind::Backend));
             }
-            let backend = Backend {
-                routing_key: connector.routing_key.clone(),
-                host: connector.host.clone(),
-                port: connector.port,
-                tls,
-            };
-            inner.connectors.insert(connector.name.clone(), connector);
-            if persist {
-                self.save_resources(&inner).map_err(|e| e.to_string())?;
-            }
-            self.forwarding.add_backend(&name, backend, allowed.is_ok());
-            if allowed.is_err() {
-                return Ok(());
-            }
+            inner
+                .connectors
+                .insert(connector.name.clone(), connector.clone());
+        }
+        if persist && let Err(e) = self.save_resources() {
+            // Not stored, so not kept: the connector would vanish at the next restart.
+            let mut inner = self.inner.lock().expect("router lock");
+            inner.connectors.remove(&name);
+            self.forget_backend_endpoint(&inner, &connector);
+            return Err(format!("connector {name}: failed to store it: {e}"));
+        }
+        let backend = Backend {
+            routing_key: connector.routing_key,
+            host: connector.host,
+            port: connector.port,
+            tls,
+        };
+        self.forwarding.add_backend(&name, backend, allowed.is_ok());
+        if allowed.is_err() {
+            return Ok(());
         }
         let own = self
             .routing
@@ -756,9 +772,9 @@ impl Router {
         ))
         .abort_handle();
         info!(listener = %spec.name, addr = %spec.bind_addr(), routing_key = %spec.routing_key, "listener up");
-        let mut inner = self.inner.lock().expect("router lock");
-        inner.listeners.insert(
-            spec.name.clone(),
+        let name = spec.name.clone();
+        self.inner.lock().expect("router lock").listeners.insert(
+            name.clone(),
             ListenerRt {
                 protection,
                 cert,
@@ -768,8 +784,18 @@ impl Router {
                 connections,
             },
         );
-        if persist {
-            self.save_resources(&inner).map_err(|e| e.to_string())?;
+        if persist && let Err(e) = self.save_resources() {
+            // Not stored, so not kept: the listener would vanish at the next restart.
+            let listener = self
+                .inner
+                .lock()
+                .expect("router lock")
+                .listeners
+                .remove(&name);
+            if let Some(listener) = listener {
+                self.retire_listener(&listener);
+            }
+            return Err(format!("listener {name}: failed to store it: {e}"));
         }
         Ok(())
     }
@@ -823,11 +849,22 @@ impl Router {
     }
 
     fn delete_listener(&self, name: &str) -> Result<(), String> {
-        let mut inner = self.inner.lock().expect("router lock");
-        let listener = inner
+        let listener = self
+            .inner
+            .lock()
+            .expect("router lock")
             .listeners
             .remove(name)
             .ok_or_else(|| format!("no listener named {name}"))?;
+        self.retire_listener(&listener);
+        self.save_resources().map_err(|e| {
+            format!("listener {name} deleted, but the change was not stored (it returns at the next restart): {e}")
+        })
+    }
+
+    /// Stops a listener taken out of the table: no more accepts, no acceleration endpoint,
+    /// no protection.
+    fn retire_listener(&self, listener: &ListenerRt) {
         listener.task.abort();
         if let Some(addr) = listener.bound {
             self.accel_endpoint(addr, None);
@@ -837,7 +874,18 @@ impl Router {
         {
             isolation.unprotect(protection);
         }
-        self.save_resources(&inner).map_err(|e| e.to_string())
+    }
+
+    /// Removes `connector`'s backend from the accelerated endpoints, unless another connector
+    /// in `inner` reaches the same address.
+    fn forget_backend_endpoint(&self, inner: &Inner, connector: &Connector) {
+        let shared = inner
+            .connectors
+            .values()
+            .any(|c| c.backend_addr() == connector.backend_addr());
+        if !shared && let Ok(addr) = connector.backend_addr().parse::<SocketAddr>() {
+            self.accel_endpoint(addr, None);
+        }
     }
 
     /// Protects `addr` at connect() for `namespace` and `allow` (no-op without isolation).
@@ -957,26 +1005,22 @@ impl Router {
                 .connectors
                 .remove(name)
                 .ok_or_else(|| format!("no connector named {name}"))?;
-            self.save_resources(&inner).map_err(|e| e.to_string())?;
-            let shared = inner
-                .connectors
-                .values()
-                .any(|c| c.backend_addr() == removed.backend_addr());
-            if !shared && let Ok(addr) = removed.backend_addr().parse::<SocketAddr>() {
-                self.accel_endpoint(addr, None);
-            }
-            if !self.forwarding.remove_backend(name) {
-                return Ok(()); // withheld by the policy: nothing to withdraw
-            }
+            self.forget_backend_endpoint(&inner, &removed);
             removed
         };
+        let stored = self.save_resources().map_err(|e| {
+            format!("connector {name} deleted, but the change was not stored (it returns at the next restart): {e}")
+        });
+        if !self.forwarding.remove_backend(name) {
+            return stored; // withheld by the policy: nothing to withdraw
+        }
         let own = self
             .routing
             .lock()
             .expect("routing lock")
             .remove_local_key(&removed.routing_key);
         self.flood(vec![own], None);
-        Ok(())
+        stored
     }
 
     fn issue_token(&self, redemptions: u32, expiry_secs: u64) -> Result<Token, String> {

@@ -86,3 +86,58 @@ fn site_create_refuses_a_directory_it_does_not_hold_alone() {
     assert!(!dir.join("ca.key").exists());
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// A connector or listener the router fails to store is not kept either: it would vanish at
+/// the next restart. Storing fails here because `resources.json` is a directory the atomic
+/// rename cannot replace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_that_cannot_be_stored_is_not_kept() {
+    let west = Site::start("west", false).await;
+    let blocker = west.dir().join("resources.json");
+    std::fs::create_dir_all(blocker.join("in-the-way")).expect("block the file");
+    let connector = router::service::Connector {
+        name: "db".into(),
+        host: "127.0.0.1".into(),
+        port: 9,
+        routing_key: "db".into(),
+        tls: None,
+    };
+    let err = west
+        .call(Request::ConnectorCreate {
+            connector: connector.clone(),
+        })
+        .await
+        .expect_err("nowhere to store it");
+    assert!(err.to_string().contains("failed to store it"), "{err}");
+    let connectors = west.call(Request::ConnectorStatus).await.expect("status");
+    assert_eq!(
+        connectors,
+        serde_json::json!([]),
+        "kept in memory: {connectors}"
+    );
+    let listener = router::service::Listener {
+        name: "web".into(),
+        host: "127.0.0.1".into(),
+        port: 0,
+        routing_key: "web".into(),
+        namespace: None,
+        allow_namespaces: vec![],
+        tls: None,
+    };
+    let err = west
+        .call(Request::ListenerCreate { listener })
+        .await
+        .expect_err("nowhere to store it");
+    assert!(err.to_string().contains("failed to store it"), "{err}");
+    let listeners = west.call(Request::ListenerStatus).await.expect("status");
+    assert_eq!(
+        listeners,
+        serde_json::json!([]),
+        "kept in memory: {listeners}"
+    );
+
+    std::fs::remove_dir_all(&blocker).expect("unblock");
+    west.call(Request::ConnectorCreate { connector })
+        .await
+        .expect("stored once the file can be written");
+}
