@@ -558,30 +558,49 @@ impl Proc {
     /// # Errors
     /// When it exits non-zero (with its stderr) or does not exit in time.
     pub fn wait(mut self, timeout: Duration) -> anyhow::Result<String> {
+        // Both pipes are drained while the child runs: a child that prints more than a pipe
+        // holds would otherwise block on its write and never exit.
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_string(&mut text);
+                }
+                text
+            })
+        };
+        let stdout = drain(
+            self.child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        );
+        let stderr = drain(
+            self.child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        );
         let deadline = Instant::now() + timeout;
-        loop {
+        let status = loop {
             if let Some(status) = self.child.try_wait()? {
-                let mut stdout = String::new();
-                let mut stderr = String::new();
-                if let Some(mut out) = self.child.stdout.take() {
-                    std::io::Read::read_to_string(&mut out, &mut stdout)?;
-                }
-                if let Some(mut err) = self.child.stderr.take() {
-                    std::io::Read::read_to_string(&mut err, &mut stderr)?;
-                }
-                ensure!(
-                    status.success(),
-                    "{} exited with {status}: {}",
-                    self.what,
-                    stderr.trim()
-                );
-                return Ok(stdout);
+                break status;
             }
             if Instant::now() > deadline {
+                // Dropping self kills the child, which closes the pipes and ends the readers.
                 bail!("{} did not exit within {timeout:?}", self.what);
             }
             thread::sleep(Duration::from_millis(20));
-        }
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        ensure!(
+            status.success(),
+            "{} exited with {status}: {}",
+            self.what,
+            stderr.trim()
+        );
+        Ok(stdout)
     }
 
     /// Waits until the process prints a line on stderr that contains `needle`.
