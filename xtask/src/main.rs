@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's tasks, so that anyone runs exactly what CI runs.
 
+mod claims;
 mod demo;
 mod setup;
 mod task;

@@ -100,6 +100,13 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The workspace's root directory (xtask's parent).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| ".".into(), std::path::Path::to_path_buf)
+}
+
 pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
@@ -119,6 +126,8 @@ pub fn build(release: bool) -> anyhow::Result<()> {
 }
 
 pub fn lint() -> anyhow::Result<()> {
+    println!("lint: every test the docs name exists");
+    crate::claims::check(&workspace_root())?;
     println!("lint: cargo fmt --check");
     status(cargo().args(["fmt", "--all", "--", "--check"]))?;
     println!("lint: cargo clippy, warnings denied");
