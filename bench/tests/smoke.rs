@@ -26,6 +26,7 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
             "haproxy",
             "nginx",
             "skiff-hop",
+            "skiff-hop-uring",
             "skiff-hop-accel",
             "direct-sockmap",
             "haproxy-tls",

@@ -179,19 +179,24 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
     assert_eq!(connect(&ns, &b, "127.0.0.1:8601")?, "ok");
     assert_eq!(connect(&ns, &c, "127.0.0.1:8601")?, EPERM);
 
-    // Denials are counted and listed, with the namespace they came from.
-    std::thread::sleep(Duration::from_millis(200));
-    let isolation = site.status()?["isolation"].clone();
-    eprintln!("{isolation}");
-    assert!(isolation["denied"].as_u64() >= Some(9), "{isolation}");
+    // Denials are counted and listed, with the namespace they came from (the list arrives
+    // through the ring buffer: wait for it).
+    let counted = |status: &serde_json::Value| {
+        let isolation = &status["isolation"];
+        isolation["denied"].as_u64() >= Some(9)
+            && isolation["deniedByNamespace"]["c"].as_u64() >= Some(4)
+            && isolation["recentDenials"]
+                .as_array()
+                .is_some_and(|d| !d.is_empty())
+    };
+    let waited = site.wait_for(&["status"], Duration::from_secs(5), |out| {
+        serde_json::from_str(out).is_ok_and(|v| counted(&v))
+    });
+    let status = site.status()?;
     assert!(
-        isolation["deniedByNamespace"]["c"].as_u64() >= Some(4),
-        "{isolation}"
-    );
-    assert!(
-        isolation["recentDenials"]
-            .as_array()
-            .is_some_and(|d| !d.is_empty())
+        waited.is_ok() && counted(&status),
+        "{}",
+        status["isolation"]
     );
     let metrics = ns.run(&[
         "curl",

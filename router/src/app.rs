@@ -161,6 +161,8 @@ pub struct Router {
     inner: Mutex<Inner>,
     /// Serialises writes of `STATE/resources.json`.
     resources_file: Mutex<()>,
+    /// Link connections refused after their TLS handshake (revoked, too many, policy).
+    links_refused: AtomicU64,
     /// New connections and streams, and the table they consult.
     forwarding: Arc<Forwarding>,
     /// The site policy in force, and its denial counts.
@@ -303,6 +305,7 @@ pub async fn run_attached(
             ..Inner::default()
         }),
         resources_file: Mutex::new(()),
+        links_refused: AtomicU64::new(0),
         forwarding,
         gate,
         config,
@@ -1167,6 +1170,7 @@ impl Router {
             "site": self.config.name,
             "linkAccess": self.config.link_access,
             "links": self.forwarding.links().len(),
+            "linksRefused": self.links_refused.load(Ordering::Relaxed),
             "listeners": inner.listeners.len(),
             "connectors": inner.connectors.len(),
             "activeConnections": self.forwarding.active(),
@@ -1454,26 +1458,32 @@ impl Access for Router {
     }
 
     fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), String> {
-        {
-            let inner = self.inner.lock().expect("router lock");
-            if inner.credentials.is_revoked(fingerprint) || inner.revoked.contains(peer_site) {
-                return Err(format!(
-                    "the link credential of site {peer_site} was revoked"
-                ));
+        let admitted = (|| {
+            {
+                let inner = self.inner.lock().expect("router lock");
+                if inner.credentials.is_revoked(fingerprint) || inner.revoked.contains(peer_site) {
+                    return Err(format!(
+                        "the link credential of site {peer_site} was revoked"
+                    ));
+                }
+                let open = self.forwarding.links_to(peer_site).len();
+                if open >= link::MAX_CONNECTIONS_PER_PEER {
+                    return Err(format!(
+                        "site {peer_site} already has {open} link connections here, the most one site may hold"
+                    ));
+                }
             }
-            let open = self.forwarding.links_to(peer_site).len();
-            if open >= link::MAX_CONNECTIONS_PER_PEER {
-                return Err(format!(
-                    "site {peer_site} already has {open} link connections here, the most one site may hold"
-                ));
-            }
+            self.gate
+                .check(|p| p.incoming_link(peer_site))
+                .map_err(|denied| {
+                    self.gate.denied(&denied, false);
+                    denied.to_string()
+                })
+        })();
+        if admitted.is_err() {
+            self.links_refused.fetch_add(1, Ordering::Relaxed);
         }
-        self.gate
-            .check(|p| p.incoming_link(peer_site))
-            .map_err(|denied| {
-                self.gate.denied(&denied, false);
-                denied.to_string()
-            })
+        admitted
     }
 
     fn redeem(&self, source: SocketAddr, request: RedeemRequest) -> RedeemResponse {

@@ -60,9 +60,14 @@ async fn incoming_links_follow_the_policy_including_links_already_up() {
     assert_eq!(changes["closedIncomingLinks"], json!(["east"]), "{changes}");
     west.wait_for(|v| v["links"] == 0, Request::Status).await;
     east.wait_for(|v| v["links"] == 0, Request::Status).await;
-    tokio::time::sleep(Duration::from_secs(2)).await; // east keeps redialling, in vain
+    // east keeps redialling, in vain: wait for two more refusals, then look.
+    let before = denials(&west, "allowIncomingLinks").await;
+    west.wait_for(
+        |v| v["denials"]["allowIncomingLinks"].as_u64() >= Some(before + 2),
+        Request::PolicyStatus,
+    )
+    .await;
     assert_eq!(links(&east).await, 0, "a refused link does not come back");
-    assert!(denials(&west, "allowIncomingLinks").await >= 2);
 
     // Removing the policy allows everything again: east's redialling gets through.
     west.call(Request::PolicySet { policy: None })

@@ -12,6 +12,21 @@ async fn links(site: &Site) -> u64 {
     status["links"].as_u64().unwrap_or(0)
 }
 
+/// Waits until `site` has refused `more` link connections than now (east redialling; its
+/// backoff reaches 10 s, hence the long limit).
+async fn refused_more(site: &Site, more: u64) {
+    let refused = || async {
+        let status = site.call(Request::Status).await.expect("status");
+        status["linksRefused"].as_u64().expect("a count")
+    };
+    let before = refused().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused().await < before + more {
+        assert!(Instant::now() < deadline, "no redial refused within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_site_is_cut_off_at_once_and_stays_out_until_invited_again() {
     // A fixed link-access port, so that the links find the hub again after its restart.
@@ -43,8 +58,9 @@ async fn a_revoked_site_is_cut_off_at_once_and_stays_out_until_invited_again() {
         "cut after {cut_after:?}"
     );
 
-    // east keeps redialling with the revoked credential, in vain; north is untouched.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // east keeps redialling with the revoked credential, in vain; north is untouched. Wait
+    // until the hub has refused two more of east's connections, then look.
+    refused_more(&hub, 2).await;
     assert_eq!(
         links(&east).await,
         0,
@@ -58,7 +74,7 @@ async fn a_revoked_site_is_cut_off_at_once_and_stays_out_until_invited_again() {
     hub.stop().await;
     hub.run().await;
     north.wait_for(|v| v["links"] == 1, Request::Status).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    refused_more(&hub, 1).await;
     assert_eq!(
         links(&east).await,
         0,

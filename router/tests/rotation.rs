@@ -5,7 +5,7 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{Site, checksum_backend, transfer};
+use common::{Site, checksum_backend, gated_transfer, transfer};
 use router::{admin::Request, pki, service::Listener, site::SiteConfig, tls};
 use rustls::{ClientConfig, pki_types::ServerName};
 use tokio::net::TcpStream;
@@ -90,16 +90,20 @@ async fn rotation_keeps_links_and_streams_and_new_handshakes_get_new_certificate
         tls::service_client_config(&pem(&east, "service-ca.crt"), None, None).expect("config");
     let listener_before = served(tls_port, Arc::clone(&service_client), "localhost").await;
 
-    // A checksummed stream crosses the link while both sites rotate.
-    let flowing = tokio::spawn(transfer(port, 768 << 20));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !flowing.is_finished(),
-        "the transfer must span the rotation"
-    );
+    // A checksummed stream crosses the link while both sites rotate: its second half is sent
+    // only after both have.
+    let (go, gate) = tokio::sync::oneshot::channel();
+    let flowing = tokio::spawn(gated_transfer(port, 64 << 20, 64 << 20, Some(gate)));
+    // The first half has crossed the link (east sent it) before anything rotates.
+    east.wait_for(
+        |v| v[0]["bytesOut"].as_u64() >= Some(64 << 20),
+        Request::LinkStatus,
+    )
+    .await;
     west.call(Request::RotateCerts).await.expect("rotate west");
     let done = east.call(Request::RotateCerts).await.expect("rotate east");
     assert_eq!(done["listeners"], 1, "{done}");
+    go.send(()).expect("the transfer is waiting");
     tokio::time::timeout(Duration::from_secs(120), flowing)
         .await
         .expect("transfer finishes")

@@ -283,14 +283,33 @@ pub async fn checksum_backend() -> (u16, JoinHandle<()>) {
 
 /// Sends `len` pseudo-random bytes to `port`, half-closes, and checks the backend's answer.
 pub async fn transfer(port: u16, len: u64) {
+    gated_transfer(port, len, 0, None).await;
+}
+
+/// [`transfer`] in two parts: `first` bytes, then (once `go` fires, if given) `rest` more. The
+/// stream is open, with bytes through it, for as long as the caller holds `go`.
+pub async fn gated_transfer(
+    port: u16,
+    first: u64,
+    rest: u64,
+    go: Option<tokio::sync::oneshot::Receiver<()>>,
+) {
+    let len = first + rest;
     let mut conn = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect listener");
     let mut block = vec![0u8; 256 * 1024];
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let (mut sum, mut sent) = (Checksum::default(), 0u64);
+    let mut go = go;
     while sent < len {
-        let n = usize::try_from((len - sent).min(block.len() as u64)).expect("fits");
+        if sent >= first
+            && let Some(go) = go.take()
+        {
+            go.await.expect("the go signal");
+        }
+        let limit = if sent < first { first } else { len };
+        let n = usize::try_from((limit - sent).min(block.len() as u64)).expect("fits");
         kernel_tests::fill(&mut block[..n], &mut seed);
         sum.update(&block[..n]);
         conn.write_all(&block[..n]).await.expect("send");
