@@ -1443,6 +1443,9 @@ impl metrics::Source for Router {
         metrics::Snapshot {
             policy_denials,
             active_connections: self.forwarding.active() as u64,
+            datapath: self.forwarding.datapath().backend(),
+            uring_connections: self.forwarding.datapath().uring_connections(),
+            links_refused: self.links_refused.load(Ordering::Relaxed),
             link_connections,
             accel,
             accel_sockets,

@@ -32,6 +32,12 @@ pub struct Snapshot {
     pub denied_by_namespace: Vec<(String, u64)>,
     /// Site-policy denials by control (`allowIncomingLinks`, ...), every control present.
     pub policy_denials: Vec<(&'static str, u64)>,
+    /// The data-path backend that runs (`epoll` or `uring`).
+    pub datapath: &'static str,
+    /// Connections the io_uring workers have moved.
+    pub uring_connections: u64,
+    /// Link connections refused after their TLS handshake.
+    pub links_refused: u64,
 }
 
 /// Something that can be measured: the router implements it.
@@ -75,6 +81,29 @@ impl<S: Source> Collector for RouterCollector<S> {
             "skiff_link_connections",
             "Established link connections to other routers.",
             s.link_connections,
+        )?;
+        let info = ConstGauge::new(1i64);
+        info.encode(
+            encoder
+                .encode_descriptor(
+                    "skiff_datapath",
+                    "The data-path backend that runs (label backend: epoll or uring); always 1.",
+                    None,
+                    info.metric_type(),
+                )?
+                .encode_family(&[("backend", s.datapath)])?,
+        )?;
+        counter(
+            &mut encoder,
+            "skiff_uring_connections",
+            "Connections the io_uring workers have moved.",
+            s.uring_connections,
+        )?;
+        counter(
+            &mut encoder,
+            "skiff_links_refused",
+            "Link connections refused after their TLS handshake (revoked, too many, policy).",
+            s.links_refused,
         )?;
         let denied = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(

@@ -584,6 +584,14 @@ async fn metrics_expose_links_and_connections_in_prometheus_text() {
     );
     assert!(text.contains("skiff_link_connections 1"), "{text}");
     assert!(text.contains("skiff_active_connections 0"), "{text}");
+    // The backend the suite runs on is named (SKIFF_DATAPATH; auto gives uring here).
+    let status = east.call(Request::Status).await.expect("status");
+    let backend = status["datapath"].as_str().expect("a backend");
+    assert!(
+        text.contains(&format!("skiff_datapath{{backend=\"{backend}\"}} 1")),
+        "{text}"
+    );
+    assert!(text.contains("skiff_links_refused_total 0"), "{text}");
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
 }
 
