@@ -132,11 +132,13 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             eprintln!(
-                "bench: run {run}/{} {:<16} {:>6.2} Gbit/s, x{PARALLEL} {:>6.2} Gbit/s, rtt p50 {:>6.1} µs, {:>7.0} conn/s",
+                "bench: run {run}/{} {:<16} {:>6.2} Gbit/s, x{PARALLEL} {:>6.2}, x100 {:>6.2}, x1000 {:>6.2} Gbit/s, rtt p50 {:>6.1} µs, {:>7.0} conn/s",
                 args.runs,
                 s.name,
                 sample.gbps,
                 sample.gbps_parallel,
+                sample.gbps_100,
+                sample.gbps_1000,
                 sample.rtt_p50_us,
                 sample.conns_per_s
             );
@@ -232,11 +234,23 @@ fn measure(s: &scenario::Scenario, run: usize, seconds: u32) -> anyhow::Result<r
     // full run under 20 minutes.
     let short = seconds.min(3);
     let (rtt_p50_us, rtt_p99_us) = sockperf(s, short)?;
+    let cpu_before = s.relay_cpu_seconds();
+    let (gbps_100, bytes_100) = flood(s, 100, short)?;
+    let cpu_100 = s.relay_cpu_seconds() - cpu_before;
+    let gbit_100 = bytes_100 * 8.0 / 1e9;
+    let (gbps_1000, _) = flood(s, 1000, short)?;
     Ok(report::Sample {
         run,
         gbps,
         cpu_per_gbit: if gbit > 0.0 { cpu / gbit } else { 0.0 },
         gbps_parallel,
+        gbps_100,
+        cpu_per_gbit_100: if gbit_100 > 0.0 {
+            cpu_100 / gbit_100
+        } else {
+            0.0
+        },
+        gbps_1000,
         rtt_p50_us,
         rtt_p99_us,
         conns_per_s: connrate(s, short)?,
@@ -280,6 +294,27 @@ fn iperf3(s: &scenario::Scenario, seconds: u32, streams: u32) -> anyhow::Result<
         let bytes = json["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
         return Ok((bps / 1e9, bytes));
     }
+}
+
+/// `conns` connections sending at once for `seconds` (`loadgen flood` against the discard
+/// server): (aggregate Gbit/s, bytes the server counted).
+fn flood(s: &scenario::Scenario, conns: usize, seconds: u32) -> anyhow::Result<(f64, f64)> {
+    let out = client(
+        s,
+        &[
+            &scenario::loadgen()?,
+            "flood",
+            &format!("127.0.0.1:{}", s.ports.flood),
+            &conns.to_string(),
+            &seconds.to_string(),
+        ],
+        seconds,
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("loadgen printed no JSON")?;
+    let gbps = json["gbps"]
+        .as_f64()
+        .context("loadgen report has no rate")?;
+    Ok((gbps, json["bytes"].as_f64().unwrap_or(0.0)))
 }
 
 /// sockperf ping-pong over one TCP connection: round-trip (p50, p99) in µs. sockperf spends

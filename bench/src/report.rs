@@ -20,6 +20,12 @@ pub struct Sample {
     pub cpu_per_gbit: f64,
     /// iperf3 with [`crate::PARALLEL`] streams.
     pub gbps_parallel: f64,
+    /// 100 connections sending at once (`loadgen flood`), the aggregate the server counted.
+    pub gbps_100: f64,
+    /// CPU seconds of the relaying processes per Gbit in the 100-connection run.
+    pub cpu_per_gbit_100: f64,
+    /// The same with 1,000 connections.
+    pub gbps_1000: f64,
     /// sockperf ping-pong round trip.
     pub rtt_p50_us: f64,
     pub rtt_p99_us: f64,
@@ -81,6 +87,11 @@ pub struct Row {
     pub parallel_gbps: Spread,
     pub parallel_vs_direct: f64,
     pub relay_cpu_seconds_per_gbit: Spread,
+    /// Aggregate of 100 and of 1,000 connections sending at once.
+    pub streams_100_gbps: Spread,
+    pub streams_1000_gbps: Spread,
+    /// Relay CPU seconds per Gbit with 100 connections.
+    pub relay_cpu_seconds_per_gbit_100: Spread,
     pub rtt_p50_us: Spread,
     /// Round trip added to direct loopback's, at the median.
     pub rtt_p50_added_us: f64,
@@ -152,6 +163,9 @@ impl Report {
                     parallel_gbps: parallel,
                     parallel_vs_direct: ratio(parallel.median, par),
                     relay_cpu_seconds_per_gbit: spread(i, |x| x.cpu_per_gbit),
+                    streams_100_gbps: spread(i, |x| x.gbps_100),
+                    streams_1000_gbps: spread(i, |x| x.gbps_1000),
+                    relay_cpu_seconds_per_gbit_100: spread(i, |x| x.cpu_per_gbit_100),
                     rtt_p50_us: rtt,
                     rtt_p50_added_us: rtt.median - p50,
                     rtt_p50_vs_direct: ratio(rtt.median, p50),
@@ -215,6 +229,21 @@ impl Report {
                 cell(r.parallel_gbps, 2),
                 r.parallel_vs_direct * 100.0,
                 r.relay_cpu_seconds_per_gbit.median,
+            );
+        }
+        md.push_str("\nMany streams at once (`loadgen flood`: each connection sends as fast as it can; the aggregate the server counted):\n\n| scenario | 100 streams Gbit/s | relay CPU s/Gbit | 1,000 streams Gbit/s |\n|---|---|---|---|\n");
+        for r in &self.rows {
+            if r.samples.is_empty() {
+                let _ = writeln!(md, "| {} | every run failed (below) | | |", r.scenario);
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.3} | {} |",
+                r.scenario,
+                cell(r.streams_100_gbps, 2),
+                r.relay_cpu_seconds_per_gbit_100.median,
+                cell(r.streams_1000_gbps, 2),
             );
         }
         md.push_str("\nLatency (sockperf ping-pong round trip), new connections, idle memory:\n\n| scenario | RTT p50 µs | added p50 µs | RTT p99 µs | new conn/s | vs direct | relay KiB per 1,000 idle streams |\n|---|---|---|---|---|---|---|\n");
@@ -375,6 +404,38 @@ impl Report {
             0.25,
             "%",
         );
+        for name in ["skiff-hop", "skiff-hop-uring", "skiff-mtls"] {
+            if let Some(r) = self.measured(name) {
+                let one = r.throughput_gbps.median;
+                let least = r
+                    .parallel_gbps
+                    .median
+                    .min(r.streams_100_gbps.median)
+                    .min(r.streams_1000_gbps.median);
+                goals.push((
+                    match name {
+                        "skiff-hop" => "skiff-hop: 4, 100 and 1,000 streams make at least one stream's figure",
+                        "skiff-hop-uring" => "skiff-hop-uring: 4, 100 and 1,000 streams make at least one stream's figure",
+                        _ => "skiff-mtls: 4, 100 and 1,000 streams make at least one stream's figure",
+                    },
+                    format!("least {least:.2} vs {one:.2} Gbit/s"),
+                    least >= one,
+                ));
+            }
+        }
+        if let (Some(uring), Some(epoll)) =
+            (self.measured("skiff-hop-uring"), self.measured("skiff-hop"))
+        {
+            let (u, e) = (
+                uring.relay_cpu_seconds_per_gbit_100.median,
+                epoll.relay_cpu_seconds_per_gbit_100.median,
+            );
+            goals.push((
+                "io_uring hop: at least 1.3x less router CPU per Gbit than epoll at 100 streams",
+                format!("{:.2}x less ({u:.3} vs {e:.3})", e / u),
+                u > 0.0 && e / u >= 1.3,
+            ));
+        }
         if let (Some(uring), Some(epoll)) =
             (self.measured("skiff-hop-uring"), self.measured("skiff-hop"))
         {
@@ -522,6 +583,9 @@ mod tests {
             gbps,
             cpu_per_gbit: 0.0,
             gbps_parallel: 0.0,
+            gbps_100: 0.0,
+            cpu_per_gbit_100: 0.0,
+            gbps_1000: 0.0,
             rtt_p50_us: 0.0,
             rtt_p99_us: 0.0,
             conns_per_s: 0.0,

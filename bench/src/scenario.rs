@@ -2,9 +2,10 @@
 //! configuration files (guards: everything is removed when it drops) and knows where its
 //! clients connect.
 //!
-//! Every path carries the same three services, so that every client measures every path:
-//! iperf3 (throughput), sockperf (ping-pong latency) and an echo server (connection rate and
-//! idle streams). A relay listens for them on [`FRONT`] + 0, 1, 2.
+//! Every path carries the same four services, so that every client measures every path:
+//! iperf3 (throughput), sockperf (ping-pong latency), an echo server (connection rate and
+//! idle streams) and a discard server (100 and 1,000 streams at once). A relay listens for
+//! them on [`FRONT`] + 0, 1, 2, 3.
 
 use std::{fmt::Write as _, path::Path, time::Duration};
 
@@ -12,7 +13,12 @@ use anyhow::Context as _;
 use kernel_tests::{Cgroup, Netns, Proc, TempDir, skiff::Site};
 
 /// The services behind every path: (routing key, backend port on 127.0.0.1).
-pub const SERVICES: [(&str, u16); 3] = [("iperf", 5201), ("ping", 11111), ("echo", 7007)];
+pub const SERVICES: [(&str, u16); 4] = [
+    ("iperf", 5201),
+    ("ping", 11111),
+    ("echo", 7007),
+    ("flood", 9009),
+];
 /// The first port a relay listens on; service `i` is at `FRONT + i`.
 const FRONT: u16 = 6000;
 /// The first port of the TLS tunnel between two relays, on the west namespace's veth address.
@@ -24,13 +30,19 @@ pub struct Ports {
     pub iperf: u16,
     pub ping: u16,
     pub echo: u16,
+    pub flood: u16,
 }
 
 impl Ports {
     /// The backends' own ports: for clients that reach them without a relay.
     fn backends() -> Self {
-        let [(_, iperf), (_, ping), (_, echo)] = SERVICES;
-        Self { iperf, ping, echo }
+        let [(_, iperf), (_, ping), (_, echo), (_, flood)] = SERVICES;
+        Self {
+            iperf,
+            ping,
+            echo,
+            flood,
+        }
     }
 
     fn starting_at(base: u16) -> Self {
@@ -38,6 +50,7 @@ impl Ports {
             iperf: base,
             ping: base + 1,
             echo: base + 2,
+            flood: base + 3,
         }
     }
 }
@@ -234,7 +247,7 @@ pub fn loadgen() -> anyhow::Result<String> {
 
 /// The three backends, on 127.0.0.1 in `ns`.
 fn backends(ns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<Vec<Proc>> {
-    let [(_, iperf), (_, ping), (_, echo)] = SERVICES;
+    let [(_, iperf), (_, ping), (_, echo), (_, flood)] = SERVICES;
     let loadgen = loadgen()?;
     let procs = vec![
         Proc::spawn(
@@ -260,6 +273,11 @@ fn backends(ns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<Vec<Proc>> {
             cgroup,
             &[&loadgen, "echo", &format!("127.0.0.1:{echo}")],
         )?,
+        Proc::spawn(
+            ns,
+            cgroup,
+            &[&loadgen, "discard", &format!("127.0.0.1:{flood}")],
+        )?,
     ];
     for (_, port) in SERVICES {
         ns.wait_listening(port, Duration::from_secs(10))?;
@@ -270,7 +288,7 @@ fn backends(ns: &Netns, cgroup: Option<&Cgroup>) -> anyhow::Result<Vec<Proc>> {
 /// Waits for the relay to listen on every front port; on failure, says what the relays logged
 /// (their logs are in `logs`).
 fn wait_front(ns: &Netns, logs: Option<&TempDir>) -> anyhow::Result<()> {
-    for i in 0..3 {
+    for i in (0..).take(SERVICES.len()) {
         if let Err(e) = ns.wait_listening(FRONT + i, Duration::from_secs(10)) {
             let mut said = String::new();
             for entry in logs

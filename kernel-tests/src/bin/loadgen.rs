@@ -24,6 +24,11 @@
 //!                                        and back, close; print connections per second
 //! loadgen hold ADDR N                    open N connections, one byte there and back on each,
 //!                                        print "ready" on stderr, then hold them until killed
+//! loadgen discard ADDR                   read every connection to EOF, answer with the byte
+//!                                        count (8 bytes, big-endian), close
+//! loadgen flood ADDR CONNS SECONDS       CONNS connections against a discard server, each
+//!                                        sending as fast as it can for SECONDS, then half-
+//!                                        closing; print the bytes the server counted per second
 //! ```
 
 use std::{
@@ -79,8 +84,12 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(connrate(addr, seconds.parse()?, par.parse()?))
         }
         ["hold", addr, n] => runtime()?.block_on(hold(addr, n.parse()?)),
+        ["discard", addr] => runtime()?.block_on(discard(addr)),
+        ["flood", addr, conns, seconds] => {
+            runtime()?.block_on(flood(addr, conns.parse()?, seconds.parse()?))
+        }
         _ => bail!(
-            "usage: loadgen sink ADDR | loadgen send ADDR CONNS BYTES [PARALLEL] | loadgen push ADDR CONNS BYTES PARALLEL [PAUSE_MS] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen rounds ADDR CONNS ROUNDS MAXLEN | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N"
+            "usage: loadgen sink ADDR | loadgen send ADDR CONNS BYTES [PARALLEL] | loadgen push ADDR CONNS BYTES PARALLEL [PAUSE_MS] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen rounds ADDR CONNS ROUNDS MAXLEN | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N | loadgen discard ADDR | loadgen flood ADDR CONNS SECONDS"
         ),
     }
 }
@@ -481,5 +490,65 @@ async fn hold(addr: &str, n: usize) -> anyhow::Result<()> {
     }
     eprintln!("ready: holding {n} connections");
     std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn discard(addr: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = bind(addr).with_context(|| format!("failed to bind {addr}"))?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(_) => return,
+                }
+            }
+            let _ = conn.write_all(&total.to_be_bytes()).await;
+        });
+    }
+}
+
+/// `conns` connections sending at once for `seconds`: the aggregate rate the discard server
+/// counted, over the time from the first connect to the last answer (so bytes still queued
+/// when the clock stops are counted with the time they took to arrive).
+async fn flood(addr: &str, conns: usize, seconds: f64) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr: std::net::SocketAddr = addr.parse()?;
+    let start = tokio::time::Instant::now();
+    let until = start + Duration::from_secs_f64(seconds);
+    let block = std::sync::Arc::new(vec![0x5au8; 64 * 1024]);
+    let tasks: Vec<_> = (0..conns)
+        .map(|_| {
+            let block = std::sync::Arc::clone(&block);
+            tokio::spawn(async move {
+                let mut conn = tokio::net::TcpStream::connect(addr).await?;
+                while tokio::time::Instant::now() < until {
+                    conn.write_all(&block).await?;
+                }
+                conn.shutdown().await?;
+                let mut count = [0u8; 8];
+                conn.read_exact(&mut count).await?;
+                anyhow::Ok(u64::from_be_bytes(count))
+            })
+        })
+        .collect();
+    let (mut bytes, mut failed) = (0u64, 0usize);
+    for task in tasks {
+        match task.await? {
+            Ok(n) => bytes += n,
+            Err(_) => failed += 1,
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"connections\": {conns}, \"failed\": {failed}, \"bytes\": {bytes}, \"seconds\": {elapsed:.3}, \"gbps\": {:.3}}}",
+        bytes as f64 * 8.0 / elapsed / 1e9
+    );
+    ensure!(failed == 0, "{failed} of {conns} connections failed");
     Ok(())
 }
