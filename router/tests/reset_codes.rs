@@ -23,6 +23,17 @@ fn open(stream: u32, key: &str) -> Frame {
     }
 }
 
+/// Site west, and a connector `db` to a backend that listens (and accepts only when asked).
+async fn west_with_backend() -> (Site, tokio::net::TcpListener) {
+    let west = Site::start("west", true).await;
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    west.connector("db", "db", backend.local_addr().expect("addr").port())
+        .await;
+    (west, backend)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_for_a_key_with_no_connector_here_is_reset_no_route() {
     let west = Site::start("west", true).await;
@@ -34,12 +45,7 @@ async fn a_stream_for_a_key_with_no_connector_here_is_reset_no_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_the_policy_forbids_is_reset_policy() {
-    let west = Site::start("west", true).await;
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    west.connector("db", "db", backend.local_addr().expect("addr").port())
-        .await;
+    let (west, backend) = west_with_backend().await;
     let policy = serde_json::from_value(serde_json::json!({
         "allowIncomingLinks": true,
         "allowedServices": ["web"],
@@ -76,12 +82,7 @@ async fn a_stream_whose_backend_refuses_is_reset_refused() {
 /// reason names the upstream side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_resets_mid_stream_resets_the_stream_refused_naming_upstream() {
-    let west = Site::start("west", true).await;
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    west.connector("db", "db", backend.local_addr().expect("addr").port())
-        .await;
+    let (west, backend) = west_with_backend().await;
     let mut evil = peer::linked_peer(&west, "evil").await;
     peer::send(&mut evil, open(1, "db")).await;
     let (conn, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
