@@ -66,8 +66,11 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
     let mut pipe = Pipe::new().map_err(OneWay::Read)?;
     let mut total = 0u64;
     let mut eof = false;
+    // The last read found the pipe full (it counts buffers, not bytes: small segments fill it
+    // before PIPE_SIZE bytes do), so only a write can make progress.
+    let mut pipe_full = false;
     loop {
-        if !eof && pipe.pending < PIPE_SIZE as usize {
+        if !eof && !pipe_full && pipe.pending < PIPE_SIZE as usize {
             let room = PIPE_SIZE as usize - pipe.pending;
             match from.try_io(Interest::READABLE, || {
                 splice(from.as_raw_fd(), pipe.write.as_raw_fd(), room)
@@ -79,6 +82,7 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
                         from.readable().await.map_err(OneWay::Read)?;
                         continue;
                     }
+                    pipe_full = true;
                 }
                 Err(e) => return Err(OneWay::Read(e)),
             }
@@ -90,10 +94,14 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
                 Ok(n) => {
                     pipe.pending -= n;
                     total += n as u64;
+                    pipe_full &= n == 0;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Wait for whichever comes first: room to write, or more to read.
-                    if eof || pipe.pending >= PIPE_SIZE as usize {
+                    // Wait for whichever comes first: room to write, or more to read. With the
+                    // pipe full, only room to write will do: a source whose peer has
+                    // half-closed stays readable (tokio keeps read-closed readiness), so
+                    // waiting on it as well would spin.
+                    if eof || pipe_full || pipe.pending >= PIPE_SIZE as usize {
                         to.writable().await.map_err(OneWay::Write)?;
                     } else {
                         tokio::select! {
