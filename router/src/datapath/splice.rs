@@ -73,16 +73,30 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
         if !eof && !pipe_full && pipe.pending < PIPE_SIZE as usize {
             let room = PIPE_SIZE as usize - pipe.pending;
             match from.try_io(Interest::READABLE, || {
-                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), room)
+                match splice(from.as_raw_fd(), pipe.write.as_raw_fd(), room) {
+                    // EAGAIN with bytes waiting in the socket means the pipe is full, not the
+                    // socket empty: that must not clear the socket's readiness, or the next
+                    // read waits for an edge that a sender stopped by a full window never
+                    // makes.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            && pipe.pending > 0
+                            && unread(from.as_raw_fd()) > 0 =>
+                    {
+                        Err(io::Error::other(PipeFull))
+                    }
+                    other => other,
+                }
             }) {
                 Ok(0) => eof = true,
                 Ok(n) => pipe.pending += n,
+                Err(e) if e.get_ref().is_some_and(|e| e.is::<PipeFull>()) => pipe_full = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The socket is empty (a full pipe is `PipeFull`, above).
                     if pipe.pending == 0 {
                         from.readable().await.map_err(OneWay::Read)?;
                         continue;
                     }
-                    pipe_full = true;
                 }
                 Err(e) => return Err(OneWay::Read(e)),
             }
@@ -116,6 +130,23 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
             shutdown_write(to);
             return Ok(total);
         }
+    }
+}
+
+/// The pipe had no room for what the socket holds.
+#[derive(Debug, thiserror::Error)]
+#[error("pipe full")]
+struct PipeFull;
+
+/// Bytes waiting in socket `fd`'s receive queue (FIONREAD); 0 when it cannot tell.
+fn unread(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to `n`.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &raw mut n) };
+    if r == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
     }
 }
 
