@@ -382,16 +382,21 @@ impl Forwarding {
             datapath::reject(client);
             return;
         }
-        let route = self.routing.lock().expect("routing lock").choose(key);
+        // Chosen and counted under one lock: two clients arriving together see each other's
+        // stream and spread over the connectors.
+        let route = {
+            let mut routing = self.routing.lock().expect("routing lock");
+            let route = routing.choose(key);
+            if let Some(route) = &route {
+                routing.stream_started(&route.dest);
+            }
+            route
+        };
         let Some(route) = route else {
             warn!(routing_key = %key, "no reachable connector; client reset");
             datapath::reject(client);
             return;
         };
-        self.routing
-            .lock()
-            .expect("routing lock")
-            .stream_started(&route.dest);
         let outcome = match route.next_hop {
             None => match self.connect_backend(key, &client.alpn()).await {
                 Ok(backend) => self.datapath.proxy(client, backend).await,
