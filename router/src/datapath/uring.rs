@@ -20,7 +20,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{Cause, Failure, Outcome, Side};
+use super::{Failure, Outcome, Side};
 use worker::{Msg, Worker};
 
 /// The io_uring workers of one router.
@@ -223,10 +223,7 @@ fn owned(tcp: TcpStream) -> io::Result<OwnedFd> {
 
 fn failed(side: Side, e: &io::Error) -> Outcome {
     Outcome {
-        failed: Some(Failure {
-            side,
-            cause: Cause::Io(e.kind()),
-        }),
+        failed: Some(Failure::io(side, e)),
         ..Outcome::default()
     }
 }
