@@ -136,7 +136,7 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
         metrics_addr: metrics_addr.clone(),
         owner: user.as_ref().map(|u| u.uid),
     };
-    let mut kernel = app::Kernel::attach(&state, &options)?;
+    let mut kernel = app::Kernel::attach_for(&state, &options)?;
     let mut keeper = None;
     if let Some(user) = &user {
         if let Some(dir) = kernel.pin_dir() {

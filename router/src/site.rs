@@ -24,10 +24,12 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::pki::{self, CertKey};
 
 mod files;
+mod state_file;
 
 pub use files::{
     Busy, Lock, NotPrivate, check_private, create_private_dir, euid, lock, write_atomic,
 };
+pub use state_file::StateFile;
 
 /// Failure to read or write the state directory.
 #[derive(Debug, thiserror::Error)]

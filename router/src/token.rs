@@ -251,6 +251,11 @@ impl Grants {
         self.grants.insert(id, grant);
     }
 
+    /// Forgets the grant `id` (one that could not be stored).
+    pub fn remove(&mut self, id: &str) {
+        self.grants.remove(id);
+    }
+
     /// Checks a redemption attempt from `source` without using a redemption: the caller
     /// signs the credential, then [`Self::spend`]s, so a request refused after this (a bad
     /// certificate signing request, a name taken meanwhile) costs the grant nothing.

@@ -22,18 +22,33 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest redemption request line (a CSR is well under 2 KiB).
 const MAX_REQUEST: u64 = 16 * 1024;
 
+/// Why a link connection was refused after its handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("the link credential of site {0} was revoked")]
+    Revoked(String),
+    #[error("site {site} already has {open} link connections here, the most one site may hold")]
+    TooMany { site: String, open: usize },
+    #[error(transparent)]
+    Denied(#[from] crate::policy::Denied),
+}
+
 /// What the access endpoint needs from the router.
 pub trait Access: Events {
     /// This router's site name.
     fn site_name(&self) -> &str;
-    /// Handles a redemption request from `source`.
     /// Whether site `peer_site`, presenting the credential with `fingerprint`, may link here
-    /// (not revoked, and allowed by the site policy); the reason when not.
+    /// (not revoked, not over its connection limit, allowed by the site policy).
     ///
     /// # Errors
-    /// When the policy refuses the site.
-    fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), String>;
-    fn redeem(&self, source: SocketAddr, request: token::RedeemRequest) -> token::RedeemResponse;
+    /// Why it may not.
+    fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), Refused>;
+    /// Handles a redemption request from `source`.
+    fn redeem(
+        &self,
+        source: SocketAddr,
+        request: token::RedeemRequest,
+    ) -> impl Future<Output = token::RedeemResponse> + Send;
 }
 
 /// Accepts connections on `listener` until the task is aborted; aborting it also ends every
@@ -83,7 +98,9 @@ async fn handle<A: Access>(
         Some(_) if let Some(version) = version => {
             let peer_site = cert_name.ok_or("link attempt without a client certificate")?;
             let fingerprint = peer_cert.as_ref().map(pki::fingerprint).unwrap_or_default();
-            router.admit_link(&peer_site, &fingerprint)?;
+            router
+                .admit_link(&peer_site, &fingerprint)
+                .map_err(|e| e.to_string())?;
             let events: Arc<dyn Events> = router.clone();
             let mut tls = tls;
             tls.get_mut()
@@ -120,7 +137,7 @@ async fn redeem<A: Access>(
         .map_err(|_| "redemption request timed out".to_owned())?
         .map_err(|e| format!("failed to read redemption request: {e}"))?;
     let response = match serde_json::from_slice::<token::RedeemRequest>(&line) {
-        Ok(request) => router.redeem(peer, request),
+        Ok(request) => router.redeem(peer, request).await,
         Err(e) => token::RedeemResponse::error(format!("malformed redemption request: {e}")),
     };
     if let token::RedeemResponse::Error { error: reason } = &response {
