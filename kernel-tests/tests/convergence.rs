@@ -232,7 +232,14 @@ fn a_mesh_converges_around_a_dead_router_and_a_cut_link() -> anyhow::Result<()> 
         !has_edge(view, &na, &nb) && !has_edge(view, &nb, &na)
     })?;
     everyone_sees("the rest of the mesh", &live, &reachable_all(&live))?;
-    std::thread::sleep(Duration::from_secs(1));
+    // Five more answers after convergence, so the log shows the mesh serving again.
+    let answered =
+        || std::fs::read_to_string(client_log.path()).map_or(0, |log| log.lines().count());
+    let settled = answered();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered() < settled + 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(clients);
     let outcomes = std::fs::read_to_string(client_log.path())?;
     let failed = outcomes.lines().filter(|l| l.trim() != "200").count();

@@ -728,6 +728,8 @@ async fn heartbeat(link: Arc<Link>) {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     /// A Pong counts for any of the recent Pings (a slow link's round trip may span several),
@@ -752,5 +754,273 @@ mod tests {
             "overwritten after PINGS_IN_FLIGHT newer ones"
         );
         assert!(beat.answered(last).is_some());
+    }
+
+    /// The far end of a link under test: a peer speaking frames over an in-memory pipe.
+    struct Peer {
+        io: tokio::io::DuplexStream,
+        buf: BytesMut,
+    }
+
+    impl Peer {
+        async fn send(&mut self, frame: Frame) {
+            let mut out = BytesMut::new();
+            frame.encode(&mut out);
+            self.io.write_all(&out).await.expect("peer writes");
+        }
+
+        /// The next frame the router sends, or `None` once it has closed the link.
+        async fn next(&mut self) -> Option<Frame> {
+            loop {
+                if let Some(frame) =
+                    frame::decode(&mut self.buf).expect("router sends valid frames")
+                {
+                    return Some(frame);
+                }
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), self.io.read_buf(&mut self.buf))
+                        .await
+                        .expect("router answers within 10 s");
+                if read.expect("peer reads") == 0 {
+                    return None;
+                }
+            }
+        }
+
+        /// The next frame that is not routine (advertisements, heartbeats, credit).
+        async fn next_notable(&mut self) -> Option<Frame> {
+            loop {
+                match self.next().await? {
+                    Frame::LinkState(_) | Frame::Ping { .. } => {}
+                    frame => return Some(frame),
+                }
+            }
+        }
+
+        /// Sends a Ping and waits for its Pong: the link still serves this peer.
+        async fn still_linked(&mut self) {
+            self.send(Frame::Ping { nonce: 0x5eed }).await;
+            loop {
+                match self.next().await {
+                    Some(Frame::Pong { nonce: 0x5eed }) => return,
+                    Some(_) => {}
+                    None => panic!("the link ended"),
+                }
+            }
+        }
+    }
+
+    /// Link events, recorded; opened streams are held (and never read) until the test ends.
+    #[derive(Default)]
+    struct Recorder {
+        ups: AtomicU32,
+        downs: AtomicU32,
+        streams: Mutex<Vec<(StreamTx, StreamRx)>>,
+    }
+
+    impl Events for Recorder {
+        fn link_up(&self, _: &Arc<Link>) {
+            self.ups.fetch_add(1, Ordering::SeqCst);
+        }
+        fn link_down(&self, _: &Arc<Link>) {
+            self.downs.fetch_add(1, Ordering::SeqCst);
+        }
+        fn link_state(self: Arc<Self>, _: &Arc<Link>, _: LinkState) {}
+        fn open(self: Arc<Self>, _: &Arc<Link>, _: Open, tx: StreamTx, rx: StreamRx) {
+            self.streams.lock().expect("streams").push((tx, rx));
+        }
+    }
+
+    const PEER: &str = "west";
+
+    /// How the link ended, within 10 s.
+    async fn ended(run: tokio::task::JoinHandle<Result<(), Error>>) -> Result<(), Error> {
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the link ends within 10 s")
+            .expect("link task")
+    }
+
+    /// Runs an incoming link from certified site `west` (version 2); the peer has read the
+    /// router's Hello and not yet sent its own.
+    async fn link() -> (
+        Peer,
+        Arc<Recorder>,
+        tokio::task::JoinHandle<Result<(), Error>>,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(4 << 20);
+        let events = Arc::new(Recorder::default());
+        let run = tokio::spawn(run(
+            ours,
+            2,
+            "east",
+            PEER.to_owned(),
+            Direction::Incoming,
+            Arc::clone(&events) as Arc<dyn Events>,
+        ));
+        let mut peer = Peer {
+            io: theirs,
+            buf: BytesMut::new(),
+        };
+        assert_eq!(
+            peer.next().await,
+            Some(Frame::Hello {
+                version: 2,
+                site: "east".into()
+            })
+        );
+        (peer, events, run)
+    }
+
+    /// A linked peer with stream 1 open (the peer's parity is odd on an incoming link).
+    async fn with_stream() -> (
+        Peer,
+        Arc<Recorder>,
+        tokio::task::JoinHandle<Result<(), Error>>,
+    ) {
+        let (mut peer, events, run) = link().await;
+        peer.send(Frame::Hello {
+            version: 2,
+            site: PEER.into(),
+        })
+        .await;
+        peer.send(Frame::Open {
+            stream: 1,
+            routing_key: "web".into(),
+            origin: PEER.into(),
+            dest: "east".into(),
+            window: stream::INITIAL_WINDOW,
+            alpn: String::new(),
+        })
+        .await;
+        assert_eq!(
+            peer.next_notable().await,
+            Some(Frame::Window {
+                stream: 1,
+                increment: stream::INITIAL_WINDOW
+            })
+        );
+        (peer, events, run)
+    }
+
+    #[tokio::test]
+    async fn a_hello_naming_another_site_than_the_certificate_ends_the_link() {
+        let (mut peer, events, run) = link().await;
+        peer.send(Frame::Hello {
+            version: 2,
+            site: "mallory".into(),
+        })
+        .await;
+        let ended = ended(run).await;
+        assert!(
+            matches!(&ended, Err(Error::Identity { claimed, certified }) if claimed == "mallory" && certified == PEER),
+            "{ended:?}"
+        );
+        assert_eq!(events.ups.load(Ordering::SeqCst), 0, "never up");
+        assert_eq!(peer.next().await, None, "connection closed");
+    }
+
+    #[tokio::test]
+    async fn a_hello_with_another_version_than_alpn_agreed_ends_the_link() {
+        let (mut peer, events, run) = link().await;
+        peer.send(Frame::Hello {
+            version: 1,
+            site: PEER.into(),
+        })
+        .await;
+        let ended = ended(run).await;
+        assert!(matches!(ended, Err(Error::Version(1, 2))), "{ended:?}");
+        assert_eq!(events.ups.load(Ordering::SeqCst), 0, "never up");
+    }
+
+    #[tokio::test]
+    async fn data_beyond_credit_resets_that_stream_and_the_link_goes_on() {
+        let (mut peer, events, _run) = with_stream().await;
+        // The stream's reader never reads, so no credit comes back: one byte more than the
+        // initial window overruns it.
+        let chunk = Bytes::from(vec![7u8; stream::MAX_DATA]);
+        let full = stream::INITIAL_WINDOW as usize / stream::MAX_DATA;
+        for _ in 0..full {
+            peer.send(Frame::Data {
+                stream: 1,
+                data: chunk.clone(),
+            })
+            .await;
+        }
+        peer.send(Frame::Data {
+            stream: 1,
+            data: Bytes::from_static(b"x"),
+        })
+        .await;
+        match peer.next_notable().await {
+            Some(Frame::Reset {
+                stream: 1,
+                code: ResetCode::Internal,
+                reason,
+            }) => assert_eq!(reason, "sent beyond credit"),
+            other => panic!("expected a reset of stream 1, got {other:?}"),
+        }
+        peer.still_linked().await;
+        assert_eq!(events.downs.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn data_after_the_peers_close_resets_that_stream_and_the_link_goes_on() {
+        let (mut peer, events, _run) = with_stream().await;
+        peer.send(Frame::Close { stream: 1 }).await;
+        peer.send(Frame::Data {
+            stream: 1,
+            data: Bytes::from_static(b"late"),
+        })
+        .await;
+        match peer.next_notable().await {
+            Some(Frame::Reset {
+                stream: 1,
+                code: ResetCode::Internal,
+                reason,
+            }) => assert_eq!(reason, "data after the peer's own close"),
+            other => panic!("expected a reset of stream 1, got {other:?}"),
+        }
+        peer.still_linked().await;
+        assert_eq!(events.downs.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_window_past_the_credit_limit_ends_the_link() {
+        let (mut peer, events, run) = with_stream().await;
+        // The router granted nothing to send on stream 1 yet; the peer's Open gave it the
+        // initial window. This pushes it past 2^31-1.
+        peer.send(Frame::Window {
+            stream: 1,
+            increment: u32::MAX,
+        })
+        .await;
+        let ended = ended(run).await;
+        assert!(matches!(ended, Err(Error::Protocol(_))), "{ended:?}");
+        assert_eq!(events.downs.load(Ordering::SeqCst), 1, "link_down told");
+    }
+
+    #[tokio::test]
+    async fn a_stream_opened_with_the_routers_own_parity_ends_the_link() {
+        let (mut peer, _events, run) = link().await;
+        peer.send(Frame::Hello {
+            version: 2,
+            site: PEER.into(),
+        })
+        .await;
+        peer.send(Frame::Open {
+            stream: 2,
+            routing_key: "web".into(),
+            origin: PEER.into(),
+            dest: "east".into(),
+            window: stream::INITIAL_WINDOW,
+            alpn: String::new(),
+        })
+        .await;
+        let ended = ended(run).await;
+        assert!(
+            matches!(ended, Err(Error::Protocol("stream id has our parity"))),
+            "{ended:?}"
+        );
     }
 }
