@@ -12,7 +12,7 @@
 //! loading, which also detaches the crashed router's sock_ops program.
 
 mod backpressure;
-mod btf;
+pub(crate) mod btf;
 mod own;
 mod shortcut;
 mod sock_diag;
@@ -31,28 +31,22 @@ pub use ebpf_common::EndpointKind;
 pub use own::{OwnSockets, Registered};
 pub use shortcut::Bypass;
 
+use crate::programs::{LoadError, Programs};
+
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, ProgramError, SkMsg, SockOps,
         links::{FdLink, PinnedLink},
+        sk_msg::SkMsgLink,
+        sock_ops::SockOpsLink,
     },
 };
 use ebpf_common::{
-    COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, ROUTER_NETNS,
-    ROUTER_SOCKETS_MAP, SENT_MAP, SHORTCUTS_MAP, SK_MSG_PROGRAM, SK_RMEM_ALLOC_OFFSET,
-    SOCK_ADDRS_MAP, SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
+    COUNTERS_MAP, Counter, DIVERTED_MAP, ENDPOINTS_MAP, EndpointKey, ROUTER_SOCKETS_MAP, SENT_MAP,
+    SHORTCUTS_MAP, SK_MSG_PROGRAM, SOCK_ADDRS_MAP, SOCK_OPS_PROGRAM, SOCKS_MAP, SockKey,
 };
-
-/// The eBPF object built from `ebpf/` by `build.rs`.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-ebpf"));
-
-/// The embedded eBPF object (every program and map skiff has).
-#[must_use]
-pub fn programs() -> &'static [u8] {
-    PROGRAMS
-}
 
 /// The cookie of the network namespace `fd` lives in, as `bpf_get_netns_cookie` sees it.
 ///
@@ -110,10 +104,10 @@ fn socket_u64(fd: RawFd, option: libc::c_int) -> io::Result<u64> {
 /// Failure to set up or drive the socket-redirection programs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to load the eBPF object")]
-    Load(#[source] Box<aya::EbpfError>),
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("the kernel cannot tell this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14)")]
-    Netns(#[source] io::Error),
+    Netns,
     #[error("eBPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
@@ -172,9 +166,10 @@ impl Error {
 
 /// Loaded and attached socket-redirection programs and their maps.
 pub struct Accel {
-    // Owns the programs and their links: dropping it detaches them.
-    _ebpf: Ebpf,
+    // Dropped in this order: sock_ops stops inserting sockets, then sk_msg leaves the map.
+    _sock_ops: Option<SockOpsLink>,
     pins: Option<Pins>,
+    _sk_msg: SkMsgLink,
     socks: SockHash<MapData, SockKey>,
     endpoints: HashMap<MapData, EndpointKey, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -215,7 +210,7 @@ impl Accel {
     /// Fails without CAP_BPF and CAP_NET_ADMIN, when the kernel lacks sock_ops or sk_msg, when
     /// `cgroup` is not a cgroup v2 directory, or when pinning fails.
     pub fn attach(cgroup: &Path, pin_dir: Option<&Path>) -> Result<Self, Error> {
-        Self::attach_for(cgroup, pin_dir, own_netns_cookie().map_err(Error::Netns)?)
+        Self::attach_to(&mut Programs::load()?, cgroup, pin_dir)
     }
 
     /// [`Accel::attach`], taking only the sockets of the network namespace whose cookie is
@@ -224,6 +219,24 @@ impl Accel {
     /// # Errors
     /// As [`Accel::attach`].
     pub fn attach_for(cgroup: &Path, pin_dir: Option<&Path>, netns: u64) -> Result<Self, Error> {
+        Self::attach_to(&mut Programs::load_for(Some(netns))?, cgroup, pin_dir)
+    }
+
+    /// Takes the socket-redirection maps and programs from `programs` (loaded once for
+    /// acceleration and isolation) and attaches them to `cgroup`.
+    ///
+    /// # Errors
+    /// As [`Accel::attach`]; also when `programs` were loaded without a network namespace
+    /// cookie (kernels before 5.14 cannot tell namespaces apart, so acceleration does not
+    /// start there).
+    pub fn attach_to(
+        programs: &mut Programs,
+        cgroup: &Path,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self, Error> {
+        if programs.netns().is_none() {
+            return Err(Error::Netns);
+        }
         if let Some(dir) = pin_dir {
             clear_pins(dir)?;
             std::fs::create_dir_all(dir).map_err(|source| Error::Cleanup {
@@ -237,22 +250,8 @@ impl Accel {
             link: None,
             keeper: false,
         });
-        // sk_msg bounds shortcuts by the far socket's unread bytes, which it finds at an
-        // offset only the kernel's BTF knows; without it, the router offers none.
-        let mut loader = EbpfLoader::new();
-        let rmem_offset = btf::sk_rmem_alloc_offset()
-            .inspect_err(|e| tracing::warn!("no shortcuts between local workloads: {e}"))
-            .ok();
-        if let Some(offset) = &rmem_offset {
-            loader.override_global(SK_RMEM_ALLOC_OFFSET, offset, true);
-        }
-        // Only sockets of the router's network namespace are taken; without its cookie
-        // (kernels before 5.14) the programs could not tell namespaces apart, so acceleration
-        // does not start there.
-        loader.override_global(ROUTER_NETNS, &netns, true);
-        let mut ebpf = loader
-            .load(PROGRAMS)
-            .map_err(|e| Error::Load(Box::new(e)))?;
+        let shortcuts = programs.shortcuts();
+        let ebpf = &mut programs.ebpf;
         if let Some(pins) = &pins {
             for name in [
                 SOCKS_MAP,
@@ -271,52 +270,57 @@ impl Accel {
                 })?;
             }
         }
-        let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, SOCKS_MAP)?;
-        let endpoints = take_map(&mut ebpf, ENDPOINTS_MAP)?;
-        let counters = take_map(&mut ebpf, COUNTERS_MAP)?;
-        let own = Arc::new(OwnSockets::new(take_map(&mut ebpf, ROUTER_SOCKETS_MAP)?));
+        let socks: SockHash<MapData, SockKey> = take_map(ebpf, SOCKS_MAP)?;
+        let endpoints = take_map(ebpf, ENDPOINTS_MAP)?;
+        let counters = take_map(ebpf, COUNTERS_MAP)?;
+        let own = Arc::new(OwnSockets::new(take_map(ebpf, ROUTER_SOCKETS_MAP)?));
         let backpressure = Arc::new(Backpressure::new(
-            take_map(&mut ebpf, DIVERTED_MAP)?,
-            take_map(&mut ebpf, SENT_MAP)?,
-            take_map(&mut ebpf, SHORTCUTS_MAP)?,
-            rmem_offset.is_some(),
+            take_map(ebpf, DIVERTED_MAP)?,
+            take_map(ebpf, SENT_MAP)?,
+            take_map(ebpf, SHORTCUTS_MAP)?,
+            shortcuts,
         ));
 
         // sk_msg first: a socket picks up the map's programs when it is inserted, so the
         // verdict program must be there before sock_ops starts inserting.
-        let sk_msg: &mut SkMsg = program(&mut ebpf, SK_MSG_PROGRAM)?;
+        let sk_msg: &mut SkMsg = program(ebpf, SK_MSG_PROGRAM)?;
         sk_msg.load().map_err(Error::program(SK_MSG_PROGRAM))?;
-        sk_msg
+        let sk_msg_link = sk_msg
             .attach(socks.fd())
+            .and_then(|id| sk_msg.take_link(id))
             .map_err(Error::program(SK_MSG_PROGRAM))?;
 
         let cgroup_dir = File::open(cgroup).map_err(|source| Error::Cgroup {
             path: cgroup.to_owned(),
             source,
         })?;
-        let sock_ops: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        let sock_ops: &mut SockOps = program(ebpf, SOCK_OPS_PROGRAM)?;
         sock_ops.load().map_err(Error::program(SOCK_OPS_PROGRAM))?;
-        let link = sock_ops
+        let sock_ops_link = sock_ops
             .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
+            .and_then(|id| sock_ops.take_link(id))
             .map_err(Error::program(SOCK_OPS_PROGRAM))?;
-        if let Some(pins) = &mut pins {
-            let link = sock_ops
-                .take_link(link)
-                .map_err(Error::program(SOCK_OPS_PROGRAM))?;
-            let path = pins.dir.join(SOCK_OPS_LINK_PIN);
-            let fd_link = FdLink::try_from(link).map_err(|e| Error::Pin {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
-            pins.link = Some(fd_link.pin(&path).map_err(|e| Error::Pin {
-                path,
-                source: Box::new(e),
-            })?);
-        }
+        // Pinned, the link is the pin's to detach (see `Pins`); otherwise it is ours.
+        let sock_ops_link = match &mut pins {
+            Some(pins) => {
+                let path = pins.dir.join(SOCK_OPS_LINK_PIN);
+                let fd_link = FdLink::try_from(sock_ops_link).map_err(|e| Error::Pin {
+                    path: path.clone(),
+                    source: Box::new(e),
+                })?;
+                pins.link = Some(fd_link.pin(&path).map_err(|e| Error::Pin {
+                    path,
+                    source: Box::new(e),
+                })?);
+                None
+            }
+            None => Some(sock_ops_link),
+        };
 
         Ok(Self {
-            _ebpf: ebpf,
+            _sock_ops: sock_ops_link,
             pins,
+            _sk_msg: sk_msg_link,
             socks,
             endpoints,
             counters,

@@ -15,17 +15,21 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLink,
+    },
 };
 use ebpf_common::{
     ALLOWED_MAP, AllowKey, CONNECT4_PROGRAM, CONNECT6_PROGRAM, DENY_EVENTS_MAP, DenyEvent,
     EndpointKey, ISOLATION_COUNTERS_MAP, IsolationCounter, NAMESPACES_MAP, NO_NAMESPACE,
-    PROTECTED_MAP, ROUTER_NETNS,
+    PROTECTED_MAP,
 };
 
-use crate::accel::endpoint_key;
+use crate::{
+    accel::endpoint_key,
+    programs::{LoadError, Programs},
+};
 
 mod addresses;
 
@@ -35,8 +39,8 @@ use addresses::local_ips;
 /// Failure to set up or drive the isolation hooks.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("failed to load the eBPF object")]
-    Load(#[source] Box<aya::EbpfError>),
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("failed to load or attach {name}")]
@@ -81,7 +85,8 @@ pub struct Counters {
 
 /// Loaded and attached connect hooks.
 pub struct Isolation {
-    _ebpf: Ebpf,
+    // Dropping them detaches connect4 and connect6.
+    _links: Vec<CgroupSockAddrLink>,
     protected: HashMap<MapData, EndpointKey, u32>,
     allowed: HashMap<MapData, AllowKey, u8>,
     counters: PerCpuArray<MapData, u64>,
@@ -116,35 +121,31 @@ impl Isolation {
     /// # Errors
     /// Without CAP_BPF/CAP_NET_ADMIN, or when a cgroup path is not a cgroup v2 directory.
     pub fn attach(cgroup: &Path, namespaces: &BTreeMap<String, PathBuf>) -> Result<Self, Error> {
-        // Loopback reaches a listener only from the router's own network namespace; without
-        // the cookie (kernels before 5.14) the hooks treat loopback alike in every namespace.
-        let mut loader = EbpfLoader::new();
-        let netns = crate::accel::own_netns_cookie()
-            .inspect_err(|e| {
-                tracing::warn!(
-                    error = %e,
-                    "isolation cannot tell this network namespace's loopback from others': loopback counts in every namespace"
-                );
-            })
-            .ok();
-        if let Some(cookie) = &netns {
-            loader.override_global(ROUTER_NETNS, cookie, true);
-        }
-        let mut ebpf = loader
-            .load(crate::accel::programs())
-            .map_err(|e| Error::Load(Box::new(e)))?;
-        let take =
-            |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(Error::Missing(name));
-        let protected =
-            HashMap::try_from(take(&mut ebpf, PROTECTED_MAP)?).map_err(map_err(PROTECTED_MAP))?;
+        Self::attach_to(&mut Programs::load()?, cgroup, namespaces)
+    }
+
+    /// Takes the isolation maps and hooks from `programs` (loaded once for acceleration and
+    /// isolation), registers `namespaces` and attaches connect4 and connect6 to `cgroup`.
+    /// Loopback reaches a listener only from the router's own network namespace; without the
+    /// namespace's cookie (kernels before 5.14) the hooks treat loopback alike in every
+    /// namespace.
+    ///
+    /// # Errors
+    /// As [`Isolation::attach`].
+    pub fn attach_to(
+        programs: &mut Programs,
+        cgroup: &Path,
+        namespaces: &BTreeMap<String, PathBuf>,
+    ) -> Result<Self, Error> {
+        let ebpf = &mut programs.ebpf;
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::Missing(name));
+        let protected = HashMap::try_from(take(PROTECTED_MAP)?).map_err(map_err(PROTECTED_MAP))?;
         let mut roots: HashMap<MapData, u64, u32> =
-            HashMap::try_from(take(&mut ebpf, NAMESPACES_MAP)?).map_err(map_err(NAMESPACES_MAP))?;
-        let allowed =
-            HashMap::try_from(take(&mut ebpf, ALLOWED_MAP)?).map_err(map_err(ALLOWED_MAP))?;
-        let counters = PerCpuArray::try_from(take(&mut ebpf, ISOLATION_COUNTERS_MAP)?)
+            HashMap::try_from(take(NAMESPACES_MAP)?).map_err(map_err(NAMESPACES_MAP))?;
+        let allowed = HashMap::try_from(take(ALLOWED_MAP)?).map_err(map_err(ALLOWED_MAP))?;
+        let counters = PerCpuArray::try_from(take(ISOLATION_COUNTERS_MAP)?)
             .map_err(map_err(ISOLATION_COUNTERS_MAP))?;
-        let events = RingBuf::try_from(take(&mut ebpf, DENY_EVENTS_MAP)?)
-            .map_err(map_err(DENY_EVENTS_MAP))?;
+        let events = RingBuf::try_from(take(DENY_EVENTS_MAP)?).map_err(map_err(DENY_EVENTS_MAP))?;
 
         let mut ids = BTreeMap::new();
         for (index, (name, path)) in namespaces.iter().enumerate() {
@@ -168,6 +169,7 @@ impl Isolation {
             path: cgroup.to_owned(),
             source,
         })?;
+        let mut links = Vec::with_capacity(2);
         for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -181,16 +183,18 @@ impl Isolation {
                 name,
                 source: Box::new(e),
             })?;
-            program
+            let link = program
                 .attach(dir.as_fd(), CgroupAttachMode::Single)
+                .and_then(|id| program.take_link(id))
                 .map_err(|e| Error::Program {
                     name,
                     source: Box::new(e),
                 })?;
+            links.push(link);
         }
         drop(roots);
         Ok(Self {
-            _ebpf: ebpf,
+            _links: links,
             protected,
             allowed,
             counters,

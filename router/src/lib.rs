@@ -15,6 +15,7 @@ pub mod node;
 pub mod pki;
 pub mod policy;
 pub mod privilege;
+pub mod programs;
 pub mod resource;
 pub mod routing;
 pub mod service;

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 use crate::{
     accel::{self, Accel},
     isolation::{self, Isolation, Protection},
+    programs::{LoadError, Programs},
     site::{self, SiteConfig, StateDir},
     token,
 };
@@ -56,6 +57,8 @@ pub enum Error {
     IsolationNeedsCgroup,
     #[error("namespace isolation failed to start")]
     Isolation(#[source] isolation::Error),
+    #[error("the eBPF programs failed to load")]
+    Load(#[source] LoadError),
 }
 
 /// The router's eBPF programs, attached: the part of starting that needs CAP_BPF and
@@ -85,8 +88,26 @@ impl Kernel {
         let config = state.config()?;
         site::check_private(state.root(), owner.unwrap_or_else(site::euid))?;
         let lock = site::lock(state.root())?;
-        let (accel, accel_note) = start_accel(&config.name, state, accel, cgroup)?;
-        let isolation = start_isolation(&config, cgroup)?;
+        // One load for both: each map exists once in the kernel.
+        let wanted = (accel != AccelMode::Off && cgroup.is_some()) || config.isolate_namespaces;
+        let mut programs = match wanted.then(Programs::load) {
+            None => None,
+            Some(Ok(programs)) => Some(programs),
+            Some(Err(e)) if accel == AccelMode::Auto && !config.isolate_namespaces => {
+                let reason = error_chain(&e);
+                warn!(reason, "socket acceleration off");
+                return Ok(Self {
+                    lock,
+                    accel: None,
+                    accel_note: format!("off: {reason}"),
+                    isolation: None,
+                });
+            }
+            Some(Err(e)) => return Err(Error::Load(e)),
+        };
+        let (accel, accel_note) =
+            start_accel(&config.name, state, accel, cgroup, programs.as_mut())?;
+        let isolation = start_isolation(&config, cgroup, programs.as_mut())?;
         Ok(Self {
             lock,
             accel,
@@ -130,6 +151,7 @@ fn start_accel(
     state: &StateDir,
     mode: AccelMode,
     cgroup: Option<&Path>,
+    programs: Option<&mut Programs>,
 ) -> Result<(Option<Accel>, String), Error> {
     let cgroup = match (mode, cgroup) {
         (AccelMode::Off, _) => return Ok((None, "off".into())),
@@ -146,7 +168,8 @@ fn start_accel(
             "bpffs is not mounted: eBPF objects stay unpinned (they still go away with the router)"
         );
     }
-    match Accel::attach(cgroup, pin_dir.as_deref()) {
+    let programs = programs.expect("loaded when acceleration is asked for with a cgroup");
+    match Accel::attach_to(programs, cgroup, pin_dir.as_deref()) {
         Ok(accel) => {
             info!(cgroup = %cgroup.display(), pins = ?accel.pin_dir(), "socket acceleration on");
             Ok((Some(accel), format!("sockmap on {}", cgroup.display())))
@@ -161,7 +184,11 @@ fn start_accel(
 }
 
 /// Attaches the connect() hooks when the site isolates its namespaces.
-fn start_isolation(config: &SiteConfig, cgroup: Option<&Path>) -> Result<Option<Isolation>, Error> {
+fn start_isolation(
+    config: &SiteConfig,
+    cgroup: Option<&Path>,
+    programs: Option<&mut Programs>,
+) -> Result<Option<Isolation>, Error> {
     if !config.isolate_namespaces {
         return Ok(None);
     }
@@ -171,7 +198,9 @@ fn start_isolation(config: &SiteConfig, cgroup: Option<&Path>) -> Result<Option<
         .iter()
         .map(|(name, path)| (name.clone(), PathBuf::from(path)))
         .collect();
-    let isolation = Isolation::attach(cgroup, &namespaces).map_err(Error::Isolation)?;
+    let programs = programs.expect("loaded when the site isolates namespaces");
+    let isolation =
+        Isolation::attach_to(programs, cgroup, &namespaces).map_err(Error::Isolation)?;
     info!(cgroup = %cgroup.display(), namespaces = config.namespaces.len(), "namespace isolation on");
     Ok(Some(isolation))
 }
