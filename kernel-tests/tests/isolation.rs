@@ -30,6 +30,57 @@ fn connect(ns: &Netns, cgroup: &Cgroup, addr: &str) -> anyhow::Result<String> {
 const EPERM: &str = "1";
 const REFUSED: &str = "111";
 
+/// Namespaces `names` as child cgroups of `parent`, and the site options that register them
+/// and turn isolation on.
+fn namespaces<const N: usize>(
+    parent: &Cgroup,
+    names: [&str; N],
+) -> anyhow::Result<([Cgroup; N], Vec<String>)> {
+    let mut options = Vec::new();
+    let mut cgroups = Vec::new();
+    for name in names {
+        let cgroup = parent.child(name)?;
+        options.push("--namespace".to_owned());
+        options.push(format!("{name}={}", cgroup.path().display()));
+        cgroups.push(cgroup);
+    }
+    options.push("--isolate-namespaces".to_owned());
+    let cgroups = cgroups
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("one cgroup per name"))?;
+    Ok((cgroups, options))
+}
+
+fn strs(options: &[String]) -> Vec<&str> {
+    options.iter().map(String::as_str).collect()
+}
+
+/// Creates listener `name` on `host`:`port` in `namespace`, open also to `allow`.
+fn listen(
+    site: &Site,
+    name: &str,
+    (host, port): (&str, &str),
+    namespace: &str,
+    allow: &[&str],
+) -> anyhow::Result<()> {
+    let mut args = vec![
+        "listener",
+        "create",
+        name,
+        "--host",
+        host,
+        "--port",
+        port,
+        "--namespace",
+        namespace,
+    ];
+    for other in allow {
+        args.extend(["--allow-namespace", other]);
+    }
+    site.cli(&args)?;
+    Ok(())
+}
+
 #[test]
 fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyhow::Result<()> {
     if !require_root() {
@@ -37,64 +88,18 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
     }
     let ns = Netns::new("iso")?;
     let parent = Cgroup::new("iso")?;
-    let (a, b, c) = (parent.child("a")?, parent.child("b")?, parent.child("c")?);
-    let path = |cg: &Cgroup| cg.path().to_str().expect("utf-8").to_owned();
-    let (pa, pb, pc) = (
-        format!("a={}", path(&a)),
-        format!("b={}", path(&b)),
-        format!("c={}", path(&c)),
-    );
+    let ([a, b, c], options) = namespaces(&parent, ["a", "b", "c"])?;
     let mut site = Site::start_with(
         &ns,
         Some(&parent),
         "west",
         Some("127.0.0.1:55690"),
-        &[
-            "--namespace",
-            &pa,
-            "--namespace",
-            &pb,
-            "--namespace",
-            &pc,
-            "--isolate-namespaces",
-        ],
+        &strs(&options),
         &["--metrics-addr", "127.0.0.1:9464"],
     )?;
-    site.cli(&[
-        "listener",
-        "create",
-        "web",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "8601",
-        "--namespace",
-        "a",
-    ])?;
-    site.cli(&[
-        "listener",
-        "create",
-        "api",
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "8602",
-        "--namespace",
-        "a",
-        "--allow-namespace",
-        "b",
-    ])?;
-    site.cli(&[
-        "listener",
-        "create",
-        "six",
-        "--host",
-        "::",
-        "--port",
-        "8603",
-        "--namespace",
-        "a",
-    ])?;
+    listen(&site, "web", ("127.0.0.1", "8601"), "a", &[])?;
+    listen(&site, "api", ("0.0.0.0", "8602"), "a", &["b"])?;
+    listen(&site, "six", ("::", "8603"), "a", &[])?;
 
     // Own namespace in, others out, at every address the listener answers on.
     assert_eq!(connect(&ns, &a, "127.0.0.1:8601")?, "ok");
@@ -163,19 +168,7 @@ fn listeners_are_reachable_only_from_their_own_and_allowed_namespaces() -> anyho
     // Changes apply at once: a deleted listener is just a closed port, a new one protects again.
     site.cli(&["listener", "delete", "web"])?;
     assert_eq!(connect(&ns, &b, "127.0.0.1:8601")?, REFUSED);
-    site.cli(&[
-        "listener",
-        "create",
-        "web",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "8601",
-        "--namespace",
-        "a",
-        "--allow-namespace",
-        "b",
-    ])?;
+    listen(&site, "web", ("127.0.0.1", "8601"), "a", &["b"])?;
     assert_eq!(connect(&ns, &b, "127.0.0.1:8601")?, "ok");
     assert_eq!(connect(&ns, &c, "127.0.0.1:8601")?, EPERM);
 
@@ -250,19 +243,7 @@ fn fifty_namespaces_each_see_only_what_they_may() -> anyhow::Result<()> {
     let file = kernel_tests::TempFile::new("site.yaml");
     std::fs::write(file.path(), yaml)?;
     let site = Site::start_from_yaml(&ns, Some(&parent), "west", file.path(), &[])?;
-    site.cli(&[
-        "listener",
-        "create",
-        "db",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "8611",
-        "--namespace",
-        "n7",
-        "--allow-namespace",
-        "n42",
-    ])?;
+    listen(&site, "db", ("127.0.0.1", "8611"), "n7", &["n42"])?;
     for (i, cg) in children.iter().enumerate() {
         let expected = if i == 7 || i == 42 { "ok" } else { EPERM };
         assert_eq!(
@@ -286,39 +267,14 @@ fn isolation_holds_when_the_router_runs_as_nobody() -> anyhow::Result<()> {
     }
     let ns = Netns::new("isou")?;
     let parent = Cgroup::new("isou")?;
-    let (a, b) = (parent.child("a")?, parent.child("b")?);
-    let path = |cg: &Cgroup| cg.path().to_str().expect("utf-8").to_owned();
-    let (pa, pb) = (format!("a={}", path(&a)), format!("b={}", path(&b)));
-    let site = Site::start_as(
-        &ns,
-        &parent,
-        "west",
-        &[
-            "--namespace",
-            &pa,
-            "--namespace",
-            &pb,
-            "--isolate-namespaces",
-        ],
-        &[],
-        "nobody",
-    )?;
+    let ([a, b], options) = namespaces(&parent, ["a", "b"])?;
+    let site = Site::start_as(&ns, &parent, "west", &strs(&options), &[], "nobody")?;
     let pid = site
         .router_pid()
         .ok_or_else(|| anyhow::anyhow!("no router"))?;
     assert_eq!(proc_status(pid, "Uid:")?, "65534\t65534\t65534\t65534");
     assert_eq!(proc_status(pid, "CapEff:")?, "0000000000000000");
-    site.cli(&[
-        "listener",
-        "create",
-        "web",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "8611",
-        "--namespace",
-        "a",
-    ])?;
+    listen(&site, "web", ("127.0.0.1", "8611"), "a", &[])?;
     assert_eq!(connect(&ns, &a, "127.0.0.1:8611")?, "ok");
     assert_eq!(connect(&ns, &b, "127.0.0.1:8611")?, EPERM);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -349,35 +305,10 @@ fn no_address_of_this_host_bypasses_isolation() -> anyhow::Result<()> {
     let ns = Netns::new("isoa")?;
     let other = Netns::new("isoo")?;
     let parent = Cgroup::new("isoa")?;
-    let (a, b) = (parent.child("a")?, parent.child("b")?);
-    let path = |cg: &Cgroup| cg.path().to_str().expect("utf-8").to_owned();
-    let (pa, pb) = (format!("a={}", path(&a)), format!("b={}", path(&b)));
-    let site = Site::start_with(
-        &ns,
-        Some(&parent),
-        "west",
-        None,
-        &[
-            "--namespace",
-            &pa,
-            "--namespace",
-            &pb,
-            "--isolate-namespaces",
-        ],
-        &[],
-    )?;
+    let ([a, b], options) = namespaces(&parent, ["a", "b"])?;
+    let site = Site::start_with(&ns, Some(&parent), "west", None, &strs(&options), &[])?;
     for (name, host, port) in [("four", "0.0.0.0", "8621"), ("dual", "::", "8622")] {
-        site.cli(&[
-            "listener",
-            "create",
-            name,
-            "--host",
-            host,
-            "--port",
-            port,
-            "--namespace",
-            "a",
-        ])?;
+        listen(&site, name, (host, port), "a", &[])?;
     }
 
     for addr in [

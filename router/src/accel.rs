@@ -31,10 +31,9 @@ pub use ebpf_common::EndpointKind;
 pub use own::{OwnSockets, Registered};
 pub use shortcut::Bypass;
 
-use crate::programs::{LoadError, Programs};
+use crate::programs::{LoadError, ObjectError, Programs};
 
 use aya::{
-    Ebpf,
     maps::{HashMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{
         CgroupAttachMode, ProgramError, SkMsg, SockOps,
@@ -108,28 +107,13 @@ pub enum Error {
     Load(#[from] LoadError),
     #[error("the kernel cannot tell this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14)")]
     Netns,
-    #[error("eBPF object has no {kind} named {name}")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    #[error(transparent)]
+    Object(#[from] ObjectError),
     #[error("failed to open cgroup {}", path.display())]
     Cgroup {
         path: PathBuf,
         #[source]
         source: io::Error,
-    },
-    #[error("failed to load or attach program {name}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: Box<ProgramError>,
-    },
-    #[error("failed to access map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: Box<MapError>,
     },
     #[error("failed to pin {} under bpffs", path.display())]
     Pin {
@@ -150,17 +134,11 @@ const SOCK_OPS_LINK_PIN: &str = "sock_ops_link";
 
 impl Error {
     fn map(name: &'static str) -> impl FnOnce(MapError) -> Self {
-        move |source| Self::Map {
-            name,
-            source: Box::new(source),
-        }
+        move |source| Self::Object(ObjectError::map(name)(source))
     }
 
     fn program(name: &'static str) -> impl FnOnce(ProgramError) -> Self {
-        move |source| Self::Program {
-            name,
-            source: Box::new(source),
-        }
+        move |source| Self::Object(ObjectError::program(name)(source))
     }
 }
 
@@ -251,7 +229,6 @@ impl Accel {
             keeper: false,
         });
         let shortcuts = programs.shortcuts();
-        let ebpf = &mut programs.ebpf;
         if let Some(pins) = &pins {
             for name in [
                 SOCKS_MAP,
@@ -262,7 +239,10 @@ impl Accel {
                 SOCK_ADDRS_MAP,
                 SHORTCUTS_MAP,
             ] {
-                let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+                let map = programs
+                    .ebpf
+                    .map(name)
+                    .ok_or(ObjectError::Missing { kind: "map", name })?;
                 let path = pins.dir.join(name);
                 map.pin(&path).map_err(|e| Error::Pin {
                     path,
@@ -270,20 +250,20 @@ impl Accel {
                 })?;
             }
         }
-        let socks: SockHash<MapData, SockKey> = take_map(ebpf, SOCKS_MAP)?;
-        let endpoints = take_map(ebpf, ENDPOINTS_MAP)?;
-        let counters = take_map(ebpf, COUNTERS_MAP)?;
-        let own = Arc::new(OwnSockets::new(take_map(ebpf, ROUTER_SOCKETS_MAP)?));
+        let socks: SockHash<MapData, SockKey> = programs.take_map(SOCKS_MAP)?;
+        let endpoints = programs.take_map(ENDPOINTS_MAP)?;
+        let counters = programs.take_map(COUNTERS_MAP)?;
+        let own = Arc::new(OwnSockets::new(programs.take_map(ROUTER_SOCKETS_MAP)?));
         let backpressure = Arc::new(Backpressure::new(
-            take_map(ebpf, DIVERTED_MAP)?,
-            take_map(ebpf, SENT_MAP)?,
-            take_map(ebpf, SHORTCUTS_MAP)?,
+            programs.take_map(DIVERTED_MAP)?,
+            programs.take_map(SENT_MAP)?,
+            programs.take_map(SHORTCUTS_MAP)?,
             shortcuts,
         ));
 
         // sk_msg first: a socket picks up the map's programs when it is inserted, so the
         // verdict program must be there before sock_ops starts inserting.
-        let sk_msg: &mut SkMsg = program(ebpf, SK_MSG_PROGRAM)?;
+        let sk_msg: &mut SkMsg = programs.program(SK_MSG_PROGRAM)?;
         sk_msg.load().map_err(Error::program(SK_MSG_PROGRAM))?;
         let sk_msg_link = sk_msg
             .attach(socks.fd())
@@ -294,7 +274,7 @@ impl Accel {
             path: cgroup.to_owned(),
             source,
         })?;
-        let sock_ops: &mut SockOps = program(ebpf, SOCK_OPS_PROGRAM)?;
+        let sock_ops: &mut SockOps = programs.program(SOCK_OPS_PROGRAM)?;
         sock_ops.load().map_err(Error::program(SOCK_OPS_PROGRAM))?;
         let sock_ops_link = sock_ops
             .attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
@@ -500,27 +480,6 @@ pub fn endpoint_key(addr: SocketAddr) -> EndpointKey {
         ip,
         port: u32::from(addr.port()),
     }
-}
-
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
-where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or(Error::Missing { kind: "map", name })?;
-    T::try_from(map).map_err(Error::map(name))
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    let program = ebpf.program_mut(name).ok_or(Error::Missing {
-        kind: "program",
-        name,
-    })?;
-    program.try_into().map_err(Error::program(name))
 }
 
 #[cfg(test)]

@@ -16,9 +16,7 @@ use std::{
 
 use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, cgroup_sock_addr::CgroupSockAddrLink,
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, cgroup_sock_addr::CgroupSockAddrLink},
 };
 use ebpf_common::{
     ALLOWED_MAP, AllowKey, CONNECT4_PROGRAM, CONNECT6_PROGRAM, DENY_EVENTS_MAP, DenyEvent,
@@ -28,7 +26,7 @@ use ebpf_common::{
 
 use crate::{
     accel::endpoint_key,
-    programs::{LoadError, Programs},
+    programs::{LoadError, ObjectError, Programs},
 };
 
 mod addresses;
@@ -41,20 +39,8 @@ use addresses::local_ips;
 pub enum Error {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("eBPF object has no {0}")]
-    Missing(&'static str),
-    #[error("failed to load or attach {name}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: Box<ProgramError>,
-    },
-    #[error("failed to access map {name}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: Box<MapError>,
-    },
+    #[error(transparent)]
+    Object(#[from] ObjectError),
     #[error("namespace {namespace}: cgroup {} is not usable", path.display())]
     Cgroup {
         namespace: String,
@@ -69,10 +55,7 @@ pub enum Error {
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
-    move |source| Error::Map {
-        name,
-        source: Box::new(source),
-    }
+    move |source| Error::Object(ObjectError::map(name)(source))
 }
 
 /// Counters of the connect hooks, summed over CPUs.
@@ -137,15 +120,11 @@ impl Isolation {
         cgroup: &Path,
         namespaces: &BTreeMap<String, PathBuf>,
     ) -> Result<Self, Error> {
-        let ebpf = &mut programs.ebpf;
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::Missing(name));
-        let protected = HashMap::try_from(take(PROTECTED_MAP)?).map_err(map_err(PROTECTED_MAP))?;
-        let mut roots: HashMap<MapData, u64, u32> =
-            HashMap::try_from(take(NAMESPACES_MAP)?).map_err(map_err(NAMESPACES_MAP))?;
-        let allowed = HashMap::try_from(take(ALLOWED_MAP)?).map_err(map_err(ALLOWED_MAP))?;
-        let counters = PerCpuArray::try_from(take(ISOLATION_COUNTERS_MAP)?)
-            .map_err(map_err(ISOLATION_COUNTERS_MAP))?;
-        let events = RingBuf::try_from(take(DENY_EVENTS_MAP)?).map_err(map_err(DENY_EVENTS_MAP))?;
+        let protected: HashMap<MapData, EndpointKey, u32> = programs.take_map(PROTECTED_MAP)?;
+        let mut roots: HashMap<MapData, u64, u32> = programs.take_map(NAMESPACES_MAP)?;
+        let allowed: HashMap<MapData, AllowKey, u8> = programs.take_map(ALLOWED_MAP)?;
+        let counters: PerCpuArray<MapData, u64> = programs.take_map(ISOLATION_COUNTERS_MAP)?;
+        let events: RingBuf<MapData> = programs.take_map(DENY_EVENTS_MAP)?;
 
         let mut ids = BTreeMap::new();
         for (index, (name, path)) in namespaces.iter().enumerate() {
@@ -171,25 +150,12 @@ impl Isolation {
         })?;
         let mut links = Vec::with_capacity(2);
         for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(Error::Missing(name))?
-                .try_into()
-                .map_err(|e| Error::Program {
-                    name,
-                    source: Box::new(e),
-                })?;
-            program.load().map_err(|e| Error::Program {
-                name,
-                source: Box::new(e),
-            })?;
+            let program: &mut CgroupSockAddr = programs.program(name)?;
+            program.load().map_err(ObjectError::program(name))?;
             let link = program
                 .attach(dir.as_fd(), CgroupAttachMode::Single)
                 .and_then(|id| program.take_link(id))
-                .map_err(|e| Error::Program {
-                    name,
-                    source: Box::new(e),
-                })?;
+                .map_err(ObjectError::program(name))?;
             links.push(link);
         }
         drop(roots);

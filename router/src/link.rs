@@ -797,6 +797,40 @@ mod tests {
             }
         }
 
+        /// Answers the router's Hello as the certified site.
+        async fn hello(&mut self) {
+            self.send(Frame::Hello {
+                version: 2,
+                site: PEER.into(),
+            })
+            .await;
+        }
+
+        /// Opens `stream` towards the router (without reading its answer).
+        async fn open(&mut self, stream: u32) {
+            self.send(Frame::Open {
+                stream,
+                routing_key: "web".into(),
+                origin: PEER.into(),
+                dest: "east".into(),
+                window: stream::INITIAL_WINDOW,
+                alpn: String::new(),
+            })
+            .await;
+        }
+
+        /// Waits for the router to reset `stream` (code Internal) for `reason`.
+        async fn expect_reset(&mut self, stream: u32, reason: &str) {
+            match self.next_notable().await {
+                Some(Frame::Reset {
+                    stream: reset,
+                    code: ResetCode::Internal,
+                    reason: why,
+                }) if reset == stream => assert_eq!(why, reason),
+                other => panic!("expected a reset of stream {stream}, got {other:?}"),
+            }
+        }
+
         /// Sends a Ping and waits for its Pong: the link still serves this peer.
         async fn still_linked(&mut self) {
             self.send(Frame::Ping { nonce: 0x5eed }).await;
@@ -879,20 +913,8 @@ mod tests {
         tokio::task::JoinHandle<Result<(), Error>>,
     ) {
         let (mut peer, events, run) = link().await;
-        peer.send(Frame::Hello {
-            version: 2,
-            site: PEER.into(),
-        })
-        .await;
-        peer.send(Frame::Open {
-            stream: 1,
-            routing_key: "web".into(),
-            origin: PEER.into(),
-            dest: "east".into(),
-            window: stream::INITIAL_WINDOW,
-            alpn: String::new(),
-        })
-        .await;
+        peer.hello().await;
+        peer.open(1).await;
         assert_eq!(
             peer.next_notable().await,
             Some(Frame::Window {
@@ -952,14 +974,7 @@ mod tests {
             data: Bytes::from_static(b"x"),
         })
         .await;
-        match peer.next_notable().await {
-            Some(Frame::Reset {
-                stream: 1,
-                code: ResetCode::Internal,
-                reason,
-            }) => assert_eq!(reason, "sent beyond credit"),
-            other => panic!("expected a reset of stream 1, got {other:?}"),
-        }
+        peer.expect_reset(1, "sent beyond credit").await;
         peer.still_linked().await;
         assert_eq!(events.downs.load(Ordering::SeqCst), 0);
     }
@@ -973,14 +988,8 @@ mod tests {
             data: Bytes::from_static(b"late"),
         })
         .await;
-        match peer.next_notable().await {
-            Some(Frame::Reset {
-                stream: 1,
-                code: ResetCode::Internal,
-                reason,
-            }) => assert_eq!(reason, "data after the peer's own close"),
-            other => panic!("expected a reset of stream 1, got {other:?}"),
-        }
+        peer.expect_reset(1, "data after the peer's own close")
+            .await;
         peer.still_linked().await;
         assert_eq!(events.downs.load(Ordering::SeqCst), 0);
     }
@@ -1003,20 +1012,8 @@ mod tests {
     #[tokio::test]
     async fn a_stream_opened_with_the_routers_own_parity_ends_the_link() {
         let (mut peer, _events, run) = link().await;
-        peer.send(Frame::Hello {
-            version: 2,
-            site: PEER.into(),
-        })
-        .await;
-        peer.send(Frame::Open {
-            stream: 2,
-            routing_key: "web".into(),
-            origin: PEER.into(),
-            dest: "east".into(),
-            window: stream::INITIAL_WINDOW,
-            alpn: String::new(),
-        })
-        .await;
+        peer.hello().await;
+        peer.open(2).await;
         let ended = ended(run).await;
         assert!(
             matches!(ended, Err(Error::Protocol("stream id has our parity"))),

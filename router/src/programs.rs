@@ -5,7 +5,7 @@
 //! Each takes the links of the programs it attaches, so each detaches its own programs when
 //! dropped; the object itself can go once both have what they need.
 
-use aya::{Ebpf, EbpfLoader};
+use aya::{Ebpf, EbpfLoader, maps::MapError, programs::ProgramError};
 use ebpf_common::{ROUTER_NETNS, SK_RMEM_ALLOC_OFFSET};
 
 use crate::accel::{btf, own_netns_cookie};
@@ -17,6 +17,46 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sk
 #[derive(Debug, thiserror::Error)]
 #[error("failed to load the eBPF object")]
 pub struct LoadError(#[source] Box<aya::EbpfError>);
+
+/// A program or map of the object that is missing, or that the kernel refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("failed to load or attach program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("failed to access map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+impl ObjectError {
+    /// Names the map an access failed on.
+    pub fn map(name: &'static str) -> impl FnOnce(MapError) -> Self {
+        move |source| Self::Map {
+            name,
+            source: Box::new(source),
+        }
+    }
+
+    /// Names the program a load or attach failed on.
+    pub fn program(name: &'static str) -> impl FnOnce(ProgramError) -> Self {
+        move |source| Self::Program {
+            name,
+            source: Box::new(source),
+        }
+    }
+}
 
 /// The loaded object, and the load-time settings its programs were given.
 pub struct Programs {
@@ -77,6 +117,36 @@ impl Programs {
             netns,
             shortcuts: rmem_offset.is_some(),
         })
+    }
+
+    /// Takes map `name` out of the object, as type `T`.
+    ///
+    /// # Errors
+    /// When the object has no such map, or it is not a `T`.
+    pub fn take_map<T>(&mut self, name: &'static str) -> Result<T, ObjectError>
+    where
+        T: TryFrom<aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .ok_or(ObjectError::Missing { kind: "map", name })?;
+        T::try_from(map).map_err(ObjectError::map(name))
+    }
+
+    /// Program `name` of the object, as type `T`.
+    ///
+    /// # Errors
+    /// When the object has no such program, or it is not a `T`.
+    pub fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, ObjectError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let program = self.ebpf.program_mut(name).ok_or(ObjectError::Missing {
+            kind: "program",
+            name,
+        })?;
+        program.try_into().map_err(ObjectError::program(name))
     }
 
     /// The network namespace the programs serve, when the kernel could tell it.
