@@ -168,6 +168,13 @@ fn absolute(path: &std::path::Path) -> String {
 
 /// Writes a service bundle as Skupper's secrets hold it: `ca.crt`, `tls.crt`, `tls.key`
 /// (0600), into `dir` (created 0700 if missing).
+fn bundle_request(kind: admin::BundleKind, name: &str) -> Request {
+    Request::ServiceBundle {
+        kind,
+        name: name.to_owned(),
+    }
+}
+
 fn write_bundle(dir: &std::path::Path, bundle: &serde_json::Value) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
@@ -406,11 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             call(Request::ListenerCreate { listener }).await?;
             println!("listener {} created", args.name);
             if let Some(dir) = args.bundle_out {
-                let bundle = call(Request::ServiceBundle {
-                    kind: admin::BundleKind::Client,
-                    name: args.name.clone(),
-                })
-                .await?;
+                let bundle = call(bundle_request(admin::BundleKind::Client, &args.name)).await?;
                 write_bundle(&dir, &bundle)?;
                 println!("client bundle written to {}", dir.display());
             }
@@ -448,11 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             call(Request::ConnectorCreate { connector }).await?;
             println!("connector {} created", args.name);
             if let Some(dir) = args.bundle_out {
-                let bundle = call(Request::ServiceBundle {
-                    kind: admin::BundleKind::Server,
-                    name: args.name.clone(),
-                })
-                .await?;
+                let bundle = call(bundle_request(admin::BundleKind::Server, &args.name)).await?;
                 write_bundle(&dir, &bundle)?;
                 println!("server bundle for the backend written to {}", dir.display());
             }

@@ -76,6 +76,23 @@ async fn streams_fail_over_and_dead_paths_reset_at_once() {
     left.connector("web", "web", backend_left).await;
     right.connector("web", "web", backend_right).await;
     let port = hub.listener("web", "web").await;
+    // Both connectors known at the hub before the first client comes.
+    hub.wait_for(
+        |v| {
+            v.as_array().is_some_and(|rows| {
+                rows.iter()
+                    .filter(|r| {
+                        r["routingKeys"]
+                            .as_array()
+                            .is_some_and(|k| k.contains(&"web".into()))
+                    })
+                    .count()
+                    == 2
+            })
+        },
+        Request::NetworkStatus,
+    )
+    .await;
 
     // Two open streams are balanced over the two equally cheap connectors.
     let mut first = TcpStream::connect(("127.0.0.1", port))
