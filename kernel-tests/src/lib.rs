@@ -743,6 +743,10 @@ impl Drop for TempFile {
     }
 }
 
+/// Prometheus, unpacked from Debian's package by `cargo xtask setup` (not installed, so that no
+/// service of its own runs on the machine).
+pub const PROMETHEUS: &str = "/var/cache/skiff/tools/prometheus/usr/bin/prometheus";
+
 /// A temporary directory removed (with its contents) on drop.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);

@@ -363,3 +363,55 @@ fn no_address_of_this_host_bypasses_isolation() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Acceleration and isolation share one load of the eBPF object: the router holds each of
+/// skiff's maps once. (Each part used to load the object itself, so every map existed twice.)
+#[test]
+fn acceleration_and_isolation_share_one_copy_of_each_map() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("isom")?;
+    let parent = Cgroup::new("isom")?;
+    let ([a], options) = namespaces(&parent, ["a"])?;
+    let site = Site::start_with(
+        &ns,
+        Some(&parent),
+        "west",
+        None,
+        &strs(&options),
+        &["--accel", "sockmap"],
+    )?;
+    let pid = site
+        .router_pid()
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    // The maps the router holds, by the ids its descriptors name.
+    let mut ids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(entry?.path()).unwrap_or_default();
+        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("map_id:")) {
+            ids.insert(id.trim().to_owned());
+        }
+    }
+    let mut names = Vec::new();
+    for id in &ids {
+        let shown: serde_json::Value = serde_json::from_str(&kernel_tests::run(
+            "bpftool",
+            &["map", "show", "id", id, "-j"],
+        )?)?;
+        if let Some(name) = shown["name"].as_str().filter(|n| n.starts_with("SKIFF_")) {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    let mut once = names.clone();
+    once.dedup();
+    assert!(
+        once.iter().any(|n| n == "SKIFF_SOCKS") && once.iter().any(|n| n == "SKIFF_PROTECTED"),
+        "both parts' maps are held: {names:?}"
+    );
+    assert_eq!(names, once, "each map once");
+    drop(site);
+    drop(a);
+    Ok(())
+}

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use kernel_tests::{
-    Netns, Proc, TempDir, proc_status, redis_benchmark, redis_server, require_root, skiff::Site,
+    Netns, PROMETHEUS, Proc, TempDir, proc_status, redis_benchmark, redis_server, require_root,
+    skiff::Site,
 };
 
 /// Two namespaces joined by a veth pair; `west` accepts links on its veth address.
@@ -207,5 +208,112 @@ fn without_acceleration_routers_run_as_nobody_with_no_capabilities() -> anyhow::
     )?
     .wait(Duration::from_secs(20))?;
     assert_eq!(page, "served without privileges\n");
+    Ok(())
+}
+
+/// A site whose router serves metrics on 127.0.0.1:9464 of its namespace.
+fn start_with_metrics(ns: &Netns, name: &str, link_access: Option<&str>) -> anyhow::Result<Site> {
+    Site::start_with(
+        ns,
+        None,
+        name,
+        link_access,
+        &[],
+        &["--metrics-addr", "127.0.0.1:9464"],
+    )
+}
+
+/// Debian's Prometheus scrapes the router of a two-site network, and PromQL through its HTTP
+/// API answers with the labelled series after traffic crossed the link: the metrics are what
+/// a real Prometheus can parse and query, not a string match on `/metrics`.
+#[test]
+fn prometheus_scrapes_a_router_and_answers_a_query() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let p = pair_with(5, start_with_metrics)?;
+    let _server = web_server(&p.west_ns, "prom-web", "counted\n")?;
+    expose(&p, "web", 8080, 9082)?;
+    for _ in 0..3 {
+        let body = p.east_ns.run(&[
+            "curl",
+            "-sS",
+            "--fail",
+            "--retry",
+            "20",
+            "--retry-connrefused",
+            "--retry-delay",
+            "0",
+            "--max-time",
+            "10",
+            "http://127.0.0.1:9082/index.html",
+        ])?;
+        assert_eq!(body, "counted\n");
+    }
+
+    let dir = TempDir::new("prometheus")?;
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: skiff\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
+    )?;
+    let (config_arg, storage_arg) = (
+        format!("--config.file={}", config.display()),
+        format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+    );
+    let _prometheus = Proc::spawn_logged(
+        &p.west_ns,
+        None,
+        &[
+            PROMETHEUS,
+            &config_arg,
+            &storage_arg,
+            "--web.listen-address=127.0.0.1:9190",
+        ],
+        &dir.path().join("prometheus.log"),
+    )?;
+    let query = |promql: &str| -> anyhow::Result<serde_json::Value> {
+        let answer = p.west_ns.run(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--get",
+            "--data-urlencode",
+            &format!("query={promql}"),
+            "http://127.0.0.1:9190/api/v1/query",
+        ])?;
+        Ok(serde_json::from_str(&answer)?)
+    };
+    let value = |answer: &serde_json::Value| {
+        answer["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    // Prometheus starts, scrapes once a second: ask until the answer has the three requests.
+    let served = r#"sum by (routing_key) (skiff_connector_connections_total{connector="web"})"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let answer = query(served);
+        if let Ok(a) = &answer
+            && value(a) >= Some(3.0)
+        {
+            break answer?;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "Prometheus gave no count of 3 for {served} within 60 s: {answer:?}; log: {}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        answer["data"]["result"][0]["metric"]["routing_key"], "web",
+        "{answer}"
+    );
+    let link = query(r#"skiff_link_connections{peer="east", direction="incoming"}"#)?;
+    assert_eq!(value(&link), Some(1.0), "{link}");
+    let bytes = query(r#"skiff_connector_received_bytes_total{connector="web"}"#)?;
+    assert!(value(&bytes) > Some(0.0), "{bytes}");
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock, atomic::Ordering},
     time::Duration,
 };
 
@@ -31,7 +31,7 @@ use crate::{
         services::{self, Services},
     },
     datapath::{self, DataPath},
-    forward::Forwarding,
+    forward::{Forwarding, ServiceStats},
     isolation,
     link::{self, dial::LinkConfig},
     metrics,
@@ -581,12 +581,45 @@ impl admin::Handler for Router {
 
 impl metrics::Source for Router {
     fn snapshot(&self) -> metrics::Snapshot {
-        let link_connections = self
-            .forwarding
-            .links()
-            .iter()
-            .map(|(_, l)| l.len() as u64)
-            .sum();
+        let mut links: BTreeMap<(String, &'static str), metrics::LinkSample> = BTreeMap::new();
+        for (peer, connections) in self.forwarding.links() {
+            for link in connections {
+                let direction = match link.direction {
+                    link::Direction::Outgoing(_) => "outgoing",
+                    link::Direction::Incoming => "incoming",
+                };
+                let row =
+                    links
+                        .entry((peer.clone(), direction))
+                        .or_insert_with(|| metrics::LinkSample {
+                            peer: peer.clone(),
+                            direction,
+                            ..metrics::LinkSample::default()
+                        });
+                let stats = &link.stats;
+                row.connections += 1;
+                row.streams += link.stream_count() as u64;
+                row.streams_opened += stats.streams_opened.load(Ordering::Relaxed);
+                row.received_bytes += stats.bytes_in.load(Ordering::Relaxed);
+                row.sent_bytes += stats.bytes_out.load(Ordering::Relaxed);
+                let rtt = stats.rtt_us.load(Ordering::Relaxed);
+                if rtt > 0 {
+                    let rtt = rtt as f64 / 1e6;
+                    row.rtt_seconds = Some(row.rtt_seconds.map_or(rtt, |r| r.min(rtt)));
+                }
+            }
+        }
+        let sample = |(name, routing_key, stats): (String, String, Arc<ServiceStats>)| {
+            metrics::ServiceSample {
+                name,
+                routing_key,
+                opened: stats.opened.load(Ordering::Relaxed),
+                active: stats.active.load(Ordering::Relaxed),
+                failed: std::array::from_fn(|i| stats.failed[i].load(Ordering::Relaxed)),
+                towards_backend: stats.bytes_towards_backend.load(Ordering::Relaxed),
+                towards_client: stats.bytes_towards_client.load(Ordering::Relaxed),
+            }
+        };
         let node = self.node.metrics();
         let policy_denials = self
             .gate
@@ -601,7 +634,20 @@ impl metrics::Source for Router {
             datapath: datapath.backend(),
             uring_connections: datapath.uring_connections(),
             links_refused: self.links.refused(),
-            link_connections,
+            links: links.into_values().collect(),
+            listeners: self
+                .services
+                .listener_stats()
+                .into_iter()
+                .map(sample)
+                .collect(),
+            connectors: self
+                .forwarding
+                .connector_stats()
+                .into_iter()
+                .map(sample)
+                .collect(),
+            identity_expires_at: Some(self.certs.identity_expires_at()),
             accel: node.accel,
             accel_sockets: node.accel_sockets,
             isolation: node.isolation,

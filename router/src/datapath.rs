@@ -317,6 +317,19 @@ pub enum Side {
 }
 
 impl Side {
+    /// Every side, in [`Side::index`] order.
+    pub const ALL: [Self; 3] = [Self::Downstream, Self::Upstream, Self::Link];
+
+    /// The side's place in [`Side::ALL`].
+    #[must_use]
+    pub const fn index(self) -> usize {
+        match self {
+            Self::Downstream => 0,
+            Self::Upstream => 1,
+            Self::Link => 2,
+        }
+    }
+
     /// A lowercase name for logs and metric labels.
     #[must_use]
     pub const fn as_str(self) -> &'static str {
@@ -337,6 +350,9 @@ pub enum Cause {
     Reset(ResetCode),
     /// The link the stream runs on died.
     LinkLost,
+    /// Refused before a byte moved, for the reason this code names (no route, the policy, a
+    /// backend that cannot be reached, a TLS handshake that failed).
+    Refused(ResetCode),
 }
 
 /// The side of a relayed connection that failed, and why.
@@ -374,6 +390,7 @@ impl fmt::Display for Failure {
             Cause::Io(kind) => write!(f, "{side}: {kind}"),
             Cause::Reset(code) => write!(f, "{side}: reset by the peer ({code})"),
             Cause::LinkLost => write!(f, "{side}: the link went down"),
+            Cause::Refused(code) => write!(f, "{side}: refused ({code})"),
         }
     }
 }
@@ -387,4 +404,19 @@ pub struct Outcome {
     pub bytes_in: u64,
     /// The side that failed and why, if the connection did not end cleanly.
     pub failed: Option<Failure>,
+}
+
+impl Outcome {
+    /// A connection refused before a byte moved, blaming `side`.
+    #[must_use]
+    pub const fn refused(side: Side, code: ResetCode) -> Self {
+        Self {
+            bytes_out: 0,
+            bytes_in: 0,
+            failed: Some(Failure {
+                side,
+                cause: Cause::Refused(code),
+            }),
+        }
+    }
 }

@@ -48,6 +48,57 @@ pub struct Backend {
     pub port: u16,
     /// How the router reaches it over TLS, for a TLS connector.
     pub tls: Option<BackendTls>,
+    /// What the connector served.
+    pub stats: Arc<ServiceStats>,
+}
+
+/// What one listener or connector served: connections (a connector counts each connection
+/// it made to its backend), their outcomes and their bytes.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    pub opened: AtomicU64,
+    pub active: AtomicU64,
+    /// Ended with a failure, by the side that failed ([`Side::index`]).
+    pub failed: [AtomicU64; 3],
+    /// Bytes from the client (listener) or to the backend (connector).
+    pub bytes_towards_backend: AtomicU64,
+    /// Bytes to the client (listener) or from the backend (connector).
+    pub bytes_towards_client: AtomicU64,
+}
+
+impl ServiceStats {
+    /// Counts a connection as opened and active until the guard goes.
+    fn start(self: &Arc<Self>) -> ActiveService {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveService(Arc::clone(self))
+    }
+
+    /// Adds a connection's outcome. `client_socket` says whether the outcome's socket end is
+    /// the client (`proxy` and a listener's `relay`) or the backend (a connector's `relay`).
+    fn record(&self, outcome: &Outcome, client_socket: bool) {
+        let (towards_backend, towards_client) = if client_socket {
+            (outcome.bytes_out, outcome.bytes_in)
+        } else {
+            (outcome.bytes_in, outcome.bytes_out)
+        };
+        self.bytes_towards_backend
+            .fetch_add(towards_backend, Ordering::Relaxed);
+        self.bytes_towards_client
+            .fetch_add(towards_client, Ordering::Relaxed);
+        if let Some(failure) = &outcome.failed {
+            self.failed[failure.side.index()].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An open connection of a listener or connector.
+struct ActiveService(Arc<ServiceStats>);
+
+impl Drop for ActiveService {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How the router reaches a TLS backend.
@@ -271,6 +322,16 @@ impl Forwarding {
         links
     }
 
+    /// Each connector's counters, with its name and routing key.
+    pub fn connector_stats(&self) -> Vec<(String, String, Arc<ServiceStats>)> {
+        let table = self.table.read().expect("table lock");
+        table
+            .backends
+            .iter()
+            .map(|(name, (b, _))| (name.clone(), b.routing_key.clone(), Arc::clone(&b.stats)))
+            .collect()
+    }
+
     /// Adds connector `name`'s backend; `advertised` says whether it may serve streams.
     pub fn add_backend(&self, name: &str, backend: Backend, advertised: bool) {
         let mut table = self.table.write().expect("table lock");
@@ -343,7 +404,7 @@ impl Forwarding {
         listener: Listener,
         key: String,
         tls: Option<TlsAcceptor>,
-        connections: Arc<AtomicU64>,
+        stats: Arc<ServiceStats>,
     ) {
         loop {
             let (client, peer) = match listener.accept().await {
@@ -355,32 +416,44 @@ impl Forwarding {
                     continue;
                 }
             };
-            connections.fetch_add(1, Ordering::Relaxed);
+            let active = stats.start();
             let forwarding = Arc::clone(&self);
             let key = key.clone();
+            let stats = Arc::clone(&stats);
             let Some(tls) = tls.clone() else {
-                tokio::spawn(async move { forwarding.route_client(client, &key).await });
+                tokio::spawn(async move {
+                    let outcome = forwarding.route_client(client, &key).await;
+                    stats.record(&outcome, true);
+                    drop(active);
+                });
                 continue;
             };
             tokio::spawn(async move {
                 let handshake = datapath::tls_server(client, &tls);
-                match tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, handshake).await {
+                let outcome = match tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, handshake).await
+                {
                     Ok(Ok(client)) => forwarding.route_client(client, &key).await,
-                    Ok(Err(e)) => warn!(routing_key = %key, %peer, "TLS client refused: {e}"),
+                    Ok(Err(e)) => {
+                        warn!(routing_key = %key, %peer, "TLS client refused: {e}");
+                        Outcome::refused(Side::Downstream, ResetCode::Cancelled)
+                    }
                     Err(_) => {
                         warn!(routing_key = %key, %peer, "TLS client refused: handshake timed out");
+                        Outcome::refused(Side::Downstream, ResetCode::Cancelled)
                     }
-                }
+                };
+                stats.record(&outcome, true);
+                drop(active);
             });
         }
     }
 
-    /// Routes one client connection accepted by a listener for `key`.
-    pub async fn route_client(&self, client: Conn, key: &str) {
+    /// Routes one client connection accepted by a listener for `key`; returns how it ended.
+    pub async fn route_client(&self, client: Conn, key: &str) -> Outcome {
         let _active = self.track();
         if self.gate.admit(true, |p| p.service(key)).is_err() {
             datapath::reject(client);
-            return;
+            return Outcome::refused(Side::Downstream, ResetCode::Policy);
         }
         // Chosen and counted under one lock: two clients arriving together see each other's
         // stream and spread over the connectors.
@@ -395,22 +468,28 @@ impl Forwarding {
         let Some(route) = route else {
             warn!(routing_key = %key, "no reachable connector; client reset");
             datapath::reject(client);
-            return;
+            return Outcome::refused(Side::Link, ResetCode::NoRoute);
         };
         let outcome = match route.next_hop {
             None => match self.connect_backend(key, &client.alpn()).await {
-                Ok(backend) => self.datapath.proxy(client, backend).await,
+                Ok((backend, stats)) => {
+                    let active = stats.start();
+                    let outcome = self.datapath.proxy(client, backend).await;
+                    stats.record(&outcome, true);
+                    drop(active);
+                    outcome
+                }
                 Err(e) => {
                     warn!(routing_key = %key, reason = %e, "backend unreachable; client reset");
                     datapath::reject(client);
-                    Outcome::default()
+                    Outcome::refused(Side::Upstream, e.reset_code())
                 }
             },
             Some(hop) => match self.link_to(&hop) {
                 None => {
                     warn!(routing_key = %key, next_hop = %hop, "link to next hop is down; client reset");
                     datapath::reject(client);
-                    Outcome::default()
+                    Outcome::refused(Side::Link, ResetCode::LinkLost)
                 }
                 Some(link) => {
                     let open = Open {
@@ -423,7 +502,7 @@ impl Forwarding {
                         Ok((tx, rx)) => self.datapath.relay(client, Side::Downstream, tx, rx).await,
                         Err(_) => {
                             datapath::reject(client);
-                            Outcome::default()
+                            Outcome::refused(Side::Link, ResetCode::LinkLost)
                         }
                     }
                 }
@@ -433,14 +512,19 @@ impl Forwarding {
             .lock()
             .expect("routing lock")
             .stream_ended(&route.dest);
-        if let Some(failure) = outcome.failed {
+        if let Some(failure) = &outcome.failed {
             info!(routing_key = %key, side = failure.side.as_str(), "connection ended with a failure: {failure}");
         }
+        outcome
     }
 
     /// Connects to a local backend for `key`; a TLS connector asks the backend for `alpn`
     /// (when not empty), so that both ends of the service speak the protocol the client chose.
-    async fn connect_backend(&self, key: &str, alpn: &str) -> Result<Conn, BackendError> {
+    async fn connect_backend(
+        &self,
+        key: &str,
+        alpn: &str,
+    ) -> Result<(Conn, Arc<ServiceStats>), BackendError> {
         let backend = self.backend_for(key).ok_or(BackendError::NoConnector)?;
         let (host, port) = (&backend.host, backend.port);
         let addr = service::join_host_port(host, port);
@@ -459,8 +543,9 @@ impl Forwarding {
             }
             Ok(Ok(conn)) => conn,
         };
+        let stats = Arc::clone(&backend.stats);
         let Some(tls) = &backend.tls else {
-            return Ok(conn);
+            return Ok((conn, stats));
         };
         let connector = tls.connector(alpn);
         let handshake = datapath::tls_client(conn, &connector, tls.server_name.clone());
@@ -468,6 +553,7 @@ impl Forwarding {
             .await
             .map_err(|_| BackendError::HandshakeTimeout { addr: addr.clone() })?
             .map_err(|source| BackendError::Handshake { addr, source })
+            .map(|conn| (conn, stats))
     }
 
     /// Handles a stream a peer opened: serve it here, or pass it on towards its destination.
@@ -491,8 +577,11 @@ impl Forwarding {
                 Ok(()) => self.connect_backend(&open.routing_key, &open.alpn).await,
             };
             match served {
-                Ok(backend) => {
-                    let _ = self.datapath.relay(backend, Side::Upstream, tx, rx).await;
+                Ok((backend, stats)) => {
+                    let active = stats.start();
+                    let outcome = self.datapath.relay(backend, Side::Upstream, tx, rx).await;
+                    stats.record(&outcome, false);
+                    drop(active);
                 }
                 Err(e) => {
                     // A peer can open streams for a missing key in a loop: one line a second.

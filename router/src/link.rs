@@ -122,6 +122,7 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub rtt_us: AtomicU64,
+    /// Streams opened on this connection, by either side.
     pub streams_opened: AtomicU64,
 }
 
@@ -508,6 +509,7 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
                 }
                 streams.insert(stream, slot);
             }
+            link.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
             link.send(Frame::Window {
                 stream,
                 increment: stream::INITIAL_WINDOW,

@@ -11,7 +11,7 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _, text},
+    encoding::{DescriptorEncoder, EncodeMetric, text},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -25,7 +25,6 @@ use tracing::debug;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub active_connections: u64,
-    pub link_connections: u64,
     pub accel: Option<crate::accel::Counters>,
     pub accel_sockets: Option<u64>,
     pub isolation: Option<crate::isolation::Counters>,
@@ -38,6 +37,42 @@ pub struct Snapshot {
     pub uring_connections: u64,
     /// Link connections refused after their TLS handshake.
     pub links_refused: u64,
+    /// Links, one row per peer and direction.
+    pub links: Vec<LinkSample>,
+    pub listeners: Vec<ServiceSample>,
+    pub connectors: Vec<ServiceSample>,
+    /// When the router identity expires (Unix seconds).
+    pub identity_expires_at: Option<i64>,
+}
+
+/// The connections to one peer site in one direction.
+#[derive(Debug, Default)]
+pub struct LinkSample {
+    pub peer: String,
+    /// `outgoing` (this site dialled) or `incoming`.
+    pub direction: &'static str,
+    pub connections: u64,
+    pub streams: u64,
+    pub streams_opened: u64,
+    /// The lowest round-trip time any of its connections measured.
+    pub rtt_seconds: Option<f64>,
+    pub received_bytes: u64,
+    pub sent_bytes: u64,
+}
+
+/// One listener or connector.
+#[derive(Debug, Default)]
+pub struct ServiceSample {
+    pub name: String,
+    pub routing_key: String,
+    pub opened: u64,
+    pub active: u64,
+    /// Ended with a failure, by side: downstream, upstream, link.
+    pub failed: [u64; 3],
+    /// From the client (listener) or to the backend (connector).
+    pub towards_backend: u64,
+    /// To the client (listener) or from the backend (connector).
+    pub towards_client: u64,
 }
 
 /// Something that can be measured: the router implements it.
@@ -64,6 +99,149 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) ->
     g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// One metric family with a row per label set; nothing when there are no rows.
+fn family<'a, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, M)>,
+) -> fmt::Result {
+    let mut rows = rows.into_iter().peekable();
+    let Some((_, first)) = rows.peek() else {
+        return Ok(());
+    };
+    let mut family = encoder.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, metric) in rows {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn count(value: u64) -> ConstCounter<u64> {
+    ConstCounter::new(value)
+}
+
+fn level(value: u64) -> ConstGauge<i64> {
+    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+}
+
+/// The link families.
+fn encode_links(encoder: &mut DescriptorEncoder, links: &[LinkSample]) -> fmt::Result {
+    fn labels(l: &LinkSample) -> Vec<(&str, &str)> {
+        vec![("peer", l.peer.as_str()), ("direction", l.direction)]
+    }
+    family(
+        encoder,
+        "skiff_link_connections",
+        "Established link connections, by peer site and direction.",
+        links.iter().map(|l| (labels(l), level(l.connections))),
+    )?;
+    family(
+        encoder,
+        "skiff_link_streams",
+        "Streams open on a link now.",
+        links.iter().map(|l| (labels(l), level(l.streams))),
+    )?;
+    family(
+        encoder,
+        "skiff_link_streams_opened",
+        "Streams opened on a link's live connections.",
+        links.iter().map(|l| (labels(l), count(l.streams_opened))),
+    )?;
+    family(
+        encoder,
+        "skiff_link_received_bytes",
+        "Bytes received on a link's live connections (TLS records included).",
+        links.iter().map(|l| (labels(l), count(l.received_bytes))),
+    )?;
+    family(
+        encoder,
+        "skiff_link_sent_bytes",
+        "Bytes sent on a link's live connections (TLS records included).",
+        links.iter().map(|l| (labels(l), count(l.sent_bytes))),
+    )?;
+    family(
+        encoder,
+        "skiff_link_rtt_seconds",
+        "The lowest heartbeat round-trip time of a link's connections.",
+        links
+            .iter()
+            .filter_map(|l| Some((labels(l), ConstGauge::new(l.rtt_seconds?)))),
+    )
+}
+
+/// The families of listeners (`what` = "listener") or connectors.
+fn encode_services<'a>(
+    encoder: &mut DescriptorEncoder,
+    what: &'static str,
+    services: &'a [ServiceSample],
+) -> fmt::Result {
+    let labels = |s: &'a ServiceSample| {
+        vec![
+            (what, s.name.as_str()),
+            ("routing_key", s.routing_key.as_str()),
+        ]
+    };
+    let (received, sent) = if what == "listener" {
+        ("from clients", "to clients")
+    } else {
+        ("from the backend", "to the backend")
+    };
+    family(
+        encoder,
+        &format!("skiff_{what}_connections"),
+        &format!("Connections a {what} opened."),
+        services.iter().map(|s| (labels(s), count(s.opened))),
+    )?;
+    family(
+        encoder,
+        &format!("skiff_{what}_active_connections"),
+        &format!("Connections of a {what} open now."),
+        services.iter().map(|s| (labels(s), level(s.active))),
+    )?;
+    family(
+        encoder,
+        &format!("skiff_{what}_failed_connections"),
+        &format!("Connections of a {what} that ended with a failure, by the side that failed."),
+        services.iter().flat_map(|s| {
+            crate::datapath::Side::ALL.into_iter().map(move |side| {
+                let mut labels = labels(s);
+                labels.push(("side", side.as_str()));
+                (labels, count(s.failed[side.index()]))
+            })
+        }),
+    )?;
+    let listener = what == "listener";
+    let received_bytes = |s: &ServiceSample| {
+        if listener {
+            s.towards_backend
+        } else {
+            s.towards_client
+        }
+    };
+    let sent_bytes = |s: &ServiceSample| {
+        if listener {
+            s.towards_client
+        } else {
+            s.towards_backend
+        }
+    };
+    family(
+        encoder,
+        &format!("skiff_{what}_received_bytes"),
+        &format!("Bytes a {what} received {received}."),
+        services
+            .iter()
+            .map(|s| (labels(s), count(received_bytes(s)))),
+    )?;
+    family(
+        encoder,
+        &format!("skiff_{what}_sent_bytes"),
+        &format!("Bytes a {what} sent {sent}."),
+        services.iter().map(|s| (labels(s), count(sent_bytes(s)))),
+    )
+}
+
 impl<S: Source> Collector for RouterCollector<S> {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let Some(source) = self.0.upgrade() else {
@@ -76,12 +254,17 @@ impl<S: Source> Collector for RouterCollector<S> {
             "Client connections and transit streams in flight.",
             s.active_connections,
         )?;
-        gauge(
-            &mut encoder,
-            "skiff_link_connections",
-            "Established link connections to other routers.",
-            s.link_connections,
-        )?;
+        encode_links(&mut encoder, &s.links)?;
+        encode_services(&mut encoder, "listener", &s.listeners)?;
+        encode_services(&mut encoder, "connector", &s.connectors)?;
+        if let Some(at) = s.identity_expires_at {
+            family(
+                &mut encoder,
+                "skiff_certificate_expiry_timestamp_seconds",
+                "When a certificate this router presents expires (Unix time).",
+                [(vec![("certificate", "router")], ConstGauge::new(at))],
+            )?;
+        }
         let info = ConstGauge::new(1i64);
         info.encode(
             encoder

@@ -599,8 +599,15 @@ async fn metrics_expose_links_and_connections_in_prometheus_text() {
         text.contains("# TYPE skiff_link_connections gauge"),
         "{text}"
     );
-    assert!(text.contains("skiff_link_connections 1"), "{text}");
+    assert!(
+        text.contains(r#"skiff_link_connections{peer="west",direction="outgoing"} 1"#),
+        "{text}"
+    );
     assert!(text.contains("skiff_active_connections 0"), "{text}");
+    assert!(
+        text.contains(r#"skiff_certificate_expiry_timestamp_seconds{certificate="router"} "#),
+        "{text}"
+    );
     // The backend the suite runs on is named (SKIFF_DATAPATH; auto gives uring here).
     let status = east.call(Request::Status).await.expect("status");
     let backend = status["datapath"].as_str().expect("a backend");
@@ -610,6 +617,62 @@ async fn metrics_expose_links_and_connections_in_prometheus_text() {
     );
     assert!(text.contains("skiff_links_refused_total 0"), "{text}");
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
+
+    // A service across the link: each end counts its side, labelled by name and key.
+    let (backend, _server) = checksum_backend().await;
+    west.connector("db", "db", backend).await;
+    let port = east.listener("db-in", "db").await;
+    transfer(port, 1 << 20).await;
+    let listener = r#"{listener="db-in",routing_key="db"}"#;
+    let connector = r#"{connector="db",routing_key="db"}"#;
+    let east_text = scrape_until(
+        &east,
+        &format!("skiff_listener_received_bytes_total{listener} 1048576"),
+    )
+    .await;
+    assert!(
+        east_text.contains(&format!("skiff_listener_connections_total{listener} 1")),
+        "{east_text}"
+    );
+    assert!(
+        east_text.contains(&format!("skiff_listener_active_connections{listener} 0")),
+        "{east_text}"
+    );
+    assert!(
+        east_text.contains(r#"skiff_listener_failed_connections_total{listener="db-in",routing_key="db",side="upstream"} 0"#),
+        "{east_text}"
+    );
+    let west_text = scrape_until(
+        &west,
+        &format!("skiff_connector_sent_bytes_total{connector} 1048576"),
+    )
+    .await;
+    assert!(
+        west_text.contains(&format!("skiff_connector_connections_total{connector} 1")),
+        "{west_text}"
+    );
+    assert!(
+        west_text
+            .contains(r#"skiff_link_streams_opened_total{peer="east",direction="incoming"} 1"#),
+        "{west_text}"
+    );
+}
+
+/// Scrapes `site` until its metrics contain `line` (counters of a connection are added when
+/// it ends, a moment after its client sees the end), for at most 5 s.
+async fn scrape_until(site: &Site, line: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(site).await;
+        if text.contains(line) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {line} in {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A link from a credential made out of band (openssl signs east's CSR with west's CA; no

@@ -53,6 +53,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Runs every step, installing what is missing.
 pub fn run() -> anyhow::Result<()> {
     debian_packages().context("setup step 'Debian packages' failed")?;
+    prometheus().context("setup step 'prometheus' failed")?;
     rustup_toolchain().context("setup step 'rustup toolchain link' failed")?;
     bpf_linker().context("setup step 'bpf-linker' failed")?;
     cgroup2().context("setup step 'cgroup v2' failed")?;
@@ -91,6 +92,49 @@ fn debian_packages() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
+    Ok(())
+}
+
+/// Where setup unpacks Debian packages it needs only a binary of, without installing them.
+const TOOLS_DIR: &str = "/var/cache/skiff/tools";
+
+/// Prometheus for the end-to-end metrics test: Debian's package, unpacked under
+/// [`TOOLS_DIR`] instead of installed, so that its postinst starts no service on this machine
+/// (kernel-tests' `PROMETHEUS` names the binary).
+fn prometheus() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(TOOLS_DIR).join("prometheus");
+    let binary = dir.join("usr/bin/prometheus");
+    if binary.exists() {
+        step("prometheus", "present (unpacked from Debian's package)");
+        return Ok(());
+    }
+    step(
+        "fetching prometheus",
+        "Debian's package, unpacked without installing it (no service starts)",
+    );
+    require_root("fetching prometheus")?;
+    std::fs::create_dir_all(TOOLS_DIR).with_context(|| format!("failed to create {TOOLS_DIR}"))?;
+    status(
+        Command::new("apt-get")
+            .args(["download", "-q", "prometheus"])
+            .current_dir(TOOLS_DIR),
+    )?;
+    let deb = std::fs::read_dir(TOOLS_DIR)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+        })
+        .context("apt-get download left no prometheus package")?;
+    status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
+    std::fs::remove_file(&deb).with_context(|| format!("failed to remove {}", deb.display()))?;
+    anyhow::ensure!(
+        binary.exists(),
+        "{} missing after unpacking",
+        binary.display()
+    );
     Ok(())
 }
 

@@ -2,7 +2,10 @@
 //! listeners and connectors (the service CA, user-supplied certificates, bundles). Rotation
 //! replaces the certificates this site issued; a user's own are the user's to renew.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicI64, Ordering},
+};
 
 use tokio_rustls::TlsAcceptor;
 use tracing::info;
@@ -68,6 +71,8 @@ pub struct Certs {
     service_ca: CertKey,
     /// The router identity served at link access (replaced on rotation).
     link_cert: Arc<tls::RotatingCert>,
+    /// When the router identity expires (Unix seconds; 0 if it cannot be read).
+    identity_expires_at: AtomicI64,
 }
 
 impl Certs {
@@ -81,6 +86,7 @@ impl Certs {
         Ok(Self {
             service_ca: state.service_ca(&config.name)?,
             link_cert: tls::RotatingCert::new(&identity)?,
+            identity_expires_at: AtomicI64::new(pki::not_after(&identity.cert_pem).unwrap_or(0)),
             config: config.clone(),
             state: state.clone(),
             ca,
@@ -105,14 +111,16 @@ impl Certs {
         )?))
     }
 
+    /// When the router identity expires (Unix seconds).
+    #[must_use]
+    pub fn identity_expires_at(&self) -> i64 {
+        self.identity_expires_at.load(Ordering::Relaxed)
+    }
+
     /// How long until the router identity expires, in seconds (negative once it has).
     #[must_use]
     pub fn identity_left_secs(&self) -> i64 {
-        self.state
-            .cert_key("router")
-            .ok()
-            .and_then(|identity| pki::not_after(&identity.cert_pem))
-            .map_or(0, |t| t - time::OffsetDateTime::now_utc().unix_timestamp())
+        self.identity_expires_at() - time::OffsetDateTime::now_utc().unix_timestamp()
     }
 
     /// Replaces the router identity with a new one from the site CA, stored first. Returns its
@@ -143,6 +151,10 @@ impl Certs {
             })?
             .map_err(Error::Store)?;
         self.link_cert.set(&identity)?;
+        self.identity_expires_at.store(
+            pki::not_after(&identity.cert_pem).unwrap_or(0),
+            Ordering::Relaxed,
+        );
         let common_name = pki::certs_from_pem(&identity.cert_pem)?
             .first()
             .and_then(pki::common_name)

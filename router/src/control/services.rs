@@ -8,10 +8,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
 };
 
 use ebpf_common::EndpointKind;
@@ -25,7 +22,7 @@ use super::{
 };
 use crate::{
     admin::BundleKind,
-    forward::{Backend, Forwarding},
+    forward::{Backend, Forwarding, ServiceStats},
     isolation::{self, Protection},
     link,
     node::Node,
@@ -118,7 +115,7 @@ struct ListenerRt {
     /// The address actually bound (the spec's port may be 0).
     bound: Option<SocketAddr>,
     task: AbortHandle,
-    connections: Arc<AtomicU64>,
+    stats: Arc<ServiceStats>,
 }
 
 #[derive(Default)]
@@ -300,6 +297,7 @@ impl Services {
             host: connector.host,
             port: connector.port,
             tls,
+            stats: Arc::new(ServiceStats::default()),
         };
         self.forwarding.add_backend(&name, backend, allowed.is_ok());
         if allowed.is_ok() {
@@ -373,12 +371,12 @@ impl Services {
         if let Some(addr) = bound {
             self.node.set_endpoint(addr, Some(EndpointKind::Listener));
         }
-        let connections = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(ServiceStats::default());
         let task = tokio::spawn(Arc::clone(&self.forwarding).serve_listener(
             socket,
             spec.routing_key.clone(),
             tls,
-            Arc::clone(&connections),
+            Arc::clone(&stats),
         ))
         .abort_handle();
         info!(listener = %name, addr = %spec.bind_addr(), routing_key = %spec.routing_key, "listener up");
@@ -388,7 +386,7 @@ impl Services {
             spec,
             bound,
             task,
-            connections,
+            stats,
         };
         {
             let mut table = self.table();
@@ -665,7 +663,7 @@ impl Services {
                 port: l.bound.map_or(l.spec.port, |b| b.port()),
                 routing_key: l.spec.routing_key.clone(),
                 reachable: false,
-                connections: l.connections.load(Ordering::Relaxed),
+                connections: l.stats.opened.load(Ordering::Relaxed),
             })
             .collect();
         // Routing's lock is taken after the table's is let go.
@@ -673,6 +671,22 @@ impl Services {
             .map(|mut row| {
                 row.reachable = self.network.reachable(&row.routing_key);
                 row
+            })
+            .collect()
+    }
+
+    /// Each listener's counters, with its name and routing key.
+    #[must_use]
+    pub fn listener_stats(&self) -> Vec<(String, String, Arc<ServiceStats>)> {
+        self.table()
+            .listeners
+            .values()
+            .map(|l| {
+                (
+                    l.spec.name.clone(),
+                    l.spec.routing_key.clone(),
+                    Arc::clone(&l.stats),
+                )
             })
             .collect()
     }

@@ -398,7 +398,7 @@ pub async fn splice(
             // Pass the reset on in both directions, with the code it came with; the side that
             // reset ignores the echo.
             let code = match failed.cause {
-                Cause::Reset(code) => code,
+                Cause::Reset(code) | Cause::Refused(code) => code,
                 Cause::LinkLost | Cause::Io(_) => ResetCode::LinkLost,
             };
             a_tx.reset(code, "reset further along the path").await;
