@@ -24,12 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{self, Request, Response},
-    control::{
-        certs::Certs,
-        links::{self, Links},
-        network::Network,
-        services::{self, Services},
-    },
+    control::{certs::Certs, links::Links, network::Network, services::Services},
     datapath::{self, DataPath},
     forward::{Forwarding, ServiceStats},
     isolation,
@@ -395,19 +390,25 @@ impl Router {
         }
     }
 
-    fn policy_status(&self) -> serde_json::Value {
-        let denials: BTreeMap<&str, u64> = self
-            .gate
-            .denials()
-            .into_iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(c, n)| (c.as_str(), n))
-            .collect();
-        json!({
-            "policy": self.gate.policy(),
-            "denials": denials,
-        })
+    fn policy_status(&self) -> PolicyStatus {
+        PolicyStatus {
+            policy: self.gate.policy(),
+            denials: self
+                .gate
+                .denials()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(c, n)| (c.as_str(), n))
+                .collect(),
+        }
     }
+}
+
+/// `skiff policy status`: the policy in force and its denials by control.
+#[derive(Debug, Serialize)]
+struct PolicyStatus {
+    policy: Option<Policy>,
+    denials: BTreeMap<&'static str, u64>,
 }
 
 /// `skiff status`.
@@ -489,6 +490,11 @@ fn reply<T: Serialize, E: std::error::Error>(
     }
 }
 
+/// A view that cannot fail, as the admin API sends it.
+fn view<T: Serialize>(value: T) -> Result<serde_json::Value, String> {
+    serde_json::to_value(value).map_err(|e| e.to_string())
+}
+
 fn done<E: std::error::Error>(result: Result<(), E>) -> Result<serde_json::Value, String> {
     reply(result.map(|()| json!({})))
 }
@@ -496,9 +502,9 @@ fn done<E: std::error::Error>(result: Result<(), E>) -> Result<serde_json::Value
 impl admin::Handler for Router {
     async fn handle(self: Arc<Self>, request: Request) -> Response {
         let result: Result<serde_json::Value, String> = match request {
-            Request::Status => reply::<_, links::Error>(Ok(self.status())),
-            Request::NetworkStatus => reply::<_, links::Error>(Ok(self.network.view())),
-            Request::LinkStatus => reply::<_, links::Error>(Ok(self.links.views())),
+            Request::Status => view(self.status()),
+            Request::NetworkStatus => view(self.network.view()),
+            Request::LinkStatus => view(self.links.views()),
             Request::TokenIssue {
                 redemptions,
                 expiry_secs,
@@ -550,22 +556,18 @@ impl admin::Handler for Router {
                 done(self.services.add_listener(listener, true).await)
             }
             Request::ListenerDelete { name } => done(self.services.delete_listener(&name).await),
-            Request::ListenerStatus => {
-                reply::<_, services::Error>(Ok(self.services.listener_views()))
-            }
+            Request::ListenerStatus => view(self.services.listener_views()),
             Request::ConnectorCreate { connector } => {
                 done(self.services.add_connector(connector, true).await)
             }
             Request::ConnectorDelete { name } => done(self.services.delete_connector(&name).await),
-            Request::ConnectorStatus => reply::<_, services::Error>(Ok(self.services.connectors())),
-            Request::Apply { resources } => {
-                reply::<_, services::Error>(Ok(self.services.apply(resources).await))
-            }
+            Request::ConnectorStatus => view(self.services.connectors()),
+            Request::Apply { resources } => view(self.services.apply(resources).await),
             Request::PolicySet { policy } => self
                 .set_policy(policy)
                 .await
                 .and_then(|c| serde_json::to_value(c).map_err(|e| e.to_string())),
-            Request::PolicyStatus => Ok(self.policy_status()),
+            Request::PolicyStatus => view(self.policy_status()),
             Request::ServiceBundle { kind, name } => reply(self.services.bundle(kind, &name)),
             Request::Shutdown => {
                 self.shutdown.notify_one();
