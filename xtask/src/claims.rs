@@ -2,8 +2,8 @@
 //!
 //! A test is named in a doc as a code span: `file.rs::test_name`, or a bare snake_case name of
 //! five words or more (the project's test names; kernel symbols and settings are shorter or
-//! carry other characters). Each must be a `fn` in the tree, in the named file when one is
-//! given.
+//! carry other characters, and metric names start with `skiff_`). Each must be a `fn` in the
+//! tree, in the named file when one is given.
 
 use std::path::{Path, PathBuf};
 
@@ -78,7 +78,8 @@ fn test_reference(span: &str) -> Option<(Option<&str>, &str)> {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !snake {
+    // A metric (docs/metrics.md), not a test.
+    if !snake || (file.is_none() && name.starts_with("skiff_")) {
         return None;
     }
     (file.is_some() || name.matches('_').count() >= 4).then_some((file, name))
@@ -125,6 +126,7 @@ mod tests {
         assert_eq!(test_reference("bpf_msg_redirect_hash"), None);
         assert_eq!(test_reference("Error::Identity"), None);
         assert_eq!(test_reference("skiff status"), None);
+        assert_eq!(test_reference("skiff_link_streams_opened_total"), None);
     }
 
     #[test]

@@ -39,6 +39,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "h2load: HTTP/2 through the service network in tests",
     ),
     ("nghttp2-server", "nghttpd: a real HTTP/2 server in tests"),
+    (
+        "systemd",
+        "systemd-analyze, -sysusers and -tmpfiles check deploy/systemd",
+    ),
+    (
+        "util-linux",
+        "setpriv: commands as the router's user in tests",
+    ),
     ("haproxy", "a peer in the benchmark (plain and TLS relays)"),
     ("stunnel4", "a peer in the benchmark (mTLS tunnel)"),
     ("nginx-light", "a peer in the benchmark (stream proxy)"),
