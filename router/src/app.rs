@@ -308,13 +308,9 @@ impl Router {
     /// Replaces the router identity and every TLS listener's certificate this site issued
     /// with new ones from the same CAs. Established links and streams keep going on the
     /// certificates they were made with; new handshakes get the new ones.
-    async fn rotate_certs(&self) -> Result<Rotated, String> {
-        let identity = self
-            .certs
-            .rotate_identity()
-            .await
-            .map_err(|e| error_chain(&e))?;
-        let listeners = self.services.rotate().map_err(|e| error_chain(&e))?;
+    async fn rotate_certs(&self) -> Result<Rotated, RotateError> {
+        let identity = self.certs.rotate_identity().await?;
+        let listeners = self.services.rotate()?;
         info!(listeners, "certificates rotated");
         Ok(Rotated {
             router_identity: identity,
@@ -324,8 +320,9 @@ impl Router {
 
     /// Replaces the site policy (`None` removes it), stored first, and applies it to what
     /// exists (see [`Links::apply_policy`] and [`Services::apply_policy`]).
-    async fn set_policy(&self, policy: Option<Policy>) -> Result<PolicyChange, String> {
+    async fn set_policy(&self, policy: Option<Policy>) -> Result<PolicyChange, PolicyError> {
         let state = self.state.clone();
+        let path = state.file("policy.json");
         let stored = tokio::task::spawn_blocking({
             let policy = policy.clone();
             move || match &policy {
@@ -340,8 +337,13 @@ impl Router {
             }
         })
         .await
-        .map_err(|e| e.to_string())?;
-        stored.map_err(|e| format!("failed to store the policy: {}", error_chain(&e)))?;
+        .unwrap_or_else(|e| {
+            Err(site::Error::Io {
+                path,
+                source: std::io::Error::other(e),
+            })
+        });
+        stored.map_err(PolicyError)?;
         self.gate.set(policy);
         let links = self.links.apply_policy();
         let services = self.services.apply_policy();
@@ -411,6 +413,21 @@ struct PolicyStatus {
     denials: BTreeMap<&'static str, u64>,
 }
 
+/// A rotation that failed: the router identity, or a listener's certificate (those before it
+/// are renewed).
+#[derive(Debug, thiserror::Error)]
+enum RotateError {
+    #[error(transparent)]
+    Identity(#[from] crate::control::certs::Error),
+    #[error(transparent)]
+    Listener(#[from] crate::control::services::Error),
+}
+
+/// A site policy that could not be stored (and so was not applied).
+#[derive(Debug, thiserror::Error)]
+#[error("failed to store the policy")]
+struct PolicyError(#[source] site::Error);
+
 /// `skiff status`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -473,7 +490,7 @@ async fn renew_certificates(router: Arc<Router>) {
         if left < lifetime / 3 {
             match router.rotate_certs().await {
                 Ok(_) => info!(left_secs = left, "certificates renewed before expiry"),
-                Err(e) => warn!(error = %e, "certificate renewal failed; retrying"),
+                Err(e) => warn!(error = %error_chain(&e), "certificate renewal failed; retrying"),
             }
         }
         tokio::time::sleep(every).await;
@@ -548,10 +565,7 @@ impl admin::Handler for Router {
                 )
             }
             Request::LinkRevoke { site } => reply(self.links.revoke(&site).await),
-            Request::RotateCerts => self
-                .rotate_certs()
-                .await
-                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
+            Request::RotateCerts => reply(self.rotate_certs().await),
             Request::ListenerCreate { listener } => {
                 done(self.services.add_listener(listener, true).await)
             }
@@ -563,10 +577,7 @@ impl admin::Handler for Router {
             Request::ConnectorDelete { name } => done(self.services.delete_connector(&name).await),
             Request::ConnectorStatus => view(self.services.connectors()),
             Request::Apply { resources } => view(self.services.apply(resources).await),
-            Request::PolicySet { policy } => self
-                .set_policy(policy)
-                .await
-                .and_then(|c| serde_json::to_value(c).map_err(|e| e.to_string())),
+            Request::PolicySet { policy } => reply(self.set_policy(policy).await),
             Request::PolicyStatus => view(self.policy_status()),
             Request::ServiceBundle { kind, name } => reply(self.services.bundle(kind, &name)),
             Request::Shutdown => {
