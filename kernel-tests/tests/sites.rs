@@ -102,6 +102,12 @@ fn curl_fetches_a_page_across_sites() -> anyhow::Result<()> {
         network.contains("west") && network.contains("web"),
         "{network}"
     );
+    // The same network drawn by Graphviz: both sites, the link, the key and its listener.
+    let svg = p.east.cli(&["network", "status", "--output", "svg"])?;
+    assert!(svg.contains("<svg"), "{svg}");
+    for text in ["east", "west", "web", "cost 1", "listener web"] {
+        assert!(svg.contains(text), "{text} not drawn: {svg}");
+    }
     Ok(())
 }
 

@@ -30,6 +30,10 @@ pub enum Output {
     Table,
     Json,
     Yaml,
+    /// A Graphviz graph (`skiff network status` only).
+    Dot,
+    /// The graph drawn as SVG by Graphviz's `dot` (`skiff network status` only).
+    Svg,
 }
 
 /// `--datapath` values.

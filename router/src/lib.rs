@@ -22,4 +22,5 @@ pub mod service;
 pub mod site;
 pub mod tls;
 pub mod token;
+pub mod topology;
 pub mod trim;

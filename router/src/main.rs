@@ -168,6 +168,30 @@ fn absolute(path: &std::path::Path) -> String {
 
 /// Writes a service bundle as Skupper's secrets hold it: `ca.crt`, `tls.crt`, `tls.key`
 /// (0600), into `dir` (created 0700 if missing).
+/// Draws a DOT graph as SVG with Graphviz's `dot`.
+fn render_svg(graph: &str) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut dot = std::process::Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("--output svg needs Graphviz's dot (Debian: apt install graphviz)")?;
+    dot.stdin
+        .take()
+        .context("no stdin for dot")?
+        .write_all(graph.as_bytes())
+        .context("failed to write the graph to dot")?;
+    let drawn = dot.wait_with_output().context("dot failed")?;
+    anyhow::ensure!(
+        drawn.status.success(),
+        "dot failed ({}): {}",
+        drawn.status,
+        String::from_utf8_lossy(&drawn.stderr).trim()
+    );
+    String::from_utf8(drawn.stdout).context("dot wrote something that is not UTF-8")
+}
+
 fn bundle_request(kind: admin::BundleKind, name: &str) -> Request {
     Request::ServiceBundle {
         kind,
@@ -258,6 +282,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         async move { admin::call(&socket, &request).await }
     };
     let out = cli.output;
+    if matches!(out, cli::Output::Dot | cli::Output::Svg)
+        && !matches!(cli.command, Command::Network(cli::NetworkCommand::Status))
+    {
+        anyhow::bail!("--output dot and --output svg draw `skiff network status` only");
+    }
     match cli.command {
         Command::Site(SiteCommand::Create {
             name,
@@ -542,6 +571,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let changes = call(Request::PolicySet { policy: None }).await?;
             println!("policy deleted: everything is allowed");
             print_policy_changes(&changes);
+        }
+        Command::Network(cli::NetworkCommand::Status)
+            if matches!(out, cli::Output::Dot | cli::Output::Svg) =>
+        {
+            let me = state.config()?.name;
+            let graph = router::topology::dot(
+                &me,
+                &call(Request::NetworkStatus).await?,
+                &call(Request::LinkStatus).await?,
+                &call(Request::ListenerStatus).await?,
+            );
+            if out == cli::Output::Dot {
+                print!("{graph}");
+            } else {
+                print!("{}", render_svg(&graph)?);
+            }
         }
         Command::Network(cli::NetworkCommand::Status) => cli::print(
             out,
