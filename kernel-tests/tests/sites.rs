@@ -102,6 +102,12 @@ fn curl_fetches_a_page_across_sites() -> anyhow::Result<()> {
         network.contains("west") && network.contains("web"),
         "{network}"
     );
+    // The request left a flow record at east's listener, going to west.
+    let flows = p.east.cli(&["flows"])?;
+    assert!(
+        flows.contains("listener") && flows.contains("west") && flows.contains("ok"),
+        "{flows}"
+    );
     // The same network drawn by Graphviz: both sites, the link, the key and its listener.
     let svg = p.east.cli(&["network", "status", "--output", "svg"])?;
     assert!(svg.contains("<svg"), "{svg}");

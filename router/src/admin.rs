@@ -97,6 +97,11 @@ pub enum Request {
         policy: Option<crate::policy::Policy>,
     },
     PolicyStatus,
+    /// Recent flow records, those after id `since` (all kept ones without it).
+    Flows {
+        #[serde(default)]
+        since: Option<u64>,
+    },
     /// Replaces the router identity and TLS listeners' certificates, keeping links up.
     RotateCerts,
     /// Revokes the link credentials this site signed for `site` and cuts its links.

@@ -26,6 +26,7 @@ use crate::{
     admin::{self, Request, Response},
     control::{certs::Certs, links::Links, network::Network, services::Services},
     datapath::{self, DataPath},
+    flows::Flows,
     forward::{Forwarding, ServiceStats},
     isolation,
     link::{self, dial::LinkConfig},
@@ -52,6 +53,8 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     /// `HOST:PORT` to serve Prometheus metrics on (`/metrics`), if any.
     pub metrics_addr: Option<String>,
+    /// A file to append a JSON line to for each ended connection (`-`: standard output).
+    pub flow_log: Option<String>,
     /// The uid the state directory must belong to: `None` for this process's own, or the
     /// `--user` the router is about to become.
     pub owner: Option<u32>,
@@ -75,6 +78,12 @@ pub enum Error {
     },
     #[error("failed to bind the admin socket")]
     Admin(#[source] std::io::Error),
+    #[error("failed to open the flow log {path}")]
+    FlowLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to install the signal handler")]
     Signal(#[source] std::io::Error),
     #[error("--datapath uring: {0}")]
@@ -156,11 +165,19 @@ pub async fn run_attached(
         );
     }
     let routing = Arc::new(Mutex::new(Routing::new(&config.name)));
+    let flows = match &options.flow_log {
+        None => Flows::new(),
+        Some(path) => Flows::with_log(path).map_err(|source| Error::FlowLog {
+            path: path.clone(),
+            source,
+        })?,
+    };
     let forwarding = Arc::new(Forwarding::new(
         config.name.clone(),
         datapath,
         Arc::clone(&routing),
         Arc::clone(&gate),
+        Arc::new(flows),
     ));
     let network = Arc::new(Network::new(routing, Arc::clone(&forwarding)));
     let services = Arc::new(Services::new(
@@ -579,6 +596,7 @@ impl admin::Handler for Router {
             Request::Apply { resources } => view(self.services.apply(resources).await),
             Request::PolicySet { policy } => reply(self.set_policy(policy).await),
             Request::PolicyStatus => view(self.policy_status()),
+            Request::Flows { since } => view(self.forwarding.flows().since(since.unwrap_or(0))),
             Request::ServiceBundle { kind, name } => reply(self.services.bundle(kind, &name)),
             Request::Shutdown => {
                 self.shutdown.notify_one();

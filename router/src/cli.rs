@@ -82,6 +82,12 @@ pub enum Command {
     /// Every site, link and routing key the router knows of.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Recent connections, one record each (kept: the last 1,024).
+    Flows {
+        /// Keep printing flows as they end (JSON lines with --output json).
+        #[arg(long)]
+        follow: bool,
+    },
     /// The site policy: which sites may link, where links may go, what may be exposed.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -151,6 +157,10 @@ pub enum RouterCommand {
         /// Serve Prometheus metrics on HOST:PORT (path /metrics).
         #[arg(long, env = "SKIFF_METRICS_ADDR")]
         metrics_addr: Option<String>,
+        /// Append a JSON line to PATH for each connection as it ends (`-`: standard output).
+        /// Opened after privilege is given up: with --user, USER must be able to write it.
+        #[arg(long, env = "SKIFF_FLOW_LOG", value_name = "PATH")]
+        flow_log: Option<String>,
         /// Start as root, attach the eBPF programs, then run as USER (name or uid) with no
         /// capabilities, before opening any network socket. The state directory must belong
         /// to USER; a root-owned keeper process removes the pins when the router exits.
@@ -418,6 +428,17 @@ pub fn print(output: Output, value: &Value, columns: &[(&str, &str)]) {
     for row in &cells {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// One row of `columns` on one line, cells separated by two spaces (for output that grows a
+/// row at a time).
+#[must_use]
+pub fn row(value: &Value, columns: &[(&str, &str)]) -> String {
+    columns
+        .iter()
+        .map(|(_, field)| cell(&value[*field]))
+        .collect::<Vec<_>>()
+        .join("  ")
 }
 
 fn cell(value: &Value) -> String {

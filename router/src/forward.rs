@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    os::fd::AsFd as _,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -23,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{self, Conn, ConnectError, DataPath, Listener, Outcome, Side},
+    flows::{self, Flows, Role, Started},
     link::{
         self, Link, Open,
         frame::ResetCode,
@@ -43,6 +45,8 @@ const SERVICE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A local backend a connector reaches.
 #[derive(Debug)]
 pub struct Backend {
+    /// The connector's name.
+    pub name: String,
     pub routing_key: String,
     pub host: String,
     pub port: u16,
@@ -199,6 +203,8 @@ pub struct Forwarding {
     trimmer: trim::Trimmer,
     /// Streams refused at their destination (a peer can open them in a loop).
     refusals: Mutex<LogLimit>,
+    /// A record of each connection as it ends.
+    flows: Arc<Flows>,
 }
 
 /// Counts a connection or stream in flight.
@@ -218,18 +224,26 @@ impl Forwarding {
         datapath: DataPath,
         routing: Arc<Mutex<Routing>>,
         gate: Arc<Gate>,
+        flows: Arc<Flows>,
     ) -> Self {
         Self {
             site,
             datapath,
             routing,
             gate,
+            flows,
             table: RwLock::default(),
             next_backend: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             trimmer: trim::Trimmer::default(),
             refusals: Mutex::default(),
         }
+    }
+
+    /// The records of ended connections.
+    #[must_use]
+    pub fn flows(&self) -> &Flows {
+        &self.flows
     }
 
     /// The data path connections are moved on.
@@ -402,7 +416,7 @@ impl Forwarding {
     pub async fn serve_listener(
         self: Arc<Self>,
         listener: Listener,
-        key: String,
+        (name, key): (String, String),
         tls: Option<TlsAcceptor>,
         stats: Arc<ServiceStats>,
     ) {
@@ -420,10 +434,15 @@ impl Forwarding {
             let forwarding = Arc::clone(&self);
             let key = key.clone();
             let stats = Arc::clone(&stats);
+            let mut flow = Started::now(Role::Listener, &key, &name);
+            flow.client = Some(peer.to_string());
+            flow.origin.clone_from(&self.site);
+            flow.tcp_rtt_us = flows::tcp_rtt_us(client.tcp().as_fd());
             let Some(tls) = tls.clone() else {
                 tokio::spawn(async move {
-                    let outcome = forwarding.route_client(client, &key).await;
+                    let outcome = forwarding.route_client(client, &key, &mut flow).await;
                     stats.record(&outcome, true);
+                    forwarding.flows.end(flow, &outcome, true);
                     drop(active);
                 });
                 continue;
@@ -432,7 +451,7 @@ impl Forwarding {
                 let handshake = datapath::tls_server(client, &tls);
                 let outcome = match tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, handshake).await
                 {
-                    Ok(Ok(client)) => forwarding.route_client(client, &key).await,
+                    Ok(Ok(client)) => forwarding.route_client(client, &key, &mut flow).await,
                     Ok(Err(e)) => {
                         warn!(routing_key = %key, %peer, "TLS client refused: {e}");
                         Outcome::refused(Side::Downstream, ResetCode::Cancelled)
@@ -443,13 +462,15 @@ impl Forwarding {
                     }
                 };
                 stats.record(&outcome, true);
+                forwarding.flows.end(flow, &outcome, true);
                 drop(active);
             });
         }
     }
 
-    /// Routes one client connection accepted by a listener for `key`; returns how it ended.
-    pub async fn route_client(&self, client: Conn, key: &str) -> Outcome {
+    /// Routes one client connection accepted by a listener for `key`; returns how it ended,
+    /// and notes in `flow` where it went.
+    pub async fn route_client(&self, client: Conn, key: &str, flow: &mut Started) -> Outcome {
         let _active = self.track();
         if self.gate.admit(true, |p| p.service(key)).is_err() {
             datapath::reject(client);
@@ -470,12 +491,18 @@ impl Forwarding {
             datapath::reject(client);
             return Outcome::refused(Side::Link, ResetCode::NoRoute);
         };
+        flow.dest.clone_from(&route.dest);
         let outcome = match route.next_hop {
             None => match self.connect_backend(key, &client.alpn()).await {
-                Ok((backend, stats)) => {
-                    let active = stats.start();
+                Ok((backend, served)) => {
+                    let active = served.stats.start();
+                    let mut served_flow = Started::now(Role::Connector, key, &served.name);
+                    served_flow.origin.clone_from(&self.site);
+                    served_flow.dest.clone_from(&self.site);
+                    served_flow.tcp_rtt_us = flows::tcp_rtt_us(backend.tcp().as_fd());
                     let outcome = self.datapath.proxy(client, backend).await;
-                    stats.record(&outcome, true);
+                    served.stats.record(&outcome, true);
+                    self.flows.end(served_flow, &outcome, true);
                     drop(active);
                     outcome
                 }
@@ -524,7 +551,7 @@ impl Forwarding {
         &self,
         key: &str,
         alpn: &str,
-    ) -> Result<(Conn, Arc<ServiceStats>), BackendError> {
+    ) -> Result<(Conn, Arc<Backend>), BackendError> {
         let backend = self.backend_for(key).ok_or(BackendError::NoConnector)?;
         let (host, port) = (&backend.host, backend.port);
         let addr = service::join_host_port(host, port);
@@ -543,9 +570,8 @@ impl Forwarding {
             }
             Ok(Ok(conn)) => conn,
         };
-        let stats = Arc::clone(&backend.stats);
         let Some(tls) = &backend.tls else {
-            return Ok((conn, stats));
+            return Ok((conn, backend));
         };
         let connector = tls.connector(alpn);
         let handshake = datapath::tls_client(conn, &connector, tls.server_name.clone());
@@ -553,7 +579,7 @@ impl Forwarding {
             .await
             .map_err(|_| BackendError::HandshakeTimeout { addr: addr.clone() })?
             .map_err(|source| BackendError::Handshake { addr, source })
-            .map(|conn| (conn, stats))
+            .map(|conn| (conn, Arc::clone(&backend)))
     }
 
     /// Handles a stream a peer opened: serve it here, or pass it on towards its destination.
@@ -577,10 +603,15 @@ impl Forwarding {
                 Ok(()) => self.connect_backend(&open.routing_key, &open.alpn).await,
             };
             match served {
-                Ok((backend, stats)) => {
-                    let active = stats.start();
+                Ok((backend, served)) => {
+                    let active = served.stats.start();
+                    let mut flow = Started::now(Role::Connector, &open.routing_key, &served.name);
+                    flow.origin.clone_from(&open.origin);
+                    flow.dest.clone_from(&self.site);
+                    flow.tcp_rtt_us = flows::tcp_rtt_us(backend.tcp().as_fd());
                     let outcome = self.datapath.relay(backend, Side::Upstream, tx, rx).await;
-                    stats.record(&outcome, false);
+                    served.stats.record(&outcome, false);
+                    self.flows.end(flow, &outcome, false);
                     drop(active);
                 }
                 Err(e) => {

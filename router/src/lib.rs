@@ -6,6 +6,7 @@ pub mod app;
 pub mod cli;
 pub mod control;
 pub mod datapath;
+pub mod flows;
 pub mod forward;
 pub mod isolation;
 pub mod link;

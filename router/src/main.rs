@@ -110,7 +110,7 @@ enum Started {
 /// `router run` attaches its eBPF programs and, with `--user`, gives up privilege (with a pin
 /// keeper started first when there are pins); `router keep-pins` is the keeper.
 fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
-    let (accel, datapath, cgroup, metrics_addr, user) = match &cli.command {
+    let (accel, datapath, cgroup, metrics_addr, flow_log, user) = match &cli.command {
         Command::Router(RouterCommand::KeepPins { pin_dir }) => {
             privilege::keep_pins(pin_dir)?;
             return Ok(Started::Finished);
@@ -120,8 +120,9 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
             datapath,
             cgroup,
             metrics_addr,
+            flow_log,
             user,
-        }) => (accel, datapath, cgroup, metrics_addr, user),
+        }) => (accel, datapath, cgroup, metrics_addr, flow_log, user),
         _ => return Ok(Started::Nothing),
     };
     let state = StateDir::new(&cli.state_dir);
@@ -134,6 +135,7 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
         datapath: (*datapath).into(),
         cgroup: cgroup.clone(),
         metrics_addr: metrics_addr.clone(),
+        flow_log: flow_log.clone(),
         owner: user.as_ref().map(|u| u.uid),
     };
     let mut kernel = app::Kernel::attach_for(&state, &options)?;
@@ -168,6 +170,21 @@ fn absolute(path: &std::path::Path) -> String {
 
 /// Writes a service bundle as Skupper's secrets hold it: `ca.crt`, `tls.crt`, `tls.key`
 /// (0600), into `dir` (created 0700 if missing).
+/// The columns of `skiff flows`.
+const FLOW_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("ROLE", "role"),
+    ("ROUTING_KEY", "routingKey"),
+    ("RESOURCE", "resource"),
+    ("CLIENT", "client"),
+    ("ORIGIN", "origin"),
+    ("DEST", "dest"),
+    ("TO_BACKEND", "bytesToBackend"),
+    ("TO_CLIENT", "bytesToClient"),
+    ("OUTCOME", "outcome"),
+    ("FAILURE", "failure"),
+];
+
 /// Draws a DOT graph as SVG with Graphviz's `dot`.
 fn render_svg(graph: &str) -> anyhow::Result<String> {
     use std::io::Write as _;
@@ -571,6 +588,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let changes = call(Request::PolicySet { policy: None }).await?;
             println!("policy deleted: everything is allowed");
             print_policy_changes(&changes);
+        }
+        Command::Flows { follow: false } => cli::print(
+            out,
+            &call(Request::Flows { since: None }).await?,
+            FLOW_COLUMNS,
+        ),
+        Command::Flows { follow: true } => {
+            let mut since = 0;
+            loop {
+                let flows = call(Request::Flows { since: Some(since) }).await?;
+                for flow in flows.as_array().into_iter().flatten() {
+                    since = since.max(flow["id"].as_u64().unwrap_or(0));
+                    if out == cli::Output::Json {
+                        println!("{flow}");
+                    } else {
+                        println!("{}", cli::row(flow, FLOW_COLUMNS));
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
         }
         Command::Network(cli::NetworkCommand::Status)
             if matches!(out, cli::Output::Dot | cli::Output::Svg) =>

@@ -775,3 +775,100 @@ async fn a_link_from_a_credential_made_out_of_band_carries_streams() {
     transfer(port, 1 << 20).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Each connection leaves one flow record at each end: the listener's at the site the client
+/// entered, the connector's where the backend is, with the sites, bytes each way, the TCP
+/// round-trip time and the outcome; `Flows` answers with them and the flow log has the same.
+/// A client whose key has no connector anywhere is recorded as failed, on the link side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_leaves_a_flow_record_at_each_end() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    let (backend, _server) = checksum_backend().await;
+    west.connector("db", "db", backend).await;
+    let port = east.listener("db-in", "db").await;
+    transfer(port, 1 << 20).await;
+
+    let listener_side = east
+        .wait_for(
+            |v| v.as_array().is_some_and(|a| !a.is_empty()),
+            Request::Flows { since: None },
+        )
+        .await;
+    let flow = &listener_side[0];
+    assert_eq!(flow["role"], "listener", "{flow}");
+    assert_eq!(flow["routingKey"], "db", "{flow}");
+    assert_eq!(flow["resource"], "db-in", "{flow}");
+    assert_eq!(
+        (&flow["origin"], &flow["dest"]),
+        (&"east".into(), &"west".into()),
+        "{flow}"
+    );
+    assert_eq!(flow["bytesToBackend"], 1 << 20, "{flow}");
+    assert_eq!(flow["outcome"], "ok", "{flow}");
+    assert!(
+        flow["client"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("127.0.0.1:")),
+        "{flow}"
+    );
+    assert!(flow["tcpRttUs"].as_u64() > Some(0), "{flow}");
+    assert!(flow["endMs"].as_u64() >= flow["startMs"].as_u64(), "{flow}");
+
+    let connector_side = west
+        .wait_for(
+            |v| v.as_array().is_some_and(|a| !a.is_empty()),
+            Request::Flows { since: None },
+        )
+        .await;
+    let served = &connector_side[0];
+    assert_eq!(served["role"], "connector", "{served}");
+    assert_eq!(served["resource"], "db", "{served}");
+    assert_eq!(
+        (&served["origin"], &served["dest"]),
+        (&"east".into(), &"west".into()),
+        "{served}"
+    );
+    assert_eq!(served["bytesToBackend"], 1 << 20, "{served}");
+    assert!(served["bytesToClient"].as_u64() > Some(0), "{served}");
+
+    // A key no site serves: refused, blamed on the link side (no route).
+    let nowhere = router::service::Listener {
+        name: "nowhere".into(),
+        host: "127.0.0.1".into(),
+        port: 0,
+        routing_key: "nowhere".into(),
+        namespace: None,
+        allow_namespaces: vec![],
+        tls: None,
+    };
+    east.call(Request::ListenerCreate { listener: nowhere })
+        .await
+        .expect("listener");
+    let listeners = east.call(Request::ListenerStatus).await.expect("listeners");
+    let lost = listeners
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "nowhere"))
+        .and_then(|l| l["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .expect("the listener's port");
+    // The router resets it at once: the connect itself may see the reset.
+    if let Ok(mut conn) = TcpStream::connect(("127.0.0.1", lost)).await {
+        let _ = conn.read_to_end(&mut Vec::new()).await;
+    }
+    let since = flow["id"].as_u64().expect("an id");
+    let failed = east
+        .wait_for(
+            |v| v.as_array().is_some_and(|a| !a.is_empty()),
+            Request::Flows { since: Some(since) },
+        )
+        .await;
+    assert_eq!(failed[0]["outcome"], "failed", "{failed}");
+    assert_eq!(failed[0]["failure"], "link: refused (no route)", "{failed}");
+
+    // The flow log has the same records, one JSON line each.
+    let logged = east.flow_log();
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert_eq!(logged[0], listener_side[0]);
+}

@@ -293,6 +293,7 @@ impl Services {
             });
         }
         let backend = Backend {
+            name: name.clone(),
             routing_key: connector.routing_key,
             host: connector.host,
             port: connector.port,
@@ -374,7 +375,7 @@ impl Services {
         let stats = Arc::new(ServiceStats::default());
         let task = tokio::spawn(Arc::clone(&self.forwarding).serve_listener(
             socket,
-            spec.routing_key.clone(),
+            (name.clone(), spec.routing_key.clone()),
             tls,
             Arc::clone(&stats),
         ))

@@ -91,9 +91,12 @@ impl Site {
     pub async fn run(&mut self) {
         let state = self.state.clone();
         self.task = Some(tokio::spawn(async move {
+            // Every test router logs its flows, in its state directory (`Site::flow_log`).
+            let flow_log = state.root().join("flows.jsonl").display().to_string();
             let options = app::RunOptions {
                 metrics_addr: Some("127.0.0.1:0".into()),
                 datapath: datapath(),
+                flow_log: Some(flow_log),
                 ..app::RunOptions::default()
             };
             app::run(state, options).await.expect("router runs");
@@ -108,6 +111,15 @@ impl Site {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("router {} did not start", self.name);
+    }
+
+    /// The flow records the router wrote to its flow log so far.
+    pub fn flow_log(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.root().join("flows.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a flow record is a JSON line"))
+            .collect()
     }
 
     pub async fn call(&self, request: Request) -> Result<Value, admin::Error> {
