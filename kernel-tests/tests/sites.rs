@@ -327,5 +327,37 @@ fn prometheus_scrapes_a_router_and_answers_a_query() -> anyhow::Result<()> {
     assert_eq!(value(&link), Some(1.0), "{link}");
     let bytes = query(r#"skiff_connector_received_bytes_total{connector="web"}"#)?;
     assert!(value(&bytes) > Some(0.0), "{bytes}");
+
+    // The Grafana dashboard (deploy/grafana) asks only for series docs/metrics.md lists, in
+    // PromQL this Prometheus accepts.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let documented = std::fs::read_to_string(root.join("docs/metrics.md"))?;
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        root.join("deploy/grafana/skiff.json"),
+    )?)?;
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    assert!(exprs.len() >= 10, "{dashboard}");
+    for expr in exprs {
+        for series in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("skiff_"))
+        {
+            assert!(
+                documented.contains(&format!("`{series}`")),
+                "{series} (in {expr}) is not in docs/metrics.md"
+            );
+        }
+        let promql = expr
+            .replace("$instance", ".*")
+            .replace("$__rate_interval", "1m");
+        let answer = query(&promql)?;
+        assert_eq!(answer["status"], "success", "{promql}: {answer}");
+    }
     Ok(())
 }
