@@ -867,8 +867,14 @@ async fn every_connection_leaves_a_flow_record_at_each_end() {
     assert_eq!(failed[0]["outcome"], "failed", "{failed}");
     assert_eq!(failed[0]["failure"], "link: refused (no route)", "{failed}");
 
-    // The flow log has the same records, one JSON line each.
-    let logged = east.flow_log();
+    // The flow log has the same records, one JSON line each (written by a thread of its own,
+    // a moment after the record is kept).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut logged = east.flow_log();
+    while logged.len() < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        logged = east.flow_log();
+    }
     assert_eq!(logged.len(), 2, "{logged:?}");
     assert_eq!(logged[0], listener_side[0]);
 }

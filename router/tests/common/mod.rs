@@ -115,9 +115,11 @@ impl Site {
 
     /// The flow records the router wrote to its flow log so far.
     pub fn flow_log(&self) -> Vec<Value> {
+        // Only whole lines: the writer may be in the middle of one.
         std::fs::read_to_string(self.state.root().join("flows.jsonl"))
             .unwrap_or_default()
-            .lines()
+            .split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
             .map(|l| serde_json::from_str(l).expect("a flow record is a JSON line"))
             .collect()
     }
