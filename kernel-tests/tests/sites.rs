@@ -62,6 +62,23 @@ fn web_server(ns: &Netns, tag: &str, body: &str) -> anyhow::Result<(Proc, TempDi
     Ok((server, page))
 }
 
+/// `http://127.0.0.1:PORT/index.html` from `ns` with curl, retried while the path comes up.
+fn fetch(ns: &Netns, port: u16) -> anyhow::Result<String> {
+    ns.run(&[
+        "curl",
+        "-sS",
+        "--fail",
+        "--retry",
+        "20",
+        "--retry-connrefused",
+        "--retry-delay",
+        "0",
+        "--max-time",
+        "10",
+        &format!("http://127.0.0.1:{port}/index.html"),
+    ])
+}
+
 /// Binds `key` to `backend_port` at west and listens for it on east's loopback at `port`.
 fn expose(p: &Pair, key: &str, backend_port: u16, port: u16) -> anyhow::Result<()> {
     p.west_ns
@@ -83,19 +100,7 @@ fn curl_fetches_a_page_across_sites() -> anyhow::Result<()> {
     let p = pair(1)?;
     let _server = web_server(&p.west_ns, "www", "hello from west\n")?;
     expose(&p, "web", 8080, 9080)?;
-    let body = p.east_ns.run(&[
-        "curl",
-        "-sS",
-        "--fail",
-        "--retry",
-        "20",
-        "--retry-connrefused",
-        "--retry-delay",
-        "0",
-        "--max-time",
-        "10",
-        "http://127.0.0.1:9080/index.html",
-    ])?;
+    let body = fetch(&p.east_ns, 9080)?;
     assert_eq!(body, "hello from west\n");
     let network = p.east.cli(&["network", "status"])?;
     assert!(
@@ -247,19 +252,7 @@ fn prometheus_scrapes_a_router_and_answers_a_query() -> anyhow::Result<()> {
     let _server = web_server(&p.west_ns, "prom-web", "counted\n")?;
     expose(&p, "web", 8080, 9082)?;
     for _ in 0..3 {
-        let body = p.east_ns.run(&[
-            "curl",
-            "-sS",
-            "--fail",
-            "--retry",
-            "20",
-            "--retry-connrefused",
-            "--retry-delay",
-            "0",
-            "--max-time",
-            "10",
-            "http://127.0.0.1:9082/index.html",
-        ])?;
+        let body = fetch(&p.east_ns, 9082)?;
         assert_eq!(body, "counted\n");
     }
 
