@@ -36,6 +36,19 @@ pub fn require_root() -> bool {
     false
 }
 
+/// `timeout` stretched by `$SKIFF_TEST_TIME_SCALE` (a whole number, 1 when unset): every
+/// helper here waits this long for the event it expects. The VM matrix sets it, since its
+/// software-emulated CPUs run 7-10x slower than the host's; nothing else changes.
+#[must_use]
+pub fn patience(timeout: Duration) -> Duration {
+    let scale = std::env::var("SKIFF_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    timeout * scale
+}
+
 fn unique_name(tag: &str) -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     format!(
@@ -192,7 +205,7 @@ impl Netns {
     /// # Errors
     /// When nothing does within `timeout`.
     pub fn wait_listening(&self, port: u16, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + patience(timeout);
         let filter = format!("sport = :{port}");
         loop {
             let out = self.run(&["ss", "-Hltn", &filter])?;
@@ -468,7 +481,7 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // Processes the test started are killed by their own guards first; rmdir fails while a
         // zombie is still being reaped, so retry briefly.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + patience(Duration::from_secs(5));
         while let Err(e) = fs::remove_dir(&self.path) {
             if Instant::now() > deadline {
                 eprintln!("warning: failed to remove {}: {e}", self.path.display());
@@ -558,6 +571,7 @@ impl Proc {
     /// # Errors
     /// When it exits non-zero (with its stderr) or does not exit in time.
     pub fn wait(mut self, timeout: Duration) -> anyhow::Result<String> {
+        let timeout = patience(timeout);
         // Both pipes are drained while the child runs: a child that prints more than a pipe
         // holds would otherwise block on its write and never exit.
         let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
@@ -634,7 +648,7 @@ impl Proc {
             bail!("failed to signal {}", self.what);
         }
         // Long enough for a router to drain its connections (10 s) and exit.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + patience(Duration::from_secs(15));
         while self.child.try_wait()?.is_none() {
             ensure!(Instant::now() < deadline, "{} ignored SIGINT", self.what);
             thread::sleep(Duration::from_millis(20));

@@ -752,7 +752,7 @@ fn an_accelerated_router_runs_as_nobody_and_its_keeper_cleans_up() -> anyhow::Re
     assert!(pins.join("SKIFF_SOCKS").exists(), "{}", pins.display());
     let cgroup_path = cgroup.path().to_str().expect("utf-8").to_owned();
     site.kill();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + kernel_tests::patience(Duration::from_secs(5));
     while pins.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -291,7 +291,7 @@ fn run_script(plan: &Plan<'_>) -> String {
          $(cat /sys/kernel/security/lockdown 2>/dev/null || echo 'not built in')\"\n",
     );
     s.push_str("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
-    s.push_str("export HOME=/tmp RUST_BACKTRACE=1\n");
+    s.push_str("export HOME=/tmp\n");
     for (key, value) in plan.env {
         let _ = writeln!(s, "export {key}={}", quote(value));
     }
