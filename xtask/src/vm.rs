@@ -171,6 +171,26 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
             timeout: Duration::from_secs(timeout_minutes() * 60),
         };
         let outcome = guest::run(&plan, &label, tally);
+        // The binaries this guest did not run are counted as skipped, never as passed.
+        let left_out: Vec<&TestBinary> = binaries
+            .iter()
+            .filter(|b| !chosen.iter().any(|c| c.name == b.name))
+            .collect();
+        if !left_out.is_empty() {
+            let mut count = 0;
+            for b in &left_out {
+                count += listed_tests(&b.path)?;
+            }
+            tally.ignored += count;
+            println!(
+                "vm-test: {label}: {count} tests of {} not run in this guest, counted as skipped",
+                left_out
+                    .iter()
+                    .map(|b| b.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         reports.push((label, kernel.version.clone(), chosen, outcome));
     }
 
@@ -308,6 +328,12 @@ fn build() -> anyhow::Result<Vec<TestBinary>> {
         bail!("cargo built no kernel-tests test binaries");
     }
     Ok(binaries)
+}
+
+/// How many tests a test binary has (`--list` only lists; nothing runs).
+fn listed_tests(binary: &Path) -> anyhow::Result<u64> {
+    let listed = output(std::process::Command::new(binary).arg("--list"))?;
+    Ok(listed.lines().filter(|l| l.ends_with(": test")).count() as u64)
 }
 
 /// The binaries named in `tests` (all when empty).

@@ -131,7 +131,8 @@ fn boot(
     }
     let console = run_dir.join("console.log");
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "3072"])
+    let memory = std::env::var("SKIFF_VM_MEMORY_MB").unwrap_or_else(|_| "3072".to_owned());
+    qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &memory])
         .args(["-nodefaults", "-no-reboot", "-display", "none"])
         .arg("-kernel")
         .arg(&plan.kernel.vmlinuz)
@@ -250,6 +251,8 @@ fn observe(
         }
     } else if line.trim_start().starts_with("test result: ") {
         tally.add(line);
+        // Tests a filter left out did not run in this guest: skipped, never passed.
+        tally.ignored += filtered_out(line);
         if let (Some((name, since)), Some(b)) = (current.as_ref(), outcome.binaries.last_mut())
             && &b.name == name
         {
@@ -259,6 +262,13 @@ fn observe(
     } else if is_fallback_reason(line) && !outcome.notes.iter().any(|n| n == line.trim()) {
         outcome.notes.push(line.trim().to_owned());
     }
+}
+
+/// The `N filtered out` count of a libtest summary line.
+fn filtered_out(line: &str) -> u64 {
+    line.split(';')
+        .find_map(|part| part.trim().strip_suffix(" filtered out")?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The router's one-line reasons for doing without a kernel feature, as its log prints them.
@@ -341,4 +351,47 @@ fn tail(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filtered_out_tests_are_read_from_the_summary_line() {
+        let line = "test result: ok. 1 passed; 0 failed; 2 ignored; 0 measured; 11 filtered out; finished in 4.78s";
+        assert_eq!(filtered_out(line), 11);
+        assert_eq!(filtered_out("test result: ok. 1 passed; 0 failed"), 0);
+    }
+
+    #[test]
+    fn the_run_script_quotes_arguments_and_records_each_exit_status() {
+        let kernel = Kernel {
+            release: super::super::kernel::RELEASES[0],
+            version: "5.10.0-32-amd64".into(),
+            vmlinuz: "/k".into(),
+            initramfs: "/i".into(),
+            package: "p.deb".into(),
+        };
+        let binaries = [TestBinary {
+            name: "accel".into(),
+            src: "tests/accel.rs".into(),
+            path: "/t/accel-1".into(),
+        }];
+        let args = ["it's".to_owned()];
+        let plan = Plan {
+            kernel: &kernel,
+            lockdown: false,
+            binaries: &binaries,
+            args: &args,
+            cwd: Path::new("/w/kernel-tests"),
+            env: &[],
+            console_log: "/c".into(),
+            timeout: Duration::from_secs(1),
+        };
+        let script = run_script(&plan);
+        assert!(script.contains("'/t/accel-1' 'it'\\''s'"), "{script}");
+        assert!(script.contains("echo \"accel $?\" >> /run/skiff-vm/status"));
+        assert!(script.trim_end().ends_with("exec busybox poweroff -f"));
+    }
 }
