@@ -28,6 +28,9 @@ use crate::task::{Tally, cargo, is_root, output, status, workspace_root};
 /// 7-10x slower).
 const TIME_SCALE: &str = "10";
 
+/// The accel test that checks the router says why acceleration is off where it cannot work.
+const ACCEL_FALLBACK_TEST: &str = "auto_acceleration_attaches_or_says_why_not";
+
 /// One guest to boot: a kernel, lockdown or not, which test binaries and with what arguments.
 #[derive(Debug, Clone)]
 pub struct Run {
@@ -144,7 +147,17 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
             .iter()
             .find(|k| k.release == run.release)
             .expect("every run's kernel was prepared");
-        let chosen = choose(&binaries, &run.tests)?;
+        let mut chosen = choose(&binaries, &run.tests)?;
+        for b in &mut chosen {
+            b.args.clone_from(&run.args);
+            if let (Some(why), "accel") = (run.release.no_accel, b.name.as_str()) {
+                println!(
+                    "vm-test: {}: socket acceleration cannot work ({why}): accel runs only {ACCEL_FALLBACK_TEST}",
+                    run.release.label
+                );
+                b.args = ["--exact", ACCEL_FALLBACK_TEST].map(String::from).to_vec();
+            }
+        }
         let label = format!(
             "{}{}",
             run.release.label,
@@ -164,7 +177,6 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
             kernel,
             lockdown: run.lockdown,
             binaries: &chosen,
-            args: &run.args,
             cwd: &workspace_root().join("kernel-tests"),
             env: &env,
             console_log: logs.join(format!("{label}.console.log")),
@@ -321,6 +333,7 @@ fn build() -> anyhow::Result<Vec<TestBinary>> {
             name: name.to_owned(),
             src,
             path: exe.into(),
+            args: Vec::new(),
         });
     }
     binaries.sort_by(|a, b| a.name.cmp(&b.name));

@@ -54,6 +54,8 @@ pub struct TestBinary {
     /// Its source, as cargo names it in its `Running` line (`tests/accel.rs`).
     pub src: String,
     pub path: PathBuf,
+    /// Arguments for it in this guest (a name filter, `--exact`).
+    pub args: Vec<String>,
 }
 
 /// What to run in one guest.
@@ -62,8 +64,6 @@ pub struct Plan<'a> {
     pub kernel: &'a Kernel,
     pub lockdown: bool,
     pub binaries: &'a [TestBinary],
-    /// Arguments for every test binary (a name filter, `--exact`, `--test-threads`).
-    pub args: &'a [String],
     /// The directory the binaries run in (the kernel-tests package, as under cargo).
     pub cwd: &'a Path,
     /// Environment for the tests.
@@ -307,8 +307,8 @@ fn run_script(plan: &Plan<'_>) -> String {
     }
     s.push_str(PROBE);
     let _ = writeln!(s, "cd {}", quote(&plan.cwd.display().to_string()));
-    let args: Vec<String> = plan.args.iter().map(|a| quote(a)).collect();
     for b in plan.binaries {
+        let args: Vec<String> = b.args.iter().map(|a| quote(a)).collect();
         let path = b.path.display().to_string();
         let _ = writeln!(s, "echo '     Running {} ({path})'", b.src);
         let _ = writeln!(s, "{} {}", quote(&path), args.join(" "));
@@ -377,13 +377,12 @@ mod tests {
             name: "accel".into(),
             src: "tests/accel.rs".into(),
             path: "/t/accel-1".into(),
+            args: vec!["it's".to_owned()],
         }];
-        let args = ["it's".to_owned()];
         let plan = Plan {
             kernel: &kernel,
             lockdown: false,
             binaries: &binaries,
-            args: &args,
             cwd: Path::new("/w/kernel-tests"),
             env: &[],
             console_log: "/c".into(),

@@ -28,6 +28,9 @@ pub struct Release {
     pub label: &'static str,
     /// The Debian suite that ships it.
     pub suite: &'static str,
+    /// Why socket acceleration cannot work on it, if it cannot: the VM matrix then runs only
+    /// the accel test that checks the router says so.
+    pub no_accel: Option<&'static str>,
 }
 
 /// Debian 11, 12 and 13: the gateway kernels skiff supports.
@@ -35,14 +38,17 @@ pub const RELEASES: &[Release] = &[
     Release {
         label: "5.10",
         suite: "bullseye",
+        no_accel: Some("no SO_NETNS_COOKIE before Linux 5.14"),
     },
     Release {
         label: "6.1",
         suite: "bookworm",
+        no_accel: None,
     },
     Release {
         label: "6.12",
         suite: "trixie",
+        no_accel: None,
     },
 ];
 
