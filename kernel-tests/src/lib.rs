@@ -49,6 +49,30 @@ pub fn patience(timeout: Duration) -> Duration {
     timeout * scale
 }
 
+/// Whether this kernel tells a socket's network namespace cookie (`SO_NETNS_COOKIE`, Linux
+/// 5.14). Without it skiff's programs cannot tell namespaces apart: the router runs without
+/// acceleration and protects loopback in every namespace, saying so at start.
+#[must_use]
+pub fn kernel_has_netns_cookies() -> bool {
+    use std::os::fd::AsRawFd as _;
+    let Ok(socket) = std::net::UdpSocket::bind(("127.0.0.1", 0)) else {
+        return false;
+    };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    rc == 0
+}
+
 fn unique_name(tag: &str) -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     format!(

@@ -150,13 +150,27 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
         let mut chosen = choose(&binaries, &run.tests)?;
         for b in &mut chosen {
             b.args.clone_from(&run.args);
-            if let (Some(why), "accel") = (run.release.no_accel, b.name.as_str()) {
+            let no_accel = if run.lockdown {
+                Some("lockdown=confidentiality refuses bpf_probe_read_kernel")
+            } else {
+                run.release.no_accel
+            };
+            if let (Some(why), "accel") = (no_accel, b.name.as_str()) {
                 println!(
-                    "vm-test: {}: socket acceleration cannot work ({why}): accel runs only {ACCEL_FALLBACK_TEST}",
-                    run.release.label
+                    "vm-test: {}{}: socket acceleration cannot work ({why}): accel runs only {ACCEL_FALLBACK_TEST}",
+                    run.release.label,
+                    if run.lockdown { " locked down" } else { "" }
                 );
                 b.args = ["--exact", ACCEL_FALLBACK_TEST].map(String::from).to_vec();
             }
+        }
+        // The redirect test attaches the programs itself, filtered by the namespace cookie.
+        if let Some(why) = run.release.no_accel {
+            println!(
+                "vm-test: {}: redirect left out ({why}), counted as skipped",
+                run.release.label
+            );
+            chosen.retain(|b| b.name != "redirect");
         }
         let label = format!(
             "{}{}",
