@@ -131,7 +131,9 @@ fn boot(
     }
     let console = run_dir.join("console.log");
     let mut qemu = Command::new("qemu-system-x86_64");
-    let memory = std::env::var("SKIFF_VM_MEMORY_MB").unwrap_or_else(|_| "3072".to_owned());
+    // The tests keep gigabyte files in the guest's /tmp (tmpfs, half of memory) while TCP
+    // buffers fill: with 3 GiB, sends failed with ENOMEM and state files with ENOSPC.
+    let memory = std::env::var("SKIFF_VM_MEMORY_MB").unwrap_or_else(|_| "8192".to_owned());
     qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", &memory])
         .args(["-nodefaults", "-no-reboot", "-display", "none"])
         .arg("-kernel")
