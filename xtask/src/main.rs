@@ -135,6 +135,7 @@ fn main() -> anyhow::Result<()> {
                         lockdown,
                         tests: tests.clone(),
                         args: args.clone(),
+                        skip_known: false,
                     })
                     .collect()
             };
