@@ -54,12 +54,17 @@ const KNOWN_FAILURES: &[(&str, &str, &str)] = &[
     (
         "6.1",
         "a_stalled_backend_holds_back_an_accelerated_client",
-        "the kernel held 105 MB for a stalled reader (bound 36 MB)",
+        "the kernel held 105-156 MB for a stalled reader (bound 36 MB)",
     ),
     (
         "6.1",
         "a_shortcut_whose_reader_stops_is_held_to_the_limit",
-        "the kernel held 68 MB for a stalled reader (bound 36 MB)",
+        "the kernel held 39-68 MB for a stalled reader (bound 36 MB)",
+    ),
+    (
+        "6.1",
+        "an_accelerated_client_sending_across_a_link_is_held_back",
+        "169 MB queued at the far site for a stalled reader",
     ),
     (
         "5.10",
