@@ -192,13 +192,13 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
             if run.lockdown { "-lockdown" } else { "" }
         );
         let mut chosen = choose(&binaries, &run.tests)?;
+        let no_accel = if run.lockdown {
+            Some("lockdown=confidentiality refuses bpf_probe_read_kernel")
+        } else {
+            run.release.no_accel
+        };
         for b in &mut chosen {
             b.args.clone_from(&run.args);
-            let no_accel = if run.lockdown {
-                Some("lockdown=confidentiality refuses bpf_probe_read_kernel")
-            } else {
-                run.release.no_accel
-            };
             if let (Some(why), "accel") = (no_accel, b.name.as_str()) {
                 println!(
                     "vm-test: {}{}: socket acceleration cannot work ({why}): accel runs only {ACCEL_FALLBACK_TEST}",
@@ -230,12 +230,10 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
                 }
             }
         }
-        // The redirect test attaches the programs itself, filtered by the namespace cookie.
-        if let Some(why) = run.release.no_accel {
-            println!(
-                "vm-test: {}: redirect left out ({why}), counted as skipped",
-                run.release.label
-            );
+        // The redirect test loads and attaches the programs itself (sk_msg reads socket
+        // memory with bpf_probe_read_kernel and filters by the namespace cookie).
+        if let Some(why) = no_accel {
+            println!("vm-test: {label}: redirect left out ({why}), counted as skipped");
             chosen.retain(|b| b.name != "redirect");
         }
         println!(
