@@ -191,51 +191,7 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
             run.release.label,
             if run.lockdown { "-lockdown" } else { "" }
         );
-        let mut chosen = choose(&binaries, &run.tests)?;
-        let no_accel = if run.lockdown {
-            Some("lockdown=confidentiality refuses bpf_probe_read_kernel")
-        } else {
-            run.release.no_accel
-        };
-        for b in &mut chosen {
-            b.args.clone_from(&run.args);
-            if let (Some(why), "accel") = (no_accel, b.name.as_str()) {
-                println!(
-                    "vm-test: {}{}: socket acceleration cannot work ({why}): accel runs only {ACCEL_FALLBACK_TEST}",
-                    run.release.label,
-                    if run.lockdown { " locked down" } else { "" }
-                );
-                b.args = ["--exact", ACCEL_FALLBACK_TEST].map(String::from).to_vec();
-            }
-        }
-        if run.skip_known {
-            let known: Vec<&(&str, &str, &str)> = KNOWN_FAILURES
-                .iter()
-                .filter(|(kernel, _, _)| *kernel == "*" || *kernel == label)
-                .collect();
-            // Only where no name filter chose the tests already.
-            for b in chosen
-                .iter_mut()
-                .filter(|b| b.args.iter().all(|a| a.starts_with("--")))
-            {
-                let listed = output(std::process::Command::new(&b.path).arg("--list"))?;
-                for (_, test, seen) in &known {
-                    if listed.lines().any(|l| l == format!("{test}: test")) {
-                        println!("vm-test: {label}: known failure skipped: {test}: {seen}");
-                        if !b.args.iter().any(|a| a == "--exact") {
-                            b.args.push("--exact".to_owned());
-                        }
-                        b.args.extend(["--skip".to_owned(), (*test).to_owned()]);
-                    }
-                }
-            }
-        }
-        // The redirect test loads and attaches the programs itself (sk_msg reads socket
-        // memory with bpf_probe_read_kernel and filters by the namespace cookie).
-        if let Some(why) = no_accel {
-            println!("vm-test: {label}: redirect left out ({why}), counted as skipped");
-            chosen.retain(|b| b.name != "redirect");
-        }
+        let chosen = select(run, &label, &binaries)?;
         println!(
             "vm-test: booting {label} ({}, {}) for {}",
             kernel.version,
@@ -414,6 +370,56 @@ fn build() -> anyhow::Result<Vec<TestBinary>> {
         bail!("cargo built no kernel-tests test binaries");
     }
     Ok(binaries)
+}
+
+/// The test binaries `run` boots with, each with its arguments: what the kernel cannot do is
+/// left to the test that checks the router says so, and with `skip_known` the open findings
+/// are skipped by name (printed, and counted as skipped by libtest's `filtered out`).
+fn select(run: &Run, label: &str, binaries: &[TestBinary]) -> anyhow::Result<Vec<TestBinary>> {
+    let mut chosen = choose(binaries, &run.tests)?;
+    let no_accel = if run.lockdown {
+        Some("lockdown=confidentiality refuses bpf_probe_read_kernel")
+    } else {
+        run.release.no_accel
+    };
+    for b in &mut chosen {
+        b.args.clone_from(&run.args);
+        if let (Some(why), "accel") = (no_accel, b.name.as_str()) {
+            println!(
+                "vm-test: {label}: socket acceleration cannot work ({why}): accel runs only {ACCEL_FALLBACK_TEST}"
+            );
+            b.args = ["--exact", ACCEL_FALLBACK_TEST].map(String::from).to_vec();
+        }
+    }
+    if run.skip_known {
+        let known: Vec<&(&str, &str, &str)> = KNOWN_FAILURES
+            .iter()
+            .filter(|(kernel, _, _)| *kernel == "*" || *kernel == label)
+            .collect();
+        // Only where no name filter chose the tests already.
+        for b in chosen
+            .iter_mut()
+            .filter(|b| b.args.iter().all(|a| a.starts_with("--")))
+        {
+            let listed = output(std::process::Command::new(&b.path).arg("--list"))?;
+            for (_, test, seen) in &known {
+                if listed.lines().any(|l| l == format!("{test}: test")) {
+                    println!("vm-test: {label}: known failure skipped: {test}: {seen}");
+                    if !b.args.iter().any(|a| a == "--exact") {
+                        b.args.push("--exact".to_owned());
+                    }
+                    b.args.extend(["--skip".to_owned(), (*test).to_owned()]);
+                }
+            }
+        }
+    }
+    // The redirect test loads and attaches the programs itself (sk_msg reads socket
+    // memory with bpf_probe_read_kernel and filters by the namespace cookie).
+    if let Some(why) = no_accel {
+        println!("vm-test: {label}: redirect left out ({why}), counted as skipped");
+        chosen.retain(|b| b.name != "redirect");
+    }
+    Ok(chosen)
 }
 
 /// How many tests a test binary has (`--list` only lists; nothing runs).
