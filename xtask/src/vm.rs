@@ -471,3 +471,55 @@ fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binary(name: &str) -> TestBinary {
+        TestBinary {
+            name: name.to_owned(),
+            src: format!("tests/{name}.rs"),
+            path: format!("/nonexistent/{name}").into(),
+            args: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn without_netns_cookies_accel_runs_only_its_fallback_test_and_redirect_is_left_out() {
+        let binaries = ["accel", "isolation", "redirect"].map(binary);
+        let run = Run {
+            release: releases("5.10").expect("5.10 is known")[0],
+            lockdown: false,
+            tests: Vec::new(),
+            args: vec!["some_filter".to_owned()],
+            skip_known: false,
+        };
+        let chosen = select(&run, "5.10", &binaries).expect("selects");
+        let names: Vec<&str> = chosen.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["accel", "isolation"]);
+        assert_eq!(chosen[0].args, ["--exact", ACCEL_FALLBACK_TEST]);
+        assert_eq!(chosen[1].args, ["some_filter"]);
+    }
+
+    #[test]
+    fn a_locked_down_guest_treats_acceleration_as_unavailable_and_six_one_does_not() {
+        let binaries = ["accel", "redirect"].map(binary);
+        let mut run = Run {
+            release: releases("6.12").expect("6.12 is known")[0],
+            lockdown: true,
+            tests: Vec::new(),
+            args: Vec::new(),
+            skip_known: false,
+        };
+        let chosen = select(&run, "6.12-lockdown", &binaries).expect("selects");
+        assert_eq!(chosen.len(), 1);
+        assert_eq!(chosen[0].args, ["--exact", ACCEL_FALLBACK_TEST]);
+        run.lockdown = false;
+        run.release = releases("6.1").expect("6.1 is known")[0];
+        let chosen = select(&run, "6.1", &binaries).expect("selects");
+        assert_eq!(chosen.len(), 2);
+        assert!(chosen.iter().all(|b| b.args.is_empty()));
+        assert!(releases("4.19").is_err());
+    }
+}
