@@ -36,6 +36,43 @@ pub fn require_root() -> bool {
     false
 }
 
+/// `timeout` stretched by `$SKIFF_TEST_TIME_SCALE` (a whole number, 1 when unset): every
+/// helper here waits this long for the event it expects. The VM matrix sets it, since its
+/// software-emulated CPUs run 7-10x slower than the host's; nothing else changes.
+#[must_use]
+pub fn patience(timeout: Duration) -> Duration {
+    let scale = std::env::var("SKIFF_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    timeout * scale
+}
+
+/// Whether this kernel tells a socket's network namespace cookie (`SO_NETNS_COOKIE`, Linux
+/// 5.14). Without it skiff's programs cannot tell namespaces apart: the router runs without
+/// acceleration and protects loopback in every namespace, saying so at start.
+#[must_use]
+pub fn kernel_has_netns_cookies() -> bool {
+    use std::os::fd::AsRawFd as _;
+    let Ok(socket) = std::net::UdpSocket::bind(("127.0.0.1", 0)) else {
+        return false;
+    };
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    rc == 0
+}
+
 fn unique_name(tag: &str) -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
     format!(
@@ -192,7 +229,7 @@ impl Netns {
     /// # Errors
     /// When nothing does within `timeout`.
     pub fn wait_listening(&self, port: u16, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + patience(timeout);
         let filter = format!("sport = :{port}");
         loop {
             let out = self.run(&["ss", "-Hltn", &filter])?;
@@ -468,7 +505,7 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         // Processes the test started are killed by their own guards first; rmdir fails while a
         // zombie is still being reaped, so retry briefly.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + patience(Duration::from_secs(5));
         while let Err(e) = fs::remove_dir(&self.path) {
             if Instant::now() > deadline {
                 eprintln!("warning: failed to remove {}: {e}", self.path.display());
@@ -558,6 +595,7 @@ impl Proc {
     /// # Errors
     /// When it exits non-zero (with its stderr) or does not exit in time.
     pub fn wait(mut self, timeout: Duration) -> anyhow::Result<String> {
+        let timeout = patience(timeout);
         // Both pipes are drained while the child runs: a child that prints more than a pipe
         // holds would otherwise block on its write and never exit.
         let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
@@ -634,7 +672,7 @@ impl Proc {
             bail!("failed to signal {}", self.what);
         }
         // Long enough for a router to drain its connections (10 s) and exit.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + patience(Duration::from_secs(15));
         while self.child.try_wait()?.is_none() {
             ensure!(Instant::now() < deadline, "{} ignored SIGINT", self.what);
             thread::sleep(Duration::from_millis(20));

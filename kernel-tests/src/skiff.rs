@@ -224,7 +224,7 @@ impl Site {
             argv.extend(["--cgroup", &cgroup_arg]);
         }
         self.router = Some(Proc::spawn_logged(netns, cgroup, &argv, &self.log)?);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + crate::patience(Duration::from_secs(5));
         while self.cli(&["status"]).is_err() {
             if Instant::now() > deadline {
                 bail!("router {} did not start: {}", self.name, self.log_tail());
@@ -298,7 +298,7 @@ impl Site {
         timeout: Duration,
         ok: impl Fn(&str) -> bool,
     ) -> anyhow::Result<String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::patience(timeout);
         let mut full = args.to_vec();
         full.extend(["--output", "json"]);
         loop {

@@ -91,6 +91,39 @@ impl Fixture {
     }
 }
 
+/// `--accel auto` attaches where the kernel can tell network namespaces apart and otherwise
+/// runs without acceleration, saying why in one line (its status, and its log at start). On
+/// kernels without SO_NETNS_COOKIE this is the one test of this file the VM matrix runs.
+#[test]
+fn auto_acceleration_attaches_or_says_why_not() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let ns = Netns::new("acc9")?;
+    let cgroup = Cgroup::new("acc9")?;
+    let site = Site::start_with(&ns, Some(&cgroup), "west", None, &[], &["--accel", "auto"])?;
+    let mode = site.status()?["accel"]["mode"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // Locked down for confidentiality, the kernel refuses bpf_probe_read_kernel, which the
+    // programs use to read sockets' fields.
+    let locked_down = std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .is_ok_and(|l| l.contains("[confidentiality]"));
+    if locked_down {
+        assert!(mode.starts_with("off: "), "accel mode: {mode}");
+        eprintln!("locked down: {mode}");
+    } else if kernel_tests::kernel_has_netns_cookies() {
+        assert!(mode.starts_with("sockmap on "), "accel mode: {mode}");
+    } else {
+        assert!(
+            mode.starts_with("off: ") && mode.contains("SO_NETNS_COOKIE"),
+            "accel mode: {mode}"
+        );
+    }
+    Ok(())
+}
+
 /// Bytes the kernel moved socket to socket, counted per local leg: a message redirected into
 /// or out of the router covers one leg, a message that took a shortcut past the router both.
 fn leg_bytes(accel: &serde_json::Value) -> u64 {
@@ -752,7 +785,7 @@ fn an_accelerated_router_runs_as_nobody_and_its_keeper_cleans_up() -> anyhow::Re
     assert!(pins.join("SKIFF_SOCKS").exists(), "{}", pins.display());
     let cgroup_path = cgroup.path().to_str().expect("utf-8").to_owned();
     site.kill();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + kernel_tests::patience(Duration::from_secs(5));
     while pins.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -4,6 +4,7 @@ mod claims;
 mod demo;
 mod setup;
 mod task;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,25 @@ enum Command {
     /// Only the privileged tests on the real kernel (needs root).
     KernelTest {
         /// Extra arguments for the test binaries (a test name filter, --nocapture).
+        args: Vec<String>,
+    },
+    /// The kernel tests inside QEMU guests on Debian's kernels (fetched and cached), with
+    /// the host's root file system shared read-only into each guest.
+    VmTest {
+        /// Which kernel: 5.10 (Debian 11), 6.1 (Debian 12), 6.12 (Debian 13) or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Boot with lockdown=confidentiality on the kernel command line.
+        #[arg(long)]
+        lockdown: bool,
+        /// Only this kernel-tests binary (accel, isolation, ...); repeat for more.
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// What CI runs: the matrix `cargo xtask test` boots (ignores the options above).
+        #[arg(long)]
+        ci: bool,
+        /// Arguments for the test binaries (a test name filter).
+        #[arg(last = true)]
         args: Vec<String>,
     },
     /// Show skiff working on this machine.
@@ -66,8 +86,10 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             task::lint()?;
             let mut tally = task::Tally::default();
-            let result =
-                task::unit_tests(&mut tally).and_then(|()| task::kernel_tests(&[], &mut tally));
+            let result = task::unit_tests(&mut tally)
+                .and_then(|()| task::kernel_tests(&[], &mut tally))
+                // The kernel tests again inside VMs, on the kernels gateways run.
+                .and_then(|()| vm::run(&vm::ci_runs(), &mut tally));
             tally.print();
             result
         }
@@ -92,6 +114,33 @@ fn main() -> anyhow::Result<()> {
             // SAFETY (edition 2024 marks this unsafe): no other thread runs yet.
             unsafe { std::env::set_var("SKIFF_SITES", sites.to_string()) };
             let result = task::kernel_tests(&args, &mut tally);
+            tally.print();
+            result
+        }
+        Command::VmTest {
+            kernel,
+            lockdown,
+            tests,
+            ci,
+            args,
+        } => {
+            setup::ensure()?;
+            let runs = if ci {
+                vm::ci_runs()
+            } else {
+                vm::releases(&kernel)?
+                    .into_iter()
+                    .map(|release| vm::Run {
+                        release,
+                        lockdown,
+                        tests: tests.clone(),
+                        args: args.clone(),
+                        skip_known: false,
+                    })
+                    .collect()
+            };
+            let mut tally = task::Tally::default();
+            let result = vm::run(&runs, &mut tally);
             tally.print();
             result
         }

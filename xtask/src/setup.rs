@@ -40,6 +40,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("nghttp2-server", "nghttpd: a real HTTP/2 server in tests"),
     (
+        "graphviz",
+        "dot: `skiff network status --output svg`, checked in tests",
+    ),
+    (
         "systemd",
         "systemd-analyze, -sysusers and -tmpfiles check deploy/systemd",
     ),
@@ -53,6 +57,27 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("libnginx-mod-stream", "nginx's stream (TCP proxy) module"),
 ];
 
+/// Debian packages the VM matrix (`cargo xtask vm-test`) needs besides the above; the guests
+/// run the host's own tools, so nothing else is installed for them.
+const VM_PACKAGES: &[(&str, &str)] = &[
+    (
+        "qemu-system-x86",
+        "boots the Debian kernels the matrix tests (TCG)",
+    ),
+    (
+        "busybox-static",
+        "the guest's first-stage init, inside its initramfs",
+    ),
+    (
+        "debian-archive-keyring",
+        "verifies the kernel packages of other Debian releases",
+    ),
+    (
+        "xz-utils",
+        "unpacks the Debian 13 kernel's compressed modules",
+    ),
+];
+
 /// The rustup name under which Debian's toolchain is linked; router/build.rs uses it
 /// (`SKIFF_EBPF_TOOLCHAIN` in .cargo/config.toml).
 const TOOLCHAIN: &str = "deb196";
@@ -60,7 +85,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Runs every step, installing what is missing.
 pub fn run() -> anyhow::Result<()> {
-    debian_packages().context("setup step 'Debian packages' failed")?;
+    debian_packages("Debian packages", DEBIAN_PACKAGES)
+        .context("setup step 'Debian packages' failed")?;
     prometheus().context("setup step 'prometheus' failed")?;
     rustup_toolchain().context("setup step 'rustup toolchain link' failed")?;
     bpf_linker().context("setup step 'bpf-linker' failed")?;
@@ -75,21 +101,27 @@ pub fn ensure() -> anyhow::Result<()> {
     run()
 }
 
+/// Installs what the VM matrix needs beyond [`run`].
+pub fn ensure_vm() -> anyhow::Result<()> {
+    debian_packages("VM matrix packages", VM_PACKAGES)
+        .context("setup step 'VM matrix packages' failed")
+}
+
 fn step(name: &str, state: &str) {
     println!("setup: {name:<28} {state}");
 }
 
-fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn debian_packages(what: &str, packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(pkg, _)| !dpkg_installed(pkg))
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
-        step("Debian packages", "present");
+        step(what, "present");
         return Ok(());
     }
-    for (pkg, why) in DEBIAN_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+    for (pkg, why) in packages.iter().filter(|(p, _)| missing.contains(p)) {
         step(&format!("installing {pkg}"), why);
     }
     require_root("installing Debian packages")?;

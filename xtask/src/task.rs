@@ -16,7 +16,8 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, line: &str) {
+    /// Counts a libtest summary line; other lines are ignored.
+    pub fn add(&mut self, line: &str) {
         // "test result: ok. 48 passed; 0 failed; 0 ignored; 0 measured; ..."
         let Some(rest) = line.trim().strip_prefix("test result: ") else {
             return;
