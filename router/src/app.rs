@@ -273,7 +273,7 @@ impl Router {
                 addr: addr.to_owned(),
                 source,
             })?;
-        let acceptor = self.certs.link_access_acceptor()?;
+        let config = self.certs.link_access_config()?;
         if let Ok(bound) = listener.local_addr() {
             self.links.set_bound(bound);
             // Workload namespaces may not reach the link-access port; callers in no
@@ -285,7 +285,7 @@ impl Router {
         info!(%addr, "link access listening");
         Ok(tokio::spawn(link::access::serve(
             listener,
-            acceptor,
+            config,
             Arc::clone(&self.links),
         ))
         .abort_handle())

@@ -99,6 +99,16 @@ impl ServiceStats {
 /// An open connection of a listener or connector.
 struct ActiveService(Arc<ServiceStats>);
 
+impl ActiveService {
+    /// Ends the connection with its outcome: no longer active, then its bytes and failure
+    /// counted, so that a sample showing its bytes does not show it active.
+    fn end(self, outcome: &Outcome, client_socket: bool) {
+        let stats = Arc::clone(&self.0);
+        drop(self);
+        stats.record(outcome, client_socket);
+    }
+}
+
 impl Drop for ActiveService {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
@@ -433,7 +443,6 @@ impl Forwarding {
             let active = stats.start();
             let forwarding = Arc::clone(&self);
             let key = key.clone();
-            let stats = Arc::clone(&stats);
             let mut flow = Started::now(Role::Listener, &key, &name);
             flow.client = Some(peer.to_string());
             flow.origin.clone_from(&self.site);
@@ -441,9 +450,8 @@ impl Forwarding {
             let Some(tls) = tls.clone() else {
                 tokio::spawn(async move {
                     let outcome = forwarding.route_client(client, &key, &mut flow).await;
-                    stats.record(&outcome, true);
+                    active.end(&outcome, true);
                     forwarding.flows.end(flow, &outcome, true);
-                    drop(active);
                 });
                 continue;
             };
@@ -461,9 +469,8 @@ impl Forwarding {
                         Outcome::refused(Side::Downstream, ResetCode::Cancelled)
                     }
                 };
-                stats.record(&outcome, true);
+                active.end(&outcome, true);
                 forwarding.flows.end(flow, &outcome, true);
-                drop(active);
             });
         }
     }
@@ -501,9 +508,8 @@ impl Forwarding {
                     served_flow.dest.clone_from(&self.site);
                     served_flow.tcp_rtt_us = flows::tcp_rtt_us(backend.tcp().as_fd());
                     let outcome = self.datapath.proxy(client, backend).await;
-                    served.stats.record(&outcome, true);
+                    active.end(&outcome, true);
                     self.flows.end(served_flow, &outcome, true);
-                    drop(active);
                     outcome
                 }
                 Err(e) => {
@@ -610,9 +616,8 @@ impl Forwarding {
                     flow.dest.clone_from(&self.site);
                     flow.tcp_rtt_us = flows::tcp_rtt_us(backend.tcp().as_fd());
                     let outcome = self.datapath.relay(backend, Side::Upstream, tx, rx).await;
-                    served.stats.record(&outcome, false);
+                    active.end(&outcome, false);
                     self.flows.end(flow, &outcome, false);
-                    drop(active);
                 }
                 Err(e) => {
                     // A peer can open streams for a missing key in a loop: one line a second.

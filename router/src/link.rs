@@ -10,6 +10,7 @@ pub mod access;
 pub mod dial;
 pub mod frame;
 pub mod stream;
+pub mod transport;
 
 use std::{
     collections::HashMap,
@@ -23,7 +24,7 @@ use std::{
 
 use bytes::BytesMut;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncWrite, AsyncWriteExt as _},
     sync::mpsc,
 };
 use tracing::{debug, info, warn};
@@ -31,6 +32,7 @@ use tracing::{debug, info, warn};
 use self::{
     frame::{Frame, FrameError, LinkState, ResetCode},
     stream::{Slot, StreamRx, StreamTx, new_stream},
+    transport::{Inbound, Outbound},
 };
 
 /// Link connections one peer site may hold at once (a dialer makes at most this many too).
@@ -57,10 +59,6 @@ pub const QUEUE_BYTES: usize = 4 << 20;
 const MAX_CREDIT: usize = (1 << 31) - 1;
 /// Bytes the writer gathers into one write.
 const WRITE_BATCH: usize = 256 * 1024;
-/// How much sealed TLS a link may hold before rustls stops taking plaintext. rustls's default
-/// is 64 KiB, which cut each write batch into four socket writes, each waking the peer's
-/// reader; with room for a whole batch it leaves in one `writev`.
-const TLS_BUFFER_LIMIT: usize = WRITE_BATCH + stream::MAX_DATA + 64 * 1024;
 
 /// Why a link ended.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +67,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("peer sent a malformed frame")]
     Frame(#[from] FrameError),
+    #[error("peer sent a TLS record that was refused")]
+    Record(#[from] crate::tls::records::Error),
     #[error("peer violated the protocol: {0}")]
     Protocol(&'static str),
     #[error("peer's Hello says protocol version {0}, the link's ALPN agreed on {1}")]
@@ -83,6 +83,16 @@ pub enum Error {
     Closed,
     #[error("closed here: {0}")]
     Shut(String),
+}
+
+impl From<transport::ReceiveError> for Error {
+    fn from(e: transport::ReceiveError) -> Self {
+        match e {
+            transport::ReceiveError::Closed => Self::Closed,
+            transport::ReceiveError::Io(e) => Self::Io(e),
+            transport::ReceiveError::Record(e) => Self::Record(e),
+        }
+    }
 }
 
 /// Which side dialed. The dialer numbers its streams odd, the acceptor even.
@@ -271,29 +281,23 @@ pub fn tune(tcp: &tokio::net::TcpStream) {
 ///
 /// # Errors
 /// Whatever ended the link; routine ends (peer closed) are errors too, for the log.
-pub async fn run<S>(
-    conn: S,
+pub async fn run(
+    (mut reader, mut writer): (Inbound, Outbound),
     version: u16,
     me: &str,
     certified_peer: String,
     direction: Direction,
     events: Arc<dyn Events>,
-) -> Result<(), Error>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut reader, mut writer) = tokio::io::split(conn);
+) -> Result<(), Error> {
     let mut hello = BytesMut::new();
     Frame::Hello {
         version,
         site: me.to_owned(),
     }
     .encode(&mut hello);
-    writer.write_all(&hello).await?;
-    writer.flush().await?;
+    writer.send(&mut [IoSlice::new(&hello)]).await?;
 
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
-    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut reader, &mut buf))
+    let first = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut reader))
         .await
         .map_err(|_| Error::Timeout(HELLO_TIMEOUT))??;
     match first {
@@ -346,7 +350,7 @@ where
         link: Arc::clone(&link),
         events: Arc::clone(&events),
     };
-    let result = read_loop(&mut reader, buf, &link, &events).await;
+    let result = read_loop(&mut reader, &link, &events).await;
     drop(guard);
     match &result {
         Err(Error::Closed) => info!(peer = %link.peer, "link closed by peer"),
@@ -378,35 +382,26 @@ impl Drop for Teardown {
     }
 }
 
-async fn read_frame<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-) -> Result<Frame, Error> {
+async fn read_frame(reader: &mut Inbound) -> Result<Frame, Error> {
     loop {
-        if let Some(frame) = frame::decode(buf)? {
+        if let Some(frame) = reader.frame()? {
             return Ok(frame);
         }
-        if reader.read_buf(buf).await? == 0 {
-            return Err(Error::Closed);
-        }
+        reader.receive().await?;
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    mut buf: BytesMut,
+async fn read_loop(
+    reader: &mut Inbound,
     link: &Arc<Link>,
     events: &Arc<dyn Events>,
 ) -> Result<(), Error> {
     loop {
-        while let Some(frame) = frame::decode(&mut buf)? {
+        while let Some(frame) = reader.frame()? {
             dispatch(link, events, frame).await?;
         }
-        if buf.capacity() - buf.len() < stream::MAX_DATA {
-            buf.reserve(WRITE_BATCH);
-        }
         let n = tokio::select! {
-            read = tokio::time::timeout(DEAD_AFTER, reader.read_buf(&mut buf)) => {
+            read = tokio::time::timeout(DEAD_AFTER, reader.receive()) => {
                 read.map_err(|_| Error::Timeout(DEAD_AFTER))??
             }
             () = link.shut_signal.notified() => {
@@ -414,9 +409,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 return Err(Error::Shut(reason.unwrap_or_default()));
             }
         };
-        if n == 0 {
-            return Err(Error::Closed);
-        }
         link.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
@@ -548,24 +540,21 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
 
 /// Runs the writer; when it fails (the peer stopped reading, or the connection broke) the link
 /// ends as it would for a read failure.
-async fn write_until_failure<W: AsyncWrite + Unpin>(
-    writer: W,
-    frames: mpsc::Receiver<Queued>,
-    link: Arc<Link>,
-) {
+async fn write_until_failure(writer: Outbound, frames: mpsc::Receiver<Queued>, link: Arc<Link>) {
     if let Err(e) = write_loop(writer, frames, Arc::clone(&link)).await {
         link.shut(e.to_string());
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: W,
+async fn write_loop(
+    mut writer: Outbound,
     mut frames: mpsc::Receiver<Queued>,
     link: Arc<Link>,
 ) -> Result<(), Error> {
     // Headers and small frames are encoded into `head`; Data payloads stay in their own
-    // buffers and reach rustls as slices of their own, which it seals without gathering them
-    // first: one copy of each byte fewer than encoding whole frames into one buffer.
+    // buffers and reach the record layer as slices of their own, which it seals into the
+    // send buffer without gathering them first: one copy of each byte fewer than encoding
+    // whole frames into one buffer.
     let mut head = BytesMut::with_capacity(64 * 1024);
     let mut parts: Vec<Part> = Vec::new();
     // The queue room the batch's frames took, given back once they are written.
@@ -591,11 +580,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             .collect();
         // A peer that reads nothing for DEAD_AFTER while this waits is dead, however many
         // frames it sends (a peer flooding Pings keeps the reader busy, not the writer).
-        let written = async {
-            write_all_vectored(&mut writer, &mut slices).await?;
-            writer.flush().await
-        };
-        tokio::time::timeout(DEAD_AFTER, written)
+        tokio::time::timeout(DEAD_AFTER, writer.send(&mut slices))
             .await
             .map_err(|_| Error::WriteStalled(DEAD_AFTER))??;
         link.stats
@@ -731,6 +716,7 @@ async fn heartbeat(link: Arc<Link>) {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
 
@@ -887,7 +873,7 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(4 << 20);
         let events = Arc::new(Recorder::default());
         let run = tokio::spawn(run(
-            ours,
+            transport::plain(ours),
             2,
             "east",
             PEER.to_owned(),

@@ -7,6 +7,8 @@
 use std::sync::{Arc, RwLock};
 
 pub mod identity;
+pub mod records;
+pub mod session;
 
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -110,6 +112,10 @@ pub fn server_config(
         ALPN_LINK_V1.to_vec(),
         ALPN_GRANT.to_vec(),
     ];
+    // skiff seals and opens the records itself after the handshake (`records`), with the
+    // secrets rustls hands over; a session ticket would need a record rustls seals.
+    config.enable_secret_extraction = true;
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -129,6 +135,7 @@ pub fn link_client_config(
             pki::key_from_pem(&credential.key_pem)?,
         )?;
     config.alpn_protocols = vec![ALPN_LINK.to_vec(), ALPN_LINK_V1.to_vec()];
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

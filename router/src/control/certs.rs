@@ -104,11 +104,8 @@ impl Certs {
     ///
     /// # Errors
     /// When the CA does not parse.
-    pub fn link_access_acceptor(&self) -> Result<TlsAcceptor, tls::Error> {
-        Ok(TlsAcceptor::from(tls::server_config(
-            Arc::clone(&self.link_cert),
-            &self.ca.cert_pem,
-        )?))
+    pub fn link_access_config(&self) -> Result<Arc<rustls::ServerConfig>, tls::Error> {
+        tls::server_config(Arc::clone(&self.link_cert), &self.ca.cert_pem)
     }
 
     /// When the router identity expires (Unix seconds).

@@ -7,20 +7,24 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use rustls::ServerConfig;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::{info, warn};
 
-use super::{Direction, Events, frame};
-use crate::{pki, token};
+use super::{Direction, Events, frame, transport};
+use crate::{
+    pki,
+    tls::{records, session},
+    token,
+};
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest redemption request line (a CSR is well under 2 KiB).
-const MAX_REQUEST: u64 = 16 * 1024;
+const MAX_REQUEST: usize = 16 * 1024;
 
 /// Why a link connection was refused after its handshake.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +57,7 @@ pub trait Access: Events {
 
 /// Accepts connections on `listener` until the task is aborted; aborting it also ends every
 /// connection it accepted, links included.
-pub async fn serve<A: Access>(listener: TcpListener, acceptor: TlsAcceptor, router: Arc<A>) {
+pub async fn serve<A: Access>(listener: TcpListener, config: Arc<ServerConfig>, router: Arc<A>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
@@ -65,10 +69,10 @@ pub async fn serve<A: Access>(listener: TcpListener, acceptor: TlsAcceptor, rout
                 continue;
             }
         };
-        let acceptor = acceptor.clone();
+        let config = Arc::clone(&config);
         let router = Arc::clone(&router);
         connections.spawn(async move {
-            if let Err(reason) = handle(tcp, peer, acceptor, router).await {
+            if let Err(reason) = handle(tcp, peer, config, router).await {
                 warn!(%peer, reason, "link-access connection refused");
             }
         });
@@ -76,23 +80,19 @@ pub async fn serve<A: Access>(listener: TcpListener, acceptor: TlsAcceptor, rout
 }
 
 async fn handle<A: Access>(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    config: Arc<ServerConfig>,
     router: Arc<A>,
 ) -> Result<(), String> {
     super::tune(&tcp);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, session::accept(&mut tcp, config))
         .await
         .map_err(|_| "tls handshake timed out".to_owned())?
-        .map_err(|e| format!("tls handshake failed: {e}"))?;
-    let (_, session) = tls.get_ref();
-    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-    let peer_cert = session
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .cloned();
+        .map_err(|e| format!("tls handshake failed: {}", crate::node::error_chain(&e)))?;
+    let peer_cert = session.peer_certificates.first().cloned();
     let cert_name = peer_cert.as_ref().and_then(pki::common_name);
+    let alpn = session.alpn.clone();
     let version = alpn.as_deref().and_then(frame::link_version);
     match alpn.as_deref() {
         Some(_) if let Some(version) = version => {
@@ -102,12 +102,10 @@ async fn handle<A: Access>(
                 .admit_link(&peer_site, &fingerprint)
                 .map_err(|e| e.to_string())?;
             let events: Arc<dyn Events> = router.clone();
-            let mut tls = tls;
-            tls.get_mut()
-                .1
-                .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
+            let transport = transport::tls(tcp, session)
+                .map_err(|e| format!("a TLS record from {peer_site} was refused: {e}"))?;
             super::run(
-                tls,
+                transport,
                 version,
                 router.site_name(),
                 peer_site,
@@ -117,25 +115,35 @@ async fn handle<A: Access>(
             .await
             .map_err(|e| e.to_string())
         }
-        Some(frame::ALPN_GRANT) => redeem(tls, peer, router.as_ref()).await,
+        Some(frame::ALPN_GRANT) => redeem(tcp, session, peer, router.as_ref()).await,
         _ => Err("no supported ALPN protocol".to_owned()),
     }
 }
 
+/// Serves one redemption: a request line in, a response line out, then `close_notify`.
 async fn redeem<A: Access>(
-    tls: TlsStream<TcpStream>,
+    mut tcp: TcpStream,
+    session: session::Session,
     peer: SocketAddr,
     router: &A,
 ) -> Result<(), String> {
-    let mut stream = BufReader::new(tls);
+    let session::Session {
+        mut sealer,
+        mut opener,
+        received,
+        plain,
+        closed,
+        ..
+    } = session;
     // Bytes, not a String: a request that is not UTF-8 gets a one-line refusal like any other
     // malformed one, instead of a dropped connection.
-    let mut line = Vec::new();
-    let mut limited = (&mut stream).take(MAX_REQUEST);
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, limited.read_until(b'\n', &mut line))
-        .await
-        .map_err(|_| "redemption request timed out".to_owned())?
-        .map_err(|e| format!("failed to read redemption request: {e}"))?;
+    let line = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_line(&mut tcp, &mut opener, received, plain, closed),
+    )
+    .await
+    .map_err(|_| "redemption request timed out".to_owned())?
+    .map_err(|e| format!("failed to read redemption request: {e}"))?;
     let response = match serde_json::from_slice::<token::RedeemRequest>(&line) {
         Ok(request) => router.redeem(peer, request).await,
         Err(e) => token::RedeemResponse::error(format!("malformed redemption request: {e}")),
@@ -145,9 +153,48 @@ async fn redeem<A: Access>(
     } else {
         info!(%peer, "token redeemed");
     }
-    let mut out = serde_json::to_vec(&response).map_err(|e| e.to_string())?;
-    out.push(b'\n');
-    let tls = stream.get_mut();
-    tls.write_all(&out).await.map_err(|e| e.to_string())?;
-    tls.shutdown().await.map_err(|e| e.to_string())
+    let mut line = serde_json::to_vec(&response).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    let mut out = Vec::new();
+    sealer
+        .seal(&[&line], &mut out)
+        .and_then(|()| sealer.close_notify(&mut out))
+        .map_err(|e| e.to_string())?;
+    tcp.write_all(&out).await.map_err(|e| e.to_string())?;
+    tcp.shutdown().await.map_err(|e| e.to_string())
+}
+
+/// Reads plaintext up to and including the first newline, at most [`MAX_REQUEST`] bytes.
+async fn read_line(
+    tcp: &mut TcpStream,
+    opener: &mut records::Opener,
+    mut buf: Vec<u8>,
+    mut plain: usize,
+    mut closed: bool,
+) -> Result<Vec<u8>, String> {
+    let mut sealed = plain;
+    loop {
+        if !closed {
+            let opened = opener
+                .open(&mut buf, plain, sealed)
+                .map_err(|e| e.to_string())?;
+            (plain, sealed, closed) = (opened.plain, opened.sealed, opened.closed);
+        }
+        if let Some(end) = buf[..plain].iter().position(|&b| b == b'\n') {
+            buf.truncate(end + 1);
+            return Ok(buf);
+        }
+        if plain > MAX_REQUEST || closed {
+            // A line too long, or the peer's end: what came is the request.
+            buf.truncate(plain.min(MAX_REQUEST));
+            return Ok(buf);
+        }
+        let mut chunk = [0; 4096];
+        let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            buf.truncate(plain);
+            return Ok(buf);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }

@@ -12,10 +12,14 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
-use super::{Direction, Events, frame};
+use super::{Direction, Events, frame, transport};
 use crate::{
     pki::{self, CertKey},
-    site, tls,
+    site,
+    tls::{
+        self,
+        session::{self, Session},
+    },
     token::{RedeemRequest, RedeemResponse, Token},
 };
 
@@ -42,6 +46,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("tls handshake with {url} failed")]
+    Handshake {
+        url: String,
+        #[source]
+        source: session::Error,
+    },
     #[error("invalid address {0:?}: expected HOST:PORT")]
     Address(String),
     #[error("the issuing site refused the token: {0}")]
@@ -52,8 +62,10 @@ pub enum Error {
     WrongPeer { certified: String, expected: String },
     #[error("the peer agreed on no link protocol version this router speaks")]
     NoLinkProtocol,
+    #[error("a TLS record from the peer was refused")]
+    Record(#[from] tls::records::Error),
     #[error(transparent)]
-    Tls2(#[from] tls::Error),
+    TlsConfig(#[from] tls::Error),
     #[error(transparent)]
     Pki(#[from] pki::Error),
     #[error("i/o with the issuing site failed")]
@@ -88,10 +100,7 @@ fn default_connections() -> u32 {
     1
 }
 
-async fn connect_tls(
-    url: &str,
-    config: Arc<rustls::ClientConfig>,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+async fn connect_tcp(url: &str) -> Result<(ServerName<'static>, TcpStream), Error> {
     let host = site::host_of(url).ok_or_else(|| Error::Address(url.to_owned()))?;
     let server_name =
         ServerName::try_from(host.to_owned()).map_err(|_| Error::Address(url.to_owned()))?;
@@ -103,6 +112,14 @@ async fn connect_tls(
             source,
         })?;
     super::tune(&tcp);
+    Ok((server_name, tcp))
+}
+
+async fn connect_tls(
+    url: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+    let (server_name, tcp) = connect_tcp(url).await?;
     tokio::time::timeout(
         CONNECT_TIMEOUT,
         TlsConnector::from(config).connect(server_name, tcp),
@@ -174,12 +191,10 @@ async fn dial_once(
     me: &str,
     events: Arc<dyn Events>,
 ) -> Result<(), Error> {
-    let tls = connect_tls(&config.url, client).await?;
-    let certified = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
+    let (tcp, session) = connect_link(&config.url, client).await?;
+    let certified = session
+        .peer_certificates
+        .first()
         .and_then(pki::common_name)
         .unwrap_or_default();
     if certified != config.peer_site {
@@ -188,20 +203,36 @@ async fn dial_once(
             expected: config.peer_site.clone(),
         });
     }
-    let version = tls
-        .get_ref()
-        .1
-        .alpn_protocol()
+    let version = session
+        .alpn
+        .as_deref()
         .and_then(frame::link_version)
         .ok_or(Error::NoLinkProtocol)?;
     let direction = Direction::Outgoing(config.name.clone());
-    let mut tls = tls;
-    tls.get_mut()
-        .1
-        .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
     // The link's own end is logged by super::run.
-    let _ = super::run(tls, version, me, certified, direction, events).await;
+    let transport = transport::tls(tcp, session)?;
+    let _ = super::run(transport, version, me, certified, direction, events).await;
     Ok(())
+}
+
+/// Connects to `url` and runs a link's TLS handshake, after which skiff seals and opens the
+/// records itself.
+async fn connect_link(
+    url: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<(TcpStream, Session), Error> {
+    let (server_name, mut tcp) = connect_tcp(url).await?;
+    let session = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        session::connect(&mut tcp, config, server_name),
+    )
+    .await
+    .map_err(|_| Error::Timeout(url.to_owned()))?
+    .map_err(|source| Error::Handshake {
+        url: url.to_owned(),
+        source,
+    })?;
+    Ok((tcp, session))
 }
 
 /// Keeps one connection of an outgoing link up, forever (abort the task to stop it).
