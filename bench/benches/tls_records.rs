@@ -5,10 +5,9 @@
 //! records about 3x slower than it seals them, which makes the receiving router the one to
 //! optimise; this benchmark keeps that claim checkable.
 //!
-//! It also measures the record layer done in place with the connection's own traffic secrets
-//! (as rustls hands them to kTLS-style users): opening a record where it arrived and sealing
-//! one where it was built, with ring's AEAD and nothing else. That is the per-record cost the
-//! io_uring link path would pay instead of rustls' buffered one.
+//! It also measures the router's own record layer (`router::tls::records`, what links use),
+//! built from the connection's traffic secrets: sealing a record into the buffer that is
+//! sent, and opening records where they arrived, one and 256 KiB at a time.
 
 use std::{
     hint::black_box,
@@ -17,19 +16,19 @@ use std::{
 };
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use router::{pki, tls};
+use router::{
+    pki, tls,
+    tls::{records, session},
+};
 use rustls::{ClientConnection, ServerConnection, pki_types::ServerName};
 
 const RECORD: usize = 16 * 1024;
+/// What a link reads at once.
+const BATCH: usize = 256 * 1024;
 
-/// A handshaken client (the dialing router) and server (the accepting router).
-fn pair() -> (ClientConnection, ServerConnection) {
-    pair_with(false)
-}
-
-/// [`pair`], with secret extraction allowed when `extract` (the link's configurations
-/// otherwise).
-fn pair_with(extract: bool) -> (ClientConnection, ServerConnection) {
+/// The link's server (accepting router) and client (dialing router) configurations, with
+/// secret extraction as `extract` says and no session tickets.
+fn configs(extract: bool) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let ca = pki::new_ca("bench").expect("CA");
     let identity = pki::issue(
         &ca,
@@ -51,9 +50,16 @@ fn pair_with(extract: bool) -> (ClientConnection, ServerConnection) {
     client_config.enable_secret_extraction = extract;
     // No session tickets: a ticket in flight would take the first record sequence number.
     server_config.send_tls13_tickets = 0;
+    (Arc::new(server_config), Arc::new(client_config))
+}
+
+/// A client (the dialing router) and server (the accepting router) handshaken by rustls'
+/// buffered API, as links were before the router's record layer.
+fn pair() -> (ClientConnection, ServerConnection) {
+    let (server_config, client_config) = configs(false);
     let name = ServerName::try_from("localhost").expect("name");
-    let mut client = ClientConnection::new(Arc::new(client_config), name).expect("client");
-    let mut server = ServerConnection::new(Arc::new(server_config)).expect("server");
+    let mut client = ClientConnection::new(client_config, name).expect("client");
+    let mut server = ServerConnection::new(server_config).expect("server");
     let mut wire = Vec::new();
     while client.is_handshaking() || server.is_handshaking() {
         wire.clear();
@@ -68,11 +74,15 @@ fn pair_with(extract: bool) -> (ClientConnection, ServerConnection) {
     (client, server)
 }
 
-/// Seals one record of `plaintext`, returning the bytes that go on the wire.
-fn seal(client: &mut ClientConnection, plaintext: &[u8], wire: &mut Vec<u8>) {
-    client.writer().write_all(plaintext).expect("write");
-    while client.wants_write() {
-        client.write_tls(wire).expect("write_tls");
+/// Seals `plaintext` as records, appending the bytes that go on the wire to `wire`.
+fn seal(client: &mut ClientConnection, mut plaintext: &[u8], wire: &mut Vec<u8>) {
+    // rustls buffers a limited amount of plaintext: what it takes is sealed before the rest.
+    while !plaintext.is_empty() {
+        let taken = client.writer().write(plaintext).expect("write");
+        plaintext = &plaintext[taken..];
+        while client.wants_write() {
+            client.write_tls(wire).expect("write_tls");
+        }
     }
 }
 
@@ -116,109 +126,118 @@ fn records(c: &mut Criterion) {
     group.finish();
 }
 
-/// One direction's record layer, from the secrets rustls extracted: the AEAD key, the IV and
-/// the next sequence number.
-struct Direction {
-    key: ring::aead::LessSafeKey,
-    iv: [u8; 12],
-    seq: u64,
-}
-
-impl Direction {
-    fn both(client: ClientConnection, server: ServerConnection) -> (Self, Self) {
-        let client = client.dangerous_extract_secrets().expect("client secrets");
-        let server = server.dangerous_extract_secrets().expect("server secrets");
-        (Self::new(client.tx), Self::new(server.rx))
-    }
-
-    fn new((seq, secrets): (u64, rustls::ConnectionTrafficSecrets)) -> Self {
-        use rustls::ConnectionTrafficSecrets as S;
-        let (algorithm, key, iv) = match secrets {
-            S::Aes128Gcm { key, iv } => (&ring::aead::AES_128_GCM, key, iv),
-            S::Aes256Gcm { key, iv } => (&ring::aead::AES_256_GCM, key, iv),
-            S::Chacha20Poly1305 { key, iv } => (&ring::aead::CHACHA20_POLY1305, key, iv),
-            _ => panic!("a cipher suite this benchmark does not know"),
-        };
-        let key = ring::aead::UnboundKey::new(algorithm, key.as_ref()).expect("key");
-        Self {
-            key: ring::aead::LessSafeKey::new(key),
-            iv: iv.as_ref().try_into().expect("a 12-byte IV"),
-            seq,
-        }
-    }
-
-    /// TLS 1.3's per-record nonce: the IV with the sequence number XORed into its tail.
-    fn nonce(&mut self) -> ring::aead::Nonce {
-        let mut nonce = self.iv;
-        for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
-            *n ^= s;
-        }
-        self.seq += 1;
-        ring::aead::Nonce::assume_unique_for_key(nonce)
-    }
-
-    /// Seals `record` in place: a 5-byte header, `len` plaintext bytes and the inner content
-    /// type, then the tag appended.
-    fn seal(&mut self, record: &mut Vec<u8>, len: usize) {
-        let body = u16::try_from(len + 1 + 16).expect("a record");
-        record.truncate(5 + len);
-        record[..5].copy_from_slice(&[23, 3, 3, (body >> 8) as u8, body as u8]);
-        record.push(23); // application data
-        let header: [u8; 5] = record[..5].try_into().expect("header");
-        let nonce = self.nonce();
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(header), &mut record[5..])
-            .expect("seal");
-        record.extend_from_slice(tag.as_ref());
-    }
-
-    /// Opens `record` where it lies; returns the plaintext's length.
-    fn open(&mut self, record: &mut [u8]) -> usize {
-        let header: [u8; 5] = record[..5].try_into().expect("header");
-        let nonce = self.nonce();
-        let plain = self
-            .key
-            .open_in_place(nonce, ring::aead::Aad::from(header), &mut record[5..])
-            .expect("open");
-        plain.len() - 1 // the inner content type
-    }
+/// The router's own record layer for both ends of a link connection, handshaken by the
+/// router's own handshake over an in-memory pipe: the dialing router's sealer and the
+/// accepting router's opener.
+fn record_layer() -> (records::Sealer, records::Opener) {
+    let (server, client) = configs(true);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let (mut east, mut west) = tokio::io::duplex(1 << 16);
+        let name = ServerName::try_from("localhost").expect("name");
+        let (accepted, dialed) = tokio::join!(
+            session::accept(&mut east, server),
+            session::connect(&mut west, client, name),
+        );
+        (
+            dialed.expect("connect").sealer,
+            accepted.expect("accept").opener,
+        )
+    })
 }
 
 fn records_in_place(c: &mut Criterion) {
+    let plaintext = vec![0x5a; RECORD];
     let mut group = c.benchmark_group("tls record 16 KiB, in place");
     group.throughput(Throughput::Bytes(RECORD as u64));
 
-    let (client, server) = pair_with(true);
-    let (mut tx, _) = Direction::both(client, server);
-    let mut record = vec![0x5a; 5 + RECORD + 1 + 16];
+    let (mut sealer, _) = record_layer();
+    let mut out = Vec::with_capacity(2 * RECORD);
     group.bench_function("seal in place (send)", |b| {
         b.iter(|| {
-            tx.seal(&mut record, RECORD);
-            black_box(record.len())
+            out.clear();
+            sealer
+                .seal(&[black_box(&plaintext)], &mut out)
+                .expect("seal");
+            black_box(out.len())
         });
     });
 
-    // Records sealed by rustls itself, opened in place with the receiving side's secrets.
-    let (mut client, server) = pair_with(true);
-    let mut wire = Vec::new();
-    seal(&mut client, &vec![0x5a; RECORD], &mut wire);
-    let mut check = wire.clone();
-    let (mut client_tx, mut rx) = Direction::both(client, server);
-    assert_eq!(rx.open(&mut check), RECORD, "rustls' record opens in place");
+    let (mut sealer, mut opener) = record_layer();
     group.bench_function("open in place (receive)", |b| {
         b.iter_batched(
             || {
-                let mut record = vec![0x5a; 5 + RECORD + 1 + 16];
-                client_tx.seal(&mut record, RECORD);
-                record
+                let mut wire = Vec::with_capacity(2 * RECORD);
+                sealer.seal(&[&plaintext], &mut wire).expect("seal");
+                wire
             },
-            |mut record| black_box(rx.open(&mut record)),
+            |mut wire| {
+                let opened = opener.open(&mut wire, 0, 0).expect("open");
+                black_box(opened.plain)
+            },
             BatchSize::SmallInput,
         );
     });
     group.finish();
 }
 
-criterion_group!(benches, records, records_in_place);
+/// What a link's receiving end does per read: 256 KiB of records in, plaintext out. rustls'
+/// buffered API takes them through its deframer and copies the plaintext out; the router's
+/// record layer opens them where they lie and leaves the plaintext at the buffer's front.
+fn batch_receive(c: &mut Criterion) {
+    let plaintext = vec![0x5a; BATCH];
+    let mut group = c.benchmark_group("tls receive 256 KiB");
+    group.throughput(Throughput::Bytes(BATCH as u64));
+
+    let (mut client, mut server) = pair();
+    let mut out = vec![0; BATCH];
+    group.bench_function("rustls buffered", |b| {
+        b.iter_batched(
+            || {
+                let mut wire = Vec::with_capacity(2 * BATCH);
+                seal(&mut client, &plaintext, &mut wire);
+                wire
+            },
+            |wire| {
+                let mut rest = wire.as_slice();
+                let mut got = 0;
+                while got < BATCH {
+                    if !rest.is_empty() {
+                        server.read_tls(&mut rest).expect("read_tls");
+                        server.process_new_packets().expect("open");
+                    }
+                    match server.reader().read(&mut out[got..]) {
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("plaintext: {e}"),
+                    }
+                }
+                black_box(out[0])
+            },
+            BatchSize::SmallInput,
+        );
+    });
+
+    let (mut sealer, mut opener) = record_layer();
+    group.bench_function("skiff in place", |b| {
+        b.iter_batched(
+            || {
+                let mut wire = Vec::with_capacity(2 * BATCH);
+                sealer.seal(&[&plaintext], &mut wire).expect("seal");
+                wire
+            },
+            |mut wire| {
+                let opened = opener.open(&mut wire, 0, 0).expect("open");
+                assert_eq!(opened.plain, BATCH);
+                black_box(wire[0])
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, records, records_in_place, batch_receive);
 criterion_main!(benches);
