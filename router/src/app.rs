@@ -35,7 +35,7 @@ use crate::{
     policy::{Gate, Policy},
     routing::Routing,
     site::{self, SiteConfig, StateDir},
-    tls,
+    tls::{self, handshakes::Handshakes},
 };
 
 pub use crate::node::{AccelMode, Kernel};
@@ -665,6 +665,8 @@ impl metrics::Source for Router {
             datapath: datapath.backend(),
             uring_connections: datapath.uring_connections(),
             links_refused: self.links.refused(),
+            handshakes: Handshakes::merged(self.links.handshakes(), self.forwarding.handshakes())
+                .to_vec(),
             links: links.into_values().collect(),
             listeners: self
                 .services

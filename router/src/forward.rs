@@ -33,7 +33,9 @@ use crate::{
     log_limit::LogLimit,
     policy::{Denied, Gate},
     routing::Routing,
-    service, trim,
+    service,
+    tls::handshakes::{self, Endpoint, Failure, Handshakes},
+    trim,
 };
 
 /// How long a backend has to accept a connection (and, for a TLS connector, to finish the
@@ -215,6 +217,8 @@ pub struct Forwarding {
     refusals: Mutex<LogLimit>,
     /// A record of each connection as it ends.
     flows: Arc<Flows>,
+    /// TLS listeners' and connectors' handshakes.
+    handshakes: Handshakes,
 }
 
 /// Counts a connection or stream in flight.
@@ -247,7 +251,14 @@ impl Forwarding {
             active: AtomicUsize::new(0),
             trimmer: trim::Trimmer::default(),
             refusals: Mutex::default(),
+            handshakes: Handshakes::default(),
         }
+    }
+
+    /// The TLS listeners' and connectors' handshakes counted so far.
+    #[must_use]
+    pub fn handshakes(&self) -> [handshakes::Sample; 4] {
+        self.handshakes.sample()
     }
 
     /// The records of ended connections.
@@ -457,8 +468,16 @@ impl Forwarding {
             };
             tokio::spawn(async move {
                 let handshake = datapath::tls_server(client, &tls);
-                let outcome = match tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, handshake).await
-                {
+                let handshake = tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, handshake).await;
+                forwarding.handshakes.count(
+                    Endpoint::Listener,
+                    match &handshake {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(Failure::of_io(e)),
+                        Err(_) => Err(Failure::Timeout),
+                    },
+                );
+                let outcome = match handshake {
                     Ok(Ok(client)) => forwarding.route_client(client, &key, &mut flow).await,
                     Ok(Err(e)) => {
                         warn!(routing_key = %key, %peer, "TLS client refused: {e}");
@@ -581,8 +600,16 @@ impl Forwarding {
         };
         let connector = tls.connector(alpn);
         let handshake = datapath::tls_client(conn, &connector, tls.server_name.clone());
-        tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, handshake)
-            .await
+        let handshake = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, handshake).await;
+        self.handshakes.count(
+            Endpoint::Connector,
+            match &handshake {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(Failure::of_io(e)),
+                Err(_) => Err(Failure::Timeout),
+            },
+        );
+        handshake
             .map_err(|_| BackendError::HandshakeTimeout { addr: addr.clone() })?
             .map_err(|source| BackendError::Handshake { addr, source })
             .map(|conn| (conn, Arc::clone(&backend)))

@@ -37,6 +37,8 @@ pub struct Snapshot {
     pub uring_connections: u64,
     /// Link connections refused after their TLS handshake.
     pub links_refused: u64,
+    /// TLS handshakes by endpoint, and their failures by reason.
+    pub handshakes: Vec<crate::tls::handshakes::Sample>,
     /// Links, one row per peer and direction.
     pub links: Vec<LinkSample>,
     pub listeners: Vec<ServiceSample>,
@@ -123,6 +125,37 @@ fn count(value: u64) -> ConstCounter<u64> {
 
 fn level(value: u64) -> ConstGauge<i64> {
     ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+}
+
+/// The TLS handshake families: every endpoint, and every reason, even at zero (a rate over a
+/// series that appears only at its first failure starts late).
+fn encode_handshakes(
+    encoder: &mut DescriptorEncoder,
+    samples: &[crate::tls::handshakes::Sample],
+) -> fmt::Result {
+    use crate::tls::handshakes::Failure;
+    family(
+        encoder,
+        "skiff_tls_handshakes",
+        "TLS handshakes completed, by endpoint (link_access, link_dial, listener, connector).",
+        samples
+            .iter()
+            .map(|s| (vec![("endpoint", s.endpoint.label())], count(s.succeeded))),
+    )?;
+    family(
+        encoder,
+        "skiff_tls_handshake_failures",
+        "TLS handshakes that failed, by endpoint and reason (certificate, incompatible, alert, \
+         protocol, timeout, connection).",
+        samples.iter().flat_map(|s| {
+            Failure::ALL.iter().zip(s.failed).map(|(why, n)| {
+                (
+                    vec![("endpoint", s.endpoint.label()), ("reason", why.label())],
+                    count(n),
+                )
+            })
+        }),
+    )
 }
 
 /// The link families.
@@ -282,6 +315,7 @@ impl<S: Source> Collector for RouterCollector<S> {
             "Connections the io_uring workers have moved.",
             s.uring_connections,
         )?;
+        encode_handshakes(&mut encoder, &s.handshakes)?;
         counter(
             &mut encoder,
             "skiff_links_refused",

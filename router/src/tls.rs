@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, RwLock};
 
+pub mod handshakes;
 pub mod identity;
 pub mod records;
 pub mod session;

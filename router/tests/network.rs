@@ -354,6 +354,40 @@ async fn bad_peers_on_the_link_port_are_refused_and_others_keep_working() {
             .any(|l| l["peer"] == "east" && l["status"] == "up"),
         "{links}"
     );
+
+    // Each failed handshake is counted under its reason; the ones that completed (east's link,
+    // the anonymous and the credentialed intruder, refused after their handshakes) as such.
+    let text = scrape_until(
+        &west,
+        r#"skiff_tls_handshake_failures_total{endpoint="link_access",reason="certificate"} 1"#,
+    )
+    .await;
+    has_lines(
+        &text,
+        &[
+            r#"skiff_tls_handshake_failures_total{endpoint="link_access",reason="protocol"} 1"#,
+            r#"skiff_tls_handshake_failures_total{endpoint="link_access",reason="timeout"} 0"#,
+            r#"skiff_tls_handshake_failures_total{endpoint="listener",reason="certificate"} 0"#,
+        ],
+    );
+    let completed = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"skiff_tls_handshakes_total{endpoint="link_access"} "#))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no link_access handshakes in {text}"));
+    assert!(
+        completed >= 3,
+        "{completed} link-access handshakes completed: {text}"
+    );
+    let text = scrape(&east).await;
+    has_lines(
+        &text,
+        &[r#"skiff_tls_handshake_failures_total{endpoint="link_dial",reason="certificate"} 0"#],
+    );
+    assert!(
+        !text.contains(r#"skiff_tls_handshakes_total{endpoint="link_dial"} 0"#),
+        "east's dial is counted: {text}"
+    );
 }
 
 /// Version negotiation: a dialer that speaks only version 1 gets version 1 (Hello says so),

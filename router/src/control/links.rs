@@ -34,7 +34,10 @@ use crate::{
     policy::{self, Gate},
     service,
     site::{self, SiteConfig, StateDir, StateFile},
-    tls,
+    tls::{
+        self,
+        handshakes::{self, Endpoint, Failure, Handshakes},
+    },
     token::{self, Credentials, Grant, Grants, RedeemRequest, RedeemResponse, Token},
 };
 
@@ -106,6 +109,8 @@ pub struct Links {
     bound: OnceLock<SocketAddr>,
     /// Link connections refused after their TLS handshake (revoked, too many, policy).
     refused: AtomicU64,
+    /// Link-access and dialled handshakes.
+    handshakes: Arc<Handshakes>,
     forwarding: Arc<Forwarding>,
     network: Arc<Network>,
     gate: Arc<Gate>,
@@ -188,6 +193,7 @@ impl Links {
             revoked_file: StateFile::new(state, "revoked.json"),
             bound: OnceLock::new(),
             refused: AtomicU64::new(0),
+            handshakes: Arc::default(),
             forwarding,
             network,
             gate,
@@ -208,6 +214,12 @@ impl Links {
     #[must_use]
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The link handshakes counted so far.
+    #[must_use]
+    pub fn handshakes(&self) -> [handshakes::Sample; 4] {
+        self.handshakes.sample()
     }
 
     /// Starts the outgoing links stored in `STATE/links/`.
@@ -260,6 +272,7 @@ impl Links {
                     key.clone(),
                     self.site.clone(),
                     Arc::clone(&events),
+                    Arc::clone(&self.handshakes),
                 ))
                 .abort_handle()
             })
@@ -787,6 +800,10 @@ impl Events for Links {
 impl Access for Links {
     fn site_name(&self) -> &str {
         &self.site
+    }
+
+    fn handshake(&self, outcome: Result<(), Failure>) {
+        self.handshakes.count(Endpoint::LinkAccess, outcome);
     }
 
     fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), Refused> {

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::{Direction, Events, frame, transport};
 use crate::{
     pki,
-    tls::{records, session},
+    tls::{handshakes::Failure, records, session},
     token,
 };
 
@@ -47,6 +47,9 @@ pub trait Access: Events {
     /// # Errors
     /// Why it may not.
     fn admit_link(&self, peer_site: &str, fingerprint: &str) -> Result<(), Refused>;
+    /// Counts a link-access handshake's outcome.
+    fn handshake(&self, outcome: Result<(), Failure>);
+
     /// Handles a redemption request from `source`.
     fn redeem(
         &self,
@@ -86,8 +89,14 @@ async fn handle<A: Access>(
     router: Arc<A>,
 ) -> Result<(), String> {
     super::tune(&tcp);
-    let session = tokio::time::timeout(HANDSHAKE_TIMEOUT, session::accept(&mut tcp, config))
-        .await
+    let handshake =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, session::accept(&mut tcp, config)).await;
+    router.handshake(match &handshake {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.failure()),
+        Err(_) => Err(Failure::Timeout),
+    });
+    let session = handshake
         .map_err(|_| "tls handshake timed out".to_owned())?
         .map_err(|e| format!("tls handshake failed: {}", crate::node::error_chain(&e)))?;
     let peer_cert = session.peer_certificates.first().cloned();

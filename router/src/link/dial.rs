@@ -18,6 +18,7 @@ use crate::{
     site,
     tls::{
         self,
+        handshakes::{Endpoint, Failure, Handshakes},
         session::{self, Session},
     },
     token::{RedeemRequest, RedeemResponse, Token},
@@ -40,6 +41,8 @@ pub enum Error {
     },
     #[error("timed out connecting to {0}")]
     Timeout(String),
+    #[error("the TLS handshake with {0} timed out")]
+    HandshakeTimeout(String),
     #[error("tls handshake with {url} failed")]
     Tls {
         url: String,
@@ -190,24 +193,42 @@ async fn dial_once(
     client: Arc<rustls::ClientConfig>,
     me: &str,
     events: Arc<dyn Events>,
+    handshakes: &Handshakes,
 ) -> Result<(), Error> {
-    let (tcp, session) = connect_link(&config.url, client).await?;
-    let certified = session
-        .peer_certificates
-        .first()
-        .and_then(pki::common_name)
-        .unwrap_or_default();
-    if certified != config.peer_site {
-        return Err(Error::WrongPeer {
-            certified,
-            expected: config.peer_site.clone(),
-        });
+    let handshake = async {
+        let (tcp, session) = connect_link(&config.url, client).await?;
+        let certified = session
+            .peer_certificates
+            .first()
+            .and_then(pki::common_name)
+            .unwrap_or_default();
+        if certified != config.peer_site {
+            return Err(Error::WrongPeer {
+                certified,
+                expected: config.peer_site.clone(),
+            });
+        }
+        let version = session
+            .alpn
+            .as_deref()
+            .and_then(frame::link_version)
+            .ok_or(Error::NoLinkProtocol)?;
+        Ok((tcp, session, certified, version))
     }
-    let version = session
-        .alpn
-        .as_deref()
-        .and_then(frame::link_version)
-        .ok_or(Error::NoLinkProtocol)?;
+    .await;
+    let failure = match &handshake {
+        Ok(_) => Some(Ok(())),
+        Err(Error::Handshake { source, .. }) => Some(Err(source.failure())),
+        Err(Error::HandshakeTimeout(_)) => Some(Err(Failure::Timeout)),
+        Err(Error::WrongPeer { .. }) => Some(Err(Failure::Certificate)),
+        Err(Error::NoLinkProtocol) => Some(Err(Failure::Incompatible)),
+        // Not a handshake: the TCP connection was not made.
+        Err(_) => None,
+    };
+    if let Some(outcome) = failure {
+        handshakes.count(Endpoint::LinkDial, outcome);
+    }
+    let (tcp, session, certified, version) = handshake?;
     let direction = Direction::Outgoing(config.name.clone());
     // The link's own end is logged by super::run.
     let transport = transport::tls(tcp, session)?;
@@ -227,7 +248,7 @@ async fn connect_link(
         session::connect(&mut tcp, config, server_name),
     )
     .await
-    .map_err(|_| Error::Timeout(url.to_owned()))?
+    .map_err(|_| Error::HandshakeTimeout(url.to_owned()))?
     .map_err(|source| Error::Handshake {
         url: url.to_owned(),
         source,
@@ -244,6 +265,7 @@ pub async fn maintain(
     key_pem: String,
     me: String,
     events: Arc<dyn Events>,
+    handshakes: Arc<Handshakes>,
 ) -> Result<(), Error> {
     let credential = CertKey {
         cert_pem: config.cert.clone(),
@@ -253,7 +275,15 @@ pub async fn maintain(
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = tokio::time::Instant::now();
-        match dial_once(&config, Arc::clone(&client), &me, Arc::clone(&events)).await {
+        match dial_once(
+            &config,
+            Arc::clone(&client),
+            &me,
+            Arc::clone(&events),
+            &handshakes,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(e) => warn!(link = %config.name, error = %e, "link dial failed"),
         }

@@ -43,6 +43,19 @@ pub enum Error {
     Records(#[from] records::Error),
 }
 
+impl Error {
+    /// The reason the handshake metric counts this failure under.
+    #[must_use]
+    pub fn failure(&self) -> super::handshakes::Failure {
+        use super::handshakes::Failure;
+        match self {
+            Self::Tls(e) => Failure::of_rustls(e),
+            Self::Io(_) | Self::Closed => Failure::Connection,
+            Self::TooLarge | Self::Unexpected(_) | Self::Records(_) => Failure::Protocol,
+        }
+    }
+}
+
 /// An established session: the record layer's two directions and what the handshake agreed.
 #[derive(Debug)]
 pub struct Session {
