@@ -165,6 +165,7 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
     let built = Instant::now();
     let binaries = build()?;
     let build_time = built.elapsed();
+    let hidden = hidden_from_guests(&[workspace_root(), target_dir()]);
     let logs = workspace_root().join("target/vm-test");
     std::fs::create_dir_all(&logs)?;
     let mut env = vec![
@@ -208,6 +209,7 @@ pub fn run(runs: &[Run], tally: &mut Tally) -> anyhow::Result<()> {
             binaries: &chosen,
             cwd: &workspace_root().join("kernel-tests"),
             env: &env,
+            hidden: &hidden,
             console_log: logs.join(format!("{label}.console.log")),
             timeout: Duration::from_secs(timeout_minutes() * 60),
         };
@@ -445,11 +447,35 @@ fn choose(binaries: &[TestBinary], tests: &[String]) -> anyhow::Result<Vec<TestB
         .collect()
 }
 
+/// This workspace's target directory.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+/// Those of `dirs` that a guest's own /tmp and /run would hide, without any that another
+/// of them contains.
+fn hidden_from_guests(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let dirs: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()))
+        .filter(|d| d.starts_with("/tmp") || d.starts_with("/run"))
+        .collect();
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for dir in &dirs {
+        let inside_another = dirs
+            .iter()
+            .any(|other| other != dir && dir.starts_with(other));
+        if !inside_another && !kept.contains(dir) {
+            kept.push(dir.clone());
+        }
+    }
+    kept
+}
+
 /// The `skiff` binary the guests run, from this workspace's target directory.
 fn skiff_binary() -> anyhow::Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    let bin = target.join("debug/skiff");
+    let bin = target_dir().join("debug/skiff");
     anyhow::ensure!(bin.exists(), "no {} after the build", bin.display());
     Ok(std::fs::canonicalize(bin)?)
 }
@@ -483,6 +509,17 @@ mod tests {
             path: format!("/nonexistent/{name}").into(),
             args: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_checkout_under_tmp_is_shared_again_once_and_one_elsewhere_is_not() {
+        let hidden = hidden_from_guests(&[
+            "/tmp/nonexistent-ci".into(),
+            "/tmp/nonexistent-ci/target".into(),
+            "/nonexistent/work/target".into(),
+        ]);
+        assert_eq!(hidden, [PathBuf::from("/tmp/nonexistent-ci")]);
+        assert!(hidden_from_guests(&["/nonexistent/work".into()]).is_empty());
     }
 
     #[test]

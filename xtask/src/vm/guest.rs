@@ -68,6 +68,10 @@ pub struct Plan<'a> {
     pub cwd: &'a Path,
     /// Environment for the tests.
     pub env: &'a [(String, String)],
+    /// Host directories under /tmp or /run the tests need (a checkout there, its target
+    /// directory): the guest's own /tmp and /run hide the host's, so these are shared again
+    /// and mounted read-only at the same paths.
+    pub hidden: &'a [PathBuf],
     /// Where the kernel's console log is kept.
     pub console_log: PathBuf,
     /// The guest is killed (by PID) if it runs longer.
@@ -153,8 +157,14 @@ fn boot(
         .arg(format!(
             "local,path={},mount_tag=skiffrun,security_model=none,multidevs=remap",
             run_dir.display()
-        ))
-        .stdin(Stdio::null())
+        ));
+    for (i, dir) in plan.hidden.iter().enumerate() {
+        qemu.arg("-virtfs").arg(format!(
+            "local,path={},mount_tag=hidden{i},security_model=none,readonly=on,multidevs=remap",
+            dir.display()
+        ));
+    }
+    qemu.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let started = Instant::now();
@@ -304,6 +314,14 @@ fn run_script(plan: &Plan<'_>) -> String {
     );
     s.push_str("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     s.push_str("export HOME=/tmp\n");
+    for (i, dir) in plan.hidden.iter().enumerate() {
+        let dir = quote(&dir.display().to_string());
+        let _ = writeln!(
+            s,
+            "mkdir -p {dir} && mount -t 9p -o ro,cache=loose,trans=virtio,version=9p2000.L,\
+             msize=262144 hidden{i} {dir} || echo \"skiff-vm: cannot mount {dir}\""
+        );
+    }
     for (key, value) in plan.env {
         let _ = writeln!(s, "export {key}={}", quote(value));
     }
@@ -387,11 +405,16 @@ mod tests {
             binaries: &binaries,
             cwd: Path::new("/w/kernel-tests"),
             env: &[],
+            hidden: &["/tmp/ci".into()],
             console_log: "/c".into(),
             timeout: Duration::from_secs(1),
         };
         let script = run_script(&plan);
         assert!(script.contains("'/t/accel-1' 'it'\\''s'"), "{script}");
+        assert!(
+            script.contains("mkdir -p '/tmp/ci' && mount -t 9p -o ro,cache=loose"),
+            "{script}"
+        );
         assert!(script.contains("echo \"accel $?\" >> /run/skiff-vm/status"));
         assert!(script.trim_end().ends_with("exec busybox poweroff -f"));
     }
