@@ -615,10 +615,7 @@ impl metrics::Source for Router {
         let mut links: BTreeMap<(String, &'static str), metrics::LinkSample> = BTreeMap::new();
         for (peer, connections) in self.forwarding.links() {
             for link in connections {
-                let direction = match link.direction {
-                    link::Direction::Outgoing(_) => "outgoing",
-                    link::Direction::Incoming => "incoming",
-                };
+                let direction = link.direction.label();
                 let row =
                     links
                         .entry((peer.clone(), direction))
@@ -665,6 +662,7 @@ impl metrics::Source for Router {
             datapath: datapath.backend(),
             uring_connections: datapath.uring_connections(),
             links_refused: self.links.refused(),
+            link_churn: self.links.churn(),
             handshakes: Handshakes::merged(self.links.handshakes(), self.forwarding.handshakes())
                 .to_vec(),
             links: links.into_values().collect(),

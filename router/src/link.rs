@@ -103,6 +103,17 @@ pub enum Direction {
     Incoming,
 }
 
+impl Direction {
+    /// `outgoing` or `incoming`, as status and metrics name it.
+    #[must_use]
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Outgoing(_) => "outgoing",
+            Self::Incoming => "incoming",
+        }
+    }
+}
+
 /// What a router does with what arrives on its links.
 pub trait Events: Send + Sync + 'static {
     /// The link finished its handshake and is ready for streams.

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub handshakes: Vec<crate::tls::handshakes::Sample>,
     /// Links, one row per peer and direction.
     pub links: Vec<LinkSample>,
+    /// Link connections lost and re-established, one row per peer and direction ever linked.
+    pub link_churn: Vec<LinkChurn>,
     pub listeners: Vec<ServiceSample>,
     pub connectors: Vec<ServiceSample>,
     /// When the router identity expires (Unix seconds).
@@ -60,6 +62,16 @@ pub struct LinkSample {
     pub rtt_seconds: Option<f64>,
     pub received_bytes: u64,
     pub sent_bytes: u64,
+}
+
+/// The link connections to one peer site in one direction that ended, and those that came
+/// up again after one had.
+#[derive(Debug, Default)]
+pub struct LinkChurn {
+    pub peer: String,
+    pub direction: &'static str,
+    pub lost: u64,
+    pub reconnects: u64,
 }
 
 /// One listener or connector.
@@ -155,6 +167,26 @@ fn encode_handshakes(
                 )
             })
         }),
+    )
+}
+
+/// Link connections lost and re-established.
+fn encode_churn(encoder: &mut DescriptorEncoder, churn: &[LinkChurn]) -> fmt::Result {
+    fn labels(c: &LinkChurn) -> Vec<(&str, &str)> {
+        vec![("peer", c.peer.as_str()), ("direction", c.direction)]
+    }
+    family(
+        encoder,
+        "skiff_link_lost_connections",
+        "Link connections that ended (the peer went away, the connection broke or was shut).",
+        churn.iter().map(|c| (labels(c), count(c.lost))),
+    )?;
+    family(
+        encoder,
+        "skiff_link_reconnects",
+        "Outgoing link connections established to replace one that was lost (the dialing side \
+         counts them; incoming rows stay 0).",
+        churn.iter().map(|c| (labels(c), count(c.reconnects))),
     )
 }
 
@@ -288,6 +320,7 @@ impl<S: Source> Collector for RouterCollector<S> {
             s.active_connections,
         )?;
         encode_links(&mut encoder, &s.links)?;
+        encode_churn(&mut encoder, &s.link_churn)?;
         encode_services(&mut encoder, "listener", &s.listeners)?;
         encode_services(&mut encoder, "connector", &s.connectors)?;
         if let Some(at) = s.identity_expires_at {

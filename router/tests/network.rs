@@ -190,6 +190,45 @@ async fn refused_backend_resets_the_client_promptly() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
+/// A link connection that is cut counts as lost at both ends, and the dialer's new connection
+/// as a reconnect; the peer that restarted counts from zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_counts_as_lost_and_its_redial_as_a_reconnect() {
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr").to_string()
+    };
+    let mut west = Site::start_on("west", &addr).await;
+    let east = Site::start("east", false).await;
+    east.link_to(&west).await;
+    scrape_until(
+        &east,
+        r#"skiff_link_reconnects_total{peer="west",direction="outgoing"} 0"#,
+    )
+    .await;
+    west.stop().await;
+    west.run().await;
+    west.wait_for(|v| v["links"] == 1, Request::Status).await;
+    let text = scrape_until(
+        &east,
+        r#"skiff_link_reconnects_total{peer="west",direction="outgoing"} 1"#,
+    )
+    .await;
+    has_lines(
+        &text,
+        &[r#"skiff_link_lost_connections_total{peer="west",direction="outgoing"} 1"#],
+    );
+    let text = scrape_until(
+        &west,
+        r#"skiff_link_lost_connections_total{peer="east",direction="incoming"} 0"#,
+    )
+    .await;
+    has_lines(
+        &text,
+        &[r#"skiff_link_reconnects_total{peer="east",direction="incoming"} 0"#],
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_restores_links_listeners_and_connectors() {
     let west = Site::start("west", true).await;

@@ -30,6 +30,7 @@ use crate::{
         frame::LinkState,
         stream::{StreamRx, StreamTx},
     },
+    metrics,
     pki::{self, CertKey},
     policy::{self, Gate},
     service,
@@ -84,6 +85,9 @@ struct OutgoingRt {
     /// Why the site policy (or a revocation) keeps this link from being dialled (no tasks run
     /// then).
     denied: Option<String>,
+    /// Connections its dialers have established. Each dialer holds one at a time, so every
+    /// one past the first `connections` replaces one that was lost: a reconnect.
+    established: u64,
 }
 
 struct Table {
@@ -111,10 +115,21 @@ pub struct Links {
     refused: AtomicU64,
     /// Link-access and dialled handshakes.
     handshakes: Arc<Handshakes>,
+    /// Link connections lost and re-established, by peer and direction (kept while the router
+    /// runs, so that the counters do not vanish with the peer's last connection).
+    churn: Mutex<BTreeMap<(String, &'static str), Churn>>,
     forwarding: Arc<Forwarding>,
     network: Arc<Network>,
     gate: Arc<Gate>,
     certs: Arc<Certs>,
+}
+
+/// One peer and direction's link connections that ended, and the outgoing ones established to
+/// replace a lost one (only the dialing side can tell a replacement from another connection).
+#[derive(Debug, Default)]
+struct Churn {
+    lost: u64,
+    reconnects: u64,
 }
 
 impl std::fmt::Debug for Links {
@@ -194,6 +209,7 @@ impl Links {
             bound: OnceLock::new(),
             refused: AtomicU64::new(0),
             handshakes: Arc::default(),
+            churn: Mutex::default(),
             forwarding,
             network,
             gate,
@@ -214,6 +230,22 @@ impl Links {
     #[must_use]
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Link connections lost and re-established so far, by peer and direction.
+    #[must_use]
+    pub fn churn(&self) -> Vec<metrics::LinkChurn> {
+        self.churn
+            .lock()
+            .expect("churn lock")
+            .iter()
+            .map(|((peer, direction), c)| metrics::LinkChurn {
+                peer: peer.clone(),
+                direction,
+                lost: c.lost,
+                reconnects: c.reconnects,
+            })
+            .collect()
     }
 
     /// The link handshakes counted so far.
@@ -284,6 +316,7 @@ impl Links {
                 config,
                 tasks,
                 denied,
+                established: 0,
             },
         );
         if let Some(old) = old {
@@ -772,18 +805,37 @@ impl Events for Links {
                 return;
             }
         };
-        let cost = match &link.direction {
+        let (cost, reconnect) = match &link.direction {
             link::Direction::Outgoing(name) => {
-                self.table().outgoing.get(name).map_or(1, |o| o.config.cost)
+                let mut table = self.table();
+                table.outgoing.get_mut(name).map_or((1, false), |o| {
+                    o.established += 1;
+                    (
+                        o.config.cost,
+                        o.established > u64::from(o.config.connections.max(1)),
+                    )
+                })
             }
-            link::Direction::Incoming => 1,
+            link::Direction::Incoming => (1, false),
         };
         self.network.link_up(link, cost, first);
+        let mut churn = self.churn.lock().expect("churn lock");
+        let c = churn
+            .entry((link.peer.clone(), link.direction.label()))
+            .or_default();
+        if reconnect {
+            c.reconnects += 1;
+        }
     }
 
     fn link_down(&self, link: &Arc<Link>) {
         if self.forwarding.remove_link(link) {
             self.network.link_down(&link.peer);
+            let mut churn = self.churn.lock().expect("churn lock");
+            churn
+                .entry((link.peer.clone(), link.direction.label()))
+                .or_default()
+                .lost += 1;
         }
     }
 
