@@ -94,7 +94,7 @@ impl Kernel {
             None => None,
             Some(Ok(programs)) => Some(programs),
             Some(Err(e)) if accel == AccelMode::Auto && !config.isolate_namespaces => {
-                let reason = error_chain(&e);
+                let reason = crate::programs::reason(&e);
                 warn!(reason, "socket acceleration off");
                 return Ok(Self {
                     lock,
@@ -175,7 +175,7 @@ fn start_accel(
             Ok((Some(accel), format!("sockmap on {}", cgroup.display())))
         }
         Err(e) if mode == AccelMode::Auto => {
-            let reason = error_chain(&e);
+            let reason = crate::programs::reason(&e);
             warn!(reason, "socket acceleration off");
             Ok((None, format!("off: {reason}")))
         }

@@ -162,3 +162,113 @@ impl Programs {
         self.shortcuts
     }
 }
+
+/// Why loading or attaching failed, in one line. A verifier refusal is cut to the line of its
+/// log that says why (the whole log runs to dozens of lines), and a kernel locked down for
+/// confidentiality, which refuses the programs' reads of kernel memory, is named.
+#[must_use]
+pub fn reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = Vec::new();
+    let mut refused = false;
+    let mut cause = Some(e);
+    while let Some(error) = cause {
+        if let Some(ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) = program_error(error)
+        {
+            parts.push(format!(
+                "the kernel refused the program ({io_error}): {}",
+                verifier_refusal(&verifier_log.to_string())
+            ));
+            refused = true;
+            break;
+        }
+        parts.push(error.to_string());
+        cause = error.source();
+    }
+    let line = parts.join(": ");
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
+    if refused && locked_for_confidentiality(&lockdown) {
+        format!(
+            "the kernel is locked down for confidentiality, which refuses BPF reads of kernel memory: {line}"
+        )
+    } else {
+        line
+    }
+}
+
+/// The program error inside `error`, however aya or this module wrapped it.
+fn program_error<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e ProgramError> {
+    if let Some(p) = error.downcast_ref::<ProgramError>() {
+        return Some(p);
+    }
+    if let Some(p) = error.downcast_ref::<Box<ProgramError>>() {
+        return Some(p);
+    }
+    let ebpf = error
+        .downcast_ref::<aya::EbpfError>()
+        .or_else(|| error.downcast_ref::<Box<aya::EbpfError>>().map(|b| &**b));
+    match ebpf {
+        Some(aya::EbpfError::ProgramError(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// The line of a verifier log that says why it refused: the last one before its statistics.
+fn verifier_refusal(log: &str) -> &str {
+    const STATISTICS: [&str; 4] = [
+        "processed ",
+        "verification time",
+        "stack depth",
+        "max_states_per_insn",
+    ];
+    log.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !STATISTICS.iter().any(|s| l.starts_with(s)))
+        .unwrap_or("(the verifier gave no reason)")
+}
+
+/// Whether `/sys/kernel/security/lockdown` (given as `text`) selects confidentiality.
+fn locked_for_confidentiality(text: &str) -> bool {
+    text.contains("[confidentiality]")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verifier_log_is_cut_to_its_refusal() {
+        // The shape of the log 6.12 gave under lockdown=confidentiality (docs/vm-matrix-notes.md).
+        let log = "func#0 @0\n0: R1=ctx() R10=fp0\n; let sk = ... @ sk_msg.rs:113\n\
+                   42: (85) call bpf_probe_read#4\n\
+                   program of this type cannot use helper bpf_probe_read#4\n\
+                   processed 43 insns (limit 1000000) max_states_per_insn 0 total_states 3\n";
+        assert_eq!(
+            verifier_refusal(log),
+            "program of this type cannot use helper bpf_probe_read#4"
+        );
+        assert_eq!(verifier_refusal(""), "(the verifier gave no reason)");
+    }
+
+    #[test]
+    fn only_the_confidentiality_mode_counts_as_locked_down() {
+        assert!(locked_for_confidentiality(
+            "none integrity [confidentiality]\n"
+        ));
+        assert!(!locked_for_confidentiality(
+            "none [integrity] confidentiality\n"
+        ));
+        assert!(!locked_for_confidentiality(""));
+    }
+
+    #[test]
+    fn a_reason_without_a_verifier_refusal_is_the_error_chain() {
+        let error = ObjectError::Missing {
+            kind: "map",
+            name: "SKIFF_ALLOWED",
+        };
+        assert_eq!(reason(&error), "eBPF object has no map named SKIFF_ALLOWED");
+    }
+}
