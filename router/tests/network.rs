@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Site, checksum_backend,
+    Site, checksum_backend, has_lines,
     peer::{credentialed, first_frame, hello, tls_to},
-    transfer,
+    scrape, scrape_until, transfer,
 };
 use router::{admin::Request, token::Token};
 use serde_json::Value;
@@ -646,21 +646,6 @@ async fn a_local_connector_is_served_by_splice_byte_exact_with_half_close() {
 }
 
 /// Fetches `/metrics` from the site's metrics endpoint.
-async fn scrape(site: &Site) -> String {
-    let status = site.call(Request::Status).await.expect("status");
-    let addr = status["metricsAddr"]
-        .as_str()
-        .expect("metrics address")
-        .to_owned();
-    let mut conn = TcpStream::connect(addr).await.expect("connect metrics");
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("request");
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer).await.expect("answer");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    answer
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_expose_links_and_connections_in_prometheus_text() {
@@ -721,30 +706,6 @@ async fn metrics_expose_links_and_connections_in_prometheus_text() {
             r#"skiff_link_streams_opened_total{peer="east",direction="incoming"} 1"#,
         ],
     );
-}
-
-/// Asserts that the exposition `text` has each of `lines`.
-fn has_lines(text: &str, lines: &[&str]) {
-    for line in lines {
-        assert!(text.lines().any(|l| l == *line), "no {line} in {text}");
-    }
-}
-
-/// Scrapes `site` until its metrics contain `line` (counters of a connection are added when
-/// it ends, a moment after its client sees the end), for at most 5 s.
-async fn scrape_until(site: &Site, line: &str) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = scrape(site).await;
-        if text.contains(line) {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {line} in {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A link from a credential made out of band (openssl signs east's CSR with west's CA; no

@@ -9,7 +9,7 @@ use std::{
     process::{Command, Output},
 };
 
-use common::{Site, Spawned, free_port, self_signed, serve};
+use common::{Site, Spawned, free_port, has_lines, scrape_until, self_signed, serve};
 
 /// Runs the `skiff` CLI against `site`'s running router; it must succeed.
 fn skiff(site: &Site, args: &[&str]) -> Output {
@@ -228,6 +228,21 @@ async fn tls_listeners_serve_curl_and_openssl_and_check_client_certificates() {
     );
     let with_cert = curl(&["--cacert", &ca, "--cert", &cert, "--key", &key, &url]);
     assert_eq!(with_cert.as_deref(), Some("hello over TLS\n"));
+
+    // Each refusal above is counted under its reason: curl without the CA aborted with an
+    // alert, plaintext is not TLS, the client certificate was missing.
+    let text = scrape_until(
+        &east,
+        r#"skiff_tls_handshake_failures_total{endpoint="listener",reason="certificate"} 1"#,
+    )
+    .await;
+    has_lines(
+        &text,
+        &[
+            r#"skiff_tls_handshake_failures_total{endpoint="listener",reason="alert"} 1"#,
+            r#"skiff_tls_handshake_failures_total{endpoint="listener",reason="protocol"} 1"#,
+        ],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

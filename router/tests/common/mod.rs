@@ -407,3 +407,44 @@ pub fn self_signed(cn: &str, key: &std::path::Path, cert: &std::path::Path) {
         .expect("openssl runs");
     assert!(made.status.success(), "openssl req: {made:?}");
 }
+
+/// The router's Prometheus exposition, fetched over HTTP from its metrics address.
+pub async fn scrape(site: &Site) -> String {
+    let status = site.call(Request::Status).await.expect("status");
+    let addr = status["metricsAddr"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    let mut conn = TcpStream::connect(addr).await.expect("connect metrics");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
+/// Asserts that the exposition `text` has each of `lines`.
+pub fn has_lines(text: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(text.lines().any(|l| l == *line), "no {line} in {text}");
+    }
+}
+
+/// Scrapes `site` until its metrics contain `line` (counters of a connection are added when
+/// it ends, a moment after its client sees the end), for at most 5 s.
+pub async fn scrape_until(site: &Site, line: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(site).await;
+        if text.contains(line) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {line} in {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
