@@ -49,6 +49,14 @@ pub fn patience(timeout: Duration) -> Duration {
     timeout * scale
 }
 
+/// Whether the kernel is locked down for confidentiality, which refuses BPF programs' reads
+/// of kernel memory (skiff's acceleration cannot work then).
+#[must_use]
+pub fn locked_down_for_confidentiality() -> bool {
+    fs::read_to_string("/sys/kernel/security/lockdown")
+        .is_ok_and(|l| l.contains("[confidentiality]"))
+}
+
 /// Whether this kernel tells a socket's network namespace cookie (`SO_NETNS_COOKIE`, Linux
 /// 5.14). Without it skiff's programs cannot tell namespaces apart: the router runs without
 /// acceleration and protects loopback in every namespace, saying so at start.
@@ -524,6 +532,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Whether the process has ended (it is reaped then).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Starts `argv` inside `netns`, and inside `cgroup` when given.
     ///
     /// # Errors

@@ -226,7 +226,9 @@ impl Site {
         self.router = Some(Proc::spawn_logged(netns, cgroup, &argv, &self.log)?);
         let deadline = Instant::now() + crate::patience(Duration::from_secs(5));
         while self.cli(&["status"]).is_err() {
-            if Instant::now() > deadline {
+            let exited = self.router.as_mut().is_some_and(Proc::exited);
+            if exited || Instant::now() > deadline {
+                self.router = None;
                 bail!("router {} did not start: {}", self.name, self.log_tail());
             }
             thread::sleep(Duration::from_millis(50));

@@ -108,8 +108,7 @@ fn auto_acceleration_attaches_or_says_why_not() -> anyhow::Result<()> {
         .to_owned();
     // Locked down for confidentiality, the kernel refuses bpf_probe_read_kernel, which the
     // programs use to read sockets' fields.
-    let locked_down = std::fs::read_to_string("/sys/kernel/security/lockdown")
-        .is_ok_and(|l| l.contains("[confidentiality]"));
+    let locked_down = kernel_tests::locked_down_for_confidentiality();
     if locked_down {
         // One line that names the lockdown and the verifier's refusal, not the whole log.
         assert!(

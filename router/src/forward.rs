@@ -469,14 +469,9 @@ impl Forwarding {
             tokio::spawn(async move {
                 let handshake = datapath::tls_server(client, &tls);
                 let handshake = tokio::time::timeout(SERVICE_HANDSHAKE_TIMEOUT, handshake).await;
-                forwarding.handshakes.count(
-                    Endpoint::Listener,
-                    match &handshake {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(Failure::of_io(e)),
-                        Err(_) => Err(Failure::Timeout),
-                    },
-                );
+                forwarding
+                    .handshakes
+                    .count(Endpoint::Listener, Failure::of_timed(&handshake));
                 let outcome = match handshake {
                     Ok(Ok(client)) => forwarding.route_client(client, &key, &mut flow).await,
                     Ok(Err(e)) => {
@@ -601,14 +596,8 @@ impl Forwarding {
         let connector = tls.connector(alpn);
         let handshake = datapath::tls_client(conn, &connector, tls.server_name.clone());
         let handshake = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, handshake).await;
-        self.handshakes.count(
-            Endpoint::Connector,
-            match &handshake {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(Failure::of_io(e)),
-                Err(_) => Err(Failure::Timeout),
-            },
-        );
+        self.handshakes
+            .count(Endpoint::Connector, Failure::of_timed(&handshake));
         handshake
             .map_err(|_| BackendError::HandshakeTimeout { addr: addr.clone() })?
             .map_err(|source| BackendError::Handshake { addr, source })

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::{
     accel::{self, Accel},
     isolation::{self, Isolation, Protection},
-    programs::{LoadError, Programs},
+    programs::Programs,
     site::{self, SiteConfig, StateDir},
     token,
 };
@@ -49,16 +49,17 @@ pub enum Error {
     Site(#[from] site::Error),
     #[error("--accel sockmap needs --cgroup PATH: the cgroup whose sockets are accelerated")]
     AccelNeedsCgroup,
-    #[error("socket acceleration failed to start")]
-    Accel(#[source] accel::Error),
+    /// The reason is one line ([`crate::programs::reason`]): a verifier log cut to its refusal.
+    #[error("socket acceleration failed to start: {0}")]
+    Accel(String),
     #[error(
         "this site isolates namespaces: start the router with --cgroup PATH (the cgroup that contains the namespaces)"
     )]
     IsolationNeedsCgroup,
-    #[error("namespace isolation failed to start")]
-    Isolation(#[source] isolation::Error),
-    #[error("the eBPF programs failed to load")]
-    Load(#[source] LoadError),
+    #[error("namespace isolation failed to start: {0}")]
+    Isolation(String),
+    #[error("the eBPF programs failed to load: {0}")]
+    Load(String),
 }
 
 /// The router's eBPF programs, attached: the part of starting that needs CAP_BPF and
@@ -103,7 +104,7 @@ impl Kernel {
                     isolation: None,
                 });
             }
-            Some(Err(e)) => return Err(Error::Load(e)),
+            Some(Err(e)) => return Err(Error::Load(crate::programs::reason(&e))),
         };
         let (accel, accel_note) =
             start_accel(&config.name, state, accel, cgroup, programs.as_mut())?;
@@ -179,7 +180,7 @@ fn start_accel(
             warn!(reason, "socket acceleration off");
             Ok((None, format!("off: {reason}")))
         }
-        Err(e) => Err(Error::Accel(e)),
+        Err(e) => Err(Error::Accel(crate::programs::reason(&e))),
     }
 }
 
@@ -199,8 +200,8 @@ fn start_isolation(
         .map(|(name, path)| (name.clone(), PathBuf::from(path)))
         .collect();
     let programs = programs.expect("loaded when the site isolates namespaces");
-    let isolation =
-        Isolation::attach_to(programs, cgroup, &namespaces).map_err(Error::Isolation)?;
+    let isolation = Isolation::attach_to(programs, cgroup, &namespaces)
+        .map_err(|e| Error::Isolation(crate::programs::reason(&e)))?;
     info!(cgroup = %cgroup.display(), namespaces = config.namespaces.len(), "namespace isolation on");
     Ok(Some(isolation))
 }

@@ -98,6 +98,17 @@ impl Failure {
         }
     }
 
+    /// The outcome of a tokio-rustls handshake run under a timeout.
+    pub fn of_timed<T>(
+        handshake: &Result<std::io::Result<T>, tokio::time::error::Elapsed>,
+    ) -> Result<(), Self> {
+        match handshake {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Self::of_io(e)),
+            Err(_) => Err(Self::Timeout),
+        }
+    }
+
     /// The reason an I/O error of a handshake gives: tokio-rustls carries rustls' error
     /// inside one.
     #[must_use]

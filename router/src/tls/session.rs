@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use rustls::{
-    ClientConfig, ServerConfig,
+    ClientConfig, ExtractedSecrets, ServerConfig,
     client::{ClientConnectionData, UnbufferedClientConnection},
     pki_types::{CertificateDer, ServerName},
     server::{ServerConnectionData, UnbufferedServerConnection},
@@ -86,24 +86,7 @@ pub async fn connect<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = UnbufferedClientConnection::new(config, name)?;
-    let Received {
-        bytes: received,
-        plain,
-        closed,
-    } = drive(&mut conn, io).await?;
-    let (alpn, peer_certificates) = agreed(&conn);
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
-    let (sealer, opener) = records::split(secrets, Kernel::Client(kernel))?;
-    Ok(Session {
-        sealer,
-        opener,
-        received,
-        plain,
-        closed,
-        alpn,
-        peer_certificates,
-    })
+    establish(UnbufferedClientConnection::new(config, name)?, io).await
 }
 
 /// Runs the server side of a handshake on `io`. `config` must allow secret extraction and
@@ -115,15 +98,22 @@ pub async fn accept<S>(io: &mut S, config: Arc<ServerConfig>) -> Result<Session,
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = UnbufferedServerConnection::new(config)?;
+    establish(UnbufferedServerConnection::new(config)?, io).await
+}
+
+/// Drives either side's handshake and hands its secrets to the record layer.
+async fn establish<C: Process, S>(mut conn: C, io: &mut S) -> Result<Session, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let Received {
         bytes: received,
         plain,
         closed,
     } = drive(&mut conn, io).await?;
-    let (alpn, peer_certificates) = agreed(&conn);
-    let (secrets, kernel) = conn.dangerous_into_kernel_connection()?;
-    let (sealer, opener) = records::split(secrets, Kernel::Server(kernel))?;
+    let (alpn, peer_certificates) = conn.agreed();
+    let (secrets, kernel) = conn.into_kernel()?;
+    let (sealer, opener) = records::split(secrets, kernel)?;
     Ok(Session {
         sealer,
         opener,
@@ -146,14 +136,17 @@ fn agreed<D>(
     (alpn, certs)
 }
 
-/// The one call rustls makes per side ([`UnbufferedConnectionCommon::process_tls_records`]
-/// has a client and a server version).
+/// What the handshake needs of either side: rustls has a client and a server version of each.
 trait Process {
     type Data;
     fn process<'c, 'i>(
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    /// The ALPN protocol agreed and the peer's certificate chain.
+    fn agreed(&self) -> (Option<Vec<u8>>, Vec<CertificateDer<'static>>);
+    /// The traffic secrets and what rustls keeps for key updates.
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
 impl Process for UnbufferedClientConnection {
@@ -164,6 +157,13 @@ impl Process for UnbufferedClientConnection {
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
+    fn agreed(&self) -> (Option<Vec<u8>>, Vec<CertificateDer<'static>>) {
+        agreed(self)
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Client(kernel)))
+    }
 }
 
 impl Process for UnbufferedServerConnection {
@@ -173,6 +173,13 @@ impl Process for UnbufferedServerConnection {
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
+    }
+    fn agreed(&self) -> (Option<Vec<u8>>, Vec<CertificateDer<'static>>) {
+        agreed(self)
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Server(kernel)))
     }
 }
 
