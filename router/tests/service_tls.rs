@@ -295,6 +295,16 @@ async fn a_tls_connector_reaches_an_openssl_server_with_its_bundle() {
         None,
         "a backend whose certificate does not chain to the configured CA must not be reached"
     );
+    // West counted the good backend's handshake and the refused one under its reason.
+    let text = scrape_until(
+        &west,
+        r#"skiff_tls_handshake_failures_total{endpoint="connector",reason="certificate"} 1"#,
+    )
+    .await;
+    has_lines(
+        &text,
+        &[r#"skiff_tls_handshakes_total{endpoint="connector"} 1"#],
+    );
 }
 
 /// A CA and certificates made with openssl in `dir`: `ca.crt`, `server.{crt,key}` (serverAuth,
