@@ -188,6 +188,10 @@ async fn read_line(
                 .open(&mut buf, plain, sealed)
                 .map_err(|e| e.to_string())?;
             (plain, sealed, closed) = (opened.plain, opened.sealed, opened.closed);
+            // The opened records' headers and tags go, so that the buffer holds at most the
+            // request and one partial record however many (empty) records the peer sends.
+            buf.drain(plain..sealed);
+            sealed = plain;
         }
         if let Some(end) = buf[..plain].iter().position(|&b| b == b'\n') {
             buf.truncate(end + 1);

@@ -158,7 +158,7 @@ impl Handshakes {
         })
     }
 
-    /// This owner's and `other`'s counts added up.
+    /// Two owners' counts added up.
     #[must_use]
     pub fn merged(a: [Sample; 4], b: [Sample; 4]) -> [Sample; 4] {
         std::array::from_fn(|i| Sample {
