@@ -21,8 +21,9 @@ pub static SKIFF_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(SOCKS_MAX
 pub static SKIFF_ENDPOINTS: HashMap<EndpointKey, u32> =
     HashMap::with_max_entries(ENDPOINTS_MAX_ENTRIES, 0);
 
-/// Senders the router diverted to the normal TCP path (see `Counter::MsgDiverted`). Written by
-/// the router, cleared by sock_ops when a new connection gets the same key.
+/// Senders diverted to the normal TCP path (see `Counter::MsgDiverted`). Written by the router
+/// and by sk_msg (`Counter::SendersDiverted`), cleared by sock_ops when the sender closes and
+/// when a new connection gets the same key.
 #[map]
 pub static SKIFF_DIVERTED: HashMap<SockKey, u32> = HashMap::with_max_entries(SOCKS_MAX_ENTRIES, 0);
 
@@ -36,8 +37,9 @@ pub static SKIFF_DIVERTED: HashMap<SockKey, u32> = HashMap::with_max_entries(SOC
 pub static SKIFF_SENT: HashMap<SockKey, Sent> =
     HashMap::with_max_entries(SOCKS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Where each workload socket (each with a sent entry) lives in kernel memory, for sk_msg to
-/// read how much it holds unread; written and removed by sock_ops with the sent entry.
+/// Where each accelerated socket lives in kernel memory, for sk_msg to read how much it holds
+/// unread: a workload socket (bounding a shortcut into it) and a router socket (bounding what
+/// its workload redirects into it); written by sock_ops, removed when the socket closes.
 /// Write-only from userspace: kernel addresses are not for reading out.
 #[map]
 pub static SKIFF_SOCK_ADDRS: HashMap<SockKey, u64> =
@@ -78,6 +80,20 @@ pub fn rmem_alloc_offset() -> Option<u32> {
     // not fold in the 0 it was built with.
     let offset = unsafe { read_volatile(&raw const SK_RMEM_ALLOC_OFFSET) };
     (offset != 0).then_some(offset)
+}
+
+/// The most unread bytes a router socket may hold before sk_msg diverts the workload sending
+/// into it, set by the router when it loads the programs (the limit its own flow control
+/// uses); 0 means unknown.
+#[unsafe(no_mangle)]
+static QUEUE_LIMIT: u32 = 0;
+
+/// [`QUEUE_LIMIT`], if known.
+#[inline(always)]
+pub fn queue_limit() -> Option<u32> {
+    // SAFETY: as for SK_RMEM_ALLOC_OFFSET.
+    let limit = unsafe { read_volatile(&raw const QUEUE_LIMIT) };
+    (limit != 0).then_some(limit)
 }
 
 /// The router's network namespace cookie, set by the router when it loads the programs;

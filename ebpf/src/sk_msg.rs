@@ -4,8 +4,11 @@
 //! lives outside the attached cgroup). Returning `SK_PASS` then sends the message on the normal
 //! TCP path instead of dropping it: a miss costs speed, never data.
 //!
-//! A sender the router has diverted (its reader fell behind) always takes the TCP path, whose
-//! flow control bounds what waits in the reader's queue; redirection has none.
+//! A sender that has been diverted (its reader fell behind) always takes the TCP path, whose
+//! flow control bounds what waits in the reader's queue; redirection has none. A workload
+//! sender is diverted here, at the message that would take the router socket it sends into
+//! past the queue limit; the router also diverts from userspace, where it cannot read that
+//! socket's charge, but only when it gets to run.
 //!
 //! A workload sender the router offers a shortcut (see `ebpf_common::Shortcut`) skips the
 //! router altogether: its message goes straight into the far workload's socket. It may only
@@ -15,7 +18,7 @@
 //! what the first condition compares.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, sk_action::SK_PASS},
+    bindings::{BPF_ANY, BPF_F_INGRESS, sk_action::SK_PASS},
     helpers::{bpf_get_netns_cookie, bpf_probe_read_kernel},
     macros::sk_msg,
     programs::SkMsgContext,
@@ -26,7 +29,7 @@ use core::ptr::read_volatile;
 
 use crate::maps::{
     SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SHORTCUTS, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, key_ip,
-    read_ip6, remote_port, rmem_alloc_offset,
+    queue_limit, read_ip6, remote_port, rmem_alloc_offset,
 };
 
 #[sk_msg]
@@ -36,15 +39,26 @@ pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     };
     let size = u64::from(ctx.size());
-    if let Some(sent) = SKIFF_SENT.get_ptr_mut(key) {
+    let workload = if let Some(sent) = SKIFF_SENT.get_ptr_mut(key) {
         if take_shortcut(&ctx, key, sent, size) {
             return SK_PASS;
         }
         // SAFETY: a live value of an RCU-freed map; only this socket's sk_msg writes it, under
         // the socket's lock.
         unsafe { (*sent).routed += size };
-    }
+        true
+    } else {
+        false
+    };
     if SKIFF_DIVERTED.get_ptr(key).is_some() {
+        count(Counter::MsgDiverted, 1);
+        return SK_PASS;
+    }
+    // The router paces its own writes; a workload cannot be made to wait, only diverted, and
+    // for good (its reader drains redirected bytes first, so switching back could reorder).
+    if workload && over_limit(key.peer(), size) {
+        let _ = SKIFF_DIVERTED.insert(key, 1, u64::from(BPF_ANY));
+        count(Counter::SendersDiverted, 1);
         count(Counter::MsgDiverted, 1);
         return SK_PASS;
     }
@@ -95,7 +109,17 @@ fn take_shortcut(ctx: &SkMsgContext, key: SockKey, sent: *mut Sent, size: u64) -
     true
 }
 
-/// Bytes charged to the receive side of workload socket `key` (its `sk_rmem_alloc`): what its
+/// Whether `size` more bytes would take socket `to`, which sock_ops located, past the queue
+/// limit. `false` when either is unknown: then only the router's own check bounds the queue.
+#[inline(always)]
+fn over_limit(to: SockKey, size: u64) -> bool {
+    match (queue_limit(), unread(to)) {
+        (Some(limit), Some(unread)) => u64::from(unread) + size > u64::from(limit),
+        _ => false,
+    }
+}
+
+/// Bytes charged to the receive side of socket `key` (its `sk_rmem_alloc`): what its
 /// reader has not read yet, redirected messages included. `None` if sock_ops did not record
 /// the socket or the offset is unknown.
 ///

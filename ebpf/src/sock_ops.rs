@@ -13,8 +13,9 @@
 //! Anything else is counted (`SocksForeign`) and left to TCP.
 //!
 //! The workload end of each connection also gets an entry in the sent map, which sk_msg
-//! keeps and the router's shortcuts rely on (see `ebpf_common::Shortcut`). The program asks
-//! for that socket's state changes and removes the entry when the socket closes.
+//! keeps and the router's shortcuts rely on (see `ebpf_common::Shortcut`), and every taken
+//! socket gets its kernel address recorded, where sk_msg reads how much it holds unread. The
+//! program asks for the socket's state changes and removes its entries when it closes.
 
 use aya_ebpf::{
     bindings::{
@@ -58,6 +59,8 @@ fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), Counter> {
             {
                 let _ = SKIFF_SENT.remove(key);
                 let _ = SKIFF_SOCK_ADDRS.remove(key);
+                // sk_msg may have diverted it; the mark goes with the sender.
+                let _ = SKIFF_DIVERTED.remove(key);
             }
             Ok(())
         }
@@ -94,21 +97,27 @@ fn established(ctx: &SockOpsContext, passive: bool) -> Result<(), Counter> {
     } else {
         kind == EndpointKind::Listener as u32
     };
-    // Without an entry (map full, or no state callbacks) the socket never gets a shortcut.
-    if workload
+    let counted = workload
         && SKIFF_SENT
             .insert(key, Sent::default(), u64::from(BPF_ANY))
-            .is_ok()
-    {
-        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-        if ctx.set_cb_flags(flags as i32).is_err() {
+            .is_ok();
+    let located = rmem_alloc_offset().is_some();
+    if !counted && !located {
+        return Ok(());
+    }
+    // Entries made here go when the socket closes, which only the state callback tells;
+    // without it (map full, or no callbacks) the socket gets no shortcut and no bound in sk_msg.
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    if ctx.set_cb_flags(flags as i32).is_err() {
+        if counted {
             let _ = SKIFF_SENT.remove(key);
-        } else if rmem_alloc_offset().is_some()
-            && let Some(addr) = socket_address(ctx)
-        {
-            // sk_msg reads the socket's receive-queue charge there to bound shortcuts into it.
-            let _ = SKIFF_SOCK_ADDRS.insert(key, addr, u64::from(BPF_ANY));
         }
+        return Ok(());
+    }
+    // sk_msg reads the socket's receive-queue charge there: a workload's, to bound shortcuts
+    // into it; a router socket's, to bound what its workload redirects into it.
+    if located && let Some(addr) = socket_address(ctx) {
+        let _ = SKIFF_SOCK_ADDRS.insert(key, addr, u64::from(BPF_ANY));
     }
     Ok(())
 }

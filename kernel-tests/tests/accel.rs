@@ -751,6 +751,89 @@ fn an_accelerated_client_sending_across_a_link_is_held_back() -> anyhow::Result<
     Ok(())
 }
 
+/// The bound on a workload's redirected bytes holds without the router running: with the
+/// router stopped (SIGSTOP), nothing in userspace can look at its queue or divert the client,
+/// yet sk_msg diverts the client at the message that would take the router's socket past the
+/// limit, and TCP then holds it back. Before sk_msg did, a router kept from running let the
+/// kernel hold whatever the client sent (the CI run that saw 121 MB against a 117 MB bound
+/// had a busy router, not a stopped one). Every byte still arrives once the router runs again.
+#[test]
+fn a_stopped_router_still_holds_an_accelerated_client_to_the_limit() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let _turn = QUEUE_BOUND_TESTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let f = fixture("acc14", 7402)?;
+    let bytes = (256u64 << 20).to_string();
+    let verify = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[
+            &loadgen(),
+            "verify",
+            &format!("127.0.0.1:{}", f.backend()),
+            "1",
+            &bytes,
+            "0",
+        ],
+    )?;
+    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
+    let router = f
+        .site
+        .router_pid()
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    let stopped = Stopped::new(router)?;
+    let push = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[
+            &loadgen(),
+            "push",
+            &format!("127.0.0.1:{}", f.port),
+            "1",
+            &bytes,
+            "1",
+            "0",
+        ],
+    )?;
+    let peak = peak_receive_queues(&f.ns, Duration::from_secs(2))?;
+    drop(stopped);
+    push.wait(Duration::from_secs(120))?;
+    let tally = verify.wait(Duration::from_secs(120))?;
+    let accel = f.accel()?;
+    eprintln!("peak receive queues {peak} B with the router stopped; {tally}; {accel}");
+    // One limit of redirected bytes and one TCP receive buffer; the router wrote nothing.
+    let bound = held_back(&f.ns, &accel)?;
+    assert!(peak < bound, "the kernel held {peak} B (bound {bound})");
+    assert!(accel["sendersDiverted"].as_u64() >= Some(1), "{accel}");
+    assert!(tally.contains("\"ok\": 1"), "{tally}");
+    Ok(())
+}
+
+/// A process kept stopped (SIGSTOP) until dropped (SIGCONT).
+struct Stopped(libc::pid_t);
+
+impl Stopped {
+    fn new(pid: u32) -> anyhow::Result<Self> {
+        let pid = libc::pid_t::try_from(pid)?;
+        // SAFETY: kill has no memory-safety preconditions; pid is the test's own router.
+        anyhow::ensure!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) } == 0,
+            "SIGSTOP failed"
+        );
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 /// With acceleration on, only the start needs privilege: the router attaches its programs as
 /// root, then runs as nobody with every capability set empty before it opens a socket, and
 /// keeps redirecting through the maps it holds open. A keeper that stays root with no

@@ -26,7 +26,7 @@ use std::{
     sync::Arc,
 };
 
-pub use backpressure::{Backpressure, Inflow, Outflow, Stats as BackpressureStats};
+pub use backpressure::{Backpressure, Inflow, Outflow, Stats as BackpressureStats, queue_limit};
 pub use ebpf_common::EndpointKind;
 pub use own::{OwnSockets, Registered};
 pub use shortcut::Bypass;
@@ -176,6 +176,8 @@ pub struct Counters {
     pub shortcut_behind: u64,
     /// Sockets of a registered endpoint left out because the router is at neither end.
     pub socks_foreign: u64,
+    /// Senders sk_msg diverted itself, at the queue limit.
+    pub senders_diverted: u64,
     /// What the router's flow control for redirected sockets did.
     pub backpressure: BackpressureStats,
 }
@@ -393,6 +395,7 @@ impl Accel {
             shortcut_over_budget: read(Counter::ShortcutOverBudget)?,
             shortcut_behind: read(Counter::ShortcutBehind)?,
             socks_foreign: read(Counter::SocksForeign)?,
+            senders_diverted: read(Counter::SendersDiverted)?,
             backpressure: self.backpressure.stats(),
         })
     }

@@ -399,8 +399,8 @@ impl<S: Source> Collector for RouterCollector<S> {
             counter(
                 &mut encoder,
                 "skiff_accel_diverted_senders",
-                "Senders diverted to the normal path because the router's queue passed its limit.",
-                a.backpressure.senders_diverted,
+                "Senders diverted to the normal path because the router's queue reached its limit.",
+                a.senders_diverted + a.backpressure.senders_diverted,
             )?;
             counter(
                 &mut encoder,

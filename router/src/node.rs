@@ -523,7 +523,7 @@ impl Node {
                 messages_behind_router: c.shortcut_behind,
                 shortcuts_offered: c.backpressure.shortcuts_offered,
                 shortcuts_given_up: c.backpressure.shortcuts_given_up,
-                senders_diverted: c.backpressure.senders_diverted,
+                senders_diverted: c.senders_diverted + c.backpressure.senders_diverted,
                 divert_failures: c.backpressure.divert_failures,
                 writes_paused: c.backpressure.writes_paused,
                 queue_limit: accel.backpressure().limit(),

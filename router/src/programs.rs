@@ -6,9 +6,9 @@
 //! dropped; the object itself can go once both have what they need.
 
 use aya::{Ebpf, EbpfLoader, maps::MapError, programs::ProgramError};
-use ebpf_common::{ROUTER_NETNS, SK_RMEM_ALLOC_OFFSET};
+use ebpf_common::{QUEUE_LIMIT, ROUTER_NETNS, SK_RMEM_ALLOC_OFFSET};
 
-use crate::accel::{btf, own_netns_cookie};
+use crate::accel::{btf, own_netns_cookie, queue_limit};
 
 /// The eBPF object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skiff-ebpf"));
@@ -105,8 +105,12 @@ impl Programs {
         let rmem_offset = btf::sk_rmem_alloc_offset()
             .inspect_err(|e| tracing::warn!("no shortcuts between local workloads: {e}"))
             .ok();
+        // With the offset, sk_msg also holds a workload's redirected bytes in a router socket
+        // to the limit the router's flow control uses, whether or not the router gets to run.
+        let limit = u32::try_from(queue_limit()).expect("the queue limit is at most 64 MiB");
         if let Some(offset) = &rmem_offset {
             loader.override_global(SK_RMEM_ALLOC_OFFSET, offset, true);
+            loader.override_global(QUEUE_LIMIT, &limit, true);
         }
         if let Some(cookie) = &netns {
             loader.override_global(ROUTER_NETNS, cookie, true);

@@ -31,6 +31,11 @@ pub const SHORTCUTS_MAP: &str = "SKIFF_SHORTCUTS";
 /// running kernel's `struct sock` (a `u32`; 0 = unknown, then no shortcut is taken).
 pub const SK_RMEM_ALLOC_OFFSET: &str = "SK_RMEM_ALLOC_OFFSET";
 
+/// Name of the sk_msg program's global holding the most unread bytes a router socket may hold
+/// before sk_msg diverts the workload that sends to it (a `u32`; 0 = unknown, then only the
+/// router diverts, from userspace).
+pub const QUEUE_LIMIT: &str = "QUEUE_LIMIT";
+
 /// Name of the hash of sockets the router is connecting to a backend: socket cookie -> 1,
 /// written by the router before connect() and removed after. Only such a socket, and the
 /// backend's end of its connection, go into [`SOCKS_MAP`] for a backend endpoint.
@@ -174,11 +179,15 @@ pub enum Counter {
     /// router is at neither end (another namespace, another process's connection to a
     /// backend, or a destination that is not this host).
     SocksForeign = 10,
+    /// Workload senders sk_msg diverted itself: the router's socket already held the queue
+    /// limit unread (`QUEUE_LIMIT`), so a redirected message would have passed it. The router
+    /// diverts from userspace too, but only when it runs; this bound holds whenever it does not.
+    SendersDiverted = 11,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::SocksInserted,
         Self::SocksInsertFailed,
         Self::MsgRedirected,
@@ -190,6 +199,7 @@ impl Counter {
         Self::ShortcutOverBudget,
         Self::ShortcutBehind,
         Self::SocksForeign,
+        Self::SendersDiverted,
     ];
     /// Number of entries in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -209,6 +219,7 @@ impl Counter {
             Self::ShortcutOverBudget => "shortcut_over_budget",
             Self::ShortcutBehind => "shortcut_behind",
             Self::SocksForeign => "socks_foreign",
+            Self::SendersDiverted => "senders_diverted",
         }
     }
 }

@@ -109,13 +109,8 @@ impl Backpressure {
         shortcuts: HashMap<MapData, SockKey, Shortcut>,
         shortcuts_possible: bool,
     ) -> Self {
-        let limit = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-            .ok()
-            .and_then(|rmem| rmem.split_whitespace().nth(2)?.parse().ok())
-            .unwrap_or(MIN_QUEUE_LIMIT)
-            .clamp(MIN_QUEUE_LIMIT, MAX_QUEUE_LIMIT);
         Self {
-            limit,
+            limit: queue_limit(),
             netns: std::sync::OnceLock::new(),
             diverted: Mutex::new(diverted),
             sent,
@@ -195,12 +190,12 @@ impl Backpressure {
     }
 
     fn divert(&self, sender: SockKey) -> bool {
-        let inserted = self
-            .diverted
-            .lock()
-            .expect("diverted map lock")
-            .insert(sender, 1, 0);
-        match inserted {
+        let mut diverted = self.diverted.lock().expect("diverted map lock");
+        // sk_msg diverts a sender at the limit itself, and counts it.
+        if diverted.get(&sender, 0).is_ok() {
+            return true;
+        }
+        match diverted.insert(sender, 1, 0) {
             Ok(()) => {
                 self.senders_diverted.fetch_add(1, Ordering::Relaxed);
                 true
@@ -356,6 +351,17 @@ impl Outflow<'_> {
             pause = (pause * 2).min(MAX_PAUSE);
         }
     }
+}
+
+/// Unread bytes a redirected socket may hold before the router, or sk_msg, acts: the maximum
+/// of `tcp_rmem` in this network namespace, kept within 4-64 MiB.
+#[must_use]
+pub fn queue_limit() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .ok()
+        .and_then(|rmem| rmem.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(MIN_QUEUE_LIMIT)
+        .clamp(MIN_QUEUE_LIMIT, MAX_QUEUE_LIMIT)
 }
 
 /// When to look at a queue again, given what it held at the last look (`last`, `interval`
