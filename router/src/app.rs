@@ -401,6 +401,8 @@ impl Router {
             datapath: datapath.backend(),
             datapath_summary: datapath.note().to_owned(),
             uring_connections: datapath.uring_connections(),
+            uring_links: datapath.uring_carried().0,
+            uring_streams: datapath.uring_carried().1,
             accel: self.node.accel_view(),
             accel_summary: self.node.accel_summary().to_owned(),
             isolation: self.node.isolation_view(),
@@ -460,6 +462,9 @@ struct Status {
     datapath: &'static str,
     datapath_summary: String,
     uring_connections: u64,
+    /// Link connections the io_uring workers carried, and link streams they served.
+    uring_links: u64,
+    uring_streams: u64,
     accel: AccelView,
     accel_summary: String,
     isolation: IsolationView,
@@ -661,6 +666,7 @@ impl metrics::Source for Router {
             active_connections: self.forwarding.active() as u64,
             datapath: datapath.backend(),
             uring_connections: datapath.uring_connections(),
+            uring_carried: datapath.uring_carried(),
             links_refused: self.links.refused(),
             link_churn: self.links.churn(),
             handshakes: Handshakes::merged(self.links.handshakes(), self.forwarding.handshakes())

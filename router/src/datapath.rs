@@ -58,7 +58,7 @@ pub enum Mode {
 #[derive(Debug, Default)]
 pub struct DataPath {
     /// The io_uring workers, when that backend runs.
-    uring: Option<uring::Uring>,
+    uring: Option<Arc<uring::Uring>>,
     /// Which backend runs and why, for `skiff status` and the log.
     note: String,
     /// Flow control for redirected sockets. Its presence also tells a local proxy to copy
@@ -96,10 +96,10 @@ impl DataPath {
             Mode::Uring | Mode::Auto => match uring::Uring::start(workers) {
                 Ok(uring) => {
                     let note = format!(
-                        "uring ({}): local hops on the rings; link streams and TLS on epoll",
+                        "uring ({}): local hops, links and their plain TCP streams on the rings; TLS ends and accelerated sockets on epoll",
                         uring.describe()
                     );
-                    (Some(uring), note)
+                    (Some(Arc::new(uring)), note)
                 }
                 Err(e) if mode == Mode::Auto => (None, format!("epoll: {e}")),
                 Err(e) => return Err(e),
@@ -126,7 +126,7 @@ impl DataPath {
     /// Connections the io_uring workers have moved (none on epoll).
     #[must_use]
     pub fn uring_connections(&self) -> u64 {
-        self.uring.as_ref().map_or(0, uring::Uring::connections)
+        self.uring.as_ref().map_or(0, |u| u.connections())
     }
 
     /// Which backend runs, and why (for a fallback), in one line.
@@ -229,7 +229,28 @@ impl DataPath {
     /// directions end. A failure closes the socket with RST and resets the stream with the
     /// code the failing side maps to.
     pub async fn relay(&self, conn: Conn, side: Side, tx: StreamTx, rx: StreamRx) -> Outcome {
-        epoll::relay(conn, side, tx, rx, self.backpressure.as_deref()).await
+        match (&self.uring, conn, &self.backpressure) {
+            // The worker that carries the link serves a plain socket too; redirected sockets
+            // need the epoll copy's flow control.
+            (Some(uring), Conn::Tcp(tcp), None) if uring.carries(tx.link()) => {
+                uring.relay(tcp, side, tx, rx).await
+            }
+            (_, conn, accel) => epoll::relay(conn, side, tx, rx, accel.as_deref()).await,
+        }
+    }
+
+    /// What carries link connections off tokio: the io_uring workers, when they run.
+    #[must_use]
+    pub fn carrier(&self) -> Option<Arc<dyn crate::link::Carrier>> {
+        self.uring
+            .as_ref()
+            .map(|u| Arc::clone(u) as Arc<dyn crate::link::Carrier>)
+    }
+
+    /// Link connections the io_uring workers carried, and link streams they served.
+    #[must_use]
+    pub fn uring_carried(&self) -> (u64, u64) {
+        self.uring.as_ref().map_or((0, 0), |u| u.carried())
     }
 
     /// Splices two link streams at an interior router until both directions end; a reset on

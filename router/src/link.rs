@@ -5,6 +5,11 @@
 //! batches queued frames into TLS records, and a heartbeat that pings every second. A link that
 //! receives nothing for [`DEAD_AFTER`] is closed; all its streams are reset at once so clients
 //! see a reset, not a hang.
+//!
+//! Where the router has a [`Carrier`] (the io_uring data path), the reader and writer are not
+//! tasks: the carrier's worker thread receives, opens, decodes and dispatches ([`receive`]),
+//! seals and sends, and reports what the router must act on ([`Report`]) to the link's task,
+//! which then only runs the router's side of the link.
 
 pub mod access;
 pub mod dial;
@@ -124,6 +129,65 @@ pub trait Events: Send + Sync + 'static {
     fn link_state(self: Arc<Self>, from: &Arc<Link>, state: LinkState);
     /// The peer opened a stream (already granted its initial credit).
     fn open(self: Arc<Self>, link: &Arc<Link>, open: Open, tx: StreamTx, rx: StreamRx);
+    /// What carries link connections off tokio, if anything does.
+    fn carrier(&self) -> Option<Arc<dyn Carrier>> {
+        None
+    }
+}
+
+/// Moves a link connection's bytes on a thread of its own once the link is up: receives,
+/// opens and dispatches what arrives ([`receive`]), seals and sends what is queued, and
+/// reports to the link's task what the router must act on.
+pub trait Carrier: Send + Sync {
+    /// Takes the connection of `link`; hands it back when it cannot carry it.
+    ///
+    /// # Errors
+    /// The connection, when the carrier has stopped.
+    fn carry(&self, link: &Arc<Link>, conn: Carried) -> Result<(), Carried>;
+}
+
+/// A link connection handed to a [`Carrier`].
+#[derive(Debug)]
+pub struct Carried {
+    pub transport: transport::Detached,
+    /// The frames the link's users queue ([`Link::send`]).
+    pub frames: mpsc::Receiver<Queued>,
+    /// Where the carrier reports what arrives, and how the connection ended.
+    pub reports: mpsc::UnboundedSender<Report>,
+}
+
+/// What a [`Carrier`] reports to the link's task.
+#[derive(Debug)]
+pub enum Report {
+    /// The peer opened a stream (its initial credit is granted).
+    Open(Open, StreamTx, StreamRx),
+    /// The peer advertised its link state.
+    LinkState(LinkState),
+    /// The connection ended.
+    Ended(Error),
+}
+
+/// Which of a carrier's threads carries a link connection, and how the link's users wake it
+/// when they queue a frame or shut the link.
+pub struct Wake {
+    worker: usize,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Wake {
+    #[must_use]
+    pub fn new(worker: usize, wake: impl Fn() + Send + Sync + 'static) -> Self {
+        Self {
+            worker,
+            wake: Box::new(wake),
+        }
+    }
+}
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wake")
+    }
 }
 
 /// The routing fields of an `Open` frame.
@@ -170,6 +234,13 @@ pub struct Link {
     /// Why this router ends the link ([`Link::shut`]); the reader wakes on `shut_signal`.
     shut_reason: Mutex<Option<String>>,
     shut_signal: tokio::sync::Notify,
+    /// Set once a [`Carrier`] took the connection: how to wake it.
+    carrier: std::sync::OnceLock<Wake>,
+    /// When the carrier last received from the peer, in ms since `since`.
+    heard_ms: AtomicU64,
+    /// Since when the carrier's current send has been waiting, in ms since `since` plus one;
+    /// 0 when nothing waits.
+    sending_since_ms: AtomicU64,
 }
 
 impl Link {
@@ -185,7 +256,9 @@ impl Link {
         self.out
             .send(Queued { frame, room })
             .await
-            .map_err(|_| Error::Closed)
+            .map_err(|_| Error::Closed)?;
+        self.wake_carrier();
+        Ok(())
     }
 
     /// Queues a frame if there is room now; `false` when there is none (or the link is gone).
@@ -193,7 +266,70 @@ impl Link {
         let Ok(room) = Arc::clone(&self.room).try_acquire_many_owned(queued_size(&frame)) else {
             return false;
         };
-        self.out.try_send(Queued { frame, room }).is_ok()
+        let queued = self.out.try_send(Queued { frame, room }).is_ok();
+        if queued {
+            self.wake_carrier();
+        }
+        queued
+    }
+
+    fn wake_carrier(&self) {
+        if let Some(wake) = self.carrier.get() {
+            (wake.wake)();
+        }
+    }
+
+    /// The carrier thread that moves this connection's bytes, if one does.
+    #[must_use]
+    pub fn carrier_worker(&self) -> Option<usize> {
+        self.carrier.get().map(|w| w.worker)
+    }
+
+    /// Says the connection is carried, and how its carrier is woken. Once only.
+    pub fn carried_by(&self, wake: Wake) {
+        let _ = self.carrier.set(wake);
+    }
+
+    /// Whether a [`Carrier`] moves this connection's bytes.
+    #[must_use]
+    pub fn is_carried(&self) -> bool {
+        self.carrier.get().is_some()
+    }
+
+    /// Why this router ends the link, once [`Link::shut`] said so (taken: asked once).
+    pub fn take_shut_reason(&self) -> Option<String> {
+        self.shut_reason.lock().expect("shut lock").take()
+    }
+
+    /// The carrier heard from the peer now.
+    pub fn heard(&self) {
+        self.heard_ms.store(self.ms_since_up(), Ordering::Relaxed);
+    }
+
+    /// The carrier started a send that has not completed (`true`), or has none waiting.
+    pub fn sending(&self, waiting: bool) {
+        let since = if waiting { self.ms_since_up() + 1 } else { 0 };
+        self.sending_since_ms.store(since, Ordering::Relaxed);
+    }
+
+    fn ms_since_up(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// For a carried link: why it is dead, when nothing was received for [`DEAD_AFTER`] or a
+    /// send has waited that long (the carrier has no timers of its own; the heartbeat asks).
+    fn carried_and_dead(&self) -> Option<Error> {
+        if !self.is_carried() {
+            return None;
+        }
+        let now = self.ms_since_up();
+        let dead = u64::try_from(DEAD_AFTER.as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)) > dead {
+            return Some(Error::Timeout(DEAD_AFTER));
+        }
+        let since = self.sending_since_ms.load(Ordering::Relaxed);
+        (since != 0 && now.saturating_sub(since - 1) > dead)
+            .then_some(Error::WriteStalled(DEAD_AFTER))
     }
 
     /// Whether the link has ended.
@@ -207,6 +343,7 @@ impl Link {
         *self.shut_reason.lock().expect("shut lock") = Some(reason.into());
         // notify_one keeps a permit if the reader is not waiting at this moment.
         self.shut_signal.notify_one();
+        self.wake_carrier();
     }
 
     /// Number of open streams.
@@ -347,21 +484,30 @@ pub async fn run(
         closed: AtomicBool::new(false),
         shut_reason: Mutex::new(None),
         shut_signal: tokio::sync::Notify::new(),
+        carrier: std::sync::OnceLock::new(),
+        heard_ms: AtomicU64::new(0),
+        sending_since_ms: AtomicU64::new(0),
     });
     info!(peer = %link.peer, direction = ?link.direction, "link up");
     events.link_up(&link);
 
     // Tear-down lives in a guard so that it also runs when this future is dropped (the link's
     // task aborted by `link delete` or router shutdown), not only when the reader returns.
-    let guard = Teardown {
-        tasks: [
-            tokio::spawn(write_until_failure(writer, out_rx, Arc::clone(&link))).abort_handle(),
-            tokio::spawn(heartbeat(Arc::clone(&link))).abort_handle(),
-        ],
+    let mut guard = Teardown {
+        tasks: vec![tokio::spawn(heartbeat(Arc::clone(&link))).abort_handle()],
         link: Arc::clone(&link),
         events: Arc::clone(&events),
     };
-    let result = read_loop(&mut reader, &link, &events).await;
+    let result = match carry(events.carrier(), &link, reader, writer, out_rx) {
+        Carriage::Carried(reports) => follow_carrier(reports, &link, &events).await,
+        Carriage::Here(here) => {
+            let (mut reader, writer, out_rx) = *here;
+            guard.tasks.push(
+                tokio::spawn(write_until_failure(writer, out_rx, Arc::clone(&link))).abort_handle(),
+            );
+            read_loop(&mut reader, &link, &events).await
+        }
+    };
     drop(guard);
     match &result {
         Err(Error::Closed) => info!(peer = %link.peer, "link closed by peer"),
@@ -375,9 +521,72 @@ pub async fn run(
     result
 }
 
-/// Ends a link: stops its writer and heartbeat, resets its streams, tells the router.
+/// The reports a carrier sends about a link connection.
+type Reports = mpsc::UnboundedReceiver<Report>;
+
+/// Where a link connection's bytes move.
+enum Carriage {
+    /// On a carrier, which reports here.
+    Carried(Reports),
+    /// On this task and a writer task: the two directions and the frame queue.
+    Here(Box<(Inbound, Outbound, mpsc::Receiver<Queued>)>),
+}
+
+/// Hands the connection to `carrier`, when there is one and the connection has a record
+/// layer to detach; otherwise gives it back to run on tokio tasks.
+fn carry(
+    carrier: Option<Arc<dyn Carrier>>,
+    link: &Arc<Link>,
+    reader: Inbound,
+    writer: Outbound,
+    frames: mpsc::Receiver<Queued>,
+) -> Carriage {
+    let Some(carrier) = carrier else {
+        return Carriage::Here(Box::new((reader, writer, frames)));
+    };
+    let transport = match transport::detach(reader, writer) {
+        Ok(transport) => transport,
+        Err((reader, writer)) => return Carriage::Here(Box::new((reader, writer, frames))),
+    };
+    let (reports, rx) = mpsc::unbounded_channel();
+    link.heard();
+    carrier
+        .carry(
+            link,
+            Carried {
+                transport,
+                frames,
+                reports,
+            },
+        )
+        // A stopped carrier means a router shutting down: the link ends with it.
+        .map_or_else(
+            |_| Carriage::Carried(mpsc::unbounded_channel().1),
+            |()| Carriage::Carried(rx),
+        )
+}
+
+/// Runs the router's side of a carried link: streams the peer opens and advertisements go to
+/// the router, until the carrier says the connection ended.
+async fn follow_carrier(
+    mut reports: Reports,
+    link: &Arc<Link>,
+    events: &Arc<dyn Events>,
+) -> Result<(), Error> {
+    loop {
+        match reports.recv().await {
+            Some(Report::Open(open, tx, rx)) => Arc::clone(events).open(link, open, tx, rx),
+            Some(Report::LinkState(state)) => Arc::clone(events).link_state(link, state),
+            Some(Report::Ended(e)) => return Err(e),
+            None => return Err(Error::Shut("the data path stopped".into())),
+        }
+    }
+}
+
+/// Ends a link: stops its writer and heartbeat (and a carrier's handling of it), resets its
+/// streams, tells the router.
 struct Teardown {
-    tasks: [tokio::task::AbortHandle; 2],
+    tasks: Vec<tokio::task::AbortHandle>,
     link: Arc<Link>,
     events: Arc<dyn Events>,
 }
@@ -387,6 +596,10 @@ impl Drop for Teardown {
         self.link.closed.store(true, Ordering::Release);
         for task in &self.tasks {
             task.abort();
+        }
+        if self.link.is_carried() {
+            // Ends the carrier's side too when this task is aborted (link delete, shutdown).
+            self.link.shut("the link ended");
         }
         self.link.kill_streams(ResetCode::LinkLost);
         self.events.link_down(&self.link);
@@ -425,6 +638,47 @@ async fn read_loop(
 }
 
 async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> Result<(), Error> {
+    match receive(link, frame)? {
+        Action::Done => {}
+        // A Pong is dropped when the queue is full: a peer that pings without reading must not
+        // block this reader on its own answers (the stalled writer ends the link instead).
+        Action::Reply(pong @ Frame::Pong { .. }) => {
+            let _ = link.try_send(pong);
+        }
+        Action::Reply(frame) => link.send(frame).await?,
+        Action::Open(open, tx, rx) => {
+            link.send(Frame::Window {
+                stream: tx.id(),
+                increment: stream::INITIAL_WINDOW,
+            })
+            .await?;
+            Arc::clone(events).open(link, open, tx, rx);
+        }
+        Action::LinkState(state) => Arc::clone(events).link_state(link, state),
+    }
+    Ok(())
+}
+
+/// What a received frame asks of whoever reads the link, beyond what [`receive`] did itself.
+#[derive(Debug)]
+pub enum Action {
+    /// Nothing more.
+    Done,
+    /// Send this frame to the peer: a stream's reset, or a Pong (only if the queue has room:
+    /// a peer that pings without reading must not hold up the reader).
+    Reply(Frame),
+    /// The peer opened a stream: grant it the initial window, then hand it to the router.
+    Open(Open, StreamTx, StreamRx),
+    /// The peer advertised its link state.
+    LinkState(LinkState),
+}
+
+/// Takes in one frame from the peer: credits, queues or resets the stream it is for, checks
+/// it against the protocol, and says what else it asks for.
+///
+/// # Errors
+/// When the frame breaks the protocol in a way that ends the link.
+pub fn receive(link: &Arc<Link>, frame: Frame) -> Result<Action, Error> {
     match frame {
         Frame::Data { stream, data } => {
             let len = i64::try_from(data.len()).expect("frame payloads are bounded");
@@ -451,13 +705,11 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
             if let Some(reason) = violated {
                 debug!(peer = %link.peer, stream, reason, "stream reset");
                 link.forget_stream(stream);
-                let _ = link
-                    .send(Frame::Reset {
-                        stream,
-                        code: ResetCode::Internal,
-                        reason: reason.into(),
-                    })
-                    .await;
+                return Ok(Action::Reply(Frame::Reset {
+                    stream,
+                    code: ResetCode::Internal,
+                    reason: reason.into(),
+                }));
             }
         }
         Frame::Window { stream, increment } => {
@@ -513,29 +765,16 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
                 streams.insert(stream, slot);
             }
             link.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
-            link.send(Frame::Window {
-                stream,
-                increment: stream::INITIAL_WINDOW,
-            })
-            .await?;
-            Arc::clone(events).open(
-                link,
-                Open {
-                    routing_key,
-                    origin,
-                    dest,
-                    alpn,
-                },
-                tx,
-                rx,
-            );
+            let open = Open {
+                routing_key,
+                origin,
+                dest,
+                alpn,
+            };
+            return Ok(Action::Open(open, tx, rx));
         }
-        Frame::LinkState(state) => Arc::clone(events).link_state(link, state),
-        // A Pong is dropped when the queue is full: a peer that pings without reading must not
-        // block this reader on its own answers (the stalled writer ends the link instead).
-        Frame::Ping { nonce } => {
-            let _ = link.try_send(Frame::Pong { nonce });
-        }
+        Frame::LinkState(state) => return Ok(Action::LinkState(state)),
+        Frame::Ping { nonce } => return Ok(Action::Reply(Frame::Pong { nonce })),
         Frame::Pong { nonce } => {
             // Only an answer to one of our recent Pings counts; any other nonce is ignored.
             let rtt = link.ping.lock().expect("heartbeat lock").answered(nonce);
@@ -546,7 +785,7 @@ async fn dispatch(link: &Arc<Link>, events: &Arc<dyn Events>, frame: Frame) -> R
         }
         Frame::Hello { .. } => return Err(Error::Protocol("second Hello")),
     }
-    Ok(())
+    Ok(Action::Done)
 }
 
 /// Runs the writer; when it fails (the peer stopped reading, or the connection broke) the link
@@ -604,10 +843,11 @@ async fn write_loop(
     Ok(())
 }
 
-/// A frame in the writer's queue, holding the room it takes there.
-struct Queued {
-    frame: Frame,
-    room: tokio::sync::OwnedSemaphorePermit,
+/// A frame in the writer's queue, holding the room it takes there until it is written.
+#[derive(Debug)]
+pub struct Queued {
+    pub frame: Frame,
+    pub room: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The room a frame takes in the writer's queue: its encoded length (a frame is at most
@@ -702,6 +942,10 @@ async fn heartbeat(link: Arc<Link>) {
     let mut tick = tokio::time::interval(PING_EVERY);
     loop {
         tick.tick().await;
+        if let Some(dead) = link.carried_and_dead() {
+            link.shut(dead.to_string());
+            return;
+        }
         let silent = link.ping.lock().expect("heartbeat lock").answered.elapsed();
         if silent > DEAD_AFTER {
             link.shut(format!(

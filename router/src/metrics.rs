@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub datapath: &'static str,
     /// Connections the io_uring workers have moved.
     pub uring_connections: u64,
+    /// Link connections the io_uring workers carried, and link streams they served.
+    pub uring_carried: (u64, u64),
     /// Link connections refused after their TLS handshake.
     pub links_refused: u64,
     /// TLS handshakes by endpoint, and their failures by reason.
@@ -347,6 +349,18 @@ impl<S: Source> Collector for RouterCollector<S> {
             "skiff_uring_connections",
             "Connections the io_uring workers have moved.",
             s.uring_connections,
+        )?;
+        counter(
+            &mut encoder,
+            "skiff_uring_links",
+            "Link connections the io_uring workers carried.",
+            s.uring_carried.0,
+        )?;
+        counter(
+            &mut encoder,
+            "skiff_uring_streams",
+            "Link streams the io_uring workers served, socket and link on one worker.",
+            s.uring_carried.1,
         )?;
         encode_handshakes(&mut encoder, &s.handshakes)?;
         counter(

@@ -4,14 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Site, checksum_backend, transfer};
 use router::admin::Request;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpListener;
 
 async fn local_site(backend_port: u16) -> (Site, u16) {
     let site = Site::start("solo", false).await;
@@ -60,54 +55,8 @@ async fn a_large_transfer_arrives_exactly_and_half_close_carries_the_answer_back
 /// An echo backend: both directions full at once, through the buffers' back-pressure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_directions_at_once_arrive_exactly() {
-    let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = echo.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = conn.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    let (_site, listener) = local_site(port).await;
-    let conn = TcpStream::connect(("127.0.0.1", listener))
-        .await
-        .expect("connect");
-    let (mut r, mut w) = conn.into_split();
-    const LEN: usize = 64 << 20;
-    let writer = tokio::spawn(async move {
-        let mut block = vec![0u8; 128 * 1024];
-        let (mut seed, mut sum, mut sent) = (7u64, kernel_tests::Checksum::default(), 0);
-        while sent < LEN {
-            kernel_tests::fill(&mut block, &mut seed);
-            sum.update(&block);
-            w.write_all(&block).await.expect("send");
-            sent += block.len();
-        }
-        w.shutdown().await.expect("half-close");
-        sum.finish_bytes()
-    });
-    let mut buf = vec![0u8; 256 * 1024];
-    let (mut sum, mut got) = (kernel_tests::Checksum::default(), 0);
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf))
-            .await
-            .expect("echo in time")
-            .expect("read");
-        if n == 0 {
-            break;
-        }
-        sum.update(&buf[..n]);
-        got += n;
-    }
-    assert_eq!(got, LEN, "bytes echoed");
-    assert_eq!(
-        sum.finish_bytes(),
-        writer.await.expect("writer"),
-        "checksum"
-    );
+    let (_site, listener) = local_site(common::echo_backend().await).await;
+    common::echo_both_ways(listener, 64 << 20).await;
 }
 
 /// The backend resets the connection: the client sees a reset, not a clean end.
@@ -116,26 +65,7 @@ async fn a_backend_reset_reaches_the_client_as_a_reset() {
     let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = backend.local_addr().expect("addr").port();
     let (_site, listener) = local_site(port).await;
-    let mut client = TcpStream::connect(("127.0.0.1", listener))
-        .await
-        .expect("connect");
-    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
-        .await
-        .expect("the router connects in time")
-        .expect("accept");
-    client.write_all(b"x").await.expect("send");
-    let mut byte = [0u8; 1];
-    conn.read_exact(&mut byte).await.expect("the byte arrives");
-    conn.set_zero_linger().expect("linger");
-    drop(conn);
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-        .await
-        .expect("the client hears in time");
-    match read {
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-        Ok(n) => panic!("a clean read of {n} bytes instead of a reset"),
-    }
+    common::backend_reset_reaches_client(&backend, listener).await;
 }
 
 /// 1,000 connections at once, each with its own checksummed transfer: the buffers are shared

@@ -847,6 +847,10 @@ impl Events for Links {
         let forwarding = Arc::clone(&self.forwarding);
         tokio::spawn(async move { forwarding.serve_stream(open, tx, rx).await });
     }
+
+    fn carrier(&self) -> Option<Arc<dyn link::Carrier>> {
+        self.forwarding.datapath().carrier()
+    }
 }
 
 impl Access for Links {

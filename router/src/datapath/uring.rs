@@ -1,19 +1,23 @@
 //! The io_uring backend of the data path: one worker thread per core, each with its own ring
 //! (single issuer, deferred task running where the kernel has them) and its own buffers.
 //!
-//! What runs here today: local hops between plain TCP sockets ([`Uring::proxy`]), moved by
-//! multishot recv into provided buffers and batched sendmsg (see [`worker`]). Connections
-//! are spread over the workers in turn. Link streams and TLS ends still run on the epoll
-//! backend; docs/architecture.md says what is planned.
+//! What runs here: local hops between plain TCP sockets ([`Uring::proxy`]), moved by
+//! multishot recv into provided buffers and batched sendmsg (see [`worker`]); link
+//! connections, whose records the worker opens and seals itself ([`Uring::carry`], see
+//! [`carrier`]); and the streams on them whose other end is a plain TCP socket
+//! ([`Uring::relay`]), served by the worker that carries their link. Connections and links are
+//! spread over the workers in turn. TLS ends and accelerated sockets run on the epoll backend.
 
 mod bufring;
+mod carrier;
 mod worker;
 
 use std::{
     io,
     os::fd::{FromRawFd as _, OwnedFd},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
 };
@@ -21,6 +25,10 @@ use std::{
 use tokio::net::TcpStream;
 
 use super::{Failure, Outcome, Side};
+use crate::link::{
+    self, Carried, Link,
+    stream::{StreamRx, StreamTx},
+};
 use worker::{Msg, Worker};
 
 /// The io_uring workers of one router.
@@ -32,29 +40,50 @@ pub struct Uring {
     setup: String,
     /// Connections handed to the workers so far.
     connections: std::sync::atomic::AtomicU64,
+    /// Link connections carried and streams served so far.
+    carried: std::sync::atomic::AtomicU64,
+    served: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
 struct Handle {
     jobs: mpsc::Sender<Msg>,
-    wake: OwnedFd,
+    wake: Arc<OwnedFd>,
+    /// Set while a wake for the worker's links is pending (see `Worker::woken`).
+    woken: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Handle {
     fn send(&self, msg: Msg) -> bool {
         let sent = self.jobs.send(msg).is_ok();
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from `one` to an eventfd we own.
-        unsafe {
-            libc::write(
-                std::os::fd::AsRawFd::as_raw_fd(&self.wake),
-                one.as_ptr().cast(),
-                one.len(),
-            )
-        };
+        wake(&self.wake);
         sent
     }
+
+    /// How a carried link wakes this worker: once for any number of frames queued before it
+    /// looks.
+    fn link_wake(&self, index: usize) -> link::Wake {
+        let (fd, woken) = (Arc::clone(&self.wake), Arc::clone(&self.woken));
+        link::Wake::new(index, move || {
+            if !woken.swap(true, Ordering::AcqRel) {
+                wake(&fd);
+            }
+        })
+    }
+}
+
+/// Wakes a worker through its eventfd.
+fn wake(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from `one` to an eventfd the worker owns.
+    unsafe {
+        libc::write(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            one.as_ptr().cast(),
+            one.len(),
+        )
+    };
 }
 
 /// Why io_uring cannot be used here, in one line.
@@ -83,6 +112,8 @@ impl Uring {
                         next: AtomicUsize::new(0),
                         setup,
                         connections: 0.into(),
+                        carried: 0.into(),
+                        served: 0.into(),
                     });
                     return Err(e);
                 }
@@ -93,6 +124,8 @@ impl Uring {
             next: AtomicUsize::new(0),
             setup,
             connections: 0.into(),
+            carried: 0.into(),
+            served: 0.into(),
         })
     }
 
@@ -127,6 +160,69 @@ impl Uring {
             .await
             .unwrap_or_else(|_| failed(Side::Downstream, &io::Error::other("the worker stopped")))
     }
+
+    /// Whether `link`'s connection is carried here, so that its streams can be served here.
+    #[must_use]
+    pub fn carries(&self, link: &Link) -> bool {
+        link.carrier_worker()
+            .is_some_and(|w| w < self.workers.len())
+    }
+
+    /// Relays between `conn` (`side` says which kind) and a stream of a link connection the
+    /// workers carry, on the worker that carries it, until both directions end.
+    pub async fn relay(&self, conn: TcpStream, side: Side, tx: StreamTx, rx: StreamRx) -> Outcome {
+        let link = Arc::clone(tx.link());
+        let Some(worker) = link.carrier_worker().and_then(|w| self.workers.get(w)) else {
+            return failed(side, &io::Error::other("the link is not carried here"));
+        };
+        let fd = match owned(conn) {
+            Ok(fd) => fd,
+            Err(e) => return failed(side, &e),
+        };
+        self.served.fetch_add(1, Ordering::Relaxed);
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let relay = carrier::Relay {
+            link,
+            fd,
+            side,
+            tx,
+            rx,
+            done,
+        };
+        if !worker.send(Msg::Relay(relay)) {
+            return failed(side, &io::Error::other("the worker stopped"));
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| failed(side, &io::Error::other("the worker stopped")))
+    }
+
+    /// Link connections the workers have carried, and streams they served.
+    #[must_use]
+    pub fn carried(&self) -> (u64, u64) {
+        (
+            self.carried.load(Ordering::Relaxed),
+            self.served.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl link::Carrier for Uring {
+    fn carry(&self, link: &Arc<Link>, conn: Carried) -> Result<(), Carried> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let worker = &self.workers[turn];
+        link.carried_by(worker.link_wake(turn));
+        self.carried.fetch_add(1, Ordering::Relaxed);
+        let msg = Msg::Carry {
+            link: Arc::clone(link),
+            carried: conn,
+        };
+        if let Err(mpsc::SendError(Msg::Carry { carried, .. })) = worker.jobs.send(msg) {
+            return Err(carried);
+        }
+        wake(&worker.wake);
+        Ok(())
+    }
 }
 
 impl Drop for Uring {
@@ -157,6 +253,8 @@ fn spawn(index: usize) -> Result<(Handle, String), Unavailable> {
     let (jobs, rx) = mpsc::channel();
     let (ready_tx, ready) = mpsc::channel();
     let worker_wake = wake.try_clone().map_err(|e| Unavailable(e.to_string()))?;
+    let woken = Arc::new(AtomicBool::new(false));
+    let worker_woken = Arc::clone(&woken);
     let thread = std::thread::Builder::new()
         .name(format!("skiff-uring-{index}"))
         .spawn(move || {
@@ -168,7 +266,7 @@ fn spawn(index: usize) -> Result<(Handle, String), Unavailable> {
                     return;
                 }
             };
-            match Worker::new(ring, worker_wake, rx) {
+            match Worker::new(ring, worker_wake, worker_woken, rx) {
                 Ok(worker) => {
                     let _ = ready_tx.send(Ok(label));
                     worker.run();
@@ -183,7 +281,8 @@ fn spawn(index: usize) -> Result<(Handle, String), Unavailable> {
         Ok(Ok(label)) => Ok((
             Handle {
                 jobs,
-                wake,
+                wake: Arc::new(wake),
+                woken,
                 thread: Some(thread),
             },
             label,

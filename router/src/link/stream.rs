@@ -223,3 +223,90 @@ impl StreamRx {
         }
     }
 }
+
+/// A stream's flow control held by one thread that drives the stream without tasks (an
+/// io_uring worker), after it took the stream over from its two halves ([`take_over`]).
+///
+/// The rules are the halves' own: the peer may send `budget` bytes before more are granted,
+/// and credit goes back in batches of a quarter window; this side may send `credit` bytes.
+#[derive(Debug)]
+pub struct Credit {
+    /// Bytes this side may still send.
+    credit: u64,
+    /// Bytes the peer may still send before more are granted.
+    budget: i64,
+    /// Bytes consumed and not yet granted back.
+    unacked: usize,
+}
+
+/// The two halves of a stream, taken over by a [`Credit`]: they keep the stream registered
+/// with its link until dropped.
+#[derive(Debug)]
+pub struct Halves {
+    _tx: StreamTx,
+    _rx: StreamRx,
+}
+
+/// Takes a stream over from its halves: its credit, the budget the peer has left, and what
+/// the peer sent that nobody read yet, in order. A sender blocked on the halves' credit wakes
+/// with an error from now on; everything the link receives for the stream afterwards must go
+/// to the new owner, not to the halves' queue.
+pub fn take_over(tx: StreamTx, mut rx: StreamRx) -> (Credit, Vec<Inbound>, Halves) {
+    let mut pending = Vec::new();
+    while let Ok(inbound) = rx.inbound.try_recv() {
+        pending.push(inbound);
+    }
+    let credit = Credit {
+        credit: tx.credit.available_permits() as u64,
+        budget: rx.recv_budget.load(Ordering::Acquire),
+        unacked: rx.unacked,
+    };
+    tx.credit.close();
+    (credit, pending, Halves { _tx: tx, _rx: rx })
+}
+
+impl Credit {
+    /// Bytes this side may send now.
+    #[must_use]
+    pub const fn available(&self) -> u64 {
+        self.credit
+    }
+
+    /// Spends `n` bytes of credit on data sent.
+    pub fn spend(&mut self, n: usize) {
+        self.credit = self.credit.saturating_sub(n as u64);
+    }
+
+    /// Adds the peer's `Window` increment.
+    ///
+    /// # Errors
+    /// When it takes the credit past 2^31-1 bytes (docs/protocol.md): the link must end.
+    pub fn grant(&mut self, increment: u32) -> Result<(), &'static str> {
+        let credit = self.credit + u64::from(increment);
+        if credit > super::MAX_CREDIT as u64 {
+            return Err("window grows credit beyond 2^31-1 bytes");
+        }
+        self.credit = credit;
+        Ok(())
+    }
+
+    /// Takes in `len` bytes of the peer's data; `false` when they go beyond its budget.
+    pub fn receive(&mut self, len: usize) -> bool {
+        let len = i64::try_from(len).unwrap_or(i64::MAX);
+        self.budget -= len;
+        self.budget >= 0
+    }
+
+    /// Says that `n` received bytes were consumed; returns the `Window` increment to send
+    /// when a quarter window has been consumed since the last one.
+    pub fn consumed(&mut self, n: usize) -> Option<u32> {
+        self.unacked += n;
+        if self.unacked < INITIAL_WINDOW as usize / 4 {
+            return None;
+        }
+        let increment = u32::try_from(self.unacked).expect("unacked stays below the window");
+        self.unacked = 0;
+        self.budget += i64::from(increment);
+        Some(increment)
+    }
+}

@@ -136,18 +136,7 @@ impl Inbound {
             In::Plain { buf, .. } => frame::decode(buf),
             In::Tls {
                 buf, plain, sealed, ..
-            } => {
-                // Frames are decoded from the plaintext at the front only; splitting it off
-                // and joining the rest back on is O(1), the two halves being adjacent.
-                let mut front = buf.split_to(*plain);
-                let decoded = frame::decode(&mut front);
-                let consumed = *plain - front.len();
-                front.unsplit(std::mem::take(buf));
-                *buf = front;
-                *plain -= consumed;
-                *sealed -= consumed;
-                decoded
-            }
+            } => decode_plain(buf, plain, sealed),
         }
     }
 
@@ -178,14 +167,7 @@ impl Inbound {
                 if *closed {
                     return Err(ReceiveError::Closed);
                 }
-                if buf.capacity() - buf.len() < READ_LOW {
-                    // Drop the spent bytes first, so that they are not carried into the
-                    // next allocation (at most one partial record moves).
-                    buf.copy_within(*sealed.., *plain);
-                    buf.truncate(buf.len() - (*sealed - *plain));
-                    *sealed = *plain;
-                    buf.reserve(READ_SIZE);
-                }
+                make_room(buf, plain, sealed);
                 let n = tcp.read_buf(buf).await?;
                 let opened = opener.open(buf, *plain, *sealed)?;
                 *plain = opened.plain;
@@ -197,6 +179,176 @@ impl Inbound {
                 Ok(n)
             }
         }
+    }
+}
+
+/// A TLS link connection taken off tokio, for a thread that drives its socket itself (an
+/// io_uring worker): the socket, and the record layer's two directions with what was already
+/// received.
+#[derive(Debug)]
+pub struct Detached {
+    pub fd: std::os::fd::OwnedFd,
+    pub reader: Reader,
+    pub writer: Writer,
+}
+
+/// Takes a link connection off tokio; hands it back when it has no record layer (a plain
+/// byte stream stays where it is).
+///
+/// # Errors
+/// The two directions again, when they cannot be detached.
+pub fn detach(inbound: Inbound, outbound: Outbound) -> Result<Detached, (Inbound, Outbound)> {
+    match (inbound.0, outbound.0) {
+        (
+            In::Tls {
+                tcp: read,
+                opener,
+                buf,
+                plain,
+                sealed,
+                closed,
+            },
+            Out::Tls {
+                tcp: write, sealer, ..
+            },
+        ) => {
+            let fd = read
+                .reunite(write)
+                .map_err(io::Error::other)
+                .and_then(TcpStream::into_std)
+                .map(std::os::fd::OwnedFd::from);
+            let fd = match fd {
+                Ok(fd) => fd,
+                // The halves came from one stream; into_std fails only if tokio's reactor is
+                // gone, and then the link cannot run anywhere: let tokio's side report it.
+                Err(e) => {
+                    tracing::warn!(error = %e, "link connection could not leave tokio");
+                    return Err((
+                        Inbound(In::Plain {
+                            io: Box::new(tokio::io::empty()),
+                            buf: BytesMut::new(),
+                        }),
+                        Outbound(Out::Plain(Box::new(tokio::io::sink()))),
+                    ));
+                }
+            };
+            Ok(Detached {
+                fd,
+                reader: Reader {
+                    opener,
+                    buf,
+                    plain,
+                    sealed,
+                    closed,
+                },
+                writer: Writer { sealer },
+            })
+        }
+        (inbound, outbound) => Err((Inbound(inbound), Outbound(outbound))),
+    }
+}
+
+/// The receiving direction of a detached link connection: records received into
+/// [`Reader::space`] are opened in place by [`Reader::filled`], and frames are decoded from
+/// the plaintext at the buffer's front, as [`Inbound`] does.
+#[derive(Debug)]
+pub struct Reader {
+    opener: Box<Opener>,
+    buf: BytesMut,
+    plain: usize,
+    sealed: usize,
+    closed: bool,
+}
+
+impl Reader {
+    /// Where the next receive may write: room for at least [`READ_LOW`] bytes behind what
+    /// the buffer holds, up to [`READ_SIZE`] and more. The memory stays valid and unmoved
+    /// until [`Reader::filled`] or [`Reader::frame`] is called.
+    pub fn space(&mut self) -> (*mut u8, usize) {
+        make_room(&mut self.buf, &mut self.plain, &mut self.sealed);
+        let spare = self.buf.spare_capacity_mut();
+        (spare.as_mut_ptr().cast(), spare.len())
+    }
+
+    /// Takes in `n` bytes the kernel wrote at [`Reader::space`] and opens the whole records
+    /// among them. Returns whether the peer has closed (`close_notify`).
+    ///
+    /// # Errors
+    /// When a record is refused.
+    ///
+    /// # Safety
+    /// `n` bytes at the last [`Reader::space`] must have been written (a receive's result).
+    pub unsafe fn filled(&mut self, n: usize) -> Result<bool, records::Error> {
+        let len = self.buf.len() + n;
+        // SAFETY: the caller says the kernel initialised these bytes of the spare capacity.
+        unsafe { self.buf.set_len(len) };
+        let opened = self.opener.open(&mut self.buf, self.plain, self.sealed)?;
+        self.plain = opened.plain;
+        self.sealed = opened.sealed;
+        self.closed = opened.closed;
+        Ok(self.closed)
+    }
+
+    /// Whether the peer has closed its side (`close_notify`).
+    #[must_use]
+    pub const fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The next whole frame received, if there is one; a Data frame's payload shares the
+    /// buffer.
+    ///
+    /// # Errors
+    /// When the bytes received are not a valid frame.
+    pub fn frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        decode_plain(&mut self.buf, &mut self.plain, &mut self.sealed)
+    }
+}
+
+/// Decodes a frame from the plaintext at the front of a record layer's buffer (`buf[..plain]`
+/// plaintext, `buf[plain..sealed]` spent, `buf[sealed..]` records not yet whole).
+fn decode_plain(
+    buf: &mut BytesMut,
+    plain: &mut usize,
+    sealed: &mut usize,
+) -> Result<Option<Frame>, FrameError> {
+    // Splitting the plaintext off and joining the rest back on is O(1), the two halves being
+    // adjacent.
+    let mut front = buf.split_to(*plain);
+    let decoded = frame::decode(&mut front);
+    let consumed = *plain - front.len();
+    front.unsplit(std::mem::take(buf));
+    *buf = front;
+    *plain -= consumed;
+    *sealed -= consumed;
+    decoded
+}
+
+/// Makes room for a receive of at least [`READ_LOW`] bytes behind what a record layer's
+/// buffer holds; the spent bytes go first, so that they are not carried into a new
+/// allocation (at most one partial record moves).
+fn make_room(buf: &mut BytesMut, plain: &mut usize, sealed: &mut usize) {
+    if buf.capacity() - buf.len() < READ_LOW {
+        buf.copy_within(*sealed.., *plain);
+        buf.truncate(buf.len() - (*sealed - *plain));
+        *sealed = *plain;
+        buf.reserve(READ_SIZE);
+    }
+}
+
+/// The sending direction of a detached link connection.
+#[derive(Debug)]
+pub struct Writer {
+    sealer: Box<Sealer>,
+}
+
+impl Writer {
+    /// Appends `plaintext` (gathered from its slices) to `out` as sealed records.
+    ///
+    /// # Errors
+    /// When the keys could not be updated or the sequence number ran out.
+    pub fn seal(&mut self, plaintext: &[&[u8]], out: &mut Vec<u8>) -> Result<(), records::Error> {
+        self.sealer.seal(plaintext, out)
     }
 }
 

@@ -448,3 +448,84 @@ pub async fn scrape_until(site: &Site, line: &str) -> String {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A backend that echoes every connection's bytes back, and half-closes after its client did.
+pub async fn echo_backend() -> u16 {
+    let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = echo.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = conn.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Sends `len` checksummed bytes to an echo service at `port` while reading them back, both
+/// directions full at once, and checks that every byte came back in order.
+pub async fn echo_both_ways(port: u16, len: usize) {
+    let conn = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut r, mut w) = conn.into_split();
+    let writer = tokio::spawn(async move {
+        let mut block = vec![0u8; 128 * 1024];
+        let (mut seed, mut sum, mut sent) = (7u64, Checksum::default(), 0);
+        while sent < len {
+            kernel_tests::fill(&mut block, &mut seed);
+            sum.update(&block);
+            w.write_all(&block).await.expect("send");
+            sent += block.len();
+        }
+        w.shutdown().await.expect("half-close");
+        sum.finish_bytes()
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut sum, mut got) = (Checksum::default(), 0);
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), r.read(&mut buf))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        sum.update(&buf[..n]);
+        got += n;
+    }
+    assert_eq!(got, len, "bytes echoed");
+    assert_eq!(
+        sum.finish_bytes(),
+        writer.await.expect("writer"),
+        "checksum"
+    );
+}
+
+/// Connects a client to `listener`, lets `backend` accept the router's connection and reset
+/// it after the first byte, and checks that the client sees a reset, not a clean end.
+pub async fn backend_reset_reaches_client(backend: &TcpListener, listener: u16) {
+    let mut client = TcpStream::connect(("127.0.0.1", listener))
+        .await
+        .expect("connect");
+    client.write_all(b"x").await.expect("send");
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
+        .await
+        .expect("the router connects in time")
+        .expect("accept");
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte).await.expect("the byte arrives");
+    conn.set_zero_linger().expect("linger");
+    drop(conn);
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .expect("the client hears in time");
+    match read {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("a clean read of {n} bytes instead of a reset"),
+    }
+}

@@ -33,7 +33,7 @@ const HIGH_WATER: usize = 4 * BUF_SIZE as usize;
 /// Queued bytes below which a stopped direction receives again.
 const LOW_WATER: usize = HIGH_WATER / 2;
 /// Chunks one sendmsg carries at most.
-const MAX_IOV: usize = 16;
+pub(super) const MAX_IOV: usize = 16;
 /// Submission queue entries; the completion queue is four times as deep.
 const SQ_ENTRIES: u32 = 1024;
 
@@ -45,6 +45,13 @@ pub(super) enum Msg {
         b: OwnedFd,
         done: oneshot::Sender<Outcome>,
     },
+    /// Carry a link connection (see [`super::carrier`]).
+    Carry {
+        link: std::sync::Arc<crate::link::Link>,
+        carried: crate::link::Carried,
+    },
+    /// Serve a stream of a link connection carried here.
+    Relay(super::carrier::Relay),
     /// Cancel everything and end the thread.
     Stop,
 }
@@ -56,7 +63,7 @@ const OP_SEND: u64 = 2; // + direction
 const OP_SHUT: u64 = 4; // + direction
 const OP_CANCEL: u64 = 6;
 
-const fn user_data(slot: usize, op: u64) -> u64 {
+pub(super) const fn user_data(slot: usize, op: u64) -> u64 {
     ((slot as u64) << 8) | op
 }
 
@@ -76,9 +83,9 @@ enum Recv {
 }
 
 /// The sendmsg arguments of a direction; boxed, so the kernel's pointers into it stay valid.
-struct SendArgs {
-    hdr: libc::msghdr,
-    iov: [libc::iovec; MAX_IOV],
+pub(super) struct SendArgs {
+    pub(super) hdr: libc::msghdr,
+    pub(super) iov: [libc::iovec; MAX_IOV],
 }
 
 struct Dir {
@@ -169,19 +176,30 @@ pub(super) fn setup(ring_flags: &mut String) -> io::Result<IoUring> {
 
 pub(super) struct Worker {
     ring: IoUring,
-    bufs: BufRing,
+    pub(super) bufs: BufRing,
     pairs: Vec<Option<Pair>>,
     free: Vec<usize>,
     /// Directions that found the buffer ring empty, oldest first.
     starved: VecDeque<(usize, usize)>,
+    /// Link connections carried here (see [`super::carrier`]), and free slots among them.
+    pub(super) links: Vec<Option<super::carrier::Conn>>,
+    pub(super) free_links: Vec<usize>,
+    /// Served streams that found the buffer ring empty, by (link slot, stream slot).
+    pub(super) starved_streams: VecDeque<(usize, usize)>,
+    /// Link connections and streams taken so far (shared with `skiff status`).
+    pub(super) carried_total: u64,
+    pub(super) served_total: u64,
     /// Buffers pushed back since the tail was last published.
     returned: bool,
     pending: Vec<squeue::Entry>,
     wake: OwnedFd,
     wake_buf: Box<u64>,
     wake_armed: bool,
+    /// Set by whoever writes the wake eventfd for a link, cleared before the worker looks:
+    /// many frames queued at once wake the worker once.
+    woken: std::sync::Arc<std::sync::atomic::AtomicBool>,
     jobs: mpsc::Receiver<Msg>,
-    stopping: bool,
+    pub(super) stopping: bool,
 }
 
 impl Worker {
@@ -190,7 +208,12 @@ impl Worker {
     ///
     /// # Errors
     /// When the buffer ring cannot be registered or the check fails.
-    pub(super) fn new(ring: IoUring, wake: OwnedFd, jobs: mpsc::Receiver<Msg>) -> io::Result<Self> {
+    pub(super) fn new(
+        ring: IoUring,
+        wake: OwnedFd,
+        woken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        jobs: mpsc::Receiver<Msg>,
+    ) -> io::Result<Self> {
         let bufs = BufRing::new(&ring, 0, BUFS, BUF_SIZE).map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -203,11 +226,17 @@ impl Worker {
             pairs: Vec::new(),
             free: Vec::new(),
             starved: VecDeque::new(),
+            links: Vec::new(),
+            free_links: Vec::new(),
+            starved_streams: VecDeque::new(),
+            carried_total: 0,
+            served_total: 0,
             returned: false,
             pending: Vec::new(),
             wake,
             wake_buf: Box::new(0),
             wake_armed: false,
+            woken,
             jobs,
             stopping: false,
         };
@@ -268,7 +297,11 @@ impl Worker {
                 tracing::error!(error = %e, "io_uring submission failed; the worker stops");
                 break;
             }
-            if self.stopping && !self.wake_armed && self.pairs.iter().all(Option::is_none) {
+            if self.stopping
+                && !self.wake_armed
+                && self.pairs.iter().all(Option::is_none)
+                && self.links_done()
+            {
                 break;
             }
             match self.ring.submit_and_wait(1) {
@@ -291,12 +324,13 @@ impl Worker {
                 self.returned = false;
                 self.bufs.publish();
                 self.feed_starved();
+                self.feed_starved_streams();
             }
         }
         self.bufs.unregister(&self.ring);
     }
 
-    fn push(&mut self, entry: squeue::Entry) {
+    pub(super) fn push(&mut self, entry: squeue::Entry) {
         self.pending.push(entry);
     }
 
@@ -340,11 +374,17 @@ impl Worker {
     fn complete(&mut self, user_data: u64, result: i32, flags: u32) {
         if user_data == WAKE {
             self.wake_armed = false;
+            self.woken
+                .store(false, std::sync::atomic::Ordering::Release);
             self.take_jobs();
+            self.wake_links();
             if !self.stopping {
                 self.arm_wake();
             }
             return;
+        }
+        if user_data & 0xff >= super::carrier::FIRST_OP && user_data != WAKE - 1 {
+            return self.complete_carried(user_data, result, flags);
         }
         let slot = usize::try_from(user_data >> 8).expect("slots fit usize");
         if self.pairs.get(slot).is_none_or(Option::is_none) {
@@ -372,6 +412,8 @@ impl Worker {
         loop {
             match self.jobs.try_recv() {
                 Ok(Msg::Proxy { a, b, done }) => self.start(a, b, done),
+                Ok(Msg::Carry { link, carried }) => self.carry(link, carried),
+                Ok(Msg::Relay(relay)) => self.relay(relay),
                 Ok(Msg::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
                     self.stop();
                     return;
@@ -411,6 +453,7 @@ impl Worker {
     /// Cancels every operation; the loop ends once all have completed.
     fn stop(&mut self) {
         self.stopping = true;
+        self.stop_links();
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(WAKE - 1);
@@ -649,7 +692,7 @@ impl Worker {
         // The sockets close here (with RST after a failure).
     }
 
-    fn give_back(&mut self, bid: u16) {
+    pub(super) fn give_back(&mut self, bid: u16) {
         self.bufs.push(bid);
         self.returned = true;
     }
@@ -666,7 +709,7 @@ impl Worker {
     }
 }
 
-fn set_blocking(fd: RawFd) {
+pub(super) fn set_blocking(fd: RawFd) {
     // SAFETY: fcntl on a descriptor the caller owns.
     unsafe {
         let flags = libc::fcntl(fd, libc::F_GETFL);
@@ -676,7 +719,7 @@ fn set_blocking(fd: RawFd) {
     }
 }
 
-fn set_zero_linger(fd: RawFd) {
+pub(super) fn set_zero_linger(fd: RawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
