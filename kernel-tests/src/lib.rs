@@ -675,7 +675,16 @@ impl Proc {
     ///
     /// # Errors
     /// When the signal cannot be sent.
-    pub fn interrupt(mut self) -> anyhow::Result<()> {
+    pub fn interrupt(self) -> anyhow::Result<()> {
+        // Long enough for a router to drain its connections (10 s) and exit.
+        self.interrupt_within(Duration::from_secs(15))
+    }
+
+    /// [`Proc::interrupt`], waiting up to `limit` (scaled by [`patience`]) for the exit.
+    ///
+    /// # Errors
+    /// When the signal cannot be sent, or the process is still running after `limit`.
+    pub fn interrupt_within(mut self, limit: Duration) -> anyhow::Result<()> {
         if self.child.try_wait()?.is_some() {
             return Ok(());
         }
@@ -684,8 +693,7 @@ impl Proc {
         if unsafe { libc::kill(pid, libc::SIGINT) } != 0 {
             bail!("failed to signal {}", self.what);
         }
-        // Long enough for a router to drain its connections (10 s) and exit.
-        let deadline = Instant::now() + patience(Duration::from_secs(15));
+        let deadline = Instant::now() + patience(limit);
         while self.child.try_wait()?.is_none() {
             ensure!(Instant::now() < deadline, "{} ignored SIGINT", self.what);
             thread::sleep(Duration::from_millis(20));

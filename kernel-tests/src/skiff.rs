@@ -381,6 +381,18 @@ impl Site {
         }
         Ok(())
     }
+
+    /// [`Site::stop`], giving the router up to `limit` to drain and exit (for a router run
+    /// with a `--drain-timeout` longer than the default).
+    ///
+    /// # Errors
+    /// When the router does not exit within `limit`.
+    pub fn stop_within(&mut self, limit: Duration) -> anyhow::Result<()> {
+        if let Some(router) = self.router.take() {
+            router.interrupt_within(limit)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Site {

@@ -28,9 +28,23 @@ struct Fixture {
 }
 
 fn fixture(tag: &str, port: u16) -> anyhow::Result<Fixture> {
+    fixture_with(tag, port, &[])
+}
+
+/// [`fixture`], with more `router run` arguments.
+fn fixture_with(tag: &str, port: u16, run_args: &[&str]) -> anyhow::Result<Fixture> {
     let ns = Netns::new(tag)?;
     let cgroup = Cgroup::new(tag)?;
-    let site = Site::start_in(&ns, Some(&cgroup), "west", None)?;
+    let site = if run_args.is_empty() {
+        Site::start_in(&ns, Some(&cgroup), "west", None)?
+    } else {
+        let args: Vec<&str> = ["--accel", "sockmap"]
+            .iter()
+            .chain(run_args)
+            .copied()
+            .collect();
+        Site::start_with(&ns, Some(&cgroup), "west", None, &[], &args)?
+    };
     let backend = (port - 1).to_string();
     site.cli(&[
         "connector",
@@ -464,7 +478,9 @@ fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_map
     if !require_root() {
         return Ok(());
     }
-    let mut f = fixture("acc7", 7342)?;
+    // A gigabyte may take longer than the default 10 s drain on a loaded 2-core machine (CI
+    // saw the client reset when the drain ran out): the stop below must wait for it.
+    let mut f = fixture_with("acc7", 7342, &["--drain-timeout", "120s"])?;
     let baseline = f.accel()?["sockets"].as_u64().unwrap_or(0);
     let data = pattern(1 << 30, 3);
     let ports = (f.port, f.backend());
@@ -504,7 +520,9 @@ fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_map
     ])?;
     f.ns.wait_listening(f.port, Duration::from_secs(10))?;
     let (ns, cgroup, site) = (&f.ns, &f.cgroup, &mut f.site);
-    let (overlapped, got) = transfer_during(ns, cgroup, ports, &data, || site.stop())?;
+    let (overlapped, got) = transfer_during(ns, cgroup, ports, &data, || {
+        site.stop_within(Duration::from_secs(130))
+    })?;
     assert!(overlapped, "the stop must begin while the transfer runs");
     assert!(
         got == data,

@@ -40,8 +40,8 @@ use crate::{
 
 pub use crate::node::{AccelMode, Kernel};
 
-/// How long shutdown waits for open connections to finish.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long shutdown waits for open connections to finish, unless told otherwise.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Options of `skiff router run`.
 #[derive(Clone, Debug, Default)]
@@ -58,6 +58,8 @@ pub struct RunOptions {
     /// The uid the state directory must belong to: `None` for this process's own, or the
     /// `--user` the router is about to become.
     pub owner: Option<u32>,
+    /// How long shutdown waits for open connections to finish (`None`: [`DRAIN_DEADLINE`]).
+    pub drain: Option<Duration>,
 }
 
 /// Failure to start the router.
@@ -252,7 +254,9 @@ pub async fn run_attached(
         _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
         () = router.shutdown.notified() => info!("shutdown requested"),
     }
-    router.drain(background).await;
+    router
+        .drain(background, options.drain.unwrap_or(DRAIN_DEADLINE))
+        .await;
     router.node.detach();
     let _ = std::fs::remove_file(router.state.admin_socket());
     drop(lock);
@@ -308,12 +312,12 @@ impl Router {
     }
 
     /// Stops accepting, then waits for open connections to finish, up to a deadline.
-    async fn drain(&self, background: Vec<AbortHandle>) {
+    async fn drain(&self, background: Vec<AbortHandle>, deadline: Duration) {
         for task in background {
             task.abort();
         }
         self.services.stop_listeners();
-        let left = self.forwarding.drain(DRAIN_DEADLINE).await;
+        let left = self.forwarding.drain(deadline).await;
         if left > 0 {
             warn!(
                 connections = left,

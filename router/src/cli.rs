@@ -166,6 +166,10 @@ pub enum RouterCommand {
         /// to USER; a root-owned keeper process removes the pins when the router exits.
         #[arg(long, env = "SKIFF_USER")]
         user: Option<String>,
+        /// How long a stopping router lets open connections finish before it closes them
+        /// (e.g. 30s, 5m).
+        #[arg(long, env = "SKIFF_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::token::parse_duration)]
+        drain_timeout: std::time::Duration,
     },
     /// The pin keeper `run --user` starts: removes PIN_DIR when its stdin closes.
     #[command(hide = true)]

@@ -110,7 +110,7 @@ enum Started {
 /// `router run` attaches its eBPF programs and, with `--user`, gives up privilege (with a pin
 /// keeper started first when there are pins); `router keep-pins` is the keeper.
 fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
-    let (accel, datapath, cgroup, metrics_addr, flow_log, user) = match &cli.command {
+    let (accel, datapath, cgroup, metrics_addr, flow_log, user, drain) = match &cli.command {
         Command::Router(RouterCommand::KeepPins { pin_dir }) => {
             privilege::keep_pins(pin_dir)?;
             return Ok(Started::Finished);
@@ -122,7 +122,16 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
             metrics_addr,
             flow_log,
             user,
-        }) => (accel, datapath, cgroup, metrics_addr, flow_log, user),
+            drain_timeout,
+        }) => (
+            accel,
+            datapath,
+            cgroup,
+            metrics_addr,
+            flow_log,
+            user,
+            *drain_timeout,
+        ),
         _ => return Ok(Started::Nothing),
     };
     let state = StateDir::new(&cli.state_dir);
@@ -137,6 +146,7 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
         metrics_addr: metrics_addr.clone(),
         flow_log: flow_log.clone(),
         owner: user.as_ref().map(|u| u.uid),
+        drain: Some(drain),
     };
     let mut kernel = app::Kernel::attach_for(&state, &options)?;
     let mut keeper = None;
