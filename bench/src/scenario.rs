@@ -153,6 +153,7 @@ pub const ALL: &[&str] = &[
     "stunnel",
     "skiff-chain",
     "skiff-mtls",
+    "skiff-mtls-uring",
     "skiff-mtls-accel",
 ];
 
@@ -164,6 +165,7 @@ pub const QUICK: &[&str] = &[
     "skiff-hop-accel",
     "direct-sockmap",
     "skiff-mtls",
+    "skiff-mtls-uring",
     "skiff-mtls-accel",
 ];
 
@@ -634,10 +636,16 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 _files: Some(files),
             }
         }
-        "skiff-mtls" | "skiff-mtls-accel" => {
+        "skiff-mtls" | "skiff-mtls-uring" | "skiff-mtls-accel" => {
             let accel = name == "skiff-mtls-accel";
-            let west_ns = Netns::new(if accel { "bwesta" } else { "bwest" })?;
-            let east_ns = Netns::new(if accel { "beasta" } else { "beast" })?;
+            let uring = name == "skiff-mtls-uring";
+            let (west, east) = match name {
+                "skiff-mtls-accel" => ("bwesta", "beasta"),
+                "skiff-mtls-uring" => ("bwestu", "beastu"),
+                _ => ("bwest", "beast"),
+            };
+            let west_ns = Netns::new(west)?;
+            let east_ns = Netns::new(east)?;
             // One cgroup for both sites' routers and workloads: the sockhash keys carry the
             // network namespace, so the two sides never mix.
             let cgroup = if accel {
@@ -647,11 +655,12 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
             };
             let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
             let backends = backends(&west_ns, cgroup.as_ref())?;
-            // Link streams run on epoll whatever the flag says; it is named all the same.
-            let run_args: &[&str] = if accel {
-                &["--accel", "sockmap", "--datapath", "epoll"]
-            } else {
-                &["--datapath", "epoll"]
+            // Accelerated sockets run on epoll (they need its flow control); the others on
+            // the backend the scenario names.
+            let run_args: &[&str] = match (accel, uring) {
+                (true, _) => &["--accel", "sockmap", "--datapath", "epoll"],
+                (false, true) => &["--datapath", "uring"],
+                (false, false) => &["--datapath", "epoll"],
             };
             let west = Site::start_with(
                 &west_ns,
@@ -671,15 +680,21 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 out.matches("\"reachable\": true").count() == SERVICES.len()
             })?;
             Scenario {
-                name: if accel {
-                    "skiff-mtls-accel"
-                } else {
-                    "skiff-mtls"
+                name: match name {
+                    "skiff-mtls-accel" => "skiff-mtls-accel",
+                    "skiff-mtls-uring" => "skiff-mtls-uring",
+                    _ => "skiff-mtls",
                 },
-                description: if accel {
-                    "the skiff mTLS path with sockmap on the local legs at both ends"
-                } else {
-                    "client -> router east -> TLS 1.3 mTLS link over veth -> router west -> server"
+                description: match name {
+                    "skiff-mtls-accel" => {
+                        "the skiff mTLS path with sockmap on the local legs at both ends"
+                    }
+                    "skiff-mtls-uring" => {
+                        "the skiff mTLS path on io_uring: each router's link connection and the streams' sockets on one worker"
+                    }
+                    _ => {
+                        "client -> router east -> TLS 1.3 mTLS link over veth -> router west -> server (epoll)"
+                    }
                 },
                 ports: front,
                 relays: vec![router_pid(&east)?, router_pid(&west)?],

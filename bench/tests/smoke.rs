@@ -33,6 +33,7 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
             "stunnel",
             "skiff-chain",
             "skiff-mtls",
+            "skiff-mtls-uring",
             "skiff-mtls-accel",
         ]
     );

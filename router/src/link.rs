@@ -241,6 +241,9 @@ pub struct Link {
     /// Since when the carrier's current send has been waiting, in ms since `since` plus one;
     /// 0 when nothing waits.
     sending_since_ms: AtomicU64,
+    /// How much its streams' windows have grown beyond the initial one, together
+    /// ([`stream::LINK_GROWTH`] at most).
+    window_growth: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Link {
@@ -487,6 +490,7 @@ pub async fn run(
         carrier: std::sync::OnceLock::new(),
         heard_ms: AtomicU64::new(0),
         sending_since_ms: AtomicU64::new(0),
+        window_growth: Arc::default(),
     });
     info!(peer = %link.peer, direction = ?link.direction, "link up");
     events.link_up(&link);

@@ -4,10 +4,16 @@
 //! only the peer's `Window` frames refill; it never has more than that in flight, so a stream
 //! whose consumer is slow stops its own producer and nobody else. The receiver hands credit back
 //! as the application consumes data, in batches of a quarter window to keep `Window` frames rare.
+//!
+//! A stream's window grows while its reader keeps up ([`Grants`]): the credit loop spans both
+//! routers and the link, and a window smaller than what the stream moves in that time caps
+//! its speed. Growth is bounded per stream ([`MAX_WINDOW`]) and per link connection
+//! ([`LINK_GROWTH`]), so a peer cannot make the router hold more than that for readers that
+//! stop after keeping up.
 
 use std::sync::{
     Arc,
-    atomic::{AtomicI64, Ordering},
+    atomic::{AtomicI64, AtomicUsize, Ordering},
 };
 
 use bytes::Bytes;
@@ -20,6 +26,11 @@ use super::{
 
 /// Credit each side grants the other when a stream opens, in bytes.
 pub const INITIAL_WINDOW: u32 = 512 * 1024;
+/// The most a stream's window grows to while its reader keeps up.
+pub const MAX_WINDOW: u32 = 4 << 20;
+/// Window growth the streams of one link connection may hold at once, beyond their initial
+/// windows.
+pub const LINK_GROWTH: usize = 32 << 20;
 /// Largest `Data` frame payload; smaller than the window so a sender always makes progress.
 pub const MAX_DATA: usize = 64 * 1024;
 
@@ -78,7 +89,66 @@ pub struct StreamRx {
     reg: Arc<Registration>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     recv_budget: Arc<AtomicI64>,
+    grants: Grants,
+}
+
+/// What a stream's receiver has granted back and how large its window has grown, with the
+/// growth taken from its link connection's budget ([`LINK_GROWTH`]) and given back when the
+/// stream goes.
+#[derive(Debug)]
+pub struct Grants {
+    window: u32,
+    /// Bytes consumed and not yet granted back.
     unacked: usize,
+    /// Growth taken from `budget`.
+    grown: usize,
+    budget: Arc<AtomicUsize>,
+}
+
+impl Grants {
+    fn new(budget: &Arc<AtomicUsize>) -> Self {
+        Self {
+            window: INITIAL_WINDOW,
+            unacked: 0,
+            grown: 0,
+            budget: Arc::clone(budget),
+        }
+    }
+
+    /// Says that `n` received bytes were consumed; returns the `Window` increment to send once
+    /// a quarter window has been consumed since the last one. `caught_up` says whether the
+    /// reader has written everything received so far: then the window doubles (up to
+    /// [`MAX_WINDOW`], while the link's budget lasts), since it, not the reader, is what holds
+    /// the stream back.
+    pub fn consumed(&mut self, n: usize, caught_up: bool) -> Option<u32> {
+        self.unacked += n;
+        if self.unacked < self.window as usize / 4 {
+            return None;
+        }
+        let mut increment = std::mem::take(&mut self.unacked);
+        if caught_up && self.window < MAX_WINDOW {
+            let more = self.window.min(MAX_WINDOW - self.window) as usize;
+            let taken = self
+                .budget
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |grown| {
+                    (grown + more <= LINK_GROWTH).then_some(grown + more)
+                })
+                .is_ok();
+            if taken {
+                self.grown += more;
+                self.window += u32::try_from(more).expect("at most MAX_WINDOW");
+                increment += more;
+            }
+        }
+        // Consumed bytes never exceed what was granted, so this stays below MAX_WINDOW twice.
+        Some(u32::try_from(increment).expect("an increment stays below 2^32"))
+    }
+}
+
+impl Drop for Grants {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.grown, Ordering::AcqRel);
+    }
 }
 
 /// Makes the two halves of stream `id` on `link`, and the slot the link keeps for it.
@@ -106,10 +176,10 @@ pub(super) fn new_stream(
             credit,
         },
         StreamRx {
+            grants: Grants::new(&link.window_growth),
             reg,
             inbound,
             recv_budget,
-            unacked: 0,
         },
         slot,
     )
@@ -204,12 +274,11 @@ impl StreamRx {
         }
     }
 
-    /// Says that `n` received bytes were consumed, granting the peer credit for that many.
+    /// Says that `n` received bytes were consumed, granting the peer credit for that many (and
+    /// more, while the reader keeps up: see [`Grants`]).
     pub async fn consumed(&mut self, n: usize) {
-        self.unacked += n;
-        if self.unacked >= INITIAL_WINDOW as usize / 4 {
-            let increment = u32::try_from(self.unacked).expect("unacked stays below the window");
-            self.unacked = 0;
+        let caught_up = self.inbound.is_empty();
+        if let Some(increment) = self.grants.consumed(n, caught_up) {
             self.recv_budget
                 .fetch_add(i64::from(increment), Ordering::AcqRel);
             let _ = self
@@ -235,8 +304,7 @@ pub struct Credit {
     credit: u64,
     /// Bytes the peer may still send before more are granted.
     budget: i64,
-    /// Bytes consumed and not yet granted back.
-    unacked: usize,
+    grants: Grants,
 }
 
 /// The two halves of a stream, taken over by a [`Credit`]: they keep the stream registered
@@ -256,10 +324,11 @@ pub fn take_over(tx: StreamTx, mut rx: StreamRx) -> (Credit, Vec<Inbound>, Halve
     while let Ok(inbound) = rx.inbound.try_recv() {
         pending.push(inbound);
     }
+    let grants = Grants::new(&rx.grants.budget);
     let credit = Credit {
         credit: tx.credit.available_permits() as u64,
         budget: rx.recv_budget.load(Ordering::Acquire),
-        unacked: rx.unacked,
+        grants: std::mem::replace(&mut rx.grants, grants),
     };
     tx.credit.close();
     (credit, pending, Halves { _tx: tx, _rx: rx })
@@ -297,16 +366,70 @@ impl Credit {
         self.budget >= 0
     }
 
-    /// Says that `n` received bytes were consumed; returns the `Window` increment to send
-    /// when a quarter window has been consumed since the last one.
-    pub fn consumed(&mut self, n: usize) -> Option<u32> {
-        self.unacked += n;
-        if self.unacked < INITIAL_WINDOW as usize / 4 {
-            return None;
-        }
-        let increment = u32::try_from(self.unacked).expect("unacked stays below the window");
-        self.unacked = 0;
+    /// Says that `n` received bytes were consumed (`caught_up`: nothing received is left to
+    /// write); returns the `Window` increment to send, as [`Grants::consumed`] decides.
+    pub fn consumed(&mut self, n: usize, caught_up: bool) -> Option<u32> {
+        let increment = self.grants.consumed(n, caught_up)?;
         self.budget += i64::from(increment);
         Some(increment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QUARTER: usize = INITIAL_WINDOW as usize / 4;
+
+    /// A reader that keeps up doubles its window at each grant, up to MAX_WINDOW; one that
+    /// falls behind grants back only what it consumed.
+    #[test]
+    fn a_window_grows_while_its_reader_keeps_up_and_not_past_the_cap() {
+        let budget = Arc::new(AtomicUsize::new(0));
+        let mut grants = Grants::new(&budget);
+        assert_eq!(grants.consumed(QUARTER - 1, true), None, "below a quarter");
+        assert_eq!(
+            grants.consumed(1, false),
+            Some(QUARTER as u32),
+            "behind: no growth"
+        );
+        assert_eq!(grants.window, INITIAL_WINDOW);
+        let mut windows = Vec::new();
+        for _ in 0..5 {
+            let quarter = grants.window as usize / 4;
+            grants.consumed(quarter, true).expect("a grant");
+            windows.push(grants.window >> 10);
+        }
+        assert_eq!(windows, [1024, 2048, 4096, 4096, 4096], "KiB");
+        assert_eq!(
+            budget.load(Ordering::Acquire),
+            (MAX_WINDOW - INITIAL_WINDOW) as usize
+        );
+        drop(grants);
+        assert_eq!(
+            budget.load(Ordering::Acquire),
+            0,
+            "growth goes back with the stream"
+        );
+    }
+
+    /// The streams of one link connection together grow no further than LINK_GROWTH.
+    #[test]
+    fn a_link_connections_streams_share_one_growth_budget() {
+        let budget = Arc::new(AtomicUsize::new(0));
+        let mut streams: Vec<Grants> = (0..64).map(|_| Grants::new(&budget)).collect();
+        for _ in 0..4 {
+            for grants in &mut streams {
+                let quarter = grants.window as usize / 4;
+                grants.consumed(quarter, true);
+            }
+        }
+        let grown: usize = streams.iter().map(|g| g.grown).sum();
+        assert_eq!(grown, budget.load(Ordering::Acquire));
+        assert!(grown <= LINK_GROWTH, "{grown}");
+        assert!(
+            grown + INITIAL_WINDOW as usize > LINK_GROWTH,
+            "the budget was used: {grown}"
+        );
     }
 }

@@ -128,6 +128,9 @@ pub(super) struct Conn {
     free: Vec<usize>,
     /// Served streams waiting for room in the batch.
     blocked: Vec<usize>,
+    /// Listed in the worker's `send_due`: its batch is sealed and sent once the completions
+    /// at hand are handled, so that what they add goes out in one send.
+    send_due: bool,
     inflight: u32,
     failed: Option<link::Error>,
 }
@@ -176,6 +179,7 @@ impl Worker {
             served: Vec::new(),
             free: Vec::new(),
             blocked: Vec::new(),
+            send_due: false,
             inflight: 0,
             failed: None,
         };
@@ -191,7 +195,7 @@ impl Worker {
         self.take_frames(slot);
         self.link_receive(slot);
         self.pull_frames(slot);
-        self.link_send(slot);
+        self.send_soon(slot);
     }
 
     /// Serves a stream's socket here, taking the stream over from its halves.
@@ -328,7 +332,7 @@ impl Worker {
                 self.fail_link(slot, link::Error::Shut(reason));
             } else {
                 self.pull_frames(slot);
-                self.link_send(slot);
+                self.send_soon(slot);
             }
             self.finish_link(slot);
         }
@@ -410,7 +414,7 @@ impl Worker {
             self.fail_link(slot, link::Error::Closed);
         }
         self.link_receive(slot);
-        self.link_send(slot);
+        self.send_soon(slot);
     }
 
     /// Dispatches every whole frame received.
@@ -540,6 +544,27 @@ impl Worker {
         }
     }
 
+    /// Has the link's batch sealed and sent once the completions at hand are handled.
+    fn send_soon(&mut self, slot: usize) {
+        let conn = self.conn(slot);
+        if !conn.send_due {
+            conn.send_due = true;
+            self.send_due.push(slot);
+        }
+    }
+
+    /// Seals and sends the batches of the links that have something due.
+    pub(super) fn send_due_links(&mut self) {
+        let due = std::mem::take(&mut self.send_due);
+        for slot in due {
+            if let Some(conn) = self.links.get_mut(slot).and_then(Option::as_mut) {
+                conn.send_due = false;
+                self.link_send(slot);
+                self.finish_link(slot);
+            }
+        }
+    }
+
     /// Seals the batch and sends it, unless a send is in flight.
     fn link_send(&mut self, slot: usize) {
         let conn = self.conn(slot);
@@ -631,7 +656,7 @@ impl Worker {
         if conn.out_sent < conn.out.len() {
             return self.submit_out(slot);
         }
-        self.link_send(slot);
+        self.send_soon(slot);
     }
 
     // Served streams: socket to link.
@@ -688,7 +713,7 @@ impl Worker {
             add_head(&mut conn.parts, start..conn.head.len());
             conn.parts.push(Part::Buf { bid, len });
             conn.batched += frame::HEADER_LEN + len as usize;
-            self.link_send(slot);
+            self.send_soon(slot);
             self.stream_receive(slot, index);
             return;
         }
@@ -697,7 +722,7 @@ impl Worker {
                 served.eof = true;
                 if served.failed.is_none() {
                     self.batch_frame(slot, Frame::Close { stream: id });
-                    self.link_send(slot);
+                    self.send_soon(slot);
                 }
             }
             e if -e == libc::ENOBUFS => {
@@ -765,10 +790,7 @@ impl Worker {
             return self.fail_served(slot, index, Failure::io(side, &error));
         };
         served.bytes_in += sent as u64;
-        let window = served.credit.consumed(sent).map(|increment| Frame::Window {
-            stream: served.id,
-            increment,
-        });
+        let consumed = sent;
         while sent > 0 {
             let front = served
                 .queue
@@ -782,9 +804,17 @@ impl Worker {
                 sent = 0;
             }
         }
+        let caught_up = served.queue.is_empty();
+        let window = served
+            .credit
+            .consumed(consumed, caught_up)
+            .map(|increment| Frame::Window {
+                stream: served.id,
+                increment,
+            });
         if let Some(window) = window {
             self.batch_frame(slot, window);
-            self.link_send(slot);
+            self.send_soon(slot);
         }
         self.stream_write(slot, index);
     }
@@ -830,7 +860,7 @@ impl Worker {
                     reason: failure.to_string(),
                 },
             );
-            self.link_send(slot);
+            self.send_soon(slot);
         }
     }
 

@@ -186,6 +186,8 @@ pub(super) struct Worker {
     pub(super) free_links: Vec<usize>,
     /// Served streams that found the buffer ring empty, by (link slot, stream slot).
     pub(super) starved_streams: VecDeque<(usize, usize)>,
+    /// Links whose batch is to be sealed and sent after the completions at hand.
+    pub(super) send_due: Vec<usize>,
     /// Link connections and streams taken so far (shared with `skiff status`).
     pub(super) carried_total: u64,
     pub(super) served_total: u64,
@@ -229,6 +231,7 @@ impl Worker {
             links: Vec::new(),
             free_links: Vec::new(),
             starved_streams: VecDeque::new(),
+            send_due: Vec::new(),
             carried_total: 0,
             served_total: 0,
             returned: false,
@@ -326,6 +329,7 @@ impl Worker {
                 self.feed_starved();
                 self.feed_starved_streams();
             }
+            self.send_due_links();
         }
         self.bufs.unregister(&self.ring);
     }
