@@ -30,14 +30,15 @@ use io_uring::{cqueue, opcode, types};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::worker::{
-    MAX_IOV, SendArgs, Worker, set_blocking, set_zero_linger, user_data as pair_user_data,
+    MAX_IOV, STREAM_BUF_SIZE, SendArgs, Worker, set_blocking, set_zero_linger,
+    user_data as pair_user_data,
 };
 use crate::{
     datapath::{Cause, Failure, Outcome, Side},
     link::{
         self, Action, Carried, Link, Queued, Report,
         frame::{self, Frame, ResetCode},
-        stream::{self, Credit, Halves, Inbound, MAX_DATA},
+        stream::{self, Credit, Halves, Inbound},
         transport::{Reader, Writer},
     },
 };
@@ -293,7 +294,7 @@ impl Worker {
         let op = user_data & 0xff;
         if self.links.get(slot).is_none_or(Option::is_none) {
             if let Some(bid) = cqueue::buffer_select(flags) {
-                self.give_back(bid);
+                self.give_back_stream(bid);
             }
             return;
         }
@@ -304,7 +305,7 @@ impl Worker {
             _ => {
                 if self.live_served(slot, index).is_none() {
                     if let Some(bid) = cqueue::buffer_select(flags) {
-                        self.give_back(bid);
+                        self.give_back_stream(bid);
                     }
                     return;
                 }
@@ -587,7 +588,7 @@ impl Worker {
                 // SAFETY: the buffer holds `len` bytes a receive wrote, and stays the
                 // worker's until given back below.
                 Part::Buf { bid, len } => unsafe {
-                    std::slice::from_raw_parts(self.bufs.buf(*bid), *len as usize)
+                    std::slice::from_raw_parts(self.stream_bufs.buf(*bid), *len as usize)
                 },
             })
             .collect();
@@ -602,7 +603,7 @@ impl Worker {
         let parts = std::mem::take(&mut conn.parts);
         for part in parts {
             if let Part::Buf { bid, .. } = part {
-                self.give_back(bid);
+                self.give_back_stream(bid);
             }
         }
         if let Err(e) = sealed {
@@ -663,7 +664,7 @@ impl Worker {
 
     /// Receives from the socket when the stream has credit and the batch has room.
     fn stream_receive(&mut self, slot: usize, index: usize) {
-        let group = self.bufs.group();
+        let group = self.stream_bufs.group();
         let stopping = self.stopping;
         let conn = self.links[slot].as_mut().expect("a live link slot");
         let congested = conn.batched >= BATCH_ROOM || conn.failed.is_some();
@@ -682,8 +683,8 @@ impl Worker {
             conn.blocked.push(index);
             return;
         }
-        let len = served.credit.available().min(MAX_DATA as u64);
-        let len = u32::try_from(len).expect("at most one Data frame");
+        let len = served.credit.available().min(u64::from(STREAM_BUF_SIZE));
+        let len = u32::try_from(len).expect("at most one buffer");
         served.receiving = true;
         served.inflight += 1;
         let entry = opcode::Recv::new(types::Fd(served.fd.as_raw_fd()), std::ptr::null_mut(), len)
@@ -702,7 +703,7 @@ impl Worker {
         if let Some(bid) = cqueue::buffer_select(flags) {
             let len = u32::try_from(result).unwrap_or(0);
             if served.failed.is_some() || len == 0 {
-                self.give_back(bid);
+                self.give_back_stream(bid);
                 return;
             }
             served.credit.spend(len as usize);
@@ -910,7 +911,7 @@ impl Worker {
         self.push(cancel);
         for part in parts {
             if let Part::Buf { bid, .. } = part {
-                self.give_back(bid);
+                self.give_back_stream(bid);
             }
         }
         let served: Vec<usize> = (0..self.conn(slot).served.len()).collect();

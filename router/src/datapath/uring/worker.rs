@@ -28,6 +28,10 @@ use super::bufring::BufRing;
 pub(super) const BUF_SIZE: u32 = 64 * 1024;
 /// Buffers per worker (a power of two).
 pub(super) const BUFS: u16 = 128;
+/// Size of one provided buffer for what served link streams receive: one Data frame each.
+pub(super) const STREAM_BUF_SIZE: u32 = 256 * 1024;
+/// Those buffers per worker (a power of two).
+pub(super) const STREAM_BUFS: u16 = 32;
 /// Queued bytes at which a direction stops receiving.
 const HIGH_WATER: usize = 4 * BUF_SIZE as usize;
 /// Queued bytes below which a stopped direction receives again.
@@ -177,6 +181,10 @@ pub(super) fn setup(ring_flags: &mut String) -> io::Result<IoUring> {
 pub(super) struct Worker {
     ring: IoUring,
     pub(super) bufs: BufRing,
+    /// Buffers served streams receive into (group 1), and whether any went back since the
+    /// tail was last published.
+    pub(super) stream_bufs: BufRing,
+    pub(super) stream_returned: bool,
     pairs: Vec<Option<Pair>>,
     free: Vec<usize>,
     /// Directions that found the buffer ring empty, oldest first.
@@ -222,9 +230,12 @@ impl Worker {
                 format!("provided buffer rings (Linux 5.19+) are unavailable: {e}"),
             )
         })?;
+        let stream_bufs = BufRing::new(&ring, 1, STREAM_BUFS, STREAM_BUF_SIZE)?;
         let mut worker = Self {
             ring,
             bufs,
+            stream_bufs,
+            stream_returned: false,
             pairs: Vec::new(),
             free: Vec::new(),
             starved: VecDeque::new(),
@@ -327,11 +338,16 @@ impl Worker {
                 self.returned = false;
                 self.bufs.publish();
                 self.feed_starved();
+            }
+            if self.stream_returned {
+                self.stream_returned = false;
+                self.stream_bufs.publish();
                 self.feed_starved_streams();
             }
             self.send_due_links();
         }
         self.bufs.unregister(&self.ring);
+        self.stream_bufs.unregister(&self.ring);
     }
 
     pub(super) fn push(&mut self, entry: squeue::Entry) {
@@ -694,6 +710,12 @@ impl Worker {
             let _ = done.send(outcome);
         }
         // The sockets close here (with RST after a failure).
+    }
+
+    /// Hands a served stream's receive buffer back to its ring.
+    pub(super) fn give_back_stream(&mut self, bid: u16) {
+        self.stream_bufs.push(bid);
+        self.stream_returned = true;
     }
 
     pub(super) fn give_back(&mut self, bid: u16) {
