@@ -48,6 +48,9 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// Plaintext a connection's batch may hold before its streams' sockets wait: what the
 /// provided buffers of one batch and the frames queued meanwhile may add up to.
 const BATCH_ROOM: usize = 1024 * 1024;
+/// Pongs one batch carries at most: a peer that pings without reading gets no more, while
+/// one that reads is answered however full the batch is with data.
+const MAX_PONGS: u32 = 32;
 
 // Operations, in the low byte of user_data; the link's slot is in bits 8-31 and a served
 // stream's in bits 32-63. Proxied pairs use the values below 16.
@@ -132,6 +135,8 @@ pub(super) struct Conn {
     /// Listed in the worker's `send_due`: its batch is sealed and sent once the completions
     /// at hand are handled, so that what they add goes out in one send.
     send_due: bool,
+    /// Pongs in the batch.
+    pongs: u32,
     inflight: u32,
     failed: Option<link::Error>,
 }
@@ -181,6 +186,7 @@ impl Worker {
             free: Vec::new(),
             blocked: Vec::new(),
             send_due: false,
+            pongs: 0,
             inflight: 0,
             failed: None,
         };
@@ -443,8 +449,8 @@ impl Worker {
         match action {
             Ok(Action::Done) => {}
             Ok(Action::Reply(Frame::Pong { nonce })) => {
-                // Only into room there is: a peer that pings without reading gets no more.
-                if conn.batched < BATCH_ROOM {
+                if conn.pongs < MAX_PONGS {
+                    conn.pongs += 1;
                     self.batch_frame(slot, Frame::Pong { nonce });
                 }
             }
@@ -467,6 +473,13 @@ impl Worker {
     /// A frame for a stream served here.
     fn on_served_frame(&mut self, slot: usize, index: usize, frame: Frame) {
         let served = self.served_mut(slot, index);
+        if served.failed.is_some() {
+            // Reset already, by either side: what was in flight is dropped, as on tokio.
+            if matches!(frame, Frame::Open { .. }) {
+                self.fail_link(slot, link::Error::Protocol("stream id reused while open"));
+            }
+            return;
+        }
         match frame {
             Frame::Data { data, .. } => {
                 let violated = if served.peer_closed {
@@ -488,7 +501,7 @@ impl Worker {
                     );
                     // The peer broke the stream's rules: the link side failed.
                     self.fail_served(slot, index, reset(ResetCode::Internal));
-                } else if served.failed.is_none() {
+                } else {
                     served.queue.push_back(data);
                     self.stream_write(slot, index);
                 }
@@ -599,6 +612,7 @@ impl Worker {
         let plaintext = conn.batched;
         conn.head.clear();
         conn.batched = 0;
+        conn.pongs = 0;
         conn.permits.clear();
         let parts = std::mem::take(&mut conn.parts);
         for part in parts {
