@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 
+pub mod browser;
 pub mod skiff;
 
 /// Fails the test unless it runs as root; outside CI it may skip instead, with a printed reason.

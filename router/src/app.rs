@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{self, Request, Response},
+    console,
     control::{certs::Certs, links::Links, network::Network, services::Services},
     datapath::{self, DataPath},
     flows::Flows,
@@ -60,6 +61,8 @@ pub struct RunOptions {
     pub owner: Option<u32>,
     /// How long shutdown waits for open connections to finish (`None`: [`DRAIN_DEADLINE`]).
     pub drain: Option<Duration>,
+    /// `[HOST:]PORT` to serve the read-only web console on, if any (a bare port: loopback).
+    pub console_addr: Option<String>,
 }
 
 /// Failure to start the router.
@@ -90,6 +93,8 @@ pub enum Error {
     Signal(#[source] std::io::Error),
     #[error("--datapath uring: {0}")]
     Datapath(#[source] datapath::uring::Unavailable),
+    #[error(transparent)]
+    Console(#[from] console::Error),
 }
 
 /// A running router.
@@ -105,6 +110,7 @@ pub struct Router {
     links: Arc<Links>,
     shutdown: tokio::sync::Notify,
     metrics_addr: OnceLock<SocketAddr>,
+    console_addr: OnceLock<SocketAddr>,
 }
 
 impl std::fmt::Debug for Router {
@@ -210,6 +216,7 @@ pub async fn run_attached(
         links,
         shutdown: tokio::sync::Notify::new(),
         metrics_addr: OnceLock::new(),
+        console_addr: OnceLock::new(),
     });
 
     let mut background = Vec::new();
@@ -218,6 +225,9 @@ pub async fn run_attached(
     }
     if let Some(addr) = &options.metrics_addr {
         background.push(router.serve_metrics(addr).await?);
+    }
+    if let Some(addr) = &options.console_addr {
+        background.push(router.serve_console(addr).await?);
     }
     if let Some(events) = router.node.take_deny_events() {
         background.push(tokio::spawn(Arc::clone(&router.node).read_denials(events)).abort_handle());
@@ -293,6 +303,28 @@ impl Router {
             Arc::clone(&self.links),
         ))
         .abort_handle())
+    }
+
+    /// Serves the console on `addr`, with a new token in `STATE/console.token` (0600): only
+    /// who may read the state directory may read the console.
+    async fn serve_console(self: &Arc<Self>, addr: &str) -> Result<AbortHandle, Error> {
+        let addr = console::address(addr)?;
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| Error::Bind {
+                what: "console",
+                addr: addr.clone(),
+                source,
+            })?;
+        let token = console::token()?;
+        let file = self.state.file("console.token");
+        site::write_atomic(&file, token.as_bytes(), 0o600)?;
+        if let Ok(bound) = listener.local_addr() {
+            let _ = self.console_addr.set(bound);
+            info!(addr = %bound, token_file = %file.display(), "console on http://ADDR/?token=TOKEN");
+        }
+        let source = Arc::downgrade(self);
+        Ok(tokio::spawn(console::serve(listener, token, source)).abort_handle())
     }
 
     async fn serve_metrics(self: &Arc<Self>, addr: &str) -> Result<AbortHandle, Error> {
@@ -412,6 +444,7 @@ impl Router {
             isolation: self.node.isolation_view(),
             isolation_summary: self.node.isolation_summary(),
             metrics_addr: self.metrics_addr.get().copied(),
+            console_addr: self.console_addr.get().copied(),
         }
     }
 
@@ -474,6 +507,7 @@ struct Status {
     isolation: IsolationView,
     isolation_summary: String,
     metrics_addr: Option<SocketAddr>,
+    console_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Serialize)]
@@ -540,6 +574,25 @@ fn view<T: Serialize>(value: T) -> Result<serde_json::Value, String> {
 
 fn done<E: std::error::Error>(result: Result<(), E>) -> Result<serde_json::Value, String> {
     reply(result.map(|()| json!({})))
+}
+
+impl console::Source for Router {
+    /// The views the CLI's status commands show, together, for the console's page.
+    fn view(&self) -> serde_json::Value {
+        json!({
+            "site": self.config.name,
+            "status": self.status(),
+            "network": self.network.view(),
+            "links": self.links.views(),
+            "listeners": self.services.listener_views(),
+            "connectors": self.services.connectors(),
+            "flows": self.forwarding.flows().since(0),
+            "policy": self.policy_status(),
+            "certificates": [
+                {"certificate": "router", "expiresAt": self.certs.identity_expires_at()},
+            ],
+        })
+    }
 }
 
 impl admin::Handler for Router {

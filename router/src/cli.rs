@@ -166,6 +166,10 @@ pub enum RouterCommand {
         /// to USER; a root-owned keeper process removes the pins when the router exits.
         #[arg(long, env = "SKIFF_USER")]
         user: Option<String>,
+        /// Serve a read-only web console on [HOST:]PORT (a bare port binds loopback). Its
+        /// token is written to STATE/console.token; open http://ADDR/?token=TOKEN.
+        #[arg(long, env = "SKIFF_CONSOLE_ADDR", value_name = "[HOST:]PORT")]
+        console_addr: Option<String>,
         /// How long a stopping router lets open connections finish before it closes them
         /// (e.g. 30s, 5m).
         #[arg(long, env = "SKIFF_DRAIN_TIMEOUT", default_value = "10s", value_parser = crate::token::parse_duration)]

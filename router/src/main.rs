@@ -110,30 +110,33 @@ enum Started {
 /// `router run` attaches its eBPF programs and, with `--user`, gives up privilege (with a pin
 /// keeper started first when there are pins); `router keep-pins` is the keeper.
 fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
-    let (accel, datapath, cgroup, metrics_addr, flow_log, user, drain) = match &cli.command {
-        Command::Router(RouterCommand::KeepPins { pin_dir }) => {
-            privilege::keep_pins(pin_dir)?;
-            return Ok(Started::Finished);
-        }
-        Command::Router(RouterCommand::Run {
-            accel,
-            datapath,
-            cgroup,
-            metrics_addr,
-            flow_log,
-            user,
-            drain_timeout,
-        }) => (
-            accel,
-            datapath,
-            cgroup,
-            metrics_addr,
-            flow_log,
-            user,
-            *drain_timeout,
-        ),
-        _ => return Ok(Started::Nothing),
-    };
+    let (accel, datapath, cgroup, metrics_addr, flow_log, user, drain, console_addr) =
+        match &cli.command {
+            Command::Router(RouterCommand::KeepPins { pin_dir }) => {
+                privilege::keep_pins(pin_dir)?;
+                return Ok(Started::Finished);
+            }
+            Command::Router(RouterCommand::Run {
+                accel,
+                datapath,
+                cgroup,
+                metrics_addr,
+                flow_log,
+                user,
+                drain_timeout,
+                console_addr,
+            }) => (
+                accel,
+                datapath,
+                cgroup,
+                metrics_addr,
+                flow_log,
+                user,
+                *drain_timeout,
+                console_addr,
+            ),
+            _ => return Ok(Started::Nothing),
+        };
     let state = StateDir::new(&cli.state_dir);
     let user = user.as_deref().map(privilege::User::lookup).transpose()?;
     if let Some(user) = &user {
@@ -147,6 +150,7 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
         flow_log: flow_log.clone(),
         owner: user.as_ref().map(|u| u.uid),
         drain: Some(drain),
+        console_addr: console_addr.clone(),
     };
     let mut kernel = app::Kernel::attach_for(&state, &options)?;
     let mut keeper = None;

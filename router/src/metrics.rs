@@ -15,11 +15,9 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
-use tracing::debug;
+use tokio::net::TcpListener;
+
+use crate::http;
 
 /// Values read at scrape time.
 #[derive(Debug, Default)]
@@ -494,42 +492,14 @@ impl<S: Source> Collector for RouterCollector<S> {
 pub async fn serve<S: Source>(listener: TcpListener, source: &Arc<S>) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RouterCollector(Arc::downgrade(source))));
-    let registry = Arc::new(registry);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
-    let mut refused = crate::log_limit::LogLimit::default();
-    loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
-            Err(e) => {
-                // Out of descriptors, most likely: let the others finish first.
-                debug!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // Scrapers are few; a crowd of slow clients gets closed at once rather than holding
-        // the router's descriptors.
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            drop(conn);
-            if let Some(unlogged) = refused.hit() {
-                tracing::warn!(
-                    unlogged,
-                    limit = MAX_SCRAPES,
-                    "metrics connection refused: too many at once"
-                );
-            }
-            continue;
-        };
-        let registry = Arc::clone(&registry);
-        tokio::spawn(async move {
-            match tokio::time::timeout(SCRAPE_DEADLINE, answer(conn, &registry)).await {
-                Ok(Err(e)) => debug!(error = %e, "metrics request failed"),
-                Err(_) => debug!("metrics request timed out"),
-                Ok(Ok(())) => {}
-            }
-            drop(slot);
-        });
-    }
+    let limits = http::Limits {
+        concurrent: MAX_SCRAPES,
+        deadline: SCRAPE_DEADLINE,
+    };
+    http::serve(listener, limits, "metrics", move |request| {
+        answer(&request, &registry)
+    })
+    .await;
 }
 
 /// Metrics requests served at once; more are closed as they arrive.
@@ -539,34 +509,19 @@ pub const MAX_SCRAPES: usize = 32;
 /// client drips its request.
 pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Answers one HTTP/1.x request: the exposition for `GET /metrics`, 404 otherwise.
-async fn answer(mut conn: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    // Read the request head (bounded), with a deadline so an idle client cannot pin a task.
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&buf[..n]);
+/// The exposition for `GET /metrics`, 404 otherwise.
+fn answer(request: &http::Request, registry: &Registry) -> http::Response {
+    const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
+    if request.method != "GET" || request.path != "/metrics" {
+        return http::Response::new(
+            "404 Not Found",
+            EXPOSITION,
+            "only /metrics is served here\n",
+        );
     }
-    let (status, body) = if request.starts_with(b"GET /metrics ")
-        || request.starts_with(b"GET /metrics?")
-    {
-        let mut body = String::new();
-        text::encode(&mut body, registry).map_err(|_| std::io::Error::other("encoding failed"))?;
-        ("200 OK", body)
-    } else {
-        ("404 Not Found", "only /metrics is served here\n".to_owned())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await?;
-    conn.write_all(body.as_bytes()).await?;
-    conn.shutdown().await
+    let mut body = String::new();
+    match text::encode(&mut body, registry) {
+        Ok(()) => http::Response::new("200 OK", EXPOSITION, body),
+        Err(_) => http::Response::text("500 Internal Server Error", "encoding failed\n"),
+    }
 }

@@ -51,6 +51,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "util-linux",
         "setpriv: commands as the router's user in tests",
     ),
+    (
+        "chromium",
+        "headless Chromium: the web console's browser test",
+    ),
+    ("chromium-driver", "chromedriver: WebDriver for that test"),
     ("haproxy", "a peer in the benchmark (plain and TLS relays)"),
     ("stunnel4", "a peer in the benchmark (mTLS tunnel)"),
     ("nginx-light", "a peer in the benchmark (stream proxy)"),

@@ -21,6 +21,9 @@ use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
 use super::{certs::Certs, network::Network};
+
+/// How long `link revoke` waits for the revoked site's connections to be gone.
+const GONE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 use crate::{
     forward::Forwarding,
     link::{
@@ -527,6 +530,7 @@ impl Links {
         for link in &links {
             link.shut(format!("the site {site} was revoked"));
         }
+        self.wait_gone(site, &links).await;
         let stored = match self.save_credentials().await {
             Ok(()) => self.save_revoked().await,
             Err(e) => Err(e),
@@ -542,6 +546,24 @@ impl Links {
             closed_connections: links.len(),
             stopped_links: stopped,
         })
+    }
+
+    /// Waits, up to [`GONE_WITHIN`], until none of `links` to `site` is in the forwarding
+    /// table any more: a link's task takes it out once its reader (or the io_uring worker
+    /// carrying it) has let go, so that what was shut is gone when the command returns.
+    async fn wait_gone(&self, site: &str, links: &[Arc<Link>]) {
+        let deadline = tokio::time::Instant::now() + GONE_WITHIN;
+        loop {
+            let left = self.forwarding.links_to(site);
+            if !left.iter().any(|l| links.iter().any(|s| Arc::ptr_eq(l, s))) {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                warn!(%site, connections = left.len(), "link connections still closing after the revocation");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     /// Whether `site` is revoked here.
