@@ -708,6 +708,7 @@ impl metrics::Source for Router {
                 failed: std::array::from_fn(|i| stats.failed[i].load(Ordering::Relaxed)),
                 towards_backend: stats.bytes_towards_backend.load(Ordering::Relaxed),
                 towards_client: stats.bytes_towards_client.load(Ordering::Relaxed),
+                first_byte: Some(stats.first_byte.clone()),
             }
         };
         let node = self.node.metrics();

@@ -425,6 +425,20 @@ pub struct Outcome {
     pub bytes_in: u64,
     /// The side that failed and why, if the connection did not end cleanly.
     pub failed: Option<Failure>,
+    /// When the first byte of the answer passed this router: written to the client (a local
+    /// hop, or a listener's relay), or read from the backend (a connector's relay).
+    pub first_response: Option<std::time::Instant>,
+}
+
+/// Where a one-way copy notes when its first byte moved; shared by reference between the
+/// two directions' futures, hence a `OnceLock`.
+pub type FirstByte = std::sync::OnceLock<std::time::Instant>;
+
+/// Notes now as the first byte's time, unless one is noted already.
+pub(crate) fn first_byte(first: &FirstByte) {
+    if first.get().is_none() {
+        let _ = first.set(std::time::Instant::now());
+    }
 }
 
 impl Outcome {
@@ -438,6 +452,7 @@ impl Outcome {
                 side,
                 cause: Cause::Refused(code),
             }),
+            first_response: None,
         }
     }
 }

@@ -263,6 +263,7 @@ mod tests {
                 Side::Upstream,
                 &std::io::Error::from(std::io::ErrorKind::ConnectionReset),
             )),
+            first_response: None,
         };
         flows.end(Started::now(Role::Connector, "web", "web"), &outcome, false);
         let flow = &flows.since(0)[0];

@@ -59,8 +59,9 @@ pub struct Backend {
 }
 
 /// What one listener or connector served: connections (a connector counts each connection
-/// it made to its backend), their outcomes and their bytes.
-#[derive(Debug, Default)]
+/// it made to its backend), their outcomes, their bytes, and how long the answer's first byte
+/// took.
+#[derive(Debug)]
 pub struct ServiceStats {
     pub opened: AtomicU64,
     pub active: AtomicU64,
@@ -70,6 +71,27 @@ pub struct ServiceStats {
     pub bytes_towards_backend: AtomicU64,
     /// Bytes to the client (listener) or from the backend (connector).
     pub bytes_towards_client: AtomicU64,
+    /// Seconds from a listener's accept to the answer's first byte written to the client, or
+    /// from a connector's connect to the first byte its backend sent.
+    pub first_byte: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Upper bounds of the first-byte histogram's buckets, in seconds: 100 µs to about 26 s.
+fn first_byte_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.0001, 4.0, 10)
+}
+
+impl Default for ServiceStats {
+    fn default() -> Self {
+        Self {
+            opened: AtomicU64::default(),
+            active: AtomicU64::default(),
+            failed: Default::default(),
+            bytes_towards_backend: AtomicU64::default(),
+            bytes_towards_client: AtomicU64::default(),
+            first_byte: prometheus_client::metrics::histogram::Histogram::new(first_byte_buckets()),
+        }
+    }
 }
 
 impl ServiceStats {
@@ -77,7 +99,7 @@ impl ServiceStats {
     fn start(self: &Arc<Self>) -> ActiveService {
         self.opened.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveService(Arc::clone(self))
+        ActiveService(Arc::clone(self), std::time::Instant::now())
     }
 
     /// Adds a connection's outcome. `client_socket` says whether the outcome's socket end is
@@ -98,15 +120,20 @@ impl ServiceStats {
     }
 }
 
-/// An open connection of a listener or connector.
-struct ActiveService(Arc<ServiceStats>);
+/// An open connection of a listener or connector, and when it started.
+struct ActiveService(Arc<ServiceStats>, std::time::Instant);
 
 impl ActiveService {
-    /// Ends the connection with its outcome: no longer active, then its bytes and failure
-    /// counted, so that a sample showing its bytes does not show it active.
+    /// Ends the connection with its outcome: no longer active, then its bytes, failure and
+    /// time to the answer's first byte counted, so that a sample showing its bytes does not
+    /// show it active.
     fn end(self, outcome: &Outcome, client_socket: bool) {
-        let stats = Arc::clone(&self.0);
+        let (stats, started) = (Arc::clone(&self.0), self.1);
         drop(self);
+        if let Some(first) = outcome.first_response {
+            let waited = first.saturating_duration_since(started);
+            stats.first_byte.observe(waited.as_secs_f64());
+        }
         stats.record(outcome, client_socket);
     }
 }

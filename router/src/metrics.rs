@@ -87,6 +87,8 @@ pub struct ServiceSample {
     pub towards_backend: u64,
     /// To the client (listener) or from the backend (connector).
     pub towards_client: u64,
+    /// Seconds to the answer's first byte (see `forward::ServiceStats::first_byte`).
+    pub first_byte: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// Something that can be measured: the router implements it.
@@ -304,6 +306,22 @@ fn encode_services<'a>(
         &format!("skiff_{what}_sent_bytes"),
         &format!("Bytes a {what} sent {sent}."),
         services.iter().map(|s| (labels(s), count(sent_bytes(s)))),
+    )?;
+    let (from, to) = if listener {
+        (
+            "accepting a client",
+            "writing the answer's first byte to it",
+        )
+    } else {
+        ("connecting to the backend", "reading its first byte")
+    };
+    family(
+        encoder,
+        &format!("skiff_{what}_first_byte_seconds"),
+        &format!("Time from {from} to {to}."),
+        services
+            .iter()
+            .filter_map(|s| Some((labels(s), s.first_byte.clone()?))),
     )
 }
 

@@ -692,6 +692,8 @@ async fn metrics_expose_links_and_connections_in_prometheus_text() {
             r#"skiff_listener_connections_total{listener="db-in",routing_key="db"} 1"#,
             r#"skiff_listener_active_connections{listener="db-in",routing_key="db"} 0"#,
             r#"skiff_listener_failed_connections_total{listener="db-in",routing_key="db",side="upstream"} 0"#,
+            // The checksum the backend sends after the client's half-close is the answer.
+            r#"skiff_listener_first_byte_seconds_count{listener="db-in",routing_key="db"} 1"#,
         ],
     );
     let west_text = scrape_until(
@@ -704,6 +706,7 @@ async fn metrics_expose_links_and_connections_in_prometheus_text() {
         &[
             r#"skiff_connector_connections_total{connector="db",routing_key="db"} 1"#,
             r#"skiff_link_streams_opened_total{peer="east",direction="incoming"} 1"#,
+            r#"skiff_connector_first_byte_seconds_count{connector="db",routing_key="db"} 1"#,
         ],
     );
 }

@@ -19,13 +19,13 @@ use crate::accel::{Bypass, Inflow, Outflow};
 
 /// Moves bytes from `from` to `to` until `from` reaches end-of-stream, then half-closes `to`.
 /// Whenever it has caught up, it offers `from`'s peer the shortcut to `to`'s peer (`bypass`).
-/// Returns the number of bytes moved, by the router or by the shortcut.
+/// Returns the number of bytes moved, by the router or by the shortcut; notes when the first
+/// was written in `first`.
 pub async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
-    mut inflow: Inflow<'_>,
-    mut outflow: Outflow<'_>,
-    mut bypass: Bypass<'_>,
+    (mut inflow, mut outflow, mut bypass): (Inflow<'_>, Outflow<'_>, Bypass<'_>),
+    first: &super::FirstByte,
 ) -> Result<u64, OneWay> {
     let mut buf = BytesMut::new();
     let mut total = 0u64;
@@ -61,6 +61,7 @@ pub async fn one_way(
             Ok(n) => {
                 buf.advance(n);
                 total += n as u64;
+                super::first_byte(first);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 inflow.watch(to.writable()).await.map_err(OneWay::Write)?;

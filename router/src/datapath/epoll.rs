@@ -15,7 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{BUFFER_SIZE, Cause, Conn, Failure, Outcome, Side};
+use super::{BUFFER_SIZE, Cause, Conn, Failure, FirstByte, Outcome, Side};
 use crate::accel::{Backpressure, Inflow, Outflow};
 use crate::link::{
     frame::ResetCode,
@@ -57,15 +57,16 @@ pub async fn proxy(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
         (client, backend) => return proxy_tls(client, backend, accel).await,
     };
     let (c, b) = (client.as_fd(), backend.as_fd());
+    // Only the answer's first byte is noted; the request's goes to a cell nobody reads.
+    let (request, answer) = (FirstByte::new(), FirstByte::new());
     let result = if let Some(accel) = accel {
         tokio::try_join!(
             blamed(
                 super::copy::one_way(
                     &client,
                     &backend,
-                    accel.inflow(c),
-                    accel.outflow(b),
-                    accel.bypass(c, b),
+                    (accel.inflow(c), accel.outflow(b), accel.bypass(c, b)),
+                    &request,
                 ),
                 Side::Downstream,
                 Side::Upstream,
@@ -74,9 +75,8 @@ pub async fn proxy(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
                 super::copy::one_way(
                     &backend,
                     &client,
-                    accel.inflow(b),
-                    accel.outflow(c),
-                    accel.bypass(b, c),
+                    (accel.inflow(b), accel.outflow(c), accel.bypass(b, c)),
+                    &answer,
                 ),
                 Side::Upstream,
                 Side::Downstream,
@@ -85,18 +85,18 @@ pub async fn proxy(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
     } else {
         tokio::try_join!(
             blamed(
-                super::splice::one_way(&client, &backend),
+                super::splice::one_way(&client, &backend, &request),
                 Side::Downstream,
                 Side::Upstream
             ),
             blamed(
-                super::splice::one_way(&backend, &client),
+                super::splice::one_way(&backend, &client, &answer),
                 Side::Upstream,
                 Side::Downstream
             )
         )
     };
-    ended(result, &client, &backend)
+    ended(result, &client, &backend, answer.get().copied())
 }
 
 /// A one-way copy whose failure names the side it came from.
@@ -109,18 +109,25 @@ async fn blamed(
 }
 
 /// The outcome of a proxied connection; a failure closes both sockets with RST.
-fn ended(result: Result<(u64, u64), Failure>, client: &TcpStream, backend: &TcpStream) -> Outcome {
+fn ended(
+    result: Result<(u64, u64), Failure>,
+    client: &TcpStream,
+    backend: &TcpStream,
+    first_response: Option<std::time::Instant>,
+) -> Outcome {
     match result {
         Ok((bytes_out, bytes_in)) => Outcome {
             bytes_out,
             bytes_in,
             failed: None,
+            first_response,
         },
         Err(failure) => {
             abort(client);
             abort(backend);
             Outcome {
                 failed: Some(failure),
+                first_response,
                 ..Outcome::default()
             }
         }
@@ -133,14 +140,25 @@ async fn proxy_tls(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
     let (backend_in, backend_out) = guards(accel, backend.tcp());
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut backend_read, mut backend_write) = tokio::io::split(backend);
+    let (request, answer) = (FirstByte::new(), FirstByte::new());
     let result = tokio::try_join!(
         blamed(
-            pump(&mut client_read, &mut backend_write, client_in, backend_out),
+            pump(
+                &mut client_read,
+                &mut backend_write,
+                (client_in, backend_out),
+                &request
+            ),
             Side::Downstream,
             Side::Upstream
         ),
         blamed(
-            pump(&mut backend_read, &mut client_write, backend_in, client_out),
+            pump(
+                &mut backend_read,
+                &mut client_write,
+                (backend_in, client_out),
+                &answer
+            ),
             Side::Upstream,
             Side::Downstream
         )
@@ -149,7 +167,7 @@ async fn proxy_tls(client: Conn, backend: Conn, accel: Option<&Backpressure>) ->
         client_read.unsplit(client_write),
         backend_read.unsplit(backend_write),
     );
-    ended(result, client.tcp(), backend.tcp())
+    ended(result, client.tcp(), backend.tcp(), answer.get().copied())
 }
 
 /// Flow-control guards for reading from and writing to `tcp`; inert without acceleration.
@@ -165,8 +183,8 @@ fn guards<'a>(accel: Option<&'a Backpressure>, tcp: &TcpStream) -> (Inflow<'a>, 
 async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     from: &mut R,
     to: &mut W,
-    mut inflow: Inflow<'_>,
-    mut outflow: Outflow<'_>,
+    (mut inflow, mut outflow): (Inflow<'_>, Outflow<'_>),
+    first: &FirstByte,
 ) -> Result<u64, OneWay> {
     let mut buf = vec![0u8; TLS_BUFFER];
     let mut total = 0u64;
@@ -188,6 +206,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             .await
             .map_err(OneWay::Write)?;
         total += n as u64;
+        super::first_byte(first);
     }
 }
 
@@ -206,19 +225,21 @@ pub async fn relay(
     accel: Option<&Backpressure>,
 ) -> Outcome {
     let flow = guards(accel, conn.tcp());
+    let answer = FirstByte::new();
     match conn {
         Conn::Tcp(mut tcp) => {
             let result = {
                 let (read, write) = tcp.split();
-                both_directions(read, write, flow, side, &tx, &mut rx).await
+                both_directions(read, write, flow, (side, &answer), &tx, &mut rx).await
             };
-            finish_relay(result, &tcp, &tx).await
+            finish_relay(result, &tcp, &tx, answer.get().copied()).await
         }
         tls => {
             let (mut read, mut write) = tokio::io::split(tls);
-            let result = both_directions(&mut read, &mut write, flow, side, &tx, &mut rx).await;
+            let result =
+                both_directions(&mut read, &mut write, flow, (side, &answer), &tx, &mut rx).await;
             let conn = read.unsplit(write);
-            finish_relay(result, conn.tcp(), &tx).await
+            finish_relay(result, conn.tcp(), &tx, answer.get().copied()).await
         }
     }
 }
@@ -227,12 +248,14 @@ async fn finish_relay(
     result: Result<(u64, u64), (Failure, u64, u64)>,
     tcp: &TcpStream,
     tx: &StreamTx,
+    first_response: Option<std::time::Instant>,
 ) -> Outcome {
     match result {
         Ok((bytes_out, bytes_in)) => Outcome {
             bytes_out,
             bytes_in,
             failed: None,
+            first_response,
         },
         Err((failed, bytes_out, bytes_in)) => {
             abort(tcp);
@@ -243,22 +266,31 @@ async fn finish_relay(
                 bytes_out,
                 bytes_in,
                 failed: Some(failed),
+                first_response,
             }
         }
     }
 }
 
 /// Runs both directions; the first failure ends the whole connection.
+/// `answer` notes the first byte of the answer: read from a backend (`side` upstream), or
+/// written to a client.
 async fn both_directions<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     read: R,
     write: W,
     (inflow, outflow): (Inflow<'_>, Outflow<'_>),
-    side: Side,
+    (side, answer): (Side, &FirstByte),
     tx: &StreamTx,
     rx: &mut StreamRx,
 ) -> Result<(u64, u64), (Failure, u64, u64)> {
-    let up = socket_to_stream(read, inflow, tx, side);
-    let down = stream_to_socket(rx, write, outflow, side);
+    let request = FirstByte::new();
+    let (read_first, write_first) = if side == Side::Upstream {
+        (answer, &request)
+    } else {
+        (&request, answer)
+    };
+    let up = socket_to_stream(read, inflow, tx, side, read_first);
+    let down = stream_to_socket(rx, write, outflow, side, write_first);
     tokio::pin!(up, down);
     let (mut out, mut inn) = (None, None);
     while out.is_none() || inn.is_none() {
@@ -281,6 +313,7 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
     mut inflow: Inflow<'_>,
     tx: &StreamTx,
     side: Side,
+    first: &FirstByte,
 ) -> Result<u64, (Failure, u64)> {
     let mut buf = BytesMut::with_capacity(BUFFER_SIZE);
     let mut total = 0u64;
@@ -297,6 +330,7 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
             return Ok(total);
         }
         total += n as u64;
+        super::first_byte(first);
         inflow.check();
         inflow
             .watch(tx.send(buf.split().freeze()))
@@ -327,6 +361,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
     mut write: W,
     mut outflow: Outflow<'_>,
     side: Side,
+    first: &FirstByte,
 ) -> Result<u64, (Failure, u64)> {
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
@@ -367,6 +402,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
                 drop(slices);
                 batch.clear();
                 total += len as u64;
+                super::first_byte(first);
                 rx.consumed(len).await;
             }
             Inbound::Close => {
@@ -392,7 +428,7 @@ pub async fn splice(
         Ok((bytes_out, bytes_in)) => Outcome {
             bytes_out,
             bytes_in,
-            failed: None,
+            ..Outcome::default()
         },
         Err(failed) => {
             // Pass the reset on in both directions, with the code it came with; the side that

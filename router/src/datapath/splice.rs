@@ -61,7 +61,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 /// Moves bytes from `from` to `to` until `from` reaches end-of-stream, then half-closes `to`.
 /// Returns the number of bytes moved.
-pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
+pub async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    first: &super::FirstByte,
+) -> Result<u64, OneWay> {
     // A pipe that cannot be made is the router's own failure; it is charged to the source.
     let mut pipe = Pipe::new().map_err(OneWay::Read)?;
     let mut total = 0u64;
@@ -109,6 +113,9 @@ pub async fn one_way(from: &TcpStream, to: &TcpStream) -> Result<u64, OneWay> {
                     pipe.pending -= n;
                     total += n as u64;
                     pipe_full &= n == 0;
+                    if n > 0 {
+                        super::first_byte(first);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Wait for whichever comes first: room to write, or more to read. With the

@@ -94,6 +94,8 @@ pub(super) struct Served {
     send: Box<SendArgs>,
     inflight: u32,
     failed: Option<Failure>,
+    /// When the answer's first byte passed: read from a backend, or written to a client.
+    first_response: Option<std::time::Instant>,
     done: Option<oneshot::Sender<Outcome>>,
 }
 
@@ -250,6 +252,7 @@ impl Worker {
             send: Box::new(unsafe { std::mem::zeroed() }),
             inflight: 0,
             failed: None,
+            first_response: None,
             done: Some(done),
         };
         let conn = self.conn(slot);
@@ -722,6 +725,11 @@ impl Worker {
             }
             served.credit.spend(len as usize);
             served.bytes_out += u64::from(len);
+            if side == Side::Upstream {
+                served
+                    .first_response
+                    .get_or_insert_with(std::time::Instant::now);
+            }
             let conn = self.conn(slot);
             let start = conn.head.len();
             frame::encode_data_header(id, len as usize, &mut conn.head);
@@ -805,6 +813,11 @@ impl Worker {
             return self.fail_served(slot, index, Failure::io(side, &error));
         };
         served.bytes_in += sent as u64;
+        if served.side != Side::Upstream && sent > 0 {
+            served
+                .first_response
+                .get_or_insert_with(std::time::Instant::now);
+        }
         let consumed = sent;
         while sent > 0 {
             let front = served
@@ -898,6 +911,7 @@ impl Worker {
             bytes_out: served.bytes_out,
             bytes_in: served.bytes_in,
             failed: served.failed,
+            first_response: served.first_response,
         };
         if let Some(done) = served.done.take() {
             let _ = done.send(outcome);

@@ -127,6 +127,8 @@ impl Dir {
 struct Pair {
     fds: [OwnedFd; 2],
     dirs: [Dir; 2],
+    /// When the first byte of the answer (direction 1) reached the client.
+    first_response: Option<std::time::Instant>,
     /// Operations submitted and not yet completed for good.
     inflight: u32,
     failed: Option<Failure>,
@@ -455,6 +457,7 @@ impl Worker {
         let pair = Pair {
             fds: [a, b],
             dirs: [Dir::new(), Dir::new()],
+            first_response: None,
             inflight: 0,
             failed: None,
             done: Some(done),
@@ -629,6 +632,9 @@ impl Worker {
             );
             return;
         };
+        if dir == 1 && sent > 0 && pair.first_response.is_none() {
+            pair.first_response = Some(std::time::Instant::now());
+        }
         let d = &mut pair.dirs[dir];
         d.bytes += sent as u64;
         d.queued -= sent;
@@ -705,6 +711,7 @@ impl Worker {
             bytes_out: pair.dirs[0].bytes,
             bytes_in: pair.dirs[1].bytes,
             failed: pair.failed,
+            first_response: pair.first_response,
         };
         if let Some(done) = pair.done {
             let _ = done.send(outcome);
