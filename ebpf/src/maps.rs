@@ -96,6 +96,32 @@ pub fn queue_limit() -> Option<u32> {
     (limit != 0).then_some(limit)
 }
 
+/// Byte offsets of `snd_una`, `write_seq`, `copied_seq` and `rcv_nxt` in the running kernel's
+/// `struct tcp_sock`, set by the router when it loads the programs; 0 means unknown.
+#[unsafe(no_mangle)]
+static TCP_SND_UNA_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_WRITE_SEQ_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_COPIED_SEQ_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static TCP_RCV_NXT_OFFSET: u32 = 0;
+
+/// The four offsets above, if all are known: (snd_una, write_seq, copied_seq, rcv_nxt).
+#[inline(always)]
+pub fn tcp_seq_offsets() -> Option<(u32, u32, u32, u32)> {
+    // SAFETY: as for SK_RMEM_ALLOC_OFFSET.
+    let offsets = unsafe {
+        (
+            read_volatile(&raw const TCP_SND_UNA_OFFSET),
+            read_volatile(&raw const TCP_WRITE_SEQ_OFFSET),
+            read_volatile(&raw const TCP_COPIED_SEQ_OFFSET),
+            read_volatile(&raw const TCP_RCV_NXT_OFFSET),
+        )
+    };
+    (offsets.0 != 0 && offsets.1 != 0 && offsets.2 != 0 && offsets.3 != 0).then_some(offsets)
+}
+
 /// The router's network namespace cookie, set by the router when it loads the programs;
 /// 0 means unknown. sock_ops leaves sockets of other namespaces alone; the connect hooks count
 /// loopback only in this one.

@@ -4,11 +4,18 @@
 //! lives outside the attached cgroup). Returning `SK_PASS` then sends the message on the normal
 //! TCP path instead of dropping it: a miss costs speed, never data.
 //!
-//! A sender that has been diverted (its reader fell behind) always takes the TCP path, whose
-//! flow control bounds what waits in the reader's queue; redirection has none. A workload
-//! sender is diverted here, at the message that would take the router socket it sends into
-//! past the queue limit; the router also diverts from userspace, where it cannot read that
-//! socket's charge, but only when it gets to run.
+//! A sender that has been diverted (its reader fell behind) takes the TCP path, whose flow
+//! control bounds what waits in the reader's queue; redirection has none. A workload sender is
+//! diverted here, at the message that would take the router socket it sends into past the
+//! queue limit; the router also diverts from userspace, where it cannot read that socket's
+//! charge, but only when it gets to run.
+//!
+//! A diverted workload returns to redirection once its TCP path is drained: everything it
+//! wrote is acknowledged (`snd_una == write_seq`), the router has read everything that arrived
+//! (`copied_seq == rcv_nxt`), and the router's socket holds less than half the limit. The
+//! reader drains redirected bytes before TCP ones, so returning earlier could let a redirected
+//! message overtake a TCP one; with the TCP path empty there is nothing to overtake. The check
+//! runs under the sender's socket lock, and only the sender adds to its own TCP path.
 //!
 //! A workload sender the router offers a shortcut (see `ebpf_common::Shortcut`) skips the
 //! router altogether: its message goes straight into the far workload's socket. It may only
@@ -29,7 +36,7 @@ use core::ptr::read_volatile;
 
 use crate::maps::{
     SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SHORTCUTS, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, key_ip,
-    queue_limit, read_ip6, remote_port, rmem_alloc_offset,
+    queue_limit, read_ip6, remote_port, rmem_alloc_offset, tcp_seq_offsets,
 };
 
 #[sk_msg]
@@ -51,8 +58,12 @@ pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
         false
     };
     if SKIFF_DIVERTED.get_ptr(key).is_some() {
-        count(Counter::MsgDiverted, 1);
-        return SK_PASS;
+        if !(workload && may_return(key, key.peer(), size)) {
+            count(Counter::MsgDiverted, 1);
+            return SK_PASS;
+        }
+        let _ = SKIFF_DIVERTED.remove(key);
+        count(Counter::SendersReturned, 1);
     }
     // The router paces its own writes; a workload cannot be made to wait, only diverted, and
     // for good (its reader drains redirected bytes first, so switching back could reorder).
@@ -119,6 +130,43 @@ fn over_limit(to: SockKey, size: u64) -> bool {
     }
 }
 
+/// Whether diverted sender `from` may send into `to` by redirection again: both sockets'
+/// TCP path is drained and `to` has room for half the limit (see the module documentation).
+/// `false` when anything needed is unknown.
+#[inline(always)]
+fn may_return(from: SockKey, to: SockKey, size: u64) -> bool {
+    let (Some(limit), Some((snd_una, write_seq, copied_seq, rcv_nxt))) =
+        (queue_limit(), tcp_seq_offsets())
+    else {
+        return false;
+    };
+    let Some(unread) = unread(to) else {
+        return false;
+    };
+    if u64::from(unread) + size > u64::from(limit / 2) {
+        return false;
+    }
+    let (Some(sender), Some(router)) = (address(from), address(to)) else {
+        return false;
+    };
+    let field = |addr: u64, offset: u32| -> Option<u32> {
+        // SAFETY: a read of kernel memory through the fault-tolerant helper.
+        unsafe { bpf_probe_read_kernel((addr + u64::from(offset)) as *const u32) }.ok()
+    };
+    let acknowledged =
+        field(sender, snd_una).is_some_and(|una| Some(una) == field(sender, write_seq));
+    let read =
+        field(router, copied_seq).is_some_and(|copied| Some(copied) == field(router, rcv_nxt));
+    acknowledged && read
+}
+
+/// Where sock_ops recorded socket `key` in kernel memory.
+#[inline(always)]
+fn address(key: SockKey) -> Option<u64> {
+    // SAFETY: a live value of an RCU-freed map, copied at once.
+    Some(unsafe { read_volatile(SKIFF_SOCK_ADDRS.get_ptr(key)?) })
+}
+
 /// Bytes charged to the receive side of socket `key` (its `sk_rmem_alloc`): what its
 /// reader has not read yet, redirected messages included. `None` if sock_ops did not record
 /// the socket or the offset is unknown.
@@ -131,8 +179,7 @@ fn over_limit(to: SockKey, size: u64) -> bool {
 #[inline(always)]
 fn unread(key: SockKey) -> Option<u32> {
     let offset = rmem_alloc_offset()?;
-    // SAFETY: a live value of an RCU-freed map, copied at once.
-    let addr = unsafe { read_volatile(SKIFF_SOCK_ADDRS.get_ptr(key)?) };
+    let addr = address(key)?;
     // SAFETY: a read of kernel memory through the fault-tolerant helper.
     unsafe { bpf_probe_read_kernel((addr + u64::from(offset)) as *const u32) }.ok()
 }

@@ -830,6 +830,97 @@ fn a_stopped_router_still_holds_an_accelerated_client_to_the_limit() -> anyhow::
     Ok(())
 }
 
+/// A diverted client comes back to redirection: the router is stopped while a client pushes
+/// 512 MiB, so sk_msg diverts the client at the queue limit and TCP's window stops it. Then the
+/// client is stopped and the router let go, until the router has read everything that took
+/// the TCP path; the client's next message is redirected again. Every byte arrives in order.
+#[test]
+fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyhow::Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let _turn = QUEUE_BOUND_TESTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let f = fixture("acc15", 7412)?;
+    let bytes = (512u64 << 20).to_string();
+    let verify = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[
+            &loadgen(),
+            "verify",
+            &format!("127.0.0.1:{}", f.backend()),
+            "1",
+            &bytes,
+            "0",
+        ],
+    )?;
+    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
+    let router = f
+        .site
+        .router_pid()
+        .ok_or_else(|| anyhow::anyhow!("no router"))?;
+    let router_stopped = Stopped::new(router)?;
+    let push = Proc::spawn(
+        &f.ns,
+        Some(&f.cgroup),
+        &[
+            &loadgen(),
+            "push",
+            &format!("127.0.0.1:{}", f.port),
+            "1",
+            &bytes,
+            "1",
+            "0",
+        ],
+    )?;
+    // Recv-Q and Send-Q count only what took the TCP path (redirected bytes are not in them).
+    let tcp_path = |filter: &str| -> anyhow::Result<(u64, u64)> {
+        let listed = f.ns.run(&["ss", "-Htn", "state", "established", filter])?;
+        Ok(listed.lines().fold((0, 0), |(r, w), line| {
+            let mut fields = line
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            (
+                r + fields.next().unwrap_or(0),
+                w + fields.next().unwrap_or(0),
+            )
+        }))
+    };
+    let router_end = format!("( sport = :{} )", f.port);
+    let client_end = format!("( dport = :{} )", f.port);
+    wait_until(
+        "the client is diverted",
+        || Ok(tcp_path(&router_end)?.0 > 0),
+    )?;
+    let client_stopped = Stopped::new(push.pid())?;
+    drop(router_stopped);
+    wait_until("the router has read the TCP path dry", || {
+        Ok(tcp_path(&router_end)?.0 == 0 && tcp_path(&client_end)?.1 == 0)
+    })?;
+    drop(client_stopped);
+    push.wait(Duration::from_secs(120))?;
+    let tally = verify.wait(Duration::from_secs(120))?;
+    let accel = f.accel()?;
+    eprintln!("{tally}; {accel}");
+    assert!(tally.contains("\"ok\": 1"), "{tally}");
+    let count = |name: &str| accel[name].as_u64().unwrap_or(0);
+    assert!(count("sendersDiverted") >= 1, "{accel}");
+    assert!(count("sendersReturned") >= 1, "{accel}");
+    Ok(())
+}
+
+/// Polls `done` every 20 ms until it holds, for up to 20 s (scaled for slow machines).
+fn wait_until(what: &str, done: impl Fn() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+    let deadline = Instant::now() + kernel_tests::patience(Duration::from_secs(20));
+    while !done()? {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// A process kept stopped (SIGSTOP) until dropped (SIGCONT).
 struct Stopped(libc::pid_t);
 

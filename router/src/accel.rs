@@ -178,6 +178,8 @@ pub struct Counters {
     pub socks_foreign: u64,
     /// Senders sk_msg diverted itself, at the queue limit.
     pub senders_diverted: u64,
+    /// Diverted senders sk_msg took back onto redirection, their TCP path drained.
+    pub senders_returned: u64,
     /// What the router's flow control for redirected sockets did.
     pub backpressure: BackpressureStats,
 }
@@ -396,6 +398,7 @@ impl Accel {
             shortcut_behind: read(Counter::ShortcutBehind)?,
             socks_foreign: read(Counter::SocksForeign)?,
             senders_diverted: read(Counter::SendersDiverted)?,
+            senders_returned: read(Counter::SendersReturned)?,
             backpressure: self.backpressure.stats(),
         })
     }

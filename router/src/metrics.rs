@@ -434,6 +434,12 @@ impl<S: Source> Collector for RouterCollector<S> {
             )?;
             counter(
                 &mut encoder,
+                "skiff_accel_returned_senders",
+                "Diverted senders taken back onto redirection once their TCP path was drained.",
+                a.senders_returned,
+            )?;
+            counter(
+                &mut encoder,
                 "skiff_accel_paused_writes",
                 "Times the router paused writing because a redirected peer's queue was full.",
                 a.backpressure.writes_paused,

@@ -6,7 +6,10 @@
 //! dropped; the object itself can go once both have what they need.
 
 use aya::{Ebpf, EbpfLoader, maps::MapError, programs::ProgramError};
-use ebpf_common::{QUEUE_LIMIT, ROUTER_NETNS, SK_RMEM_ALLOC_OFFSET};
+use ebpf_common::{
+    QUEUE_LIMIT, ROUTER_NETNS, SK_RMEM_ALLOC_OFFSET, TCP_COPIED_SEQ_OFFSET, TCP_RCV_NXT_OFFSET,
+    TCP_SND_UNA_OFFSET, TCP_WRITE_SEQ_OFFSET,
+};
 
 use crate::accel::{btf, own_netns_cookie, queue_limit};
 
@@ -102,7 +105,11 @@ impl Programs {
         let mut loader = EbpfLoader::new();
         // sk_msg bounds shortcuts by the far socket's unread bytes, which it finds at an
         // offset only the kernel's BTF knows; without it, the router offers none.
-        let rmem_offset = btf::sk_rmem_alloc_offset()
+        let offsets = btf::Offsets::read();
+        let rmem_offset = offsets
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|o| o.sk_rmem_alloc.clone())
             .inspect_err(|e| tracing::warn!("no shortcuts between local workloads: {e}"))
             .ok();
         // With the offset, sk_msg also holds a workload's redirected bytes in a router socket
@@ -111,6 +118,18 @@ impl Programs {
         if let Some(offset) = &rmem_offset {
             loader.override_global(SK_RMEM_ALLOC_OFFSET, offset, true);
             loader.override_global(QUEUE_LIMIT, &limit, true);
+        }
+        // And where TCP keeps its sequence numbers: a diverted workload returns to redirection
+        // once its TCP path is drained. Without them it stays diverted.
+        let tcp = offsets
+            .and_then(|o| o.tcp_seq)
+            .inspect_err(|e| tracing::warn!("diverted senders stay on the TCP path: {e}"))
+            .ok();
+        if let (Some(tcp), Some(_)) = (&tcp, &rmem_offset) {
+            loader.override_global(TCP_SND_UNA_OFFSET, &tcp.snd_una, true);
+            loader.override_global(TCP_WRITE_SEQ_OFFSET, &tcp.write_seq, true);
+            loader.override_global(TCP_COPIED_SEQ_OFFSET, &tcp.copied_seq, true);
+            loader.override_global(TCP_RCV_NXT_OFFSET, &tcp.rcv_nxt, true);
         }
         if let Some(cookie) = &netns {
             loader.override_global(ROUTER_NETNS, cookie, true);

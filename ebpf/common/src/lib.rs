@@ -36,6 +36,14 @@ pub const SK_RMEM_ALLOC_OFFSET: &str = "SK_RMEM_ALLOC_OFFSET";
 /// router diverts, from userspace).
 pub const QUEUE_LIMIT: &str = "QUEUE_LIMIT";
 
+/// Names of the sk_msg program's globals holding the byte offsets, in the running kernel's
+/// `struct tcp_sock`, of `snd_una`, `write_seq`, `copied_seq` and `rcv_nxt` (each a `u32`; 0 =
+/// unknown, then a diverted sender never returns to redirection).
+pub const TCP_SND_UNA_OFFSET: &str = "TCP_SND_UNA_OFFSET";
+pub const TCP_WRITE_SEQ_OFFSET: &str = "TCP_WRITE_SEQ_OFFSET";
+pub const TCP_COPIED_SEQ_OFFSET: &str = "TCP_COPIED_SEQ_OFFSET";
+pub const TCP_RCV_NXT_OFFSET: &str = "TCP_RCV_NXT_OFFSET";
+
 /// Name of the hash of sockets the router is connecting to a backend: socket cookie -> 1,
 /// written by the router before connect() and removed after. Only such a socket, and the
 /// backend's end of its connection, go into [`SOCKS_MAP`] for a backend endpoint.
@@ -183,11 +191,15 @@ pub enum Counter {
     /// limit unread (`QUEUE_LIMIT`), so a redirected message would have passed it. The router
     /// diverts from userspace too, but only when it runs; this bound holds whenever it does not.
     SendersDiverted = 11,
+    /// Diverted workload senders sk_msg took back onto redirection: everything they sent on
+    /// the TCP path was acknowledged and read by the router, and the router's socket held less
+    /// than half the queue limit, so no redirected byte can overtake a TCP one.
+    SendersReturned = 12,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::SocksInserted,
         Self::SocksInsertFailed,
         Self::MsgRedirected,
@@ -200,6 +212,7 @@ impl Counter {
         Self::ShortcutBehind,
         Self::SocksForeign,
         Self::SendersDiverted,
+        Self::SendersReturned,
     ];
     /// Number of entries in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -220,6 +233,7 @@ impl Counter {
             Self::ShortcutBehind => "shortcut_behind",
             Self::SocksForeign => "socks_foreign",
             Self::SendersDiverted => "senders_diverted",
+            Self::SendersReturned => "senders_returned",
         }
     }
 }

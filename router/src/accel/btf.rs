@@ -43,14 +43,50 @@ fn error(what: impl Into<String>) -> Error {
     Error(what.into())
 }
 
-/// Byte offset of `sk_rmem_alloc` (`sk_backlog.rmem_alloc`, a 4-byte `atomic_t`) in the running
-/// kernel's `struct sock`.
-///
-/// # Errors
-/// When the kernel has no BTF, or its `struct sock` is not laid out as expected.
-pub fn sk_rmem_alloc_offset() -> Result<u32, Error> {
-    let data = std::fs::read(VMLINUX).map_err(|e| error(format!("{VMLINUX}: {e}")))?;
-    Btf::parse(&data)?.offset_of("sock", &["sk_backlog", "rmem_alloc"], 4)
+/// The offsets the programs need, from one reading of the kernel's BTF.
+#[derive(Clone, Debug)]
+pub struct Offsets {
+    /// Byte offset of `sk_rmem_alloc` (`sk_backlog.rmem_alloc`, a 4-byte `atomic_t`) in
+    /// `struct sock`: what a socket holds unread.
+    pub sk_rmem_alloc: Result<u32, Error>,
+    /// Where `struct tcp_sock` keeps the sequence numbers that tell a drained TCP path.
+    pub tcp_seq: Result<TcpSeqOffsets, Error>,
+}
+
+impl Offsets {
+    /// Reads and walks `/sys/kernel/btf/vmlinux` once (some MB; slow in a debug build).
+    ///
+    /// # Errors
+    /// When the kernel has no BTF, or it cannot be parsed.
+    pub fn read() -> Result<Self, Error> {
+        let data = std::fs::read(VMLINUX).map_err(|e| error(format!("{VMLINUX}: {e}")))?;
+        let btf = Btf::parse(&data)?;
+        let field = |name| btf.offset_of("tcp_sock", &[name], 4);
+        let tcp_seq = (|| {
+            Ok(TcpSeqOffsets {
+                snd_una: field("snd_una")?,
+                write_seq: field("write_seq")?,
+                copied_seq: field("copied_seq")?,
+                rcv_nxt: field("rcv_nxt")?,
+            })
+        })();
+        Ok(Self {
+            sk_rmem_alloc: btf.offset_of("sock", &["sk_backlog", "rmem_alloc"], 4),
+            tcp_seq,
+        })
+    }
+}
+
+/// Where the running kernel keeps the sequence numbers of `struct tcp_sock` that tell whether
+/// a socket's TCP path is drained: all a sender wrote is acknowledged when `snd_una` equals
+/// `write_seq`; all a receiver got is read when `copied_seq` equals `rcv_nxt`. Byte offsets
+/// from the start of the socket (a `tcp_sock` starts with its `sock`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSeqOffsets {
+    pub snd_una: u32,
+    pub write_seq: u32,
+    pub copied_seq: u32,
+    pub rcv_nxt: u32,
 }
 
 /// A parsed type section: where each type starts, by id (id 0 is `void` and has no entry).
@@ -351,8 +387,22 @@ mod tests {
             eprintln!("skipped: {VMLINUX} is missing");
             return;
         }
-        let offset = sk_rmem_alloc_offset().expect("this kernel's struct sock");
+        let offsets = Offsets::read().expect("this kernel's BTF");
+        let offset = offsets.sk_rmem_alloc.expect("this kernel's struct sock");
         // Past sock_common (addresses, ports, family: at least 56 bytes), within a page.
         assert!((56..4096).contains(&offset), "offset {offset}");
+        // tcp_sock starts with inet_connection_sock, which starts with the sock: past it.
+        let tcp = offsets.tcp_seq.expect("this kernel's struct tcp_sock");
+        for at in [tcp.snd_una, tcp.write_seq, tcp.copied_seq, tcp.rcv_nxt] {
+            assert!((offset..8192).contains(&at), "{tcp:?}");
+        }
+        assert_eq!(
+            [tcp.snd_una, tcp.write_seq, tcp.copied_seq, tcp.rcv_nxt]
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            4,
+            "four distinct fields: {tcp:?}"
+        );
     }
 }
