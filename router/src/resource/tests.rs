@@ -189,3 +189,20 @@ fn malformed_links_and_tokens_are_refused() {
     }
     assert!(parse(&doc("AccessGrant", "Bad_Name", "{}")).is_err());
 }
+
+/// The example resources in deploy/kubernetes/examples are what `skiff apply -f` takes too
+/// (`cargo xtask lint` checks them against the CRDs' schemas).
+#[test]
+fn the_kubernetes_examples_parse_as_skiff_resources() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples exist") {
+        let path = entry.expect("readable").path();
+        let text = std::fs::read_to_string(&path).expect("readable");
+        let declared = parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_ne!(declared, Declared::default(), "{}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 5, "{seen} examples");
+}
