@@ -549,6 +549,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
             let declared = router::resource::parse(&text)?;
+            declared.check_applicable()?;
             if let Some(site) = &declared.site {
                 apply_site(&state, site)?;
             }

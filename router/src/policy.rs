@@ -32,11 +32,13 @@ impl Default for IncomingLinks {
     }
 }
 
-/// A site's policy, as `skiff apply` reads it (`kind: SitePolicy`) and the state directory
-/// keeps it (`policy.json`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A site's policy, as `skiff apply` reads it (`kind: SitePolicy`, also the CRD's spec) and the
+/// state directory keeps it (`policy.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Policy {
+    /// Which sites may link to this one: `true` (any site holding a credential from this
+    /// site's CA), `false` (none), or a list of site names.
     #[serde(default)]
     pub allow_incoming_links: IncomingLinks,
     /// Host patterns this site may dial links to.

@@ -1,5 +1,6 @@
-//! Declarative resources: the YAML form of listeners and connectors that `skiff apply -f`
-//! reads, with the same schema as the CRDs (`apiVersion`, `kind`, `metadata.name`, `spec`).
+//! Declarative resources: the YAML that `skiff apply -f` reads, with the same schema as the
+//! CRDs (`apiVersion`, `kind`, `metadata.name`, `spec`). The spec types live in
+//! [`kinds`], where kube's derive also makes them the CRDs' schemas ([`crd`]).
 //!
 //! ```yaml
 //! apiVersion: skiff.io/v1alpha1
@@ -18,12 +19,23 @@
 //! spec: {allowIncomingLinks: [east], allowedServices: [web]}
 //! ```
 
+pub mod crd;
+pub mod kinds;
+#[cfg(test)]
+mod tests;
+
 use serde::Deserialize;
+
+pub use kinds::{
+    AccessGrantSpec, AccessTokenSpec, ConnectorSpec, LinkSpec, ListenerSpec, SitePolicySpec,
+    SiteSpec,
+};
 
 use crate::{
     policy::Policy,
-    service::{Connector, ConnectorTls, Listener, ListenerTls, Resources},
+    service::{Connector, Listener, Resources},
     site::SiteConfig,
+    token::Token,
 };
 
 /// The API group and version every resource carries.
@@ -50,6 +62,12 @@ pub enum Error {
     TooLarge(usize),
     #[error("the file nests collections more than {MAX_DEPTH} deep")]
     TooDeep,
+    #[error("document {index}: `skiff apply` does not apply a {kind} yet; use `{instead}`")]
+    NotApplied {
+        index: usize,
+        kind: &'static str,
+        instead: &'static str,
+    },
 }
 
 /// The largest resource file taken (the admin socket takes requests up to 1 MiB too).
@@ -91,47 +109,6 @@ struct Metadata {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ListenerSpec {
-    #[serde(default)]
-    host: Option<String>,
-    port: u16,
-    #[serde(default)]
-    routing_key: Option<String>,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    allow_namespaces: Vec<String>,
-    #[serde(default)]
-    tls: Option<ListenerTls>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ConnectorSpec {
-    host: String,
-    port: u16,
-    #[serde(default)]
-    routing_key: Option<String>,
-    #[serde(default)]
-    tls: Option<ConnectorTls>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct SiteSpec {
-    #[serde(default)]
-    link_access: Option<String>,
-    #[serde(default)]
-    namespaces: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    isolate_namespaces: bool,
-    /// `90d`, `12h`, ...
-    #[serde(default)]
-    cert_lifetime: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
 #[serde(tag = "kind", deny_unknown_fields, rename_all_fields = "camelCase")]
 enum Document {
     Site {
@@ -152,16 +129,119 @@ enum Document {
     SitePolicy {
         api_version: String,
         metadata: Metadata,
-        spec: Policy,
+        spec: SitePolicySpec,
+    },
+    Link {
+        api_version: String,
+        metadata: Metadata,
+        spec: LinkSpec,
+    },
+    AccessGrant {
+        api_version: String,
+        metadata: Metadata,
+        spec: AccessGrantSpec,
+    },
+    AccessToken {
+        api_version: String,
+        metadata: Metadata,
+        spec: AccessTokenSpec,
     },
 }
 
-/// What a YAML file declares: at most one site and one policy, and listeners and connectors.
+impl Document {
+    fn header(&self) -> (&str, &Metadata) {
+        match self {
+            Self::Site {
+                api_version,
+                metadata,
+                ..
+            }
+            | Self::Listener {
+                api_version,
+                metadata,
+                ..
+            }
+            | Self::Connector {
+                api_version,
+                metadata,
+                ..
+            }
+            | Self::SitePolicy {
+                api_version,
+                metadata,
+                ..
+            }
+            | Self::Link {
+                api_version,
+                metadata,
+                ..
+            }
+            | Self::AccessGrant {
+                api_version,
+                metadata,
+                ..
+            }
+            | Self::AccessToken {
+                api_version,
+                metadata,
+                ..
+            } => (api_version, metadata),
+        }
+    }
+}
+
+/// A parsed and validated resource of a kind that `skiff apply` does not act on yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named<T> {
+    /// The document's number in its file, for errors.
+    pub index: usize,
+    pub name: String,
+    pub spec: T,
+}
+
+/// What a YAML file declares: at most one site and one policy, listeners and connectors, and
+/// links, grants and tokens.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Declared {
     pub site: Option<SiteConfig>,
     pub policy: Option<Policy>,
     pub resources: Resources,
+    /// Parsed and validated; nothing applies them yet (the node controller will).
+    pub links: Vec<Named<LinkSpec>>,
+    pub grants: Vec<Named<AccessGrantSpec>>,
+    pub tokens: Vec<Named<Token>>,
+}
+
+impl Declared {
+    /// Refuses a file that declares kinds `skiff apply` does not act on, before anything in
+    /// it is applied, naming the command that does the same today.
+    ///
+    /// # Errors
+    /// On the first such document.
+    pub fn check_applicable(&self) -> Result<(), Error> {
+        let first = [
+            self.links
+                .first()
+                .map(|l| (l.index, "Link", "skiff link create")),
+            self.grants
+                .first()
+                .map(|g| (g.index, "AccessGrant", "skiff token issue")),
+            self.tokens
+                .first()
+                .map(|t| (t.index, "AccessToken", "skiff token redeem")),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(index, ..)| *index);
+        match first {
+            Some((index, kind, instead)) => Err(Error::NotApplied {
+                index,
+                kind,
+                instead,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Parses every YAML document in `text`. Routing keys default to the resource's name; a
@@ -172,7 +252,6 @@ pub struct Declared {
 pub fn parse(text: &str) -> Result<Declared, Error> {
     check_shape(text)?;
     let mut declared = Declared::default();
-    let resources = &mut declared.resources;
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let index = index + 1;
         let value = serde_yaml_ng::Value::deserialize(doc)
@@ -182,163 +261,83 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
         }
         let doc: Document =
             serde_yaml_ng::from_value(value).map_err(|source| Error::Parse { index, source })?;
-        let (api_version, name) = match &doc {
-            Document::Site {
-                api_version,
-                metadata,
-                ..
-            }
-            | Document::Listener {
-                api_version,
-                metadata,
-                ..
-            }
-            | Document::Connector {
-                api_version,
-                metadata,
-                ..
-            }
-            | Document::SitePolicy {
-                api_version,
-                metadata,
-                ..
-            } => (api_version, &metadata.name),
-        };
+        let (api_version, metadata) = doc.header();
         if api_version != API_VERSION {
             return Err(Error::ApiVersion {
                 index,
-                found: api_version.clone(),
+                found: api_version.to_owned(),
             });
         }
-        let name = name.clone();
-        match doc {
-            Document::Site { spec, .. } => {
-                if declared.site.is_some() {
-                    return Err(Error::SecondSite { index });
-                }
-                let cert_lifetime_secs = match &spec.cert_lifetime {
-                    Some(text) => Some(
-                        crate::site::parse_lifetime(text)
-                            .map_err(|reason| Error::Field { index, reason })?,
-                    ),
-                    None => None,
-                };
-                declared.site = Some(SiteConfig {
-                    name,
-                    link_access: spec.link_access,
-                    namespaces: spec.namespaces,
-                    isolate_namespaces: spec.isolate_namespaces,
-                    cert_lifetime_secs,
-                });
-            }
-            Document::Listener { spec, .. } => resources.listeners.push(Listener {
-                routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
-                host: spec.host.unwrap_or_else(|| {
-                    crate::service::default_listener_host(spec.namespace.as_deref())
-                }),
-                port: spec.port,
-                namespace: spec.namespace,
-                allow_namespaces: spec.allow_namespaces,
-                tls: spec.tls,
-                name,
-            }),
-            Document::SitePolicy { spec, .. } => {
-                if declared.policy.is_some() {
-                    return Err(Error::SecondPolicy { index });
-                }
-                declared.policy = Some(spec);
-            }
-            Document::Connector { spec, .. } => resources.connectors.push(Connector {
-                routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
-                host: spec.host,
-                port: spec.port,
-                tls: spec.tls,
-                name,
-            }),
-        }
+        let name = metadata.name.clone();
+        add(&mut declared, index, name, doc)?;
     }
     Ok(declared)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The review's 200 KB of nested `[` took 63 s of CPU in the parser; it is refused before
-    /// the parser sees it, as is a file past the size limit. Quoted brackets do not count.
-    #[test]
-    fn deep_or_huge_files_are_refused_before_parsing() {
-        assert!(matches!(
-            parse(&"[".repeat(200_000)),
-            Err(Error::TooLarge(_) | Error::TooDeep)
-        ));
-        assert!(matches!(parse(&"[".repeat(65)), Err(Error::TooDeep)));
-        assert!(matches!(
-            parse(&"#".repeat(MAX_TEXT + 1)),
-            Err(Error::TooLarge(_))
-        ));
-        let quoted = format!(
-            "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {{name: web}}\nspec: {{port: 1, routingKey: \"{}\"}}\n",
-            "[".repeat(100)
-        );
-        assert!(!matches!(parse(&quoted), Err(Error::TooDeep)));
+/// Adds one document's resource to `declared`.
+fn add(declared: &mut Declared, index: usize, name: String, doc: Document) -> Result<(), Error> {
+    let resources = &mut declared.resources;
+    match doc {
+        Document::Site { spec, .. } => {
+            if declared.site.is_some() {
+                return Err(Error::SecondSite { index });
+            }
+            let cert_lifetime_secs = match &spec.cert_lifetime {
+                Some(text) => Some(
+                    crate::site::parse_lifetime(text)
+                        .map_err(|reason| Error::Field { index, reason })?,
+                ),
+                None => None,
+            };
+            declared.site = Some(SiteConfig {
+                name,
+                link_access: spec.link_access,
+                namespaces: spec.namespaces,
+                isolate_namespaces: spec.isolate_namespaces,
+                cert_lifetime_secs,
+            });
+        }
+        Document::Listener { spec, .. } => resources.listeners.push(Listener {
+            routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
+            host: spec.host.unwrap_or_else(|| {
+                crate::service::default_listener_host(spec.namespace.as_deref())
+            }),
+            port: spec.port,
+            namespace: spec.namespace,
+            allow_namespaces: spec.allow_namespaces,
+            tls: spec.tls,
+            name,
+        }),
+        Document::SitePolicy { spec, .. } => {
+            if declared.policy.is_some() {
+                return Err(Error::SecondPolicy { index });
+            }
+            declared.policy = Some(spec.0);
+        }
+        Document::Connector { spec, .. } => resources.connectors.push(Connector {
+            routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
+            host: spec.host,
+            port: spec.port,
+            tls: spec.tls,
+            name,
+        }),
+        Document::Link { spec, .. } => {
+            kinds::validate_link(&name, &spec).map_err(|reason| Error::Field { index, reason })?;
+            declared.links.push(Named { index, name, spec });
+        }
+        Document::AccessGrant { spec, .. } => {
+            kinds::validate_grant(&name, &spec).map_err(|reason| Error::Field { index, reason })?;
+            declared.grants.push(Named { index, name, spec });
+        }
+        Document::AccessToken { spec, .. } => {
+            kinds::validate_token(&name, &spec.0)
+                .map_err(|reason| Error::Field { index, reason })?;
+            declared.tokens.push(Named {
+                index,
+                name,
+                spec: spec.0,
+            });
+        }
     }
-
-    /// A listener that belongs to a namespace binds loopback unless told otherwise: the
-    /// connect hooks govern local callers in `--cgroup`, never remote hosts.
-    #[test]
-    fn namespace_listeners_default_to_loopback() {
-        let text = "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: web}\nspec: {port: 1, namespace: team}\n---\napiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: open}\nspec: {port: 2}\n";
-        let r = parse(text).expect("parses").resources;
-        assert_eq!(r.listeners[0].host, "127.0.0.1");
-        assert_eq!(r.listeners[1].host, "0.0.0.0");
-    }
-
-    #[test]
-    fn parses_several_documents_with_defaults() {
-        let text = "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: web}\nspec: {port: 8080}\n---\napiVersion: skiff.io/v1alpha1\nkind: Connector\nmetadata: {name: db}\nspec: {host: 10.0.0.5, port: 5432, routingKey: pg}\n---\n";
-        let r = parse(text).expect("parses").resources;
-        assert_eq!(r.listeners.len(), 1);
-        assert_eq!(r.listeners[0].routing_key, "web");
-        assert_eq!(r.listeners[0].host, "0.0.0.0");
-        assert_eq!(r.connectors[0].routing_key, "pg");
-        assert_eq!(r.connectors[0].backend_addr(), "10.0.0.5:5432");
-    }
-
-    #[test]
-    fn a_site_with_namespaces_parses_once() {
-        let site = "apiVersion: skiff.io/v1alpha1\nkind: Site\nmetadata: {name: west}\nspec:\n  isolateNamespaces: true\n  namespaces: {team-a: /sys/fs/cgroup/a}\n";
-        let declared = parse(site).expect("parses");
-        let config = declared.site.expect("site");
-        assert_eq!(config.name, "west");
-        assert!(config.isolate_namespaces);
-        assert_eq!(config.namespaces["team-a"], "/sys/fs/cgroup/a");
-        let twice = format!("{site}---\n{site}");
-        assert!(matches!(parse(&twice), Err(Error::SecondSite { index: 2 })));
-    }
-
-    #[test]
-    fn a_site_policy_parses_with_unnamed_controls_denying() {
-        let text = "apiVersion: skiff.io/v1alpha1\nkind: SitePolicy\nmetadata: {name: strict}\nspec:\n  allowIncomingLinks: [east]\n  allowedServices: ['web-*']\n";
-        let policy = parse(text).expect("parses").policy.expect("policy");
-        assert!(policy.incoming_link("east").is_ok());
-        assert!(policy.service("web-1").is_ok());
-        assert!(policy.outgoing_link("anywhere").is_err());
-        let typo = text.replace("allowedServices", "allowedService");
-        assert!(parse(&typo).is_err());
-    }
-
-    #[test]
-    fn typos_and_wrong_versions_are_refused_with_the_document_number() {
-        let typo = "apiVersion: skiff.io/v1alpha1\nkind: Listener\nmetadata: {name: web}\nspec: {prot: 8080}\n";
-        let err = parse(typo).expect_err("unknown field");
-        assert!(err.to_string().contains("document 1"), "{err}");
-        let version = "apiVersion: skiff.io/v2\nkind: Connector\nmetadata: {name: x}\nspec: {host: h, port: 1}\n";
-        assert!(matches!(
-            parse(version),
-            Err(Error::ApiVersion { index: 1, .. })
-        ));
-        let kind = "apiVersion: skiff.io/v1alpha1\nkind: Gateway\nmetadata: {name: x}\nspec: {}\n";
-        assert!(parse(kind).is_err());
-    }
+    Ok(())
 }

@@ -145,7 +145,7 @@ pub struct Listener {
 
 /// TLS between workloads and a listener: the router presents a certificate from the site's
 /// service CA (for the routing key, the listener's name and host, `localhost`, `127.0.0.1`).
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ListenerTls {
     /// Also require a client certificate signed by the service CA (see `--bundle-out`).
@@ -155,6 +155,7 @@ pub struct ListenerTls {
     /// the user renews it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_file: Option<String>,
+    /// The private key (PEM file) of `certFile`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
     /// Application protocols (ALPN ids) offered to clients, in order of preference; the one
@@ -164,7 +165,7 @@ pub struct ListenerTls {
 }
 
 /// TLS between the router and a backend.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ConnectorTls {
     /// PEM file of the CA the backend's certificate must chain to; by default the site's
@@ -177,6 +178,7 @@ pub struct ConnectorTls {
     /// A client certificate (PEM file) and key to present to a backend that checks clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_file: Option<String>,
+    /// The private key (PEM file) of `certFile`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
 }

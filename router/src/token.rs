@@ -85,13 +85,15 @@ impl Grant {
     }
 }
 
-/// The token file.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// The token file (and the spec of an `AccessToken`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Token {
     /// `HOST:PORT` of the issuer's link-access endpoint.
     pub url: String,
+    /// The grant's id at the issuing site.
     pub grant: String,
+    /// The grant's secret code.
     pub code: String,
     /// The issuing site's name.
     pub site: String,

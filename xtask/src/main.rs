@@ -2,6 +2,7 @@
 
 mod claims;
 mod demo;
+mod manifests;
 mod setup;
 mod task;
 mod vm;
@@ -25,8 +26,10 @@ enum Command {
         #[arg(long)]
         release: bool,
     },
-    /// Formatting and clippy with warnings denied.
+    /// Formatting and clippy with warnings denied; the Kubernetes manifests validated.
     Lint,
+    /// Write the CRDs generated from the router's resource types to deploy/kubernetes/crds/.
+    Crds,
     /// Everything CI checks: lint, unit and integration tests, kernel tests.
     Test,
     /// Only the privileged tests on the real kernel (needs root).
@@ -81,6 +84,10 @@ fn main() -> anyhow::Result<()> {
         Command::Lint => {
             setup::ensure()?;
             task::lint()
+        }
+        Command::Crds => {
+            setup::ensure()?;
+            manifests::write_crds()
         }
         Command::Test => {
             setup::ensure()?;

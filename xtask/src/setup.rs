@@ -60,6 +60,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("stunnel4", "a peer in the benchmark (mTLS tunnel)"),
     ("nginx-light", "a peer in the benchmark (stream proxy)"),
     ("libnginx-mod-stream", "nginx's stream (TCP proxy) module"),
+    (
+        "python3-venv",
+        "a virtual environment for the Kubernetes manifest validators (PyPI)",
+    ),
+    (
+        "linux-libc-dev",
+        "the syscall table the seccomp profile's names are checked against",
+    ),
 ];
 
 /// Debian packages the VM matrix (`cargo xtask vm-test`) needs besides the above; the guests
@@ -92,7 +100,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> anyhow::Result<()> {
     debian_packages("Debian packages", DEBIAN_PACKAGES)
         .context("setup step 'Debian packages' failed")?;
-    prometheus().context("setup step 'prometheus' failed")?;
+    unpacked(&PROMETHEUS).context("setup step 'prometheus' failed")?;
+    unpacked(&KUBERNETES_CLIENT).context("setup step 'kubectl' failed")?;
+    validators().context("setup step 'manifest validators' failed")?;
     rustup_toolchain().context("setup step 'rustup toolchain link' failed")?;
     bpf_linker().context("setup step 'bpf-linker' failed")?;
     cgroup2().context("setup step 'cgroup v2' failed")?;
@@ -143,36 +153,60 @@ fn debian_packages(what: &str, packages: &[(&str, &str)]) -> anyhow::Result<()> 
 /// Where setup unpacks Debian packages it needs only a binary of, without installing them.
 const TOOLS_DIR: &str = "/var/cache/skiff/tools";
 
-/// Prometheus for the end-to-end metrics test: Debian's package, unpacked under
-/// [`TOOLS_DIR`] instead of installed, so that its postinst starts no service on this machine
-/// (kernel-tests' `PROMETHEUS` names the binary).
-fn prometheus() -> anyhow::Result<()> {
-    let dir = std::path::Path::new(TOOLS_DIR).join("prometheus");
-    let binary = dir.join("usr/bin/prometheus");
+/// A Debian package unpacked under [`TOOLS_DIR`] instead of installed, for one binary of it.
+#[derive(Debug)]
+struct Unpacked {
+    package: &'static str,
+    binary: &'static str,
+    why: &'static str,
+}
+
+/// Prometheus for the end-to-end metrics test, unpacked so that its postinst starts no
+/// service on this machine (kernel-tests' `PROMETHEUS` names the binary).
+const PROMETHEUS: Unpacked = Unpacked {
+    package: "prometheus",
+    binary: "usr/bin/prometheus",
+    why: "Debian's package, unpacked without installing it (no service starts)",
+};
+
+/// Debian's kubectl 1.20, which renders the kustomize base offline. Unpacked, because this
+/// machine kind may already have another package's /usr/bin/kubectl, which dpkg would refuse
+/// to overwrite; and so that every machine renders with the same version.
+const KUBERNETES_CLIENT: Unpacked = Unpacked {
+    package: "kubernetes-client",
+    binary: "usr/bin/kubectl",
+    why: "Debian's kubectl 1.20, unpacked: `kubectl kustomize deploy/kubernetes` offline",
+};
+
+/// The kubectl the manifest checks run.
+pub const KUBECTL: &str = "/var/cache/skiff/tools/kubernetes-client/usr/bin/kubectl";
+
+fn unpacked(tool: &Unpacked) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(TOOLS_DIR).join(tool.package);
+    let binary = dir.join(tool.binary);
+    let name = tool.binary.rsplit('/').next().unwrap_or(tool.binary);
     if binary.exists() {
-        step("prometheus", "present (unpacked from Debian's package)");
+        step(name, "present (unpacked from Debian's package)");
         return Ok(());
     }
-    step(
-        "fetching prometheus",
-        "Debian's package, unpacked without installing it (no service starts)",
-    );
-    require_root("fetching prometheus")?;
+    step(&format!("fetching {}", tool.package), tool.why);
+    require_root(&format!("fetching {}", tool.package))?;
     std::fs::create_dir_all(TOOLS_DIR).with_context(|| format!("failed to create {TOOLS_DIR}"))?;
     status(
         Command::new("apt-get")
-            .args(["download", "-q", "prometheus"])
+            .args(["download", "-q", tool.package])
             .current_dir(TOOLS_DIR),
     )?;
+    let prefix = format!("{}_", tool.package);
     let deb = std::fs::read_dir(TOOLS_DIR)?
         .flatten()
         .map(|e| e.path())
         .find(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("prometheus_") && n.ends_with(".deb"))
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
         })
-        .context("apt-get download left no prometheus package")?;
+        .with_context(|| format!("apt-get download left no {} package", tool.package))?;
     status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dir))?;
     std::fs::remove_file(&deb).with_context(|| format!("failed to remove {}", deb.display()))?;
     anyhow::ensure!(
@@ -180,6 +214,59 @@ fn prometheus() -> anyhow::Result<()> {
         "{} missing after unpacking",
         binary.display()
     );
+    Ok(())
+}
+
+/// The Python tools that validate the Kubernetes manifests, pinned, in a virtual environment
+/// of Debian's python3 so that neither another Python on the machine nor its packages matter.
+const VALIDATORS: &[(&str, &str)] = &[
+    ("kubernetes-validate", "1.37.0"),
+    ("check-jsonschema", "0.39.0"),
+];
+const VENV: &str = "/var/cache/skiff/tools/venv";
+
+/// A program of the validators' virtual environment.
+pub fn venv_bin(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(VENV).join("bin").join(name)
+}
+
+fn validators() -> anyhow::Result<()> {
+    let installed = |tool: &str, version: &str| {
+        output(Command::new(venv_bin(tool)).arg("--version")).is_ok_and(|v| v.contains(version))
+    };
+    if VALIDATORS
+        .iter()
+        .all(|(tool, version)| installed(tool, version))
+    {
+        step(
+            "manifest validators",
+            "kubernetes-validate, check-jsonschema present",
+        );
+        return Ok(());
+    }
+    step(
+        "manifest validators",
+        &format!("installing kubernetes-validate and check-jsonschema from PyPI into {VENV}"),
+    );
+    require_root("installing the manifest validators")?;
+    if !std::path::Path::new(VENV).join("bin/pip").exists() {
+        status(Command::new("/usr/bin/python3").args(["-m", "venv", VENV]))?;
+    }
+    status(
+        Command::new(venv_bin("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(
+                VALIDATORS
+                    .iter()
+                    .map(|(tool, version)| format!("{tool}=={version}")),
+            ),
+    )?;
+    for (tool, version) in VALIDATORS {
+        anyhow::ensure!(
+            installed(tool, version),
+            "{tool} {version} missing after pip install"
+        );
+    }
     Ok(())
 }
 

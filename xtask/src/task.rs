@@ -139,7 +139,9 @@ pub fn lint() -> anyhow::Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    println!("lint: Kubernetes manifests rendered and validated offline");
+    crate::manifests::validate()
 }
 
 /// The benchmark harness's end-to-end test (bench/tests/smoke.rs), which needs root.
