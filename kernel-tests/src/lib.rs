@@ -499,6 +499,18 @@ impl Cgroup {
         &self.path
     }
 
+    /// Creates the cgroup at `path`, somewhere below one of the test's own (drop it before
+    /// its parent).
+    ///
+    /// # Errors
+    /// When the directory cannot be created.
+    pub fn at(path: &Path) -> anyhow::Result<Self> {
+        fs::create_dir(path).with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
     /// Creates a child cgroup named `name` (drop it before its parent).
     ///
     /// # Errors

@@ -108,6 +108,13 @@ pub enum Request {
     LinkRevoke {
         site: String,
     },
+    /// Makes `cgroups` (cgroup v2 directories) the directories of namespace `name`: each and
+    /// its subtree belong to it from then on, and directories it had before but not now no
+    /// longer do. An empty list keeps the name (listeners may refer to it) without members.
+    NamespaceSet {
+        name: String,
+        cgroups: Vec<PathBuf>,
+    },
     /// Issues a certificate bundle for a TLS listener's client or a TLS connector's backend.
     ServiceBundle {
         kind: BundleKind,

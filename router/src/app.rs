@@ -3,8 +3,8 @@
 //!
 //! Owners: [`Node`] (eBPF programs), [`Forwarding`] (new connections and streams, and the
 //! table they consult), [`Network`] (routing and floods), [`Services`] (listeners and
-//! connectors), [`Links`] (links, tokens, credentials), [`Certs`] (certificates) and the
-//! policy [`Gate`]. This file holds no state of its own beyond the shutdown signal.
+//! connectors), [`Links`] (links, tokens, credentials), [`Certs`] (certificates),
+//! [`Namespaces`] (namespaces set at run time) and the policy [`Gate`]. This file holds no state of its own beyond the shutdown signal.
 //!
 //! Threads: one tokio multi-threaded runtime for the control plane and the epoll data path;
 //! io_uring workers of their own when that backend runs (see [`crate::datapath`]).
@@ -25,7 +25,9 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, Request, Response},
     console,
-    control::{certs::Certs, links::Links, network::Network, services::Services},
+    control::{
+        certs::Certs, links::Links, namespaces::Namespaces, network::Network, services::Services,
+    },
     datapath::{self, DataPath},
     flows::Flows,
     forward::{Forwarding, ServiceStats},
@@ -108,6 +110,7 @@ pub struct Router {
     certs: Arc<Certs>,
     services: Arc<Services>,
     links: Arc<Links>,
+    namespaces: Arc<Namespaces>,
     shutdown: tokio::sync::Notify,
     metrics_addr: OnceLock<SocketAddr>,
     console_addr: OnceLock<SocketAddr>,
@@ -157,8 +160,11 @@ pub async fn run_attached(
     kernel: Kernel,
 ) -> Result<(), Error> {
     let config = state.config()?;
-    let (node, lock) = kernel.into_node(&config);
+    let (node, lock) = kernel.into_node();
     let node = Arc::new(node);
+    // Before the listeners that name them are restored.
+    let namespaces = Arc::new(Namespaces::new(&state, Arc::clone(&node)));
+    namespaces.restore(state.read_json_or_default("namespaces.json")?);
     let certs = Arc::new(Certs::load(&config, &state)?);
     let policy: Option<Policy> = state.read_json_or_default("policy.json")?;
     let gate = Arc::new(Gate::new(policy));
@@ -214,6 +220,7 @@ pub async fn run_attached(
         certs,
         services,
         links,
+        namespaces,
         shutdown: tokio::sync::Notify::new(),
         metrics_addr: OnceLock::new(),
         console_addr: OnceLock::new(),
@@ -659,6 +666,9 @@ impl admin::Handler for Router {
             Request::PolicySet { policy } => reply(self.set_policy(policy).await),
             Request::PolicyStatus => view(self.policy_status()),
             Request::Flows { since } => view(self.forwarding.flows().since(since.unwrap_or(0))),
+            Request::NamespaceSet { name, cgroups } => {
+                reply(self.namespaces.set(name, cgroups).await)
+            }
             Request::ServiceBundle { kind, name } => reply(self.services.bundle(kind, &name)),
             Request::Shutdown => {
                 self.shutdown.notify_one();

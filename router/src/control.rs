@@ -6,6 +6,7 @@
 //! - [`services`]: listeners and connectors, `STATE/resources.json`.
 //! - [`links`]: outgoing links, grants, credentials, revocations; link events.
 //! - [`certs`]: the CAs, the router identity, service TLS.
+//! - [`namespaces`]: namespaces set while the router runs (pods), `STATE/namespaces.json`.
 //!
 //! No owner holds its lock while it calls another owner that takes one, except into leaf
 //! locks (the node's, routing's, forwarding's table); no lock but a state file's own turn is
@@ -13,5 +14,6 @@
 
 pub mod certs;
 pub mod links;
+pub mod namespaces;
 pub mod network;
 pub mod services;

@@ -1,16 +1,18 @@
 //! Userspace side of per-namespace isolation: the cgroup connect4/connect6 hooks
 //! (`ebpf/src/cgroup_sock_addr.rs`) and their maps.
 //!
-//! A namespace is a set of cgroups: every cgroup under a registered root. A protected listener
-//! belongs to one namespace (or none) and may allow others; a connect() to it from any other
-//! namespace fails with EPERM, in the kernel, before a packet is sent. Changes take effect on
-//! the next connect(): listeners are (un)protected as they are created and deleted.
+//! A namespace is a set of cgroups: every cgroup under one of its registered directories
+//! (the site's own roots, fixed, or a Kubernetes namespace's pod directories, set while the
+//! router runs: [`namespaces`]). A protected listener belongs to one namespace (or none) and
+//! may allow others; a connect() to it from any other namespace fails with EPERM, in the
+//! kernel, before a packet is sent. Changes take effect on the next connect(): listeners are
+//! (un)protected as they are created and deleted, directories as they are set.
 
 use std::{
     collections::BTreeMap,
     fs::File,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -30,9 +32,12 @@ use crate::{
 };
 
 mod addresses;
+mod namespaces;
 
 pub use addresses::AddressWatch;
 use addresses::local_ips;
+pub use namespaces::CgroupChange;
+use namespaces::Registry;
 
 /// Failure to set up or drive the isolation hooks.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +54,19 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "unknown namespace {0:?}: register it with `skiff site create --namespace NAME=CGROUP_PATH`"
+        "unknown namespace {0:?}: register it with `skiff site create --namespace NAME=CGROUP_PATH` (or, on Kubernetes, run the node controller)"
     )]
     UnknownNamespace(String),
+    #[error("namespace {0} is the site's own (`site create --namespace`): its cgroup is fixed")]
+    Fixed(String),
+    #[error("namespace {namespace}: cgroup {} belongs to namespace {other}", path.display())]
+    Claimed {
+        namespace: String,
+        other: String,
+        path: PathBuf,
+    },
+    #[error("more than {0} namespaces")]
+    TooManyNamespaces(u32),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -74,8 +89,8 @@ pub struct Isolation {
     allowed: HashMap<MapData, AllowKey, u8>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
-    /// Namespace name -> id (1-based; 0 is "no namespace").
-    namespaces: BTreeMap<String, u32>,
+    /// Namespace name -> id (1-based; 0 is "no namespace") and directories.
+    namespaces: Registry,
     /// Protected endpoint id -> the addresses it is protected at now.
     protected_at: BTreeMap<u32, (SocketAddr, Vec<SocketAddr>)>,
 }
@@ -121,27 +136,11 @@ impl Isolation {
         namespaces: &BTreeMap<String, PathBuf>,
     ) -> Result<Self, Error> {
         let protected: HashMap<MapData, EndpointKey, u32> = programs.take_map(PROTECTED_MAP)?;
-        let mut roots: HashMap<MapData, u64, u32> = programs.take_map(NAMESPACES_MAP)?;
+        let roots: HashMap<MapData, u64, u32> = programs.take_map(NAMESPACES_MAP)?;
         let allowed: HashMap<MapData, AllowKey, u8> = programs.take_map(ALLOWED_MAP)?;
         let counters: PerCpuArray<MapData, u64> = programs.take_map(ISOLATION_COUNTERS_MAP)?;
         let events: RingBuf<MapData> = programs.take_map(DENY_EVENTS_MAP)?;
-
-        let mut ids = BTreeMap::new();
-        for (index, (name, path)) in namespaces.iter().enumerate() {
-            let id = u32::try_from(index + 1).unwrap_or(u32::MAX);
-            // A cgroup v2 directory's inode number is its cgroup id.
-            let cgroup_id = std::fs::metadata(path)
-                .map_err(|source| Error::Cgroup {
-                    namespace: name.clone(),
-                    path: path.clone(),
-                    source,
-                })?
-                .ino();
-            roots
-                .insert(cgroup_id, id, 0)
-                .map_err(map_err(NAMESPACES_MAP))?;
-            ids.insert(name.clone(), id);
-        }
+        let registry = Registry::new(roots, namespaces)?;
 
         let dir = File::open(cgroup).map_err(|source| Error::Cgroup {
             namespace: "(--cgroup)".into(),
@@ -158,14 +157,13 @@ impl Isolation {
                 .map_err(ObjectError::program(name))?;
             links.push(link);
         }
-        drop(roots);
         Ok(Self {
             _links: links,
             protected,
             allowed,
             counters,
             events: Some(events),
-            namespaces: ids,
+            namespaces: registry,
             protected_at: BTreeMap::new(),
         })
     }
@@ -176,18 +174,30 @@ impl Isolation {
     /// When it is not registered.
     pub fn namespace_id(&self, name: &str) -> Result<u32, Error> {
         self.namespaces
-            .get(name)
-            .copied()
+            .id(name)
             .ok_or_else(|| Error::UnknownNamespace(name.to_owned()))
     }
 
     /// The name of namespace `id`.
     #[must_use]
     pub fn namespace_name(&self, id: u32) -> Option<&str> {
-        self.namespaces
-            .iter()
-            .find(|(_, v)| **v == id)
-            .map(|(k, _)| k.as_str())
+        self.namespaces.name(id)
+    }
+
+    /// Makes `dirs` (cgroup v2 directories) the directories of namespace `name`, registering
+    /// the name if it is new; see [`CgroupChange`] for what it reports.
+    ///
+    /// # Errors
+    /// When `name` is one of the site's own namespaces, a directory belongs to another
+    /// namespace or cannot be read, or the map is full.
+    pub fn set_namespace(&mut self, name: &str, dirs: &[PathBuf]) -> Result<CgroupChange, Error> {
+        self.namespaces.set(name, dirs)
+    }
+
+    /// Each namespace and its registered directories.
+    #[must_use]
+    pub fn namespace_directories(&self) -> BTreeMap<String, Vec<PathBuf>> {
+        self.namespaces.directories()
     }
 
     /// Protects `p.addr` (every local address for a wildcard bind) for the namespaces it allows.

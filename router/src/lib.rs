@@ -11,6 +11,7 @@ pub mod flows;
 pub mod forward;
 pub mod http;
 pub mod isolation;
+pub mod k8s;
 pub mod link;
 pub mod log_limit;
 pub mod metrics;

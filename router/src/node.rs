@@ -132,14 +132,13 @@ impl Kernel {
 
     /// The running node, and the state directory's lock (held until the router stops).
     #[must_use]
-    pub fn into_node(self, config: &SiteConfig) -> (Node, site::Lock) {
+    pub fn into_node(self) -> (Node, site::Lock) {
         let node = Node {
             accel: Mutex::new(self.accel),
             accel_note: self.accel_note,
             isolation: Mutex::new(self.isolation),
             denials: Mutex::new(Denials::default()),
             next_protection_id: AtomicU32::new(0),
-            namespaces: config.namespaces.clone(),
         };
         (node, self.lock)
     }
@@ -239,8 +238,6 @@ pub struct Node {
     denials: Mutex<Denials>,
     /// Ids of protected endpoints (listeners, link access); 0 is never used.
     next_protection_id: AtomicU32,
-    /// The site's namespaces (name -> cgroup), for status.
-    namespaces: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Node {
@@ -321,7 +318,8 @@ pub struct IsolationView {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IsolationCounters {
-    pub namespaces: BTreeMap<String, String>,
+    /// Each namespace and the cgroup directories registered for it.
+    pub namespaces: BTreeMap<String, Vec<PathBuf>>,
     pub allowed: u64,
     pub denied: u64,
     pub events_lost: u64,
@@ -377,6 +375,24 @@ impl Node {
         };
         isolation.protect(&protection)?;
         Ok(Some(protection))
+    }
+
+    /// Makes `dirs` the cgroup directories of namespace `name` (see
+    /// [`Isolation::set_namespace`]); `Ok(None)` without isolation, where namespaces mean
+    /// nothing.
+    ///
+    /// # Errors
+    /// As [`Isolation::set_namespace`].
+    pub fn set_namespace(
+        &self,
+        name: &str,
+        dirs: &[PathBuf],
+    ) -> Result<Option<isolation::CgroupChange>, isolation::Error> {
+        let mut isolation = self.isolation.lock().expect("isolation lock");
+        isolation
+            .as_mut()
+            .map(|i| i.set_namespace(name, dirs))
+            .transpose()
     }
 
     /// Lifts a protection [`Node::protect`] made.
@@ -551,7 +567,7 @@ impl Node {
         IsolationView {
             mode: "on",
             on: Some(IsolationCounters {
-                namespaces: self.namespaces.clone(),
+                namespaces: isolation.namespace_directories(),
                 allowed: counters.allowed,
                 denied: counters.denied,
                 events_lost: counters.events_lost,

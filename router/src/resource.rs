@@ -274,6 +274,41 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
     Ok(declared)
 }
 
+/// The listener a Listener resource declares, named `name` in the router. Its routing key
+/// defaults to `key` (the resource's name where the router's name differs) or else `name`;
+/// its host to [`crate::service::default_listener_host`].
+#[must_use]
+pub fn listener(name: String, key: Option<&str>, spec: ListenerSpec) -> Listener {
+    Listener {
+        routing_key: spec
+            .routing_key
+            .unwrap_or_else(|| key.unwrap_or(&name).to_owned()),
+        host: spec
+            .host
+            .unwrap_or_else(|| crate::service::default_listener_host(spec.namespace.as_deref())),
+        port: spec.port,
+        namespace: spec.namespace,
+        allow_namespaces: spec.allow_namespaces,
+        tls: spec.tls,
+        name,
+    }
+}
+
+/// The connector a Connector resource declares, named `name` in the router; its routing key
+/// defaults as [`listener`]'s does.
+#[must_use]
+pub fn connector(name: String, key: Option<&str>, spec: ConnectorSpec) -> Connector {
+    Connector {
+        routing_key: spec
+            .routing_key
+            .unwrap_or_else(|| key.unwrap_or(&name).to_owned()),
+        host: spec.host,
+        port: spec.port,
+        tls: spec.tls,
+        name,
+    }
+}
+
 /// Adds one document's resource to `declared`.
 fn add(declared: &mut Declared, index: usize, name: String, doc: Document) -> Result<(), Error> {
     let resources = &mut declared.resources;
@@ -297,30 +332,16 @@ fn add(declared: &mut Declared, index: usize, name: String, doc: Document) -> Re
                 cert_lifetime_secs,
             });
         }
-        Document::Listener { spec, .. } => resources.listeners.push(Listener {
-            routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
-            host: spec.host.unwrap_or_else(|| {
-                crate::service::default_listener_host(spec.namespace.as_deref())
-            }),
-            port: spec.port,
-            namespace: spec.namespace,
-            allow_namespaces: spec.allow_namespaces,
-            tls: spec.tls,
-            name,
-        }),
+        Document::Listener { spec, .. } => resources.listeners.push(listener(name, None, spec)),
         Document::SitePolicy { spec, .. } => {
             if declared.policy.is_some() {
                 return Err(Error::SecondPolicy { index });
             }
             declared.policy = Some(spec.0);
         }
-        Document::Connector { spec, .. } => resources.connectors.push(Connector {
-            routing_key: spec.routing_key.unwrap_or_else(|| name.clone()),
-            host: spec.host,
-            port: spec.port,
-            tls: spec.tls,
-            name,
-        }),
+        Document::Connector { spec, .. } => {
+            resources.connectors.push(connector(name, None, spec));
+        }
         Document::Link { spec, .. } => {
             kinds::validate_link(&name, &spec).map_err(|reason| Error::Field { index, reason })?;
             declared.links.push(Named { index, name, spec });
