@@ -98,6 +98,25 @@ pub enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Run the node controller: keep this node's router in step with the skiff resources of
+    /// the namespaces it serves, and its isolation namespaces with the node's pods (in a pod of
+    /// the DaemonSet, beside the router).
+    Controller {
+        /// This node's name: the pods it maps are those with this spec.nodeName.
+        #[arg(long, env = "SKIFF_NODE_NAME")]
+        node: String,
+        /// A namespace whose skiff resources it acts on (repeat, or comma-separated); every
+        /// namespace when none is given.
+        #[arg(long, env = "SKIFF_NAMESPACES", value_delimiter = ',')]
+        namespace: Vec<String>,
+        /// Where to look for the kubelet's kubepods cgroups (repeat); every cgroup2 mount in
+        /// /proc/mounts when none is given.
+        #[arg(long, env = "SKIFF_CGROUP_ROOT", value_delimiter = ',')]
+        cgroup_root: Vec<PathBuf>,
+        /// How often everything is applied again without a change, in seconds.
+        #[arg(long, default_value_t = 60)]
+        resync_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,8 +1,12 @@
-//! Kubernetes: the node's pods mapped to their cgroups ([`cgroups`], [`pods`]), fed to the
-//! router as its isolation namespaces.
+//! Kubernetes: the node controller ([`controller`], [`reconcile`], [`status`]) and the node's
+//! pods mapped to their cgroups ([`cgroups`], [`pods`]), fed to the router as its isolation
+//! namespaces.
 
 pub mod cgroups;
+pub mod controller;
 mod inotify;
 pub mod pods;
+pub mod reconcile;
+pub mod status;
 
 pub use inotify::DirEvent;

@@ -272,18 +272,9 @@ fn print_policy_changes(changes: &serde_json::Value) {
 
 /// Creates the declared site, or checks that the existing one matches it.
 fn apply_site(state: &StateDir, site: &SiteConfig) -> anyhow::Result<()> {
-    match state.config() {
-        Ok(existing) if existing == *site => println!("Site {} unchanged", site.name),
-        Ok(existing) => anyhow::bail!(
-            "site {} already exists in {} with other settings; a site's settings change only by `skiff site delete` and applying again",
-            existing.name,
-            state.root().display()
-        ),
-        Err(router::site::Error::NoSite { .. }) => {
-            state.create(site)?;
-            println!("Site {} created", site.name);
-        }
-        Err(e) => return Err(e.into()),
+    match state.apply(site)? {
+        router::site::Applied::Unchanged => println!("Site {} unchanged", site.name),
+        router::site::Applied::Created => println!("Site {} created", site.name),
     }
     Ok(())
 }
@@ -586,6 +577,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     anyhow::bail!("some resources were not applied");
                 }
             }
+        }
+        Command::Controller {
+            node,
+            namespace,
+            cgroup_root,
+            resync_secs,
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("failed to reach the Kubernetes API server")?;
+            let options = router::k8s::controller::Options {
+                node,
+                // An empty SKIFF_NAMESPACES means every namespace, not one named "".
+                namespaces: namespace.into_iter().filter(|n| !n.is_empty()).collect(),
+                state,
+                cgroup_roots: cgroup_root,
+                resync: std::time::Duration::from_secs(resync_secs.max(1)),
+            };
+            router::k8s::controller::run(client, options).await?;
         }
         Command::Policy(PolicyCommand::Status) => {
             let status = call(Request::PolicyStatus).await?;

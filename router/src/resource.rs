@@ -274,6 +274,24 @@ pub fn parse(text: &str) -> Result<Declared, Error> {
     Ok(declared)
 }
 
+/// The site a Site resource declares.
+///
+/// # Errors
+/// A one-line reason when `certLifetime` is not a lifetime.
+pub fn site_config(name: String, spec: SiteSpec) -> Result<SiteConfig, String> {
+    let cert_lifetime_secs = match &spec.cert_lifetime {
+        Some(text) => Some(crate::site::parse_lifetime(text)?),
+        None => None,
+    };
+    Ok(SiteConfig {
+        name,
+        link_access: spec.link_access,
+        namespaces: spec.namespaces,
+        isolate_namespaces: spec.isolate_namespaces,
+        cert_lifetime_secs,
+    })
+}
+
 /// The listener a Listener resource declares, named `name` in the router. Its routing key
 /// defaults to `key` (the resource's name where the router's name differs) or else `name`;
 /// its host to [`crate::service::default_listener_host`].
@@ -317,20 +335,8 @@ fn add(declared: &mut Declared, index: usize, name: String, doc: Document) -> Re
             if declared.site.is_some() {
                 return Err(Error::SecondSite { index });
             }
-            let cert_lifetime_secs = match &spec.cert_lifetime {
-                Some(text) => Some(
-                    crate::site::parse_lifetime(text)
-                        .map_err(|reason| Error::Field { index, reason })?,
-                ),
-                None => None,
-            };
-            declared.site = Some(SiteConfig {
-                name,
-                link_access: spec.link_access,
-                namespaces: spec.namespaces,
-                isolate_namespaces: spec.isolate_namespaces,
-                cert_lifetime_secs,
-            });
+            declared.site =
+                Some(site_config(name, spec).map_err(|reason| Error::Field { index, reason })?);
         }
         Document::Listener { spec, .. } => resources.listeners.push(listener(name, None, spec)),
         Document::SitePolicy { spec, .. } => {

@@ -60,6 +60,18 @@ pub enum Error {
     NotPrivate(#[from] NotPrivate),
     #[error(transparent)]
     Busy(#[from] Busy),
+    #[error(
+        "site {existing} already exists in {} with other settings; a site's settings change only by `skiff site delete` and applying again",
+        path.display()
+    )]
+    Differs { existing: String, path: PathBuf },
+}
+
+/// What applying a declared site did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Unchanged,
 }
 
 /// Certificates a user brings instead of letting the site generate them.
@@ -162,6 +174,23 @@ impl StateDir {
     #[must_use]
     pub fn links_dir(&self) -> PathBuf {
         self.file("links")
+    }
+
+    /// Creates the declared site, or checks that the one here is the same (`skiff apply -f`
+    /// and the node controller).
+    ///
+    /// # Errors
+    /// When a site with other settings is here, or creating it fails.
+    pub fn apply(&self, config: &SiteConfig) -> Result<Applied, Error> {
+        match self.config() {
+            Ok(existing) if existing == *config => Ok(Applied::Unchanged),
+            Ok(existing) => Err(Error::Differs {
+                existing: existing.name,
+                path: self.root.clone(),
+            }),
+            Err(Error::NoSite { .. }) => self.create(config).map(|()| Applied::Created),
+            Err(e) => Err(e),
+        }
     }
 
     /// Creates a site: configuration, a new CA and a router identity signed by it.

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test file uses its own part of this
 
+pub mod fake_api;
 pub mod peer;
 
 use std::{
@@ -70,22 +71,29 @@ impl Site {
 
     /// A site created from `config` (and user-supplied certificates), its router running.
     pub async fn create_and_run(config: &SiteConfig, supplied: &router::site::Supplied) -> Self {
-        let name = config.name.as_str();
+        let site = Self::uncreated(&config.name);
+        site.state
+            .create_with(config, supplied)
+            .expect("site create");
+        let mut site = site;
+        site.run().await;
+        site
+    }
+
+    /// A state directory of its own with no site in it yet (something else creates it), and
+    /// no router running.
+    pub fn uncreated(name: &str) -> Self {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "skiff-it-{}-{}-{name}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let state = StateDir::new(&dir);
-        state.create_with(config, supplied).expect("site create");
-        let mut site = Self {
+        Self {
             name: name.into(),
-            state,
+            state: StateDir::new(&dir),
             task: None,
-        };
-        site.run().await;
-        site
+        }
     }
 
     pub async fn run(&mut self) {

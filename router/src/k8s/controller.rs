@@ -1,0 +1,271 @@
+//! The node controller (`skiff controller --node NODE`): watches the skiff resources of the
+//! namespaces it serves and this node's pods, and keeps the node's router in step through its
+//! admin socket.
+//!
+//! Level-based: every change to any watched resource (and a resync now and then, for a router
+//! that restarted in between) runs one whole [`Reconciler`] pass over what the watches hold,
+//! rather than one pass per object. Deletes need no finalizer: a resource that is gone is just
+//! not asked for any more, so the pass deletes it from the router, also when it went while no
+//! controller ran. Pods go their own way, to the namespace mapping ([`super::pods`]).
+
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+
+use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
+use k8s_openapi::{NamespaceResourceScope, api::core::v1::Pod};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use super::{
+    pods::{self, AdminSink, PodCgroups},
+    reconcile::{Reconciler, Snapshot},
+    status,
+};
+use crate::{
+    node::error_chain,
+    resource::kinds::{self, Status},
+    site::{self, StateDir},
+};
+
+/// Options of `skiff controller`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node: String,
+    /// The namespaces whose resources it acts on; every namespace when empty.
+    pub namespaces: Vec<String>,
+    /// The router's state directory (its admin socket, and where the site is created).
+    pub state: StateDir,
+    /// Where kubepods cgroups are looked for: every cgroup2 mount when empty.
+    pub cgroup_roots: Vec<PathBuf>,
+    /// How often the whole state is applied again without a change.
+    pub resync: Duration,
+}
+
+/// The controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read the controller's record in the state directory")]
+    State(#[from] site::Error),
+}
+
+/// How soon a pass runs again after the router did not answer.
+const ROUTER_RETRY: Duration = Duration::from_secs(2);
+
+/// Which watch a signal came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Site,
+    SitePolicy,
+    Listener,
+    Connector,
+}
+
+/// A change in one of the watched kinds; `listed` once its first list is complete.
+struct Signal {
+    kind: Kind,
+    listed: bool,
+}
+
+/// Watches every `K` into `writer`, signalling each change.
+fn reflect<K>(
+    client: &Client,
+    kind: Kind,
+    writer: reflector::store::Writer<K>,
+) -> BoxStream<'static, Signal>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::all(client.clone());
+    reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .filter_map(move |event| async move {
+            match event {
+                Ok(event) => Some(Signal {
+                    kind,
+                    listed: matches!(event, watcher::Event::InitDone),
+                }),
+                Err(e) => {
+                    warn!(?kind, error = %error_chain(&e), "watch failed; retrying");
+                    None
+                }
+            }
+        })
+        .boxed()
+}
+
+/// The stores of the four kinds.
+struct Stores {
+    sites: Store<kinds::Site>,
+    policies: Store<kinds::SitePolicy>,
+    listeners: Store<kinds::Listener>,
+    connectors: Store<kinds::Connector>,
+}
+
+impl Stores {
+    /// What the served namespaces hold now.
+    fn snapshot(&self, served: &dyn Fn(&str) -> bool) -> Snapshot {
+        fn pick<K: Resource<DynamicType = ()> + Clone>(
+            store: &Store<K>,
+            served: &dyn Fn(&str) -> bool,
+        ) -> Vec<Arc<K>> {
+            store
+                .state()
+                .into_iter()
+                .filter(|k| served(k.meta().namespace.as_deref().unwrap_or_default()))
+                // Being deleted: gone as far as the router is concerned.
+                .filter(|k| k.meta().deletion_timestamp.is_none())
+                .collect()
+        }
+        Snapshot {
+            sites: pick(&self.sites, served),
+            policies: pick(&self.policies, served),
+            listeners: pick(&self.listeners, served),
+            connectors: pick(&self.connectors, served),
+        }
+    }
+}
+
+/// Runs the controller until the watches end (they do not, short of the process ending).
+///
+/// # Errors
+/// When the controller's record in the state directory cannot be read.
+pub async fn run(client: Client, options: Options) -> Result<(), Error> {
+    let mut reconciler = Reconciler::new(options.state.clone(), options.node.clone())?;
+    let (sites, sites_w) = reflector::store();
+    let (policies, policies_w) = reflector::store();
+    let (listeners, listeners_w) = reflector::store();
+    let (connectors, connectors_w) = reflector::store();
+    let stores = Stores {
+        sites,
+        policies,
+        listeners,
+        connectors,
+    };
+    let mut signals = futures::stream::select_all([
+        reflect(&client, Kind::Site, sites_w),
+        reflect(&client, Kind::SitePolicy, policies_w),
+        reflect(&client, Kind::Listener, listeners_w),
+        reflect(&client, Kind::Connector, connectors_w),
+    ]);
+
+    let pods = tokio::spawn(follow_pods(client.clone(), options.clone()));
+    let served: BTreeSet<String> = options.namespaces.iter().cloned().collect();
+    let served = move |ns: &str| served.is_empty() || served.contains(ns);
+    info!(node = %options.node, namespaces = ?options.namespaces, "node controller running");
+
+    let mut listed = BTreeSet::new();
+    let mut resync = tokio::time::interval(options.resync);
+    let mut router_down = false;
+    loop {
+        // A router that did not answer (starting with a site just created, or restarting) is
+        // tried again soon rather than at the next resync.
+        let retry = async {
+            if router_down {
+                tokio::time::sleep(ROUTER_RETRY).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            signal = signals.next() => {
+                let Some(signal) = signal else { break };
+                if signal.listed {
+                    listed.insert(signal.kind);
+                }
+                // Take every change already waiting, then act once on all of them.
+                while let Some(Some(signal)) = signals.next().now_or_never() {
+                    if signal.listed {
+                        listed.insert(signal.kind);
+                    }
+                }
+            }
+            _ = resync.tick() => {}
+            () = retry => {}
+        }
+        // Until every kind is listed, an absent resource may just not be listed yet: acting
+        // would delete it from the router.
+        if listed.len() < 4 {
+            continue;
+        }
+        let outcome = reconciler.reconcile(stores.snapshot(&served)).await;
+        router_down = outcome.router_down;
+        for (object, verdict) in outcome.sites {
+            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        }
+        for (object, verdict) in outcome.policies {
+            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        }
+        for (object, verdict) in outcome.listeners {
+            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        }
+        for (object, verdict) in outcome.connectors {
+            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        }
+    }
+    pods.abort();
+    Ok(())
+}
+
+/// Writes `verdict` on `object` unless its status says so already.
+async fn write_status<K>(
+    client: &Client,
+    object: &K,
+    current: Option<&Status>,
+    verdict: &status::Verdict,
+) where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let Some(condition) = verdict.condition(current, object.meta().generation) else {
+        return;
+    };
+    if let Err(e) = status::write(client, object, condition).await {
+        warn!(
+            kind = %K::kind(&()),
+            namespace = object.namespace().unwrap_or_default(),
+            name = %object.name_any(),
+            error = %error_chain(&e),
+            "failed to write status"
+        );
+    }
+}
+
+/// Watches the pods of this node and sets their namespaces in the router.
+async fn follow_pods(client: Client, options: Options) {
+    let roots = if options.cgroup_roots.is_empty() {
+        super::cgroups::cgroup2_mounts()
+    } else {
+        options.cgroup_roots.clone()
+    };
+    let tracker = PodCgroups::new(roots);
+    if tracker.roots().is_empty() {
+        warn!("no kubepods cgroup found yet: looked for again as pods come");
+    }
+    let api: Api<Pod> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", options.node));
+    let events = watcher(api, config)
+        .default_backoff()
+        .filter_map(|event| async move {
+            event
+                .map_err(|e| warn!(error = %error_chain(&e), "pod watch failed; retrying"))
+                .ok()
+        });
+    let sink = AdminSink(options.state.admin_socket());
+    pods::follow(tracker, events, &sink).await;
+}

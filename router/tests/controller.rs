@@ -1,0 +1,281 @@
+//! The node controller against a real router in this process, driven by the API server's
+//! answers (lists, watch events, status patches) through kube's mocked client: resources
+//! become the router changes `skiff apply -f` makes, statuses say so, changes follow, and a
+//! deleted resource leaves nothing in the router.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Site, fake_api::FakeApi};
+use router::{
+    admin::Request,
+    k8s::controller::{self, Options},
+};
+use serde_json::{Value, json};
+
+fn names(rows: &Value) -> Vec<String> {
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn find<'a>(rows: &'a Value, name: &str) -> Option<&'a Value> {
+    rows.as_array()?.iter().find(|r| r["name"] == name)
+}
+
+fn is(status: &'static str, reason: &'static str) -> impl Fn(&Value) -> bool {
+    move |c| c["status"] == status && c["reason"] == reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_become_router_changes_and_deletes_leave_nothing() {
+    let site = Site::start("west", false).await;
+    let api = FakeApi::default();
+    // What the cluster holds when the controller starts.
+    api.apply("sites", "team-a", "west", json!({}));
+    api.apply(
+        "listeners",
+        "team-a",
+        "web",
+        json!({"port": 0, "host": "127.0.0.1"}),
+    );
+    api.apply(
+        "connectors",
+        "team-a",
+        "db",
+        json!({"host": "127.0.0.1", "port": 5432}),
+    );
+    // Claims another namespace: refused.
+    api.apply(
+        "listeners",
+        "team-b",
+        "sneaky",
+        json!({"port": 0, "host": "127.0.0.1", "namespace": "team-a"}),
+    );
+    // Not a namespace this controller serves: left alone.
+    api.apply(
+        "connectors",
+        "elsewhere",
+        "db",
+        json!({"host": "127.0.0.1", "port": 1}),
+    );
+    let pods_root = kernel_tests::TempDir::new("no-pods").expect("temp dir");
+    let options = Options {
+        node: "gw-1".into(),
+        namespaces: vec!["team-a".into(), "team-b".into()],
+        state: site.state.clone(),
+        cgroup_roots: vec![pods_root.path().to_owned()],
+        resync: Duration::from_secs(3600),
+    };
+    let running = tokio::spawn(controller::run(api.client(), options));
+
+    let ready = api
+        .wait_ready("listeners", "team-a", "web", is("True", "Applied"))
+        .await;
+    assert_eq!(ready["observedGeneration"], 1);
+    assert!(
+        ready["lastTransitionTime"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z'))
+    );
+    api.wait_ready("connectors", "team-a", "db", is("True", "Applied"))
+        .await;
+    api.wait_ready("sites", "team-a", "west", is("True", "Running"))
+        .await;
+    let refused = api
+        .wait_ready("listeners", "team-b", "sneaky", is("False", "Refused"))
+        .await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("own namespace")),
+        "{refused}"
+    );
+    assert_eq!(api.ready("connectors", "elsewhere", "db"), None);
+
+    // The router has exactly what `skiff apply -f` would have made of them.
+    let listeners = site.call(Request::ListenerStatus).await.expect("listeners");
+    assert_eq!(names(&listeners), ["team-a-web"]);
+    assert_eq!(
+        find(&listeners, "team-a-web").expect("web")["routingKey"],
+        "web"
+    );
+    let connectors = site
+        .call(Request::ConnectorStatus)
+        .await
+        .expect("connectors");
+    assert_eq!(names(&connectors), ["team-a-db"]);
+    assert_eq!(
+        find(&connectors, "team-a-db").expect("db")["routingKey"],
+        "db"
+    );
+
+    // A change to the spec is applied, and its status names the new generation.
+    api.apply(
+        "listeners",
+        "team-a",
+        "web",
+        json!({"port": 0, "host": "127.0.0.1", "routingKey": "web-v2"}),
+    );
+    api.wait_ready("listeners", "team-a", "web", |c| {
+        c["observedGeneration"] == 2
+    })
+    .await;
+    let listeners = site.call(Request::ListenerStatus).await.expect("listeners");
+    assert_eq!(
+        find(&listeners, "team-a-web").expect("web")["routingKey"],
+        "web-v2"
+    );
+
+    // A SitePolicy is the router's policy; a second one is refused.
+    api.apply(
+        "sitepolicies",
+        "team-a",
+        "policy",
+        json!({"allowedServices": ["web-v2", "db"]}),
+    );
+    api.wait_ready("sitepolicies", "team-a", "policy", is("True", "Applied"))
+        .await;
+    let policy = site.call(Request::PolicyStatus).await.expect("policy");
+    assert_eq!(policy["policy"]["allowedServices"], json!(["web-v2", "db"]));
+    api.apply(
+        "sitepolicies",
+        "team-b",
+        "another",
+        json!({"allowedServices": []}),
+    );
+    api.wait_ready("sitepolicies", "team-b", "another", is("False", "Conflict"))
+        .await;
+
+    // Deletes: the listener, the connector and the policies go from the router.
+    let patches_before = api.patches("listeners", "team-a", "web");
+    api.delete("listeners", "team-a", "web");
+    api.delete("connectors", "team-a", "db");
+    api.delete("sitepolicies", "team-b", "another");
+    api.delete("sitepolicies", "team-a", "policy");
+    site.wait_for(|rows| names(rows).is_empty(), Request::ListenerStatus)
+        .await;
+    site.wait_for(|rows| names(rows).is_empty(), Request::ConnectorStatus)
+        .await;
+    site.wait_for(|p| p["policy"].is_null(), Request::PolicyStatus)
+        .await;
+    assert_eq!(
+        api.patches("listeners", "team-a", "web"),
+        patches_before,
+        "nothing is written to a deleted resource"
+    );
+
+    // Quiet when nothing changes: the statuses written did not make the controller write
+    // them again (each write is a watch event it sees).
+    assert!(api.patches("connectors", "team-a", "db") <= 1);
+    assert!(!running.is_finished(), "the controller keeps running");
+    running.abort();
+}
+
+/// Something the controller did not make keeps its name: a listener made with the CLI is
+/// neither replaced nor deleted, and the resource that would take its name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_cli_made_is_left_alone() {
+    let site = Site::start("west", false).await;
+    site.call(Request::ListenerCreate {
+        listener: router::service::Listener {
+            name: "team-a-web".into(),
+            host: "127.0.0.1".into(),
+            port: 0,
+            routing_key: "cli".into(),
+            namespace: None,
+            allow_namespaces: Vec::new(),
+            tls: None,
+        },
+    })
+    .await
+    .expect("a listener made with the CLI");
+    let api = FakeApi::default();
+    api.apply(
+        "listeners",
+        "team-a",
+        "web",
+        json!({"port": 0, "host": "127.0.0.1"}),
+    );
+    let options = Options {
+        node: "gw-1".into(),
+        namespaces: Vec::new(),
+        state: site.state.clone(),
+        cgroup_roots: vec![
+            kernel_tests::TempDir::new("no-pods")
+                .expect("dir")
+                .path()
+                .to_owned(),
+        ],
+        resync: Duration::from_secs(3600),
+    };
+    let running = tokio::spawn(controller::run(api.client(), options));
+    api.wait_ready("listeners", "team-a", "web", is("False", "Conflict"))
+        .await;
+    api.delete("listeners", "team-a", "web");
+    // The delete is seen (an event that would have come first), and the CLI's stays.
+    api.apply(
+        "connectors",
+        "team-a",
+        "probe",
+        json!({"host": "127.0.0.1", "port": 1}),
+    );
+    api.wait_ready("connectors", "team-a", "probe", is("True", "Applied"))
+        .await;
+    let listeners = site.call(Request::ListenerStatus).await.expect("listeners");
+    assert_eq!(
+        find(&listeners, "team-a-web").expect("kept")["routingKey"],
+        "cli"
+    );
+    running.abort();
+}
+
+/// On a new node the controller creates the site from its Site resource, as `skiff apply -f`
+/// would, and applies the rest as soon as the router started with it answers (long before the
+/// next resync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_site_is_created_from_its_resource_and_the_rest_follows_its_router() {
+    let mut site = Site::uncreated("north");
+    let api = FakeApi::default();
+    api.apply("sites", "team-a", "north", json!({"certLifetime": "90d"}));
+    api.apply("sites", "team-b", "south", json!({}));
+    api.apply(
+        "listeners",
+        "team-a",
+        "web",
+        json!({"port": 0, "host": "127.0.0.1"}),
+    );
+    let options = Options {
+        node: "gw-1".into(),
+        namespaces: Vec::new(),
+        state: site.state.clone(),
+        cgroup_roots: vec![
+            kernel_tests::TempDir::new("no-pods")
+                .expect("dir")
+                .path()
+                .to_owned(),
+        ],
+        resync: Duration::from_secs(3600),
+    };
+    let running = tokio::spawn(controller::run(api.client(), options));
+    api.wait_ready("sites", "team-a", "north", is("True", "Created"))
+        .await;
+    api.wait_ready("sites", "team-b", "south", is("False", "Conflict"))
+        .await;
+    let config = site.state.config().expect("the site is there");
+    assert_eq!(config.name, "north");
+    assert_eq!(config.cert_lifetime_secs, Some(90 * 86_400));
+    api.wait_ready("listeners", "team-a", "web", is("False", "RouterDown"))
+        .await;
+
+    site.run().await;
+    api.wait_ready("listeners", "team-a", "web", is("True", "Applied"))
+        .await;
+    api.wait_ready("sites", "team-a", "north", is("True", "Running"))
+        .await;
+    running.abort();
+    site.stop().await;
+}
