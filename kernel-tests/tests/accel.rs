@@ -833,9 +833,10 @@ fn a_stopped_router_still_holds_an_accelerated_client_to_the_limit() -> anyhow::
 /// A diverted client comes back to redirection: the client pushes 512 MiB through an
 /// accelerated router to a backend across a link (no shortcut past the router there). The
 /// router is stopped at first, so sk_msg diverts the client at the queue limit and TCP's
-/// window stops it; once the router runs and has read the TCP path dry between two of the
-/// client's writes, the client is redirected again (and diverted again whenever the link is
-/// slower than it). Every byte arrives in order.
+/// window stops it. Then the client is held and the router let go, until the router has read
+/// everything that took the TCP path (the router's reads past a lost wakeup, see
+/// `accel::Inflow::read_stuck`: before them it waited for good); the client's next message is
+/// redirected again. Every byte arrives in order.
 #[test]
 fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyhow::Result<()> {
     if !require_root() {
@@ -872,16 +873,27 @@ fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyh
         Some(&cgroup),
         &[&loadgen(), "push", "127.0.0.1:7412", "1", &bytes, "1", "0"],
     )?;
-    // Recv-Q counts only what took the TCP path (redirected bytes are not in it).
-    let tcp_path = || -> anyhow::Result<u64> {
-        let listed = east_ns.run(&["ss", "-Htn", "state", "established", "( sport = :7412 )"])?;
-        Ok(listed
-            .lines()
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum())
+    // Recv-Q and Send-Q count only what took the TCP path (redirected bytes are not in them).
+    let tcp_path = |filter: &str| -> anyhow::Result<(u64, u64)> {
+        let listed = east_ns.run(&["ss", "-Htn", "state", "established", filter])?;
+        Ok(listed.lines().fold((0, 0), |(r, w), line| {
+            let mut fields = line
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            (
+                r + fields.next().unwrap_or(0),
+                w + fields.next().unwrap_or(0),
+            )
+        }))
     };
-    wait_until("the client is diverted", || Ok(tcp_path()? > 0))?;
+    let (router_end, client_end) = ("( sport = :7412 )", "( dport = :7412 )");
+    wait_until("the client is diverted", || Ok(tcp_path(router_end)?.0 > 0))?;
+    let client_held = Stopped::new(push.pid())?;
     drop(router_stopped);
+    wait_until("the router has read the TCP path dry", || {
+        Ok(tcp_path(router_end)?.0 == 0 && tcp_path(client_end)?.1 == 0)
+    })?;
+    drop(client_held);
     push.wait(Duration::from_secs(120))?;
     let tally = verify.wait(Duration::from_secs(120))?;
     let status = east.status()?;
