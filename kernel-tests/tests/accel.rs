@@ -8,8 +8,8 @@ use std::{
 };
 
 use kernel_tests::{
-    Capture, Cgroup, Netns, Proc, children, pattern, proc_status, redis_benchmark, redis_server,
-    require_root, run, skiff::Site, socat_transfer,
+    Capture, Cgroup, Netns, Proc, TempDir, children, pattern, proc_status, redis_benchmark,
+    redis_server, require_root, run, skiff::Site, socat_transfer,
 };
 
 /// The loadgen helper binary built with the tests.
@@ -833,10 +833,15 @@ fn a_stopped_router_still_holds_an_accelerated_client_to_the_limit() -> anyhow::
 /// A diverted client comes back to redirection: the client pushes 512 MiB through an
 /// accelerated router to a backend across a link (no shortcut past the router there). The
 /// router is stopped at first, so sk_msg diverts the client at the queue limit and TCP's
-/// window stops it. Then the client is held and the router let go, until the router has read
-/// everything that took the TCP path (the router's reads past a lost wakeup, see
-/// `accel::Inflow::read_stuck`: before them it waited for good); the client's next message is
-/// redirected again. Every byte arrives in order.
+/// window stops it. Then the router is let go; the client pauses between two writes after
+/// 64 MiB until the router has read everything that took the TCP path (the router's reads
+/// past a lost wakeup, see `accel::Inflow::read_stuck`: before them it waited for good), and
+/// its next message is redirected again. Every byte arrives in order.
+///
+/// The pause is the client's own, between writes: a client stopped by a signal may be inside
+/// a write whose verdict was already given, and its next message then finds its last bytes
+/// not yet acknowledged. A bulk sender that never pauses comes back only when a write finds
+/// the TCP path empty.
 #[test]
 fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyhow::Result<()> {
     if !require_root() {
@@ -868,10 +873,21 @@ fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyh
         .router_pid()
         .ok_or_else(|| anyhow::anyhow!("no router"))?;
     let router_stopped = Stopped::new(router)?;
-    let push = Proc::spawn(
+    // The client pauses between two writes once 64 MiB are out, until the gate opens.
+    let gate_dir = TempDir::new("acc15-gate")?;
+    let gate = gate_dir.path().join("open");
+    let gate_arg = gate.to_string_lossy();
+    let mut push = Proc::spawn(
         &east_ns,
         Some(&cgroup),
-        &[&loadgen(), "push", "127.0.0.1:7412", "1", &bytes, "1", "0"],
+        &[
+            &loadgen(),
+            "push-gated",
+            "127.0.0.1:7412",
+            &bytes,
+            &(64u64 << 20).to_string(),
+            &gate_arg,
+        ],
     )?;
     // Recv-Q and Send-Q count only what took the TCP path (redirected bytes are not in them).
     let tcp_path = |filter: &str| -> anyhow::Result<(u64, u64)> {
@@ -888,12 +904,12 @@ fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyh
     };
     let (router_end, client_end) = ("( sport = :7412 )", "( dport = :7412 )");
     wait_until("the client is diverted", || Ok(tcp_path(router_end)?.0 > 0))?;
-    let client_held = Stopped::new(push.pid())?;
     drop(router_stopped);
+    push.wait_for_stderr("at the gate")?;
     wait_until("the router has read the TCP path dry", || {
         Ok(tcp_path(router_end)?.0 == 0 && tcp_path(client_end)?.1 == 0)
     })?;
-    drop(client_held);
+    std::fs::write(&gate, b"")?;
     push.wait(Duration::from_secs(120))?;
     let tally = verify.wait(Duration::from_secs(120))?;
     let status = east.status()?;
