@@ -8,8 +8,8 @@ use std::{
 };
 
 use kernel_tests::{
-    Capture, Cgroup, Netns, Proc, children, pattern, proc_status, redis_benchmark, redis_server,
-    require_root, run, skiff::Site, socat_transfer,
+    Capture, Cgroup, Netns, Proc, TempDir, children, pattern, proc_status, redis_benchmark,
+    redis_server, require_root, run, skiff::Site, socat_transfer,
 };
 
 /// The loadgen helper binary built with the tests.
@@ -830,10 +830,18 @@ fn a_stopped_router_still_holds_an_accelerated_client_to_the_limit() -> anyhow::
     Ok(())
 }
 
-/// A diverted client comes back to redirection: the router is stopped while a client pushes
-/// 512 MiB, so sk_msg diverts the client at the queue limit and TCP's window stops it. Then the
-/// client is stopped and the router let go, until the router has read everything that took
-/// the TCP path; the client's next message is redirected again. Every byte arrives in order.
+/// A diverted client comes back to redirection: the client pushes 512 MiB through an
+/// accelerated router to a backend across a link (no shortcut past the router there). The
+/// router is stopped at first, so sk_msg diverts the client at the queue limit and TCP's
+/// window stops it. Then the router is let go; the client pauses between two writes after
+/// 64 MiB until the router has read everything that took the TCP path (the router's reads
+/// past a lost wakeup, see `accel::Inflow::read_stuck`: before them it waited for good), and
+/// its next message is redirected again. Every byte arrives in order.
+///
+/// The pause is the client's own, between writes: a client stopped by a signal may be inside
+/// a write whose verdict was already given, and its next message then finds its last bytes
+/// not yet acknowledged. A bulk sender that never pauses comes back only when a write finds
+/// the TCP path empty.
 #[test]
 fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyhow::Result<()> {
     if !require_root() {
@@ -842,42 +850,48 @@ fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyh
     let _turn = QUEUE_BOUND_TESTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let f = fixture("acc15", 7412)?;
+    let west_ns = Netns::new("acc15w")?;
+    let east_ns = Netns::new("acc15e")?;
+    let cgroup = Cgroup::new("acc15")?;
+    let (west_ip, _) = west_ns.link(&east_ns, 15)?;
+    let west = Site::start(&west_ns, "west", Some(&format!("{west_ip}:55671")))?;
+    let east = Site::start_in(&east_ns, Some(&cgroup), "east", None)?;
+    west.link_from(&east)?;
     let bytes = (512u64 << 20).to_string();
     let verify = Proc::spawn(
-        &f.ns,
-        Some(&f.cgroup),
-        &[
-            &loadgen(),
-            "verify",
-            &format!("127.0.0.1:{}", f.backend()),
-            "1",
-            &bytes,
-            "0",
-        ],
+        &west_ns,
+        None,
+        &[&loadgen(), "verify", "127.0.0.1:7411", "1", &bytes, "0"],
     )?;
-    f.ns.wait_listening(f.backend(), Duration::from_secs(10))?;
-    let router = f
-        .site
+    west_ns.wait_listening(7411, Duration::from_secs(10))?;
+    west.connector("upload", 7411)?;
+    east.listener("upload", 7412)?;
+    east.wait_for(&["listener", "status"], Duration::from_secs(10), |out| {
+        out.contains("\"reachable\": true")
+    })?;
+    let router = east
         .router_pid()
         .ok_or_else(|| anyhow::anyhow!("no router"))?;
     let router_stopped = Stopped::new(router)?;
-    let push = Proc::spawn(
-        &f.ns,
-        Some(&f.cgroup),
+    // The client pauses between two writes once 64 MiB are out, until the gate opens.
+    let gate_dir = TempDir::new("acc15-gate")?;
+    let gate = gate_dir.path().join("open");
+    let gate_arg = gate.to_string_lossy();
+    let mut push = Proc::spawn(
+        &east_ns,
+        Some(&cgroup),
         &[
             &loadgen(),
-            "push",
-            &format!("127.0.0.1:{}", f.port),
-            "1",
+            "push-gated",
+            "127.0.0.1:7412",
             &bytes,
-            "1",
-            "0",
+            &(64u64 << 20).to_string(),
+            &gate_arg,
         ],
     )?;
     // Recv-Q and Send-Q count only what took the TCP path (redirected bytes are not in them).
     let tcp_path = |filter: &str| -> anyhow::Result<(u64, u64)> {
-        let listed = f.ns.run(&["ss", "-Htn", "state", "established", filter])?;
+        let listed = east_ns.run(&["ss", "-Htn", "state", "established", filter])?;
         Ok(listed.lines().fold((0, 0), |(r, w), line| {
             let mut fields = line
                 .split_whitespace()
@@ -888,21 +902,18 @@ fn a_diverted_client_returns_to_redirection_once_the_router_catches_up() -> anyh
             )
         }))
     };
-    let router_end = format!("( sport = :{} )", f.port);
-    let client_end = format!("( dport = :{} )", f.port);
-    wait_until(
-        "the client is diverted",
-        || Ok(tcp_path(&router_end)?.0 > 0),
-    )?;
-    let client_stopped = Stopped::new(push.pid())?;
+    let (router_end, client_end) = ("( sport = :7412 )", "( dport = :7412 )");
+    wait_until("the client is diverted", || Ok(tcp_path(router_end)?.0 > 0))?;
     drop(router_stopped);
+    push.wait_for_stderr("at the gate")?;
     wait_until("the router has read the TCP path dry", || {
-        Ok(tcp_path(&router_end)?.0 == 0 && tcp_path(&client_end)?.1 == 0)
+        Ok(tcp_path(router_end)?.0 == 0 && tcp_path(client_end)?.1 == 0)
     })?;
-    drop(client_stopped);
+    std::fs::write(&gate, b"")?;
     push.wait(Duration::from_secs(120))?;
     let tally = verify.wait(Duration::from_secs(120))?;
-    let accel = f.accel()?;
+    let status = east.status()?;
+    let accel = &status["accel"];
     eprintln!("{tally}; {accel}");
     assert!(tally.contains("\"ok\": 1"), "{tally}");
     let count = |name: &str| accel[name].as_u64().unwrap_or(0);

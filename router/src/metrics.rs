@@ -434,6 +434,12 @@ impl<S: Source> Collector for RouterCollector<S> {
             )?;
             counter(
                 &mut encoder,
+                "skiff_accel_unstuck_reads",
+                "Reads of a redirected socket made past a wakeup that never came.",
+                a.backpressure.reads_unstuck,
+            )?;
+            counter(
+                &mut encoder,
                 "skiff_accel_returned_senders",
                 "Diverted senders taken back onto redirection once their TCP path was drained.",
                 a.senders_returned,

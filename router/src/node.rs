@@ -302,6 +302,7 @@ pub struct AccelCounters {
     pub senders_returned: u64,
     pub divert_failures: u64,
     pub writes_paused: u64,
+    pub reads_unstuck: u64,
     pub queue_limit: usize,
 }
 
@@ -544,6 +545,7 @@ impl Node {
                 senders_returned: c.senders_returned,
                 divert_failures: c.backpressure.divert_failures,
                 writes_paused: c.backpressure.writes_paused,
+                reads_unstuck: c.backpressure.reads_unstuck,
                 queue_limit: accel.backpressure().limit(),
             }
         });

@@ -49,22 +49,7 @@ const KNOWN_FAILURES: &[(&str, &str, &str)] = &[
     (
         "*",
         "a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_maps",
-        "the sender is reset while the listener is deleted, in the guests",
-    ),
-    (
-        "6.1",
-        "a_stalled_backend_holds_back_an_accelerated_client",
-        "the kernel held 105-156 MB for a stalled reader (bound 36 MB)",
-    ),
-    (
-        "6.1",
-        "a_shortcut_whose_reader_stops_is_held_to_the_limit",
-        "the kernel held 39-68 MB for a stalled reader (bound 36 MB)",
-    ),
-    (
-        "6.1",
-        "an_accelerated_client_sending_across_a_link_is_held_back",
-        "169 MB queued at the far site for a stalled reader",
+        "writing the 1 GiB input and starting socat outlast the test's 60 s under TCG (passed on 6.1 once the drain waited for it)",
     ),
     (
         "5.10",

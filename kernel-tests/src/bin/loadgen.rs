@@ -9,6 +9,10 @@
 //!                                        the same, but close after sending: no answer (each
 //!                                        connection starts with its 8-byte seed; with
 //!                                        PAUSE_MS, it waits that long after the seed)
+//! loadgen push-gated ADDR BYTES AFTER GATE
+//!                                        one pushed connection that, after AFTER bytes, prints
+//!                                        "at the gate" on stderr and sends nothing more until
+//!                                        file GATE exists (a sender paused between writes)
 //! loadgen verify ADDR CONNS BYTES [STALL_MS]
 //!                                        accept CONNS pushed connections, check each against
 //!                                        its seed, print the tally, exit non-zero on a mismatch;
@@ -66,6 +70,13 @@ fn main() -> anyhow::Result<()> {
                 Some(pause),
             )
         }
+        ["push-gated", addr, bytes, after, gate] => {
+            let gate = Gate {
+                after: after.parse()?,
+                file: std::path::PathBuf::from(gate),
+            };
+            one(addr, bytes.parse()?, 1, Some(Duration::ZERO), Some(&gate))
+        }
         ["connects", addr, n] => connects(addr, n.parse()?),
         ["verify", addr, conns, bytes] => {
             verify(addr, conns.parse()?, bytes.parse()?, Duration::ZERO)
@@ -89,7 +100,7 @@ fn main() -> anyhow::Result<()> {
             runtime()?.block_on(flood(addr, conns.parse()?, seconds.parse()?))
         }
         _ => bail!(
-            "usage: loadgen sink ADDR | loadgen send ADDR CONNS BYTES [PARALLEL] | loadgen push ADDR CONNS BYTES PARALLEL [PAUSE_MS] | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen rounds ADDR CONNS ROUNDS MAXLEN | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N | loadgen discard ADDR | loadgen flood ADDR CONNS SECONDS"
+            "usage: loadgen sink ADDR | loadgen send ADDR CONNS BYTES [PARALLEL] | loadgen push ADDR CONNS BYTES PARALLEL [PAUSE_MS] | loadgen push-gated ADDR BYTES AFTER GATE | loadgen connects ADDR N | loadgen verify ADDR CONNS BYTES [STALL_MS] | loadgen echo ADDR | loadgen rounds ADDR CONNS ROUNDS MAXLEN | loadgen connrate ADDR SECONDS PARALLEL | loadgen hold ADDR N | loadgen discard ADDR | loadgen flood ADDR CONNS SECONDS"
         ),
     }
 }
@@ -148,7 +159,7 @@ fn send(
                 (w..conns)
                     .step_by(parallel)
                     .filter_map(|i| {
-                        one(&addr, bytes, i as u64 + 1, push)
+                        one(&addr, bytes, i as u64 + 1, push, None)
                             .err()
                             .map(|e| format!("connection {i}: {e:#}"))
                     })
@@ -304,12 +315,42 @@ fn connects(addr: &str, n: usize) -> anyhow::Result<()> {
 /// One connection of `bytes` pseudo-random bytes made from `seed`. Pushed (`Some(pause)`): it
 /// starts with the seed (the receiver checks) and waits `pause` after it. Otherwise it
 /// half-closes and checks the receiver's checksum.
-fn one(addr: &str, bytes: u64, seed: u64, push: Option<Duration>) -> anyhow::Result<()> {
+/// A point in a pushed stream where the sender waits for a file to appear.
+struct Gate {
+    after: u64,
+    file: std::path::PathBuf,
+}
+
+impl Gate {
+    /// Says so on stderr, then waits (polling every 10 ms) until the gate's file exists.
+    fn wait(&self) {
+        eprintln!("at the gate after {} bytes", self.after);
+        while !self.file.exists() {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn one(
+    addr: &str,
+    bytes: u64,
+    seed: u64,
+    push: Option<Duration>,
+    gate: Option<&Gate>,
+) -> anyhow::Result<()> {
     let mut conn = connect(addr)?;
     let mut sum = Checksum::default();
     let mut block = vec![0u8; 64 * 1024];
     let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut sent = 0u64;
+    if let Some(gate) = gate {
+        // The stream's pattern is made in whole blocks; the gate must fall between two.
+        ensure!(
+            gate.after % block.len() as u64 == 0,
+            "the gate must fall on a multiple of {} bytes",
+            block.len()
+        );
+    }
     if let Some(pause) = push {
         // Without an answer the receiver checks the bytes itself: tell it how they were made.
         conn.write_all(&seed.to_le_bytes())?;
@@ -317,6 +358,9 @@ fn one(addr: &str, bytes: u64, seed: u64, push: Option<Duration>) -> anyhow::Res
     }
     while sent < bytes {
         let n = usize::try_from((bytes - sent).min(block.len() as u64))?;
+        if let Some(gate) = gate.filter(|g| g.after == sent) {
+            gate.wait();
+        }
         kernel_tests::fill(&mut block[..n], &mut state);
         sum.update(&block[..n]);
         conn.write_all(&block[..n])?;

@@ -55,6 +55,10 @@ const MAX_QUEUE_LIMIT: usize = 64 << 20;
 const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(2);
 const MAX_WATCH_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How long a read of a redirected socket waits to be woken before the router looks whether
+/// bytes are there anyway (see [`Inflow::read_stuck`]).
+const STUCK_AFTER: Duration = Duration::from_millis(20);
+
 /// Longest pause between two looks at a full peer queue.
 const MAX_PAUSE: Duration = Duration::from_millis(8);
 
@@ -77,6 +81,7 @@ pub struct Backpressure {
     senders_diverted: AtomicU64,
     divert_failures: AtomicU64,
     writes_paused: AtomicU64,
+    reads_unstuck: AtomicU64,
 }
 
 impl std::fmt::Debug for Backpressure {
@@ -94,6 +99,9 @@ pub struct Stats {
     pub divert_failures: u64,
     /// Times the router paused writing because a peer's queue was full.
     pub writes_paused: u64,
+    /// Reads made past a readiness the kernel never signalled: bytes waited on a redirected
+    /// socket while the router's read waited to be woken (see [`Inflow::read_stuck`]).
+    pub reads_unstuck: u64,
     /// Shortcuts offered (a long stream gets one each time the router catches up after its
     /// sender fell back to it).
     pub shortcuts_offered: u64,
@@ -121,6 +129,7 @@ impl Backpressure {
             senders_diverted: AtomicU64::new(0),
             divert_failures: AtomicU64::new(0),
             writes_paused: AtomicU64::new(0),
+            reads_unstuck: AtomicU64::new(0),
         }
     }
 
@@ -137,6 +146,7 @@ impl Backpressure {
             senders_diverted: self.senders_diverted.load(Ordering::Relaxed),
             divert_failures: self.divert_failures.load(Ordering::Relaxed),
             writes_paused: self.writes_paused.load(Ordering::Relaxed),
+            reads_unstuck: self.reads_unstuck.load(Ordering::Relaxed),
             shortcuts_offered: self.shortcuts_offered.load(Ordering::Relaxed),
             shortcuts_given_up: self.shortcuts_given_up.load(Ordering::Relaxed),
         }
@@ -160,6 +170,7 @@ impl Backpressure {
             guard: sender.map(|sender| (self, sender)),
             fd: fd.as_raw_fd(),
             diverted: false,
+            plain: false,
         }
     }
 
@@ -224,6 +235,9 @@ pub struct Inflow<'a> {
     guard: Option<(&'a Backpressure, SockKey)>,
     fd: RawFd,
     diverted: bool,
+    /// The router reads the socket itself (plain TCP): bytes a lost wakeup left may be read
+    /// straight from it ([`Inflow::read_stuck`]).
+    plain: bool,
 }
 
 impl Inflow<'_> {
@@ -234,12 +248,67 @@ impl Inflow<'_> {
             guard: None,
             fd: -1,
             diverted: false,
+            plain: false,
         }
     }
 
     /// Looks at the socket's queue; call after each read.
     pub fn check(&mut self) {
         self.look();
+    }
+
+    /// Says the router reads the socket itself, as plain TCP (no TLS above it).
+    #[must_use]
+    pub const fn reading_plain_tcp(mut self) -> Self {
+        self.plain = true;
+        self
+    }
+
+    /// How long a read of the socket may wait to be woken before [`Inflow::read_stuck`] looks
+    /// whether bytes are there after all; `None` when the socket is not redirected or not
+    /// read as plain TCP.
+    #[must_use]
+    pub fn stuck_after(&self) -> Option<Duration> {
+        self.guard.filter(|_| self.plain).map(|_| STUCK_AFTER)
+    }
+
+    /// Reads into `buf` what waits on the socket although no wakeup said so. A redirected
+    /// socket can lose its wakeup: when the reader drains the redirected queue and reads on
+    /// into the TCP queue behind it, the reactor may be left waiting for an edge that never
+    /// comes from a sender that sends nothing more (seen on 6.18: a diverted client held still,
+    /// 3.9 MB left unread on the TCP path for good, the router waiting to be woken).
+    /// `None` when nothing waits, or the socket is not redirected.
+    ///
+    /// Only for a plain TCP socket the caller reads itself: the bytes bypass any layer above.
+    pub fn read_stuck(&mut self, buf: &mut bytes::BytesMut) -> Option<io::Result<usize>> {
+        let (backpressure, _) = self.guard.filter(|_| self.plain)?;
+        // FIONREAD cannot tell: on a redirected socket it counts the redirected queue only
+        // (tcp_bpf_ioctl), not what waits on the TCP path. One non-blocking recv can.
+        if buf.capacity() == buf.len() {
+            buf.reserve(crate::datapath::BUFFER_SIZE);
+        }
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: recv writes at most `spare.len()` bytes into memory `buf` owns.
+        let n = unsafe {
+            libc::recv(
+                self.fd,
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) => {
+                // SAFETY: the kernel initialised those `n` bytes.
+                unsafe { buf.set_len(buf.len() + n) };
+                backpressure.reads_unstuck.fetch_add(1, Ordering::Relaxed);
+                Some(Ok(n))
+            }
+            Err(_) => match io::Error::last_os_error() {
+                e if e.kind() == io::ErrorKind::WouldBlock => None,
+                e => Some(Err(e)),
+            },
+        }
     }
 
     /// Looks at the socket's queue, diverts the sender when it is over the limit, and returns

@@ -230,6 +230,8 @@ pub async fn relay(
         Conn::Tcp(mut tcp) => {
             let result = {
                 let (read, write) = tcp.split();
+                // The relay reads this socket itself: a lost wakeup can be read past.
+                let flow = (flow.0.reading_plain_tcp(), flow.1);
                 both_directions(read, write, flow, (side, &answer), &tx, &mut rx).await
             };
             finish_relay(result, &tcp, &tx, answer.get().copied()).await
@@ -321,8 +323,7 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
         if buf.capacity() < BUFFER_SIZE / 4 {
             buf.reserve(BUFFER_SIZE);
         }
-        let n = read
-            .read_buf(&mut buf)
+        let n = read_waking(&mut read, &mut buf, &mut inflow)
             .await
             .map_err(|e| (Failure::io(side, &e), total))?;
         if n == 0 {
@@ -338,6 +339,33 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
             .map_err(|_| (LINK_LOST, total))?;
     }
 }
+
+/// Reads into `buf`; on a redirected socket, also what arrived without a wakeup (see
+/// [`Inflow::read_stuck`]): a read that has waited [`Inflow::stuck_after`] looks for it.
+async fn read_waking<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+    inflow: &mut Inflow<'_>,
+) -> io::Result<usize> {
+    let Some(mut after) = inflow.stuck_after() else {
+        return read.read_buf(buf).await;
+    };
+    loop {
+        // A cancelled read_buf of a TCP stream has taken nothing.
+        if let Ok(read) = tokio::time::timeout(after, read.read_buf(buf)).await {
+            return read;
+        }
+        if let Some(read) = inflow.read_stuck(buf) {
+            return read;
+        }
+        // Nothing there: an idle connection is looked at less and less often.
+        after = (after * 2).min(STUCK_AT_MOST);
+    }
+}
+
+/// The longest a read of a redirected socket waits between two looks for bytes that came
+/// without a wakeup: idle accelerated connections cost one recv a second each.
+const STUCK_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The link died (or the stream was reset) while the relay was sending on it.
 const LINK_LOST: Failure = Failure {
