@@ -98,7 +98,7 @@ fn auto_runs_io_uring_and_falls_back_to_epoll_saying_why() -> anyhow::Result<()>
     let refused = Site::start_with(&ns, None, "must", None, &[], &["--datapath", "uring"]);
     let error = refused.err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(
-        error.contains("--datapath uring: io_uring_setup")
+        error.contains("datapath uring: io_uring_setup")
             && error.contains("io_uring_disabled is 2"),
         "{error}"
     );

@@ -50,8 +50,8 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub accel: AccelMode,
-    /// The data-path backend.
-    pub datapath: datapath::Mode,
+    /// The data-path backend; the site's `datapath`, else auto, when `None`.
+    pub datapath: Option<datapath::Mode>,
     /// The cgroup (v2 directory) whose sockets the programs see.
     pub cgroup: Option<PathBuf>,
     /// `HOST:PORT` to serve Prometheus metrics on (`/metrics`), if any.
@@ -93,7 +93,7 @@ pub enum Error {
     },
     #[error("failed to install the signal handler")]
     Signal(#[source] std::io::Error),
-    #[error("--datapath uring: {0}")]
+    #[error("datapath uring: {0}")]
     Datapath(#[source] datapath::uring::Unavailable),
     #[error(transparent)]
     Console(#[from] console::Error),
@@ -168,9 +168,9 @@ pub async fn run_attached(
     let certs = Arc::new(Certs::load(&config, &state)?);
     let policy: Option<Policy> = state.read_json_or_default("policy.json")?;
     let gate = Arc::new(Gate::new(policy));
-    let datapath =
-        node.with_accel(|accel| DataPath::new(options.datapath, accel).map_err(Error::Datapath))?;
-    if datapath.backend() == "uring" || options.datapath == datapath::Mode::Epoll {
+    let mode = options.datapath.or(config.datapath).unwrap_or_default();
+    let datapath = node.with_accel(|accel| DataPath::new(mode, accel).map_err(Error::Datapath))?;
+    if datapath.backend() == "uring" || mode == datapath::Mode::Epoll {
         info!(datapath = datapath.note(), "data path");
     } else {
         warn!(

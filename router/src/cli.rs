@@ -150,6 +150,10 @@ pub enum SiteCommand {
         /// automatically when a third is left. Default: one year.
         #[arg(long, value_parser = crate::site::parse_lifetime)]
         cert_lifetime: Option<u64>,
+        /// The data path the site's router runs on unless `router run --datapath` says
+        /// otherwise. Default: auto.
+        #[arg(long, value_enum)]
+        datapath: Option<Datapath>,
     },
     /// Stop the router and remove the site's state: nothing is left behind.
     Delete,
@@ -167,8 +171,9 @@ pub enum RouterCommand {
         accel: Accel,
         /// The backend that moves bytes: io_uring worker threads, tokio's epoll reactor, or
         /// io_uring where the kernel allows it (epoll otherwise, with the reason logged).
-        #[arg(long, value_enum, default_value_t = Datapath::Auto, env = "SKIFF_DATAPATH")]
-        datapath: Datapath,
+        /// Default: the site's `datapath`, else auto.
+        #[arg(long, value_enum, env = "SKIFF_DATAPATH")]
+        datapath: Option<Datapath>,
         /// The cgroup v2 directory whose workloads' sockets are accelerated (the router's own
         /// process must be inside it too). Required by --accel sockmap.
         #[arg(long, env = "SKIFF_CGROUP")]

@@ -41,8 +41,19 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// size was chosen).
 pub const BUFFER_SIZE: usize = 256 * 1024;
 
-/// Which backend moves the bytes (`skiff router run --datapath`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which backend moves the bytes (`skiff router run --datapath`, a Site's `datapath`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// tokio's epoll reactor.
     Epoll,

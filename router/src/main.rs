@@ -144,7 +144,7 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
     }
     let options = app::RunOptions {
         accel: (*accel).into(),
-        datapath: (*datapath).into(),
+        datapath: datapath.map(Into::into),
         cgroup: cgroup.clone(),
         metrics_addr: metrics_addr.clone(),
         flow_log: flow_log.clone(),
@@ -320,6 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             router_cert,
             router_key,
             cert_lifetime,
+            datapath,
         }) => {
             let supplied = Supplied {
                 ca: read_pair(ca_cert, ca_key)?,
@@ -332,6 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     namespaces: namespace.into_iter().collect(),
                     isolate_namespaces,
                     cert_lifetime_secs: cert_lifetime,
+                    datapath: datapath.map(Into::into),
                 },
                 &supplied,
             )?;

@@ -289,6 +289,7 @@ pub fn site_config(name: String, spec: SiteSpec) -> Result<SiteConfig, String> {
         namespaces: spec.namespaces,
         isolate_namespaces: spec.isolate_namespaces,
         cert_lifetime_secs,
+        datapath: spec.datapath,
     })
 }
 

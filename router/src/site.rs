@@ -99,6 +99,10 @@ pub struct SiteConfig {
     /// in seconds; one year when absent. The router renews them when a third of it is left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_lifetime_secs: Option<u64>,
+    /// The data path the router runs on unless `router run --datapath` says otherwise;
+    /// `auto` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<crate::datapath::Mode>,
 }
 
 impl SiteConfig {

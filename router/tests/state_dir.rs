@@ -141,3 +141,46 @@ async fn a_resource_that_cannot_be_stored_is_not_kept() {
         .await
         .expect("stored once the file can be written");
 }
+
+/// A Site declares its data path in YAML; its router runs on it unless `router run
+/// --datapath` says otherwise. An unknown value is refused in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_chooses_its_data_path_and_the_flag_overrides_it() {
+    let yaml = |name: &str, datapath: &str| {
+        format!(
+            "apiVersion: skiff.io/v1alpha1\nkind: Site\nmetadata: {{name: {name}}}\nspec: {{datapath: {datapath}}}\n"
+        )
+    };
+    let err = router::resource::parse(&yaml("fast", "fast")).expect_err("datapath: fast");
+    // As the CLI prints it: the error and its causes on one line.
+    let line = format!("{:#}", anyhow::Error::from(err));
+    assert!(
+        line.contains("unknown variant `fast`") && !line.contains('\n'),
+        "{line}"
+    );
+    let declared = |name: &str| {
+        router::resource::parse(&yaml(name, "epoll"))
+            .expect("parses")
+            .site
+            .expect("a site")
+    };
+    let backend = |site: &Site| {
+        let site = site.state.clone();
+        async move {
+            let status = router::admin::call(&site.admin_socket(), &Request::Status)
+                .await
+                .expect("status");
+            status["datapath"].as_str().unwrap_or_default().to_owned()
+        }
+    };
+
+    let mut chosen = Site::uncreated("chosen");
+    chosen.state.create(&declared("chosen")).expect("create");
+    chosen.run_with(None).await;
+    assert_eq!(backend(&chosen).await, "epoll");
+
+    let mut flagged = Site::uncreated("flagged");
+    flagged.state.create(&declared("flagged")).expect("create");
+    flagged.run_with(Some(router::datapath::Mode::Uring)).await;
+    assert_eq!(backend(&flagged).await, "uring");
+}

@@ -58,6 +58,10 @@ pub struct SiteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+[dhms]$"))]
     pub cert_lifetime: Option<String>,
+    /// The backend that moves bytes: io_uring (uring), epoll, or io_uring where the kernel
+    /// allows it (auto, the default). `router run --datapath` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<crate::datapath::Mode>,
 }
 
 /// A local address that accepts TCP connections for a routing key.

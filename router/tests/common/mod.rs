@@ -96,14 +96,21 @@ impl Site {
         }
     }
 
+    /// Runs the site's router on the suite's data path ([`datapath`]).
     pub async fn run(&mut self) {
+        self.run_with(Some(datapath())).await;
+    }
+
+    /// Runs the site's router as `router run --datapath` would with `datapath` (the site's
+    /// own choice when `None`).
+    pub async fn run_with(&mut self, datapath: Option<router::datapath::Mode>) {
         let state = self.state.clone();
         self.task = Some(tokio::spawn(async move {
             // Every test router logs its flows, in its state directory (`Site::flow_log`).
             let flow_log = state.root().join("flows.jsonl").display().to_string();
             let options = app::RunOptions {
                 metrics_addr: Some("127.0.0.1:0".into()),
-                datapath: datapath(),
+                datapath,
                 flow_log: Some(flow_log),
                 ..app::RunOptions::default()
             };
