@@ -159,12 +159,25 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
             keeper = Some(privilege::spawn_keeper(dir)?);
             kernel.leave_pins_to_keeper();
         }
-        privilege::drop_to(user)?;
-        tracing::info!(
-            user = %user.name,
-            uid = user.uid,
-            "privileges dropped: no capabilities from here on"
-        );
+        let keep = if kernel.uses_maps() {
+            privilege::Keep::for_this_kernel()
+        } else {
+            privilege::Keep::Nothing
+        };
+        privilege::drop_to(user, keep)?;
+        match keep {
+            privilege::Keep::Nothing => tracing::info!(
+                user = %user.name,
+                uid = user.uid,
+                "privileges dropped: no capabilities from here on"
+            ),
+            privilege::Keep::Bpf => tracing::warn!(
+                user = %user.name,
+                uid = user.uid,
+                "privileges dropped but CAP_BPF: before Linux 5.19 the kernel refuses every bpf() \
+                 call to a caller without it while kernel.unprivileged_bpf_disabled is set"
+            ),
+        }
     }
     Ok(Started::Router {
         kernel: Box::new(kernel),

@@ -117,6 +117,12 @@ impl Kernel {
         })
     }
 
+    /// Whether the router uses eBPF maps from here on (acceleration or isolation is on).
+    #[must_use]
+    pub fn uses_maps(&self) -> bool {
+        self.accel.is_some() || self.isolation.is_some()
+    }
+
     /// Where the programs are pinned, if they are.
     #[must_use]
     pub fn pin_dir(&self) -> Option<&Path> {

@@ -7,6 +7,11 @@
 //! programs as root, before it has opened a single network socket, and then becomes USER with
 //! every capability set empty, before it reads anything from the network.
 //!
+//! Kernels before 5.19 refuse every bpf() call, a map update through an open descriptor
+//! included, to a caller without CAP_BPF while `kernel.unprivileged_bpf_disabled` is set (as
+//! distributions set it). There the router keeps CAP_BPF alone, in its permitted and effective
+//! sets and its bounding set, when it uses maps after the drop ([`Keep::Bpf`]), and says so.
+//!
 //! One thing outlives the router and needs root: the pins under bpffs (root's directory), whose
 //! removal also detaches the sock_ops program. A keeper process (`skiff router keep-pins`),
 //! started before the drop, stays root with no capabilities, reads nothing but a pipe from the
@@ -147,18 +152,68 @@ fn zeroed_passwd() -> libc::passwd {
 /// Becomes `user` with every capability set empty (permitted, effective, inheritable, ambient
 /// and bounding) and no_new_privs set, then checks /proc/self/status says so.
 ///
+/// The capabilities a router keeps when it gives up privilege.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// None: the kernel checks privilege when a map is created, not when it is used.
+    Nothing,
+    /// CAP_BPF alone: the kernel checks it on every bpf() call (see the module documentation).
+    Bpf,
+}
+
+/// CAP_BPF's number (Linux 5.8).
+const CAP_BPF: u32 = 39;
+
+impl Keep {
+    /// What a router that uses eBPF maps after the drop must keep on this kernel.
+    #[must_use]
+    pub fn for_this_kernel() -> Self {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        if bpf_refuses_the_unprivileged(
+            &read("/proc/sys/kernel/osrelease"),
+            &read("/proc/sys/kernel/unprivileged_bpf_disabled"),
+        ) {
+            Self::Bpf
+        } else {
+            Self::Nothing
+        }
+    }
+
+    /// The kept set as a capability mask.
+    fn mask(self) -> u64 {
+        match self {
+            Self::Nothing => 0,
+            Self::Bpf => 1 << CAP_BPF,
+        }
+    }
+}
+
+/// Whether a kernel of release `osrelease` with `kernel.unprivileged_bpf_disabled` at
+/// `disabled` refuses all of bpf() to callers without CAP_BPF (Linux 5.19 narrowed the check
+/// to creating maps and loading programs). An unreadable release counts as a new kernel.
+#[must_use]
+pub fn bpf_refuses_the_unprivileged(osrelease: &str, disabled: &str) -> bool {
+    let mut numbers = osrelease
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().ok());
+    let version = (numbers.next().flatten(), numbers.next().flatten());
+    let old = matches!(version, (Some(major), Some(minor)) if (major, minor) < (5, 19));
+    old && disabled.trim().parse::<u32>().is_ok_and(|d| d != 0)
+}
+
 /// Must run before the process starts a second thread: set*id and capabilities are per thread
-/// in the kernel.
+/// in the kernel. Keeps `keep` and nothing else.
 ///
 /// # Errors
 /// When not root, when threads are running, or when any step fails.
-pub fn drop_to(user: &User) -> Result<(), Error> {
+pub fn drop_to(user: &User, keep: Keep) -> Result<(), Error> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot);
     }
     check_single_threaded()?;
-    drop_bounding_set()?;
+    drop_bounding_set(keep.mask())?;
     // SAFETY: plain system calls with valid arguments; each result is checked.
     unsafe {
         call(
@@ -169,19 +224,33 @@ pub fn drop_to(user: &User) -> Result<(), Error> {
             "set the group id",
             libc::setresgid(user.gid, user.gid, user.gid),
         )?;
-        // Leaving uid 0 clears the permitted and effective sets (keep-caps is off).
+        // Leaving uid 0 clears the permitted and effective sets unless keep-caps is on.
+        call(
+            "keep capabilities across the change of user",
+            libc::prctl(
+                libc::PR_SET_KEEPCAPS,
+                libc::c_ulong::from(keep != Keep::Nothing),
+                0,
+                0,
+                0,
+            ),
+        )?;
         call(
             "set the user id",
             libc::setresuid(user.uid, user.uid, user.uid),
         )?;
+        call(
+            "turn keep-caps off",
+            libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0),
+        )?;
     }
-    clear_capabilities()?;
+    set_capabilities(keep.mask())?;
     set_no_new_privs()?;
     let status = std::fs::read_to_string("/proc/self/status").map_err(|source| Error::Call {
         what: "read /proc/self/status",
         source,
     })?;
-    let remaining = remaining_privilege(&status, user.uid);
+    let remaining = remaining_privilege(&status, user.uid, keep);
     if remaining.is_empty() {
         Ok(())
     } else {
@@ -195,8 +264,8 @@ pub fn drop_to(user: &User) -> Result<(), Error> {
 /// When any step fails.
 pub fn drop_capabilities() -> Result<(), Error> {
     check_single_threaded()?;
-    drop_bounding_set()?;
-    clear_capabilities()?;
+    drop_bounding_set(0)?;
+    set_capabilities(0)?;
     set_no_new_privs()
 }
 
@@ -215,9 +284,10 @@ fn check_single_threaded() -> Result<(), Error> {
     }
 }
 
-fn drop_bounding_set() -> Result<(), Error> {
+/// Drops every capability but those in `keep` from the bounding set.
+fn drop_bounding_set(keep: u64) -> Result<(), Error> {
     // Capabilities the kernel does not know end the loop with EINVAL.
-    for cap in 0..64 {
+    for cap in (0..64).filter(|cap| keep & (1 << cap) == 0) {
         // SAFETY: prctl with integer arguments.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } < 0 {
             let err = io::Error::last_os_error();
@@ -233,7 +303,8 @@ fn drop_bounding_set() -> Result<(), Error> {
     Ok(())
 }
 
-fn clear_capabilities() -> Result<(), Error> {
+/// Sets the permitted and effective sets to `keep`, the inheritable and ambient sets empty.
+fn set_capabilities(keep: u64) -> Result<(), Error> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -251,11 +322,17 @@ fn clear_capabilities() -> Result<(), Error> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [Data::default(); 2];
+    // Two 32-bit words: capabilities 0-31, then 32-63 (the truncations are the split).
+    let word = |bits: u64| Data {
+        effective: bits as u32,
+        permitted: bits as u32,
+        inheritable: 0,
+    };
+    let data = [word(keep), word(keep >> 32)];
     // SAFETY: capset reads a v3 header and two data words, both valid for the call.
     unsafe {
         call(
-            "clear the capability sets",
+            "set the capability sets",
             libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) as libc::c_int,
         )?;
         call(
@@ -285,9 +362,9 @@ fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// What /proc/PID/status shows of privilege beyond an unprivileged `uid`.
+/// What /proc/PID/status shows of privilege beyond an unprivileged `uid` that keeps `keep`.
 #[must_use]
-pub fn remaining_privilege(status: &str, uid: u32) -> Vec<String> {
+pub fn remaining_privilege(status: &str, uid: u32, keep: Keep) -> Vec<String> {
     let mut remaining = Vec::new();
     let uid = uid.to_string();
     if let Some(uids) = field(status, "Uid:")
@@ -295,9 +372,15 @@ pub fn remaining_privilege(status: &str, uid: u32) -> Vec<String> {
     {
         remaining.push(format!("Uid {uids}"));
     }
-    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+    for (set, allowed) in [
+        ("CapInh:", 0),
+        ("CapPrm:", keep.mask()),
+        ("CapEff:", keep.mask()),
+        ("CapBnd:", keep.mask()),
+        ("CapAmb:", 0),
+    ] {
         if let Some(caps) = field(status, set)
-            && !caps.trim_start_matches('0').is_empty()
+            && u64::from_str_radix(caps, 16).map_or(true, |caps| caps & !allowed != 0)
         {
             remaining.push(format!("{set} {caps}"));
         }
@@ -353,16 +436,38 @@ mod tests {
         let status = "Name:\tskiff\nUid:\t65534\t65534\t65534\t65534\nCapInh:\t0000000000000000\n\
                       CapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n\
                       CapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\n";
-        assert!(remaining_privilege(status, 65534).is_empty());
+        assert!(remaining_privilege(status, 65534, Keep::Nothing).is_empty());
         let root = status.replace("CapEff:\t0000000000000000", "CapEff:\t000001ffffffffff");
         assert_eq!(
-            remaining_privilege(&root, 65534),
+            remaining_privilege(&root, 65534, Keep::Bpf),
             vec!["CapEff: 000001ffffffffff"]
         );
         assert_eq!(
-            remaining_privilege(status, 1000),
+            remaining_privilege(status, 1000, Keep::Nothing),
             vec!["Uid 65534\t65534\t65534\t65534"]
         );
+        let bpf = status
+            .replace("CapEff:\t0000000000000000", "CapEff:\t0000008000000000")
+            .replace("CapPrm:\t0000000000000000", "CapPrm:\t0000008000000000");
+        assert!(remaining_privilege(&bpf, 65534, Keep::Bpf).is_empty());
+        assert_eq!(
+            remaining_privilege(&bpf, 65534, Keep::Nothing),
+            vec!["CapPrm: 0000008000000000", "CapEff: 0000008000000000"]
+        );
+    }
+
+    /// Debian 11's 5.10 sets unprivileged_bpf_disabled to 2 and checks it on every bpf()
+    /// call; 5.19 and later check it only when maps are created and programs loaded.
+    #[test]
+    fn kernels_before_5_19_with_unprivileged_bpf_disabled_need_cap_bpf() {
+        assert!(bpf_refuses_the_unprivileged("5.10.0-32-amd64\n", "2\n"));
+        assert!(bpf_refuses_the_unprivileged("5.18.19", "1"));
+        assert!(!bpf_refuses_the_unprivileged("5.10.0-32-amd64", "0"));
+        assert!(!bpf_refuses_the_unprivileged("5.19.0", "2"));
+        assert!(!bpf_refuses_the_unprivileged("6.1.0-50-amd64", "2"));
+        assert!(!bpf_refuses_the_unprivileged("6.18.0", "2"));
+        assert!(!bpf_refuses_the_unprivileged("", "2"));
+        assert!(!bpf_refuses_the_unprivileged("5.10.0", ""));
     }
 
     #[test]

@@ -51,11 +51,6 @@ const KNOWN_FAILURES: &[(&str, &str, &str)] = &[
         "a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_maps",
         "writing the 1 GiB input and starting socat outlast the test's 60 s under TCG (passed on 6.1 once the drain waited for it)",
     ),
-    (
-        "5.10",
-        "isolation_holds_when_the_router_runs_as_nobody",
-        "a router run as nobody fails to access map SKIFF_ALLOWED on listener create",
-    ),
 ];
 
 /// Test binaries that touch no kernel surface the releases differ in, and that a guest could
