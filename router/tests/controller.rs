@@ -279,3 +279,152 @@ async fn the_site_is_created_from_its_resource_and_the_rest_follows_its_router()
     running.abort();
     site.stop().await;
 }
+
+/// The Secret's `key`, decoded.
+fn secret_data(secret: &Value, key: &str) -> String {
+    use base64::Engine as _;
+    let encoded = secret["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key}: {secret}"));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("base64");
+    String::from_utf8(bytes).expect("PEM")
+}
+
+fn owner_uids(object: &Value) -> Vec<String> {
+    object["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["uid"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A TLS connector's backend finds its bundle in `skiff-tls-NAME` and the frontends of a TLS
+/// listener the service CA in `skiff-service-client`; they are written once, issued again
+/// when what they were issued for changes, and go when nothing needs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_bundles_live_in_secrets_and_go_with_their_resources() {
+    let site = Site::start("west", false).await;
+    let api = FakeApi::default();
+    api.apply(
+        "connectors",
+        "team-a",
+        "db",
+        json!({"host": "db.team-a.svc", "port": 5432, "tls": {"serverName": "db"}}),
+    );
+    api.apply(
+        "listeners",
+        "team-b",
+        "front",
+        json!({"port": 0, "host": "127.0.0.1", "tls": {}}),
+    );
+    let options = Options {
+        node: "gw-1".into(),
+        namespaces: Vec::new(),
+        state: site.state.clone(),
+        cgroup_roots: vec![
+            kernel_tests::TempDir::new("no-pods")
+                .expect("dir")
+                .path()
+                .to_owned(),
+        ],
+        resync: Duration::from_secs(3600),
+    };
+    let running = tokio::spawn(controller::run(api.client(), options));
+
+    let backend = api
+        .wait_object("secrets", "team-a", "skiff-tls-db", |s| s.is_some())
+        .await
+        .expect("the backend's Secret");
+    assert_eq!(backend["type"], "kubernetes.io/tls");
+    let connector = api.get("connectors", "team-a", "db").expect("connector");
+    assert_eq!(
+        owner_uids(&backend),
+        [connector["metadata"]["uid"].as_str().expect("uid")]
+    );
+    // Its CA is the site's service CA, its certificate names the backend and the connector.
+    let from_router = site
+        .call(Request::ServiceBundle {
+            kind: router::admin::BundleKind::Server,
+            name: "team-a-db".into(),
+        })
+        .await
+        .expect("a bundle");
+    assert_eq!(
+        secret_data(&backend, "ca.crt"),
+        from_router["ca"].as_str().expect("ca")
+    );
+    let cert = router::pki::certs_from_pem(&secret_data(&backend, "tls.crt")).expect("PEM");
+    assert!(router::tls::identity::names(
+        &cert[0],
+        &router::tls::identity::connector_uri("west", "team-a-db")
+    ));
+    assert!(secret_data(&backend, "tls.key").contains("PRIVATE KEY"));
+
+    let client = api
+        .wait_object("secrets", "team-b", "skiff-service-client", |s| s.is_some())
+        .await
+        .expect("the frontends' Secret");
+    assert_eq!(
+        client["data"].as_object().map(|d| d.len()),
+        Some(1),
+        "the CA only"
+    );
+    assert_eq!(
+        secret_data(&client, "ca.crt"),
+        from_router["ca"].as_str().expect("ca")
+    );
+    let listener = api.get("listeners", "team-b", "front").expect("listener");
+    assert_eq!(
+        owner_uids(&client),
+        [listener["metadata"]["uid"].as_str().expect("uid")]
+    );
+
+    // Another pass (a new resource) writes nothing again.
+    let writes = api.writes();
+    api.apply(
+        "connectors",
+        "team-a",
+        "plain",
+        json!({"host": "127.0.0.1", "port": 1}),
+    );
+    api.wait_ready("connectors", "team-a", "plain", is("True", "Applied"))
+        .await;
+    assert_eq!(
+        api.writes(),
+        writes,
+        "up-to-date Secrets are left as they are"
+    );
+
+    // The backend moves: a new bundle, for the new name.
+    api.apply(
+        "connectors",
+        "team-a",
+        "db",
+        json!({"host": "db2.team-a.svc", "port": 5432, "tls": {"serverName": "db"}}),
+    );
+    api.wait_object("secrets", "team-a", "skiff-tls-db", |s| {
+        s.is_some_and(|s| {
+            s["metadata"]["annotations"]["skiff.io/issued-for"]
+                .as_str()
+                .is_some_and(|a| a.contains("db2.team-a.svc"))
+        })
+    })
+    .await;
+
+    // No TLS any more, or no listener: the Secrets go.
+    api.apply(
+        "connectors",
+        "team-a",
+        "db",
+        json!({"host": "db2.team-a.svc", "port": 5432}),
+    );
+    api.wait_object("secrets", "team-a", "skiff-tls-db", |s| s.is_none())
+        .await;
+    api.delete("listeners", "team-b", "front");
+    api.wait_object("secrets", "team-b", "skiff-service-client", |s| s.is_none())
+        .await;
+    running.abort();
+}

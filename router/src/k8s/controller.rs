@@ -25,12 +25,13 @@ use tracing::{info, warn};
 
 use super::{
     pods::{self, AdminSink, PodCgroups},
-    reconcile::{Reconciler, Snapshot},
+    reconcile::{Reconciler, Snapshot, router_name},
+    secrets::Secrets,
     status,
 };
 use crate::{
     node::error_chain,
-    resource::kinds::{self, Status},
+    resource::kinds::{self, Condition, Status},
     site::{self, StateDir},
 };
 
@@ -145,6 +146,7 @@ impl Stores {
 /// When the controller's record in the state directory cannot be read.
 pub async fn run(client: Client, options: Options) -> Result<(), Error> {
     let mut reconciler = Reconciler::new(options.state.clone(), options.node.clone())?;
+    let mut secrets = Secrets::new(client.clone(), options.state.clone());
     let (sites, sites_w) = reflector::store();
     let (policies, policies_w) = reflector::store();
     let (listeners, listeners_w) = reflector::store();
@@ -168,6 +170,7 @@ pub async fn run(client: Client, options: Options) -> Result<(), Error> {
     info!(node = %options.node, namespaces = ?options.namespaces, "node controller running");
 
     let mut listed = BTreeSet::new();
+    let mut written = Written::default();
     let mut resync = tokio::time::interval(options.resync);
     let mut router_down = false;
     loop {
@@ -203,46 +206,102 @@ pub async fn run(client: Client, options: Options) -> Result<(), Error> {
         }
         let outcome = reconciler.reconcile(stores.snapshot(&served)).await;
         router_down = outcome.router_down;
-        for (object, verdict) in outcome.sites {
-            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        if !outcome.router_down
+            && let Ok(site) = options.state.config()
+        {
+            let connectors: Vec<(&kinds::Connector, String)> = outcome
+                .connectors
+                .iter()
+                .filter(|(_, v)| v.ready)
+                .filter_map(|(c, _)| {
+                    let name = router_name(&c.namespace().unwrap_or_default(), &c.name_any());
+                    Some((c.as_ref(), name.ok()?))
+                })
+                .collect();
+            let listeners: Vec<&kinds::Listener> = outcome
+                .listeners
+                .iter()
+                .filter(|(_, v)| v.ready)
+                .map(|(l, _)| l.as_ref())
+                .collect();
+            secrets.sync(&site.name, &connectors, &listeners).await;
         }
-        for (object, verdict) in outcome.policies {
-            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        let mut present = std::collections::HashSet::new();
+        for (object, verdict) in &outcome.sites {
+            present.insert(object.uid());
+            written
+                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
+                .await;
         }
-        for (object, verdict) in outcome.listeners {
-            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        for (object, verdict) in &outcome.policies {
+            present.insert(object.uid());
+            written
+                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
+                .await;
         }
-        for (object, verdict) in outcome.connectors {
-            write_status(&client, object.as_ref(), object.status.as_ref(), &verdict).await;
+        for (object, verdict) in &outcome.listeners {
+            present.insert(object.uid());
+            written
+                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
+                .await;
         }
+        for (object, verdict) in &outcome.connectors {
+            present.insert(object.uid());
+            written
+                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
+                .await;
+        }
+        written
+            .0
+            .retain(|uid, _| present.contains(&Some(uid.clone())));
     }
     pods.abort();
     Ok(())
 }
 
-/// Writes `verdict` on `object` unless its status says so already.
-async fn write_status<K>(
-    client: &Client,
-    object: &K,
-    current: Option<&Status>,
-    verdict: &status::Verdict,
-) where
-    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let Some(condition) = verdict.condition(current, object.meta().generation) else {
-        return;
-    };
-    if let Err(e) = status::write(client, object, condition).await {
-        warn!(
-            kind = %K::kind(&()),
-            namespace = object.namespace().unwrap_or_default(),
-            name = %object.name_any(),
-            error = %error_chain(&e),
-            "failed to write status"
-        );
+/// The last condition written on each object (by uid). The watch brings the written status
+/// back a moment later; until it does, a pass sees the status from before and would write
+/// the same condition again.
+#[derive(Default)]
+struct Written(std::collections::HashMap<String, Condition>);
+
+impl Written {
+    /// Writes `verdict` on `object` unless its status, or the last write, says so already.
+    async fn write<K>(
+        &mut self,
+        client: &Client,
+        object: &K,
+        current: Option<&Status>,
+        verdict: &status::Verdict,
+    ) where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let generation = object.meta().generation;
+        let Some(condition) = verdict.condition(current, generation) else {
+            return;
+        };
+        let uid = object.uid().unwrap_or_default();
+        let last = self.0.get(&uid).map(|c| Status {
+            conditions: vec![c.clone()],
+        });
+        if last.is_some() && verdict.condition(last.as_ref(), generation).is_none() {
+            return;
+        }
+        match status::write(client, object, condition.clone()).await {
+            Ok(()) => {
+                self.0.insert(uid, condition);
+            }
+            Err(e) => warn!(
+                kind = %K::kind(&()),
+                namespace = object.namespace().unwrap_or_default(),
+                name = %object.name_any(),
+                error = %error_chain(&e),
+                "failed to write status"
+            ),
+        }
     }
 }
 

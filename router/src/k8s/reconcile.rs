@@ -88,7 +88,10 @@ fn key<K: Resource>(k: &K) -> String {
 }
 
 /// The router's name for resource `name` of namespace `namespace`.
-fn router_name(namespace: &str, name: &str) -> Result<String, Verdict> {
+///
+/// # Errors
+/// A refusal when the two together are not a DNS label.
+pub fn router_name(namespace: &str, name: &str) -> Result<String, Verdict> {
     let joined = format!("{namespace}-{name}");
     if service::is_dns_label(&joined) {
         Ok(joined)

@@ -37,6 +37,8 @@ struct State {
     watches: Vec<(String, WatchBody)>,
     /// Status patches received: (plural, namespace, name, patch).
     patches: Vec<(String, String, String, Value)>,
+    /// Objects written whole (created or replaced).
+    writes: u64,
 }
 
 /// The fake API server.
@@ -72,6 +74,14 @@ fn full(value: &Value, status: StatusCode) -> Response<Answer> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
     response
+}
+
+fn not_found() -> Response<Answer> {
+    full(
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "reason": "NotFound", "code": 404, "message": "not found"}),
+        StatusCode::NOT_FOUND,
+    )
 }
 
 impl FakeApi {
@@ -117,6 +127,51 @@ impl FakeApi {
                 let body = request.into_body().collect_bytes().await.expect("body");
                 let patch: Value = serde_json::from_slice(&body).expect("a JSON patch");
                 self.patch_status(plural, ns, name, patch)
+            }
+            ("GET", ["api", "v1", "namespaces", ns, "secrets", name]) => {
+                match self.get("secrets", ns, name) {
+                    Some(secret) => full(&secret, StatusCode::OK),
+                    None => not_found(),
+                }
+            }
+            ("POST" | "PUT", ["api", "v1", "namespaces", ns, "secrets", ..]) => {
+                let body = request.into_body().collect_bytes().await.expect("body");
+                let mut secret: Value = serde_json::from_slice(&body).expect("a Secret");
+                let name = secret["metadata"]["name"]
+                    .as_str()
+                    .expect("named")
+                    .to_owned();
+                let exists = self.get("secrets", ns, &name).is_some();
+                if exists == (method == "POST") {
+                    return full(
+                        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": if exists { "AlreadyExists" } else { "NotFound" },
+                                "code": if exists { 409 } else { 404 }, "message": name}),
+                        if exists {
+                            StatusCode::CONFLICT
+                        } else {
+                            StatusCode::NOT_FOUND
+                        },
+                    );
+                }
+                secret["metadata"]["namespace"] = json!(ns);
+                self.store("secrets", ns, &name, secret.clone());
+                full(
+                    &self.get("secrets", ns, &name).unwrap_or(secret),
+                    StatusCode::OK,
+                )
+            }
+            ("DELETE", ["api", "v1", "namespaces", ns, "secrets", name]) => {
+                match self.get("secrets", ns, name) {
+                    Some(_) => {
+                        self.delete("secrets", ns, name);
+                        full(
+                            &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                            StatusCode::OK,
+                        )
+                    }
+                    None => not_found(),
+                }
             }
             _ => full(
                 &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -232,6 +287,57 @@ impl FakeApi {
         Self::event(&mut state, plural, event, &object);
         drop(state);
         self.changed.notify_waiters();
+    }
+
+    /// An object as stored.
+    pub fn get(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        let state = self.state.lock().expect("state");
+        state
+            .collections
+            .get(plural)?
+            .get(&(ns.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Stores an object written whole (a create or replace), with a new resource version.
+    fn store(&self, plural: &str, ns: &str, name: &str, mut object: Value) {
+        let mut state = self.state.lock().expect("state");
+        state.resource_version += 1;
+        object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+        state
+            .collections
+            .entry(plural.to_owned())
+            .or_default()
+            .insert((ns.to_owned(), name.to_owned()), object);
+        state.writes += 1;
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// How many objects were written whole (created or replaced) so far.
+    pub fn writes(&self) -> u64 {
+        self.state.lock().expect("state").writes
+    }
+
+    /// Waits (up to ten seconds) until `ok` holds for the object (`None`: there is none).
+    pub async fn wait_object(
+        &self,
+        plural: &str,
+        ns: &str,
+        name: &str,
+        ok: impl Fn(Option<&Value>) -> bool,
+    ) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let changed = self.changed.notified();
+            let object = self.get(plural, ns, name);
+            if ok(object.as_ref()) {
+                return object;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("{plural} {ns}/{name} never as expected; last: {object:?}");
+            }
+        }
     }
 
     /// Deletes an object.
