@@ -4,6 +4,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_F_WRONLY},
+    helpers::bpf_probe_read_kernel,
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
@@ -120,6 +121,48 @@ pub fn tcp_seq_offsets() -> Option<(u32, u32, u32, u32)> {
         )
     };
     (offsets.0 != 0 && offsets.1 != 0 && offsets.2 != 0 && offsets.3 != 0).then_some(offsets)
+}
+
+/// Byte offsets of `sk_prot` in `struct sock` and of `memory_allocated` and `sysctl_mem` in
+/// `struct proto`, set by the router from the kernel's BTF when it loads the programs; 0
+/// means unknown.
+#[unsafe(no_mangle)]
+static SK_PROT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static PROTO_MEMORY_ALLOCATED_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static PROTO_SYSCTL_MEM_OFFSET: u32 = 0;
+
+/// Whether the memory of socket `sk`'s protocol (TCP's, all sockets together, in pages) is
+/// past its low mark (`tcp_mem`'s first value, below which the kernel never moderates). Past
+/// it the kernel may refuse a redirected message's charge, and the sender sees ENOMEM where
+/// the TCP path would make it wait. `false` when anything needed is unknown.
+#[inline(always)]
+pub fn memory_pressure(sk: u64) -> bool {
+    // SAFETY: as for SK_RMEM_ALLOC_OFFSET.
+    let (prot, allocated, sysctl) = unsafe {
+        (
+            read_volatile(&raw const SK_PROT_OFFSET),
+            read_volatile(&raw const PROTO_MEMORY_ALLOCATED_OFFSET),
+            read_volatile(&raw const PROTO_SYSCTL_MEM_OFFSET),
+        )
+    };
+    if prot == 0 || allocated == 0 || sysctl == 0 {
+        return false;
+    }
+    // SAFETY: reads of kernel memory through the fault-tolerant helper.
+    let read = |addr: u64| unsafe { bpf_probe_read_kernel(addr as *const u64) }.ok();
+    let Some(proto) = read(sk + u64::from(prot)) else {
+        return false;
+    };
+    let (Some(pages), Some(limits)) = (
+        read(proto + u64::from(allocated)).and_then(read),
+        read(proto + u64::from(sysctl)),
+    ) else {
+        return false;
+    };
+    // `sysctl_mem` is `long[3]`: the low mark, the pressure threshold, the hard limit.
+    read(limits).is_some_and(|low| pages > low)
 }
 
 /// The router's network namespace cookie, set by the router when it loads the programs;

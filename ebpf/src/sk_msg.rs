@@ -8,11 +8,15 @@
 //! control bounds what waits in the reader's queue; redirection has none. A workload sender is
 //! diverted here, at the message that would take the router socket it sends into past the
 //! queue limit; the router also diverts from userspace, where it cannot read that socket's
-//! charge, but only when it gets to run.
+//! charge, but only when it gets to run. Any sender, the router included, is also diverted
+//! while TCP's memory, all sockets together, is past `tcp_mem`'s low mark: past it the kernel
+//! may refuse a redirected message's charge (its per-socket share under pressure, or the hard
+//! limit), and the sender's send() then fails with ENOMEM, where the TCP path makes it wait.
 //!
-//! A diverted workload returns to redirection once its TCP path is drained: everything it
+//! A diverted sender returns to redirection once its TCP path is drained: everything it
 //! wrote is acknowledged (`snd_una == write_seq`), the router has read everything that arrived
-//! (`copied_seq == rcv_nxt`), and the router's socket holds less than half the limit. The
+//! (`copied_seq == rcv_nxt`), the router's socket holds less than half the limit, and TCP's
+//! memory is below the pressure threshold. The
 //! reader drains redirected bytes before TCP ones, so returning earlier could let a redirected
 //! message overtake a TCP one; with the TCP path empty there is nothing to overtake. The check
 //! runs under the sender's socket lock, and only the sender adds to its own TCP path.
@@ -36,7 +40,7 @@ use core::ptr::read_volatile;
 
 use crate::maps::{
     SKIFF_DIVERTED, SKIFF_SENT, SKIFF_SHORTCUTS, SKIFF_SOCK_ADDRS, SKIFF_SOCKS, count, key_ip,
-    queue_limit, read_ip6, remote_port, rmem_alloc_offset, tcp_seq_offsets,
+    memory_pressure, queue_limit, read_ip6, remote_port, rmem_alloc_offset, tcp_seq_offsets,
 };
 
 #[sk_msg]
@@ -58,18 +62,27 @@ pub fn skiff_sk_msg(ctx: SkMsgContext) -> u32 {
         false
     };
     if SKIFF_DIVERTED.get_ptr(key).is_some() {
-        if !(workload && may_return(key, key.peer(), size)) {
+        if !may_return(key, key.peer(), size) {
             count(Counter::MsgDiverted, 1);
             return SK_PASS;
         }
         let _ = SKIFF_DIVERTED.remove(key);
         count(Counter::SendersReturned, 1);
     }
-    // The router paces its own writes; a workload cannot be made to wait, only diverted, and
-    // for good (its reader drains redirected bytes first, so switching back could reorder).
-    if workload && over_limit(key.peer(), size) {
+    // The router paces its own writes; a workload cannot be made to wait, only diverted (until
+    // its TCP path is drained: its reader drains redirected bytes first, so switching back
+    // earlier could reorder). Under TCP memory pressure any sender is diverted, the router's
+    // too: its pacing bounds its peer's queue, not TCP's memory.
+    let why = if workload && over_limit(key.peer(), size) {
+        Some(Counter::SendersDiverted)
+    } else if under_pressure(key) {
+        Some(Counter::SendersUnderPressure)
+    } else {
+        None
+    };
+    if let Some(why) = why {
         let _ = SKIFF_DIVERTED.insert(key, 1, u64::from(BPF_ANY));
-        count(Counter::SendersDiverted, 1);
+        count(why, 1);
         count(Counter::MsgDiverted, 1);
         return SK_PASS;
     }
@@ -143,7 +156,7 @@ fn may_return(from: SockKey, to: SockKey, size: u64) -> bool {
     let Some(unread) = unread(to) else {
         return false;
     };
-    if u64::from(unread) + size > u64::from(limit / 2) {
+    if u64::from(unread) + size > u64::from(limit / 2) || under_pressure(to) {
         return false;
     }
     let (Some(sender), Some(router)) = (address(from), address(to)) else {
@@ -158,6 +171,12 @@ fn may_return(from: SockKey, to: SockKey, size: u64) -> bool {
     let read =
         field(router, copied_seq).is_some_and(|copied| Some(copied) == field(router, rcv_nxt));
     acknowledged && read
+}
+
+/// Whether TCP's memory is under pressure, read through socket `key`, which sock_ops located.
+#[inline(always)]
+fn under_pressure(key: SockKey) -> bool {
+    address(key).is_some_and(memory_pressure)
 }
 
 /// Where sock_ops recorded socket `key` in kernel memory.

@@ -550,6 +550,9 @@ fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_map
     Ok(())
 }
 
+/// 200 clients push 4 MiB each at once through an accelerated hop; every stream arrives byte
+/// for byte, and no client's send fails (in 8 GiB guests they got ENOMEM before sk_msg
+/// diverted senders under TCP memory pressure).
 #[test]
 fn two_hundred_concurrent_streams_arrive_byte_exact() -> anyhow::Result<()> {
     if !require_root() {
@@ -575,8 +578,12 @@ fn two_hundred_concurrent_streams_arrive_byte_exact() -> anyhow::Result<()> {
     let tally = verify.wait(Duration::from_secs(120))?;
     eprintln!("backend: {tally}");
     let accel = f.accel()?;
+    // Every leg redirected, unless TCP's memory passed tcp_mem's low mark (an 8 GiB guest's
+    // does, 200 x 2 legs x up to the queue limit): then senders took the TCP path instead of
+    // failing with ENOMEM, and sk_msg says so.
+    let pressured = accel["sendersUnderPressure"].as_u64().unwrap_or(0);
     assert!(
-        leg_bytes(&accel) >= 2 * conns as u64 * bytes,
+        leg_bytes(&accel) >= 2 * conns as u64 * bytes || pressured > 0,
         "both legs of every stream redirected: {accel}"
     );
     Ok(())

@@ -180,6 +180,8 @@ pub struct Counters {
     pub senders_diverted: u64,
     /// Diverted senders sk_msg took back onto redirection, their TCP path drained.
     pub senders_returned: u64,
+    /// Senders sk_msg diverted while TCP's memory was past `tcp_mem`'s low mark.
+    pub senders_under_pressure: u64,
     /// What the router's flow control for redirected sockets did.
     pub backpressure: BackpressureStats,
 }
@@ -399,6 +401,7 @@ impl Accel {
             socks_foreign: read(Counter::SocksForeign)?,
             senders_diverted: read(Counter::SendersDiverted)?,
             senders_returned: read(Counter::SendersReturned)?,
+            senders_under_pressure: read(Counter::SendersUnderPressure)?,
             backpressure: self.backpressure.stats(),
         })
     }

@@ -446,6 +446,12 @@ impl<S: Source> Collector for RouterCollector<S> {
             )?;
             counter(
                 &mut encoder,
+                "skiff_accel_pressure_diverted_senders",
+                "Senders diverted to the normal path while TCP's memory was past tcp_mem's low mark.",
+                a.senders_under_pressure,
+            )?;
+            counter(
+                &mut encoder,
                 "skiff_accel_paused_writes",
                 "Times the router paused writing because a redirected peer's queue was full.",
                 a.backpressure.writes_paused,

@@ -7,7 +7,8 @@
 
 use aya::{Ebpf, EbpfLoader, maps::MapError, programs::ProgramError};
 use ebpf_common::{
-    QUEUE_LIMIT, ROUTER_NETNS, SK_RMEM_ALLOC_OFFSET, TCP_COPIED_SEQ_OFFSET, TCP_RCV_NXT_OFFSET,
+    PROTO_MEMORY_ALLOCATED_OFFSET, PROTO_SYSCTL_MEM_OFFSET, QUEUE_LIMIT, ROUTER_NETNS,
+    SK_PROT_OFFSET, SK_RMEM_ALLOC_OFFSET, TCP_COPIED_SEQ_OFFSET, TCP_RCV_NXT_OFFSET,
     TCP_SND_UNA_OFFSET, TCP_WRITE_SEQ_OFFSET,
 };
 
@@ -118,6 +119,21 @@ impl Programs {
         if let Some(offset) = &rmem_offset {
             loader.override_global(SK_RMEM_ALLOC_OFFSET, offset, true);
             loader.override_global(QUEUE_LIMIT, &limit, true);
+        }
+        // And the way from a socket to TCP's memory count: a workload is diverted while TCP's
+        // memory is under pressure, where a redirected message could fail with ENOMEM.
+        let proto_mem = offsets
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|o| o.proto_mem.clone())
+            .inspect_err(|e| {
+                tracing::warn!("redirection does not watch TCP's memory pressure: {e}");
+            })
+            .ok();
+        if let (Some(mem), Some(_)) = (&proto_mem, &rmem_offset) {
+            loader.override_global(SK_PROT_OFFSET, &mem.sk_prot, true);
+            loader.override_global(PROTO_MEMORY_ALLOCATED_OFFSET, &mem.memory_allocated, true);
+            loader.override_global(PROTO_SYSCTL_MEM_OFFSET, &mem.sysctl_mem, true);
         }
         // And where TCP keeps its sequence numbers: a diverted workload returns to redirection
         // once its TCP path is drained. Without them it stays diverted.

@@ -38,11 +38,6 @@ const ACCEL_FALLBACK_TEST: &str = "auto_acceleration_attaches_or_says_why_not";
 const KNOWN_FAILURES: &[(&str, &str, &str)] = &[
     (
         "*",
-        "two_hundred_concurrent_streams_arrive_byte_exact",
-        "sends fail with ENOMEM in an 8 GiB guest (passes on the 24 GiB host)",
-    ),
-    (
-        "*",
         "sockhash_returns_to_baseline_after_ten_thousand_connections",
         "socketsInserted 36-37 thousand, not 40,000, in the guests",
     ),

@@ -44,6 +44,13 @@ pub const TCP_WRITE_SEQ_OFFSET: &str = "TCP_WRITE_SEQ_OFFSET";
 pub const TCP_COPIED_SEQ_OFFSET: &str = "TCP_COPIED_SEQ_OFFSET";
 pub const TCP_RCV_NXT_OFFSET: &str = "TCP_RCV_NXT_OFFSET";
 
+/// Names of the sk_msg program's globals holding the byte offsets of `sk_prot` in `struct
+/// sock` and of `memory_allocated` and `sysctl_mem` in `struct proto` (each a `u32`; 0 =
+/// unknown, then sk_msg does not look at TCP's memory).
+pub const SK_PROT_OFFSET: &str = "SK_PROT_OFFSET";
+pub const PROTO_MEMORY_ALLOCATED_OFFSET: &str = "PROTO_MEMORY_ALLOCATED_OFFSET";
+pub const PROTO_SYSCTL_MEM_OFFSET: &str = "PROTO_SYSCTL_MEM_OFFSET";
+
 /// Name of the hash of sockets the router is connecting to a backend: socket cookie -> 1,
 /// written by the router before connect() and removed after. Only such a socket, and the
 /// backend's end of its connection, go into [`SOCKS_MAP`] for a backend endpoint.
@@ -195,11 +202,14 @@ pub enum Counter {
     /// the TCP path was acknowledged and read by the router, and the router's socket held less
     /// than half the queue limit, so no redirected byte can overtake a TCP one.
     SendersReturned = 12,
+    /// Senders sk_msg diverted because TCP's memory was past `tcp_mem`'s low mark, where a
+    /// redirected message's charge may fail with ENOMEM (the router's senders too).
+    SendersUnderPressure = 13,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::SocksInserted,
         Self::SocksInsertFailed,
         Self::MsgRedirected,
@@ -213,6 +223,7 @@ impl Counter {
         Self::SocksForeign,
         Self::SendersDiverted,
         Self::SendersReturned,
+        Self::SendersUnderPressure,
     ];
     /// Number of entries in [`COUNTERS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -234,6 +245,7 @@ impl Counter {
             Self::SocksForeign => "socks_foreign",
             Self::SendersDiverted => "senders_diverted",
             Self::SendersReturned => "senders_returned",
+            Self::SendersUnderPressure => "senders_under_pressure",
         }
     }
 }

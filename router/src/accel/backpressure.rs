@@ -2,7 +2,8 @@
 //!
 //! sk_msg redirection moves a message into the peer socket's receive queue without looking at
 //! the peer's receive buffer: the kernel (6.18 here) charges the bytes to the peer and stops
-//! only at the global TCP memory limit, where the sender gets ENOMEM. Measured on this machine:
+//! only at the global TCP memory limit, where the sender gets ENOMEM (sk_msg diverts senders
+//! before that, past `tcp_mem`'s low mark: see ebpf/src/sk_msg.rs). Measured on this machine:
 //! a local client pushing into an accelerated router whose backend does not read left 2 GB in
 //! the backend's queue within four seconds. TCP's flow control is gone from both local legs,
 //! so the router puts a bound back on each direction it takes part in:

@@ -19,6 +19,7 @@ const TYPE_LEN: usize = 12;
 
 // Kinds (`BTF_KIND_*`) this reader looks into or through; every other kind is only skipped.
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
@@ -26,6 +27,9 @@ const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
+
+/// A pointer's size: BTF records none for pointers.
+const WORD: u32 = size_of::<usize>() as u32;
 
 /// Why an offset could not be found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +55,8 @@ pub struct Offsets {
     pub sk_rmem_alloc: Result<u32, Error>,
     /// Where `struct tcp_sock` keeps the sequence numbers that tell a drained TCP path.
     pub tcp_seq: Result<TcpSeqOffsets, Error>,
+    /// Where a socket's protocol keeps its memory count and limits.
+    pub proto_mem: Result<ProtoMemOffsets, Error>,
 }
 
 impl Offsets {
@@ -70,9 +76,17 @@ impl Offsets {
                 rcv_nxt: field("rcv_nxt")?,
             })
         })();
+        let proto_mem = (|| {
+            Ok(ProtoMemOffsets {
+                sk_prot: btf.offset_of("sock", &["__sk_common", "skc_prot"], WORD)?,
+                memory_allocated: btf.offset_of("proto", &["memory_allocated"], WORD)?,
+                sysctl_mem: btf.offset_of("proto", &["sysctl_mem"], WORD)?,
+            })
+        })();
         Ok(Self {
             sk_rmem_alloc: btf.offset_of("sock", &["sk_backlog", "rmem_alloc"], 4),
             tcp_seq,
+            proto_mem,
         })
     }
 }
@@ -87,6 +101,16 @@ pub struct TcpSeqOffsets {
     pub write_seq: u32,
     pub copied_seq: u32,
     pub rcv_nxt: u32,
+}
+
+/// Where the running kernel keeps the pointers from a socket to its protocol's memory count
+/// (`sk_prot`, a `struct proto *` in `struct sock`; `memory_allocated`, an `atomic_long_t *`
+/// in `struct proto`) and to its limits (`sysctl_mem`, a `long *`: `tcp_mem` for TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProtoMemOffsets {
+    pub sk_prot: u32,
+    pub memory_allocated: u32,
+    pub sysctl_mem: u32,
 }
 
 /// A parsed type section: where each type starts, by id (id 0 is `void` and has no entry).
@@ -195,6 +219,7 @@ impl<'a> Btf<'a> {
         }
         let found = match ty.kind {
             KIND_INT | KIND_STRUCT | KIND_UNION => ty.size_or_type,
+            KIND_PTR => WORD,
             _ => 0,
         };
         if bits % 8 != 0 || found != size {
@@ -403,6 +428,14 @@ mod tests {
                 .len(),
             4,
             "four distinct fields: {tcp:?}"
+        );
+        // sk_prot is in sock_common; struct proto's two pointers are distinct words.
+        let mem = offsets.proto_mem.expect("this kernel's struct proto");
+        assert!(mem.sk_prot < 56 && mem.sk_prot.is_multiple_of(8), "{mem:?}");
+        assert_ne!(mem.memory_allocated, mem.sysctl_mem, "{mem:?}");
+        assert!(
+            mem.memory_allocated.is_multiple_of(8) && mem.sysctl_mem.is_multiple_of(8),
+            "{mem:?}"
         );
     }
 }
