@@ -57,6 +57,10 @@ pub enum Request {
         #[serde(default)]
         connections: Option<u32>,
     },
+    /// Withdraws a grant (`grant` as the token names it): its tokens are refused from then on.
+    GrantDelete {
+        grant: String,
+    },
     LinkStatus,
     LinkDelete {
         name: String,

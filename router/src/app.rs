@@ -623,6 +623,7 @@ impl admin::Handler for Router {
                     .await
                     .map(|n| json!({ "link": n })),
             ),
+            Request::GrantDelete { grant } => done(self.links.delete_grant(&grant).await),
             Request::LinkDelete { name } => done(self.links.delete_link(&name)),
             Request::LinkCreate {
                 name,

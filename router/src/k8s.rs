@@ -1,7 +1,9 @@
-//! Kubernetes: the node controller ([`controller`], [`reconcile`], [`status`], [`secrets`])
+//! Kubernetes: the node controller ([`controller`], [`reconcile`], [`access`], [`status`],
+//! [`secrets`])
 //! and the node's pods mapped to their cgroups ([`cgroups`], [`pods`]), fed to the router as
 //! its isolation namespaces.
 
+pub mod access;
 pub mod cgroups;
 pub mod controller;
 mod inotify;

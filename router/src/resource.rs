@@ -206,7 +206,7 @@ pub struct Declared {
     pub site: Option<SiteConfig>,
     pub policy: Option<Policy>,
     pub resources: Resources,
-    /// Parsed and validated; nothing applies them yet (the node controller will).
+    /// Parsed and validated; `skiff apply` refuses them (the node controller acts on them).
     pub links: Vec<Named<LinkSpec>>,
     pub grants: Vec<Named<AccessGrantSpec>>,
     pub tokens: Vec<Named<Token>>,

@@ -253,9 +253,9 @@ impl Grants {
         self.grants.insert(id, grant);
     }
 
-    /// Forgets the grant `id` (one that could not be stored).
-    pub fn remove(&mut self, id: &str) {
-        self.grants.remove(id);
+    /// Forgets the grant `id` (one that could not be stored, or withdrawn); whether it was here.
+    pub fn remove(&mut self, id: &str) -> bool {
+        self.grants.remove(id).is_some()
     }
 
     /// Checks a redemption attempt from `source` without using a redemption: the caller

@@ -428,3 +428,199 @@ async fn tls_bundles_live_in_secrets_and_go_with_their_resources() {
         .await;
     running.abort();
 }
+
+fn controller_options(site: &Site, pods: &kernel_tests::TempDir) -> Options {
+    Options {
+        node: "gw-1".into(),
+        namespaces: Vec::new(),
+        state: site.state.clone(),
+        cgroup_roots: vec![pods.path().to_owned()],
+        resync: Duration::from_secs(3600),
+    }
+}
+
+/// Whether the site has an outgoing link `name` that is up.
+fn link_up(links: &Value, name: &str) -> bool {
+    find(links, name).is_some_and(|l| l["direction"] == "outgoing" && l["status"] == "up")
+}
+
+/// Linking two clusters is `kubectl apply` on both sides: west's AccessGrant puts a token in
+/// the Secret `skiff-token-NAME` as an AccessToken manifest; applied at east, it is redeemed
+/// once (a restarted controller does not try again) for a link that comes up. Deleting the
+/// AccessToken deletes the link; deleting an AccessGrant withdraws its grant, so its token is
+/// refused. A Link made from a credential Secret brings the link back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linking_two_clusters_is_kubectl_apply_on_both_sides() {
+    let west = Site::start("west", true).await;
+    let east = Site::start("east", false).await;
+    let (west_api, east_api) = (FakeApi::default(), FakeApi::default());
+    let pods = kernel_tests::TempDir::new("no-pods").expect("dir");
+    west_api.apply("accessgrants", "team-a", "to-east", json!({}));
+    west_api.apply(
+        "accessgrants",
+        "team-a",
+        "spare",
+        json!({"redemptionsAllowed": 3, "expirationWindow": "1h"}),
+    );
+    let west_controller = tokio::spawn(controller::run(
+        west_api.client(),
+        controller_options(&west, &pods),
+    ));
+    let mut east_controller = tokio::spawn(controller::run(
+        east_api.client(),
+        controller_options(&east, &pods),
+    ));
+
+    // West: the token is in a Secret that goes with its AccessGrant.
+    let issued = west_api
+        .wait_ready("accessgrants", "team-a", "to-east", is("True", "Issued"))
+        .await;
+    assert!(
+        issued["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("skiff-token-to-east") && m.contains("1 time")),
+        "{issued}"
+    );
+    let secret = west_api
+        .wait_object("secrets", "team-a", "skiff-token-to-east", |s| s.is_some())
+        .await
+        .expect("the token's Secret");
+    let grant = west_api
+        .get("accessgrants", "team-a", "to-east")
+        .expect("grant");
+    assert_eq!(
+        owner_uids(&secret),
+        [grant["metadata"]["uid"].as_str().expect("uid")]
+    );
+    let manifest: Value =
+        serde_yaml_ng::from_str(&secret_data(&secret, "token.yaml")).expect("YAML");
+    assert_eq!(manifest["kind"], "AccessToken");
+    assert_eq!(manifest["apiVersion"], "skiff.io/v1alpha1");
+    assert_eq!(manifest["metadata"]["name"], "west");
+    assert_eq!(manifest["spec"]["site"], "west");
+
+    // East: the manifest applied as it is; the token is redeemed for the link team-b-west.
+    east_api.apply("accesstokens", "team-b", "west", manifest["spec"].clone());
+    let redeemed = east_api
+        .wait_ready("accesstokens", "team-b", "west", is("True", "Redeemed"))
+        .await;
+    assert!(
+        redeemed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("team-b-west")),
+        "{redeemed}"
+    );
+    east.wait_for(|l| link_up(l, "team-b-west"), Request::LinkStatus)
+        .await;
+
+    // A restarted controller finds the token redeemed and does not spend another redemption
+    // (this grant allowed one: a second try would be refused and say so).
+    east_controller.abort();
+    east_controller = tokio::spawn(controller::run(
+        east_api.client(),
+        controller_options(&east, &pods),
+    ));
+    east_api.apply("sites", "team-b", "east", json!({}));
+    east_api
+        .wait_ready("sites", "team-b", "east", is("True", "Running"))
+        .await;
+    assert_eq!(
+        east_api
+            .ready("accesstokens", "team-b", "west")
+            .expect("ready")["reason"],
+        "Redeemed"
+    );
+    assert_eq!(east_api.patches("accesstokens", "team-b", "west"), 1);
+
+    // The credential, kept as a Secret, for a Link resource later.
+    let stored: Value = serde_json::from_slice(
+        &std::fs::read(east.state.links_dir().join("team-b-west.json")).expect("link"),
+    )
+    .expect("JSON");
+    let key = std::fs::read_to_string(east.state.links_dir().join("team-b-west.key")).expect("key");
+
+    // Deleting the AccessToken deletes its link.
+    east_api.delete("accesstokens", "team-b", "west");
+    east.wait_for(|l| find(l, "team-b-west").is_none(), Request::LinkStatus)
+        .await;
+
+    // A Link from a credential Secret: the link is back, and goes with the resource.
+    let text = |k: &str| stored[k].as_str().expect(k).to_owned();
+    east_api.put_secret(
+        "team-b",
+        "west-credential",
+        &[
+            ("ca.crt", &text("ca")),
+            ("tls.crt", &text("cert")),
+            ("tls.key", &key),
+        ],
+    );
+    east_api.apply(
+        "links",
+        "team-b",
+        "to-west",
+        json!({"url": text("url"), "peerSite": "west", "tlsCredentials": "west-credential"}),
+    );
+    east_api
+        .wait_ready("links", "team-b", "to-west", is("True", "Applied"))
+        .await;
+    east.wait_for(|l| link_up(l, "team-b-to-west"), Request::LinkStatus)
+        .await;
+    east_api.delete("links", "team-b", "to-west");
+    east.wait_for(|l| find(l, "team-b-to-west").is_none(), Request::LinkStatus)
+        .await;
+    // West's operator revokes east's credentials, so that east's name may be redeemed for
+    // again (a site's name is its identity: the issuer refuses it while its credential holds).
+    west.call(Request::LinkRevoke {
+        site: "east".into(),
+    })
+    .await
+    .expect("revoke");
+
+    // A used token, applied again, is refused by its issuer, once, and not tried again.
+    east_api.apply("accesstokens", "team-b", "again", manifest["spec"].clone());
+    let used = east_api
+        .wait_ready("accesstokens", "team-b", "again", is("False", "Refused"))
+        .await;
+    assert!(
+        used["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already been redeemed")),
+        "{used}"
+    );
+    // Another pass (a new resource) leaves it as it was.
+    east_api.apply(
+        "connectors",
+        "team-b",
+        "probe",
+        json!({"host": "127.0.0.1", "port": 1}),
+    );
+    east_api
+        .wait_ready("connectors", "team-b", "probe", is("True", "Applied"))
+        .await;
+    assert_eq!(east_api.patches("accesstokens", "team-b", "again"), 1);
+
+    // A deleted AccessGrant is withdrawn with its Secret: its token no longer works.
+    let spare = west_api
+        .wait_object("secrets", "team-a", "skiff-token-spare", |s| s.is_some())
+        .await
+        .expect("the spare token");
+    let spare: Value = serde_yaml_ng::from_str(&secret_data(&spare, "token.yaml")).expect("YAML");
+    west_api.delete("accessgrants", "team-a", "spare");
+    west_api
+        .wait_object("secrets", "team-a", "skiff-token-spare", |s| s.is_none())
+        .await;
+    east_api.apply("accesstokens", "team-b", "spare", spare["spec"].clone());
+    let withdrawn = east_api
+        .wait_ready("accesstokens", "team-b", "spare", is("False", "Refused"))
+        .await;
+    assert!(
+        withdrawn["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown to the issuing site")),
+        "{withdrawn}"
+    );
+
+    west_controller.abort();
+    east_controller.abort();
+}

@@ -78,6 +78,8 @@ pub enum Error {
         #[source]
         source: pki::Error,
     },
+    #[error("no grant {0}")]
+    NoGrant(String),
     #[error("no link named {0}")]
     NotFound(String),
 }
@@ -363,6 +365,20 @@ impl Links {
             code,
             site: self.site.clone(),
             ca: self.certs.ca().cert_pem.clone(),
+        })
+    }
+
+    /// Withdraws grant `id`: tokens from it are refused from now on.
+    ///
+    /// # Errors
+    /// When there is no such grant, or the change cannot be stored.
+    pub async fn delete_grant(&self, id: &str) -> Result<(), Error> {
+        if !self.table().grants.remove(id) {
+            return Err(Error::NoGrant(id.to_owned()));
+        }
+        self.save_grants().await.map_err(|source| Error::Store {
+            what: "the grants".into(),
+            source,
         })
     }
 

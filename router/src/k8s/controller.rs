@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use super::{
+    access::{self, Access},
     pods::{self, AdminSink, PodCgroups},
     reconcile::{Reconciler, Snapshot, router_name},
     secrets::Secrets,
@@ -67,7 +68,13 @@ enum Kind {
     SitePolicy,
     Listener,
     Connector,
+    AccessGrant,
+    AccessToken,
+    Link,
 }
+
+/// How many kinds are watched: a pass waits until each has been listed once.
+const KINDS: usize = 7;
 
 /// A change in one of the watched kinds; `listed` once its first list is complete.
 struct Signal {
@@ -108,17 +115,20 @@ where
         .boxed()
 }
 
-/// The stores of the four kinds.
+/// The stores of the watched kinds.
 struct Stores {
     sites: Store<kinds::Site>,
     policies: Store<kinds::SitePolicy>,
     listeners: Store<kinds::Listener>,
     connectors: Store<kinds::Connector>,
+    grants: Store<kinds::AccessGrant>,
+    tokens: Store<kinds::AccessToken>,
+    links: Store<kinds::Link>,
 }
 
 impl Stores {
-    /// What the served namespaces hold now.
-    fn snapshot(&self, served: &dyn Fn(&str) -> bool) -> Snapshot {
+    /// What the served namespaces hold now: the services and the site, and what links it.
+    fn snapshot(&self, served: &dyn Fn(&str) -> bool) -> (Snapshot, access::Wanted) {
         fn pick<K: Resource<DynamicType = ()> + Clone>(
             store: &Store<K>,
             served: &dyn Fn(&str) -> bool,
@@ -131,37 +141,54 @@ impl Stores {
                 .filter(|k| k.meta().deletion_timestamp.is_none())
                 .collect()
         }
-        Snapshot {
-            sites: pick(&self.sites, served),
-            policies: pick(&self.policies, served),
-            listeners: pick(&self.listeners, served),
-            connectors: pick(&self.connectors, served),
-        }
+        (
+            Snapshot {
+                sites: pick(&self.sites, served),
+                policies: pick(&self.policies, served),
+                listeners: pick(&self.listeners, served),
+                connectors: pick(&self.connectors, served),
+            },
+            access::Wanted {
+                grants: pick(&self.grants, served),
+                tokens: pick(&self.tokens, served),
+                links: pick(&self.links, served),
+            },
+        )
     }
 }
 
 /// Runs the controller until the watches end (they do not, short of the process ending).
 ///
 /// # Errors
-/// When the controller's record in the state directory cannot be read.
+/// When the controller's records in the state directory cannot be read.
 pub async fn run(client: Client, options: Options) -> Result<(), Error> {
     let mut reconciler = Reconciler::new(options.state.clone(), options.node.clone())?;
     let mut secrets = Secrets::new(client.clone(), options.state.clone());
+    let mut access = Access::new(client.clone(), options.state.clone())?;
     let (sites, sites_w) = reflector::store();
     let (policies, policies_w) = reflector::store();
     let (listeners, listeners_w) = reflector::store();
     let (connectors, connectors_w) = reflector::store();
+    let (grants, grants_w) = reflector::store();
+    let (tokens, tokens_w) = reflector::store();
+    let (links, links_w) = reflector::store();
     let stores = Stores {
         sites,
         policies,
         listeners,
         connectors,
+        grants,
+        tokens,
+        links,
     };
     let mut signals = futures::stream::select_all([
         reflect(&client, Kind::Site, sites_w),
         reflect(&client, Kind::SitePolicy, policies_w),
         reflect(&client, Kind::Listener, listeners_w),
         reflect(&client, Kind::Connector, connectors_w),
+        reflect(&client, Kind::AccessGrant, grants_w),
+        reflect(&client, Kind::AccessToken, tokens_w),
+        reflect(&client, Kind::Link, links_w),
     ]);
 
     let pods = tokio::spawn(follow_pods(client.clone(), options.clone()));
@@ -175,12 +202,16 @@ pub async fn run(client: Client, options: Options) -> Result<(), Error> {
     let mut router_down = false;
     loop {
         // A router that did not answer (starting with a site just created, or restarting) is
-        // tried again soon rather than at the next resync.
+        // tried again soon rather than at the next resync, and so is a redemption that did
+        // not reach its issuer.
+        let wait = [router_down.then_some(ROUTER_RETRY), access.next_retry()]
+            .into_iter()
+            .flatten()
+            .min();
         let retry = async {
-            if router_down {
-                tokio::time::sleep(ROUTER_RETRY).await;
-            } else {
-                std::future::pending::<()>().await;
+            match wait {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending::<()>().await,
             }
         };
         tokio::select! {
@@ -201,10 +232,11 @@ pub async fn run(client: Client, options: Options) -> Result<(), Error> {
         }
         // Until every kind is listed, an absent resource may just not be listed yet: acting
         // would delete it from the router.
-        if listed.len() < 4 {
+        if listed.len() < KINDS {
             continue;
         }
-        let outcome = reconciler.reconcile(stores.snapshot(&served)).await;
+        let (snapshot, linking) = stores.snapshot(&served);
+        let outcome = reconciler.reconcile(snapshot).await;
         router_down = outcome.router_down;
         if !outcome.router_down
             && let Ok(site) = options.state.config()
@@ -246,6 +278,29 @@ pub async fn run(client: Client, options: Options) -> Result<(), Error> {
                 .await;
         }
         for (object, verdict) in &outcome.connectors {
+            present.insert(object.uid());
+            written
+                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
+                .await;
+        }
+        let linked = if outcome.router_down {
+            access::Outcome::default()
+        } else {
+            access.sync(&linking).await
+        };
+        for (object, verdict) in &linked.grants {
+            present.insert(object.uid());
+            written
+                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
+                .await;
+        }
+        for (object, verdict) in &linked.tokens {
+            present.insert(object.uid());
+            written
+                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
+                .await;
+        }
+        for (object, verdict) in &linked.links {
             present.insert(object.uid());
             written
                 .write(&client, object.as_ref(), object.status.as_ref(), verdict)

@@ -30,6 +30,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A link that stayed up this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
+/// How a redemption the issuer answered with a refusal begins, as the error reads: the token
+/// will not work again, unlike one whose issuer could not be reached.
+pub const REFUSED: &str = "the issuing site refused the token";
+
 /// Failure to redeem a token or dial a link.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,7 +61,7 @@ pub enum Error {
     },
     #[error("invalid address {0:?}: expected HOST:PORT")]
     Address(String),
-    #[error("the issuing site refused the token: {0}")]
+    #[error("{REFUSED}: {0}")]
     Refused(String),
     #[error("the issuing site answered something that is not a redemption response")]
     BadResponse,

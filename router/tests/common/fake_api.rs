@@ -62,6 +62,9 @@ fn kind(plural: &str) -> &'static str {
         "sitepolicies" => "SitePolicy",
         "listeners" => "Listener",
         "connectors" => "Connector",
+        "links" => "Link",
+        "accessgrants" => "AccessGrant",
+        "accesstokens" => "AccessToken",
         "pods" => "Pod",
         _ => "Unknown",
     }
@@ -312,6 +315,26 @@ impl FakeApi {
         state.writes += 1;
         drop(state);
         self.changed.notify_waiters();
+    }
+
+    /// Puts a Secret with `data` (each value base64-encoded here), as `kubectl create secret`.
+    pub fn put_secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        use base64::Engine as _;
+        let data: serde_json::Map<String, Value> = data
+            .iter()
+            .map(|(k, v)| {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(v);
+                ((*k).to_owned(), json!(encoded))
+            })
+            .collect();
+        let uid = format!("secret-{ns}-{name}");
+        self.store(
+            "secrets",
+            ns,
+            name,
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                   "metadata": {"name": name, "namespace": ns, "uid": uid}, "data": data}),
+        );
     }
 
     /// How many objects were written whole (created or replaced) so far.
