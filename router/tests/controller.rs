@@ -301,8 +301,9 @@ fn owner_uids(object: &Value) -> Vec<String> {
         .collect()
 }
 
-/// A TLS connector's backend finds its bundle in `skiff-tls-NAME` and the frontends of a TLS
-/// listener the service CA in `skiff-service-client`; they are written once, issued again
+/// A TLS connector's backend finds its bundle in `skiff-tls-NAME`, the frontends of a TLS
+/// listener the service CA in `skiff-service-client`, and those of a listener that requires
+/// client certificates their bundle in `skiff-client-NAME`; they are written once, issued again
 /// when what they were issued for changes, and go when nothing needs them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_bundles_live_in_secrets_and_go_with_their_resources() {
@@ -319,6 +320,12 @@ async fn tls_bundles_live_in_secrets_and_go_with_their_resources() {
         "team-b",
         "front",
         json!({"port": 0, "host": "127.0.0.1", "tls": {}}),
+    );
+    api.apply(
+        "listeners",
+        "team-b",
+        "vault",
+        json!({"port": 0, "host": "127.0.0.1", "tls": {"requireClientCert": true}}),
     );
     let options = Options {
         node: "gw-1".into(),
@@ -376,10 +383,29 @@ async fn tls_bundles_live_in_secrets_and_go_with_their_resources() {
         secret_data(&client, "ca.crt"),
         from_router["ca"].as_str().expect("ca")
     );
-    let listener = api.get("listeners", "team-b", "front").expect("listener");
+    let front = api.get("listeners", "team-b", "front").expect("listener");
+    let vault = api.get("listeners", "team-b", "vault").expect("listener");
+    let uid = |l: &Value| l["metadata"]["uid"].as_str().expect("uid").to_owned();
+    let mut owners = owner_uids(&client);
+    owners.sort();
+    assert_eq!(owners, [uid(&front), uid(&vault)]);
+
+    // The listener that requires client certificates: a client bundle for its frontends,
+    // issued for that listener by the service CA.
+    let frontend = api
+        .wait_object("secrets", "team-b", "skiff-client-vault", |s| s.is_some())
+        .await
+        .expect("the frontends' client Secret");
+    assert_eq!(frontend["type"], "kubernetes.io/tls");
+    assert_eq!(owner_uids(&frontend), [uid(&vault)]);
+    let cert = router::pki::certs_from_pem(&secret_data(&frontend, "tls.crt")).expect("PEM");
+    assert!(router::tls::identity::names(
+        &cert[0],
+        &router::tls::identity::listener_uri("west", "team-b-vault")
+    ));
     assert_eq!(
-        owner_uids(&client),
-        [listener["metadata"]["uid"].as_str().expect("uid")]
+        secret_data(&frontend, "ca.crt"),
+        from_router["ca"].as_str().expect("ca")
     );
 
     // Another pass (a new resource) writes nothing again.
@@ -422,6 +448,9 @@ async fn tls_bundles_live_in_secrets_and_go_with_their_resources() {
         json!({"host": "db2.team-a.svc", "port": 5432}),
     );
     api.wait_object("secrets", "team-a", "skiff-tls-db", |s| s.is_none())
+        .await;
+    api.delete("listeners", "team-b", "vault");
+    api.wait_object("secrets", "team-b", "skiff-client-vault", |s| s.is_none())
         .await;
     api.delete("listeners", "team-b", "front");
     api.wait_object("secrets", "team-b", "skiff-service-client", |s| s.is_none())

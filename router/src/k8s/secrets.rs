@@ -1,7 +1,8 @@
 //! Service TLS bundles as Secrets, as Skupper keeps them: a TLS connector's backend bundle in
 //! `skiff-tls-<name>` (`tls.crt`, `tls.key`, `ca.crt`) for the backend to mount, and the
 //! service CA in `skiff-service-client` (`ca.crt`) for the frontends of the namespace's TLS
-//! listeners to trust.
+//! listeners to trust, and for a listener that requires client certificates, its frontends'
+//! bundle in `skiff-client-<name>` (`tls.crt`, `tls.key`, `ca.crt`).
 //!
 //! The bundles come from the router (`ServiceBundle`, as `--bundle-out` gets them) and are
 //! written again when what they were issued for changes (the connector's host or server
@@ -128,6 +129,26 @@ impl Secrets {
                     with_key: true,
                     issued_for,
                     owners: vec![owner(*connector)],
+                },
+            );
+        }
+        // A listener that requires client certificates: one for its frontends.
+        for listener in listeners
+            .iter()
+            .filter(|l| l.spec.tls.as_ref().is_some_and(|t| t.require_client_cert))
+        {
+            let namespace = listener.namespace().unwrap_or_default();
+            let name = format!("skiff-client-{}", listener.name_any());
+            let router_name = format!("{namespace}-{}", listener.name_any());
+            wanted.insert(
+                (namespace.clone(), name.clone()),
+                Wanted {
+                    namespace,
+                    name,
+                    issued_for: format!("{site}/{router_name} client"),
+                    bundle: (BundleKind::Client, router_name),
+                    with_key: true,
+                    owners: vec![owner(*listener)],
                 },
             );
         }
