@@ -178,8 +178,32 @@ impl DataPath {
     pub async fn connect<E>(
         &self,
         addr: &str,
-        mut check: impl FnMut(SocketAddr) -> Result<(), E>,
+        check: impl FnMut(SocketAddr) -> Result<(), E>,
     ) -> Result<Conn, ConnectError<E>> {
+        self.connect_tcp(addr, check, true).await.map(Conn::Tcp)
+    }
+
+    /// Connects a link connection to `addr` (`host:port`), as [`Self::connect`] does, but
+    /// never registered with acceleration: a link leaves the node, and its bytes are the
+    /// records the router seals.
+    ///
+    /// # Errors
+    /// When the name does not resolve, or no address accepts (the last error).
+    pub async fn dial(&self, addr: &str) -> io::Result<tokio::net::TcpStream> {
+        self.connect_tcp(addr, |_| Ok::<(), std::convert::Infallible>(()), false)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Failed(e) => e,
+                ConnectError::Refused(never) => match never {},
+            })
+    }
+
+    async fn connect_tcp<E>(
+        &self,
+        addr: &str,
+        mut check: impl FnMut(SocketAddr) -> Result<(), E>,
+        accelerate: bool,
+    ) -> Result<tokio::net::TcpStream, ConnectError<E>> {
         let mut last = None;
         let mut refused = None;
         let resolved = tokio::net::lookup_host(addr)
@@ -202,13 +226,17 @@ impl DataPath {
                     continue;
                 }
             };
-            let registered = self.own_sockets.as_ref().and_then(|o| o.register(&socket));
+            let registered = self
+                .own_sockets
+                .as_ref()
+                .filter(|_| accelerate)
+                .and_then(|o| o.register(&socket));
             let connected = socket.connect(resolved).await;
             drop(registered);
             match connected {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(Conn::Tcp(stream));
+                    return Ok(stream);
                 }
                 Err(e) => last = Some(e),
             }

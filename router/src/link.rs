@@ -133,6 +133,14 @@ pub trait Events: Send + Sync + 'static {
     fn carrier(&self) -> Option<Arc<dyn Carrier>> {
         None
     }
+    /// Connects a link connection to `url` (`HOST:PORT`): the router's data path makes the
+    /// socket; without one, tokio does.
+    fn dial<'a>(
+        &'a self,
+        url: &'a str,
+    ) -> futures::future::BoxFuture<'a, std::io::Result<tokio::net::TcpStream>> {
+        Box::pin(tokio::net::TcpStream::connect(url))
+    }
 }
 
 /// Moves a link connection's bytes on a thread of its own once the link is up: receives,

@@ -889,6 +889,13 @@ impl Events for Links {
     fn carrier(&self) -> Option<Arc<dyn link::Carrier>> {
         self.forwarding.datapath().carrier()
     }
+
+    fn dial<'a>(
+        &'a self,
+        url: &'a str,
+    ) -> futures::future::BoxFuture<'a, std::io::Result<tokio::net::TcpStream>> {
+        Box::pin(self.forwarding.datapath().dial(url))
+    }
 }
 
 impl Access for Links {

@@ -107,11 +107,21 @@ fn default_connections() -> u32 {
     1
 }
 
+/// Connects to `url` for a token redemption (tokio makes the socket: it carries one request
+/// and its answer, on the control plane).
 async fn connect_tcp(url: &str) -> Result<(ServerName<'static>, TcpStream), Error> {
+    connect_with(url, TcpStream::connect(url)).await
+}
+
+/// Waits for `connecting`, a connection to `url`, and tunes it for a link.
+async fn connect_with(
+    url: &str,
+    connecting: impl Future<Output = std::io::Result<TcpStream>>,
+) -> Result<(ServerName<'static>, TcpStream), Error> {
     let host = site::host_of(url).ok_or_else(|| Error::Address(url.to_owned()))?;
     let server_name =
         ServerName::try_from(host.to_owned()).map_err(|_| Error::Address(url.to_owned()))?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(url))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| Error::Timeout(url.to_owned()))?
         .map_err(|source| Error::Connect {
@@ -200,7 +210,7 @@ async fn dial_once(
     handshakes: &Handshakes,
 ) -> Result<(), Error> {
     let handshake = async {
-        let (tcp, session) = connect_link(&config.url, client).await?;
+        let (tcp, session) = connect_link(&config.url, client, events.as_ref()).await?;
         let certified = session
             .peer_certificates
             .first()
@@ -240,13 +250,14 @@ async fn dial_once(
     Ok(())
 }
 
-/// Connects to `url` and runs a link's TLS handshake, after which skiff seals and opens the
-/// records itself.
+/// Connects to `url` through the router's data path and runs a link's TLS handshake, after
+/// which skiff seals and opens the records itself.
 async fn connect_link(
     url: &str,
     config: Arc<rustls::ClientConfig>,
+    events: &dyn Events,
 ) -> Result<(TcpStream, Session), Error> {
-    let (server_name, mut tcp) = connect_tcp(url).await?;
+    let (server_name, mut tcp) = connect_with(url, events.dial(url)).await?;
     let session = tokio::time::timeout(
         CONNECT_TIMEOUT,
         session::connect(&mut tcp, config, server_name),
