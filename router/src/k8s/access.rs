@@ -214,6 +214,9 @@ impl Access {
     /// Makes the router's grants and links what `wanted` declares, with the router running.
     pub async fn sync(&mut self, wanted: &Wanted) -> Outcome {
         let before = self.record.clone();
+        // Deletes first: a resource deleted and made again under its name (a new uid) wants
+        // the link name the old one held.
+        self.delete_unwanted(wanted).await;
         let links_now: BTreeSet<String> = match self.call(&Request::LinkStatus).await {
             Ok(rows) => rows
                 .as_array()
@@ -232,7 +235,6 @@ impl Access {
             tokens: self.tokens(&wanted.tokens, &links_now).await,
             links: self.links(&wanted.links, &links_now).await,
         };
-        self.delete_unwanted(wanted).await;
         if self.record != before
             && let Err(e) = self.state.write_json(RECORD, &self.record)
         {
