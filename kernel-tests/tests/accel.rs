@@ -437,7 +437,8 @@ fn transfer_during(
         // file and starting socat took over 6 s under CI's load, and acting before the
         // connect (deleting the listener) made the client's connect fail instead.
         let filter = format!("( dport = :{listener_port} )");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let within = kernel_tests::patience(Duration::from_secs(60));
+        let deadline = Instant::now() + within;
         loop {
             let established = ns.run(&["ss", "-Htn", "state", "established", &filter])?;
             if !established.trim().is_empty() || done.load(std::sync::atomic::Ordering::SeqCst) {
@@ -445,7 +446,8 @@ fn transfer_during(
             }
             if Instant::now() > deadline {
                 anyhow::bail!(
-                    "the transfer's connection to :{listener_port} was not established within 60 s"
+                    "the transfer's connection to :{listener_port} was not established within {} s",
+                    within.as_secs()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -479,8 +481,13 @@ fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_map
         return Ok(());
     }
     // A gigabyte may take longer than the default 10 s drain on a loaded 2-core machine (CI
-    // saw the client reset when the drain ran out): the stop below must wait for it.
-    let mut f = fixture_with("acc7", 7342, &["--drain-timeout", "120s"])?;
+    // saw the client reset when the drain ran out), and far longer on a guest's emulated
+    // CPUs: the stop below must wait for it.
+    let drain = format!(
+        "{}s",
+        kernel_tests::patience(Duration::from_secs(120)).as_secs()
+    );
+    let mut f = fixture_with("acc7", 7342, &["--drain-timeout", &drain])?;
     let baseline = f.accel()?["sockets"].as_u64().unwrap_or(0);
     let data = pattern(1 << 30, 3);
     let ports = (f.port, f.backend());
