@@ -83,6 +83,10 @@ fn oldest_first<K: Resource>(items: &mut [Arc<K>]) {
     });
 }
 
+fn running_verdict(node: &str) -> Verdict {
+    Verdict::ready("Running", format!("its router runs on node {node}"))
+}
+
 fn key<K: Resource>(k: &K) -> String {
     format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any())
 }
@@ -139,6 +143,13 @@ impl Reconciler {
         let running = self.call(&Request::Status).await.is_ok();
         outcome.router_down = !running;
         if running {
+            // The router came up between the site's check and this one: the site's verdict
+            // follows the later answer, or it would stay RouterDown until the next resync.
+            for (_, verdict) in &mut outcome.sites {
+                if verdict.reason == "RouterDown" {
+                    *verdict = running_verdict(&self.node);
+                }
+            }
             outcome.policies = self.policy(&snapshot.policies).await;
             (outcome.listeners, outcome.connectors) = self
                 .services(&snapshot.listeners, &snapshot.connectors)
@@ -212,9 +223,7 @@ impl Reconciler {
                 )
             }
             Ok(Ok(site::Applied::Unchanged)) => match self.call(&Request::Status).await {
-                Ok(_) => {
-                    Verdict::ready("Running", format!("its router runs on node {}", self.node))
-                }
+                Ok(_) => running_verdict(&self.node),
                 Err(e) => Verdict::not_ready("RouterDown", error_chain(&e)),
             },
             Ok(Err(e @ site::Error::Differs { .. })) => {
