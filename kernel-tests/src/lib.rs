@@ -50,6 +50,32 @@ pub fn patience(timeout: Duration) -> Duration {
     timeout * scale
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as the router does at
+/// start (`router::open_files`): the test tools that hold thousands of connections (loadgen's
+/// clients and servers) start with the 1024 a service gets from systemd in the VM guests.
+///
+/// # Errors
+/// When the limit cannot be read or set.
+pub fn raise_open_files() -> std::io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit; setrlimit reads one, and raising the soft limit up
+    // to the hard one needs no privilege.
+    let ok = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) == 0
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Whether the kernel is locked down for confidentiality, which refuses BPF programs' reads
 /// of kernel memory (skiff's acceleration cannot work then).
 #[must_use]

@@ -550,9 +550,16 @@ fn a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_map
         &small,
     )?;
     assert!(got == small, "transfer after the restart corrupted");
+    // Every byte redirected on both legs, unless the router fell behind and its client was
+    // diverted to TCP for the rest (in the 6.1 guest, whose emulated CPUs the router runs on
+    // at a tenth of the host's speed, 4 MiB passes its queue limit).
+    let accel = f.accel()?;
+    let diverted = accel["sendersDiverted"].as_u64().unwrap_or(0)
+        + accel["sendersUnderPressure"].as_u64().unwrap_or(0);
+    let legs = leg_bytes(&accel);
     assert!(
-        leg_bytes(&f.accel()?) >= 2 * small.len() as u64,
-        "the restarted router redirects again"
+        legs >= 2 * small.len() as u64 || (legs > 0 && diverted > 0),
+        "the restarted router redirects again: {accel}"
     );
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod link;
 pub mod log_limit;
 pub mod metrics;
 pub mod node;
+pub mod open_files;
 pub mod pki;
 pub mod policy;
 pub mod privilege;

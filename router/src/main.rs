@@ -137,6 +137,16 @@ fn before_threads(cli: &Cli) -> anyhow::Result<Started> {
             ),
             _ => return Ok(Started::Nothing),
         };
+    match router::open_files::raise() {
+        Ok((soft, hard)) if soft < router::open_files::LOW => tracing::warn!(
+            open_files = soft,
+            hard_limit = hard,
+            "the router may hold only {soft} open files, about {} connections: raise its hard limit (LimitNOFILE=, ulimit -Hn)",
+            soft / 2
+        ),
+        Ok((soft, _)) => tracing::info!(open_files = soft, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "failed to raise the limit on open files"),
+    }
     let state = StateDir::new(&cli.state_dir);
     let user = user.as_deref().map(privilege::User::lookup).transpose()?;
     if let Some(user) = &user {

@@ -35,18 +35,7 @@ const ACCEL_FALLBACK_TEST: &str = "auto_acceleration_attaches_or_says_why_not";
 /// `6.12-lockdown`, or `*` for every guest), each with what was seen. `--ci` skips them,
 /// printed and counted as skipped; `vm-test` without `--ci` runs them. Each is an open
 /// finding in docs/vm-matrix-notes.md: remove it here when it is fixed.
-const KNOWN_FAILURES: &[(&str, &str, &str)] = &[
-    (
-        "*",
-        "sockhash_returns_to_baseline_after_ten_thousand_connections",
-        "socketsInserted 36-37 thousand, not 40,000, in the guests",
-    ),
-    (
-        "*",
-        "a_gigabyte_survives_its_listener_being_deleted_and_a_restart_leaves_clean_maps",
-        "writing the 1 GiB input and starting socat outlast the test's 60 s under TCG (passed on 6.1 once the drain waited for it)",
-    ),
-];
+const KNOWN_FAILURES: &[(&str, &str, &str)] = &[];
 
 /// Test binaries that touch no kernel surface the releases differ in, and that a guest could
 /// only run far slower: the whole matrix leaves them to the host (named, they still run).

@@ -46,6 +46,8 @@ use anyhow::{Context as _, bail, ensure};
 use kernel_tests::Checksum;
 
 fn main() -> anyhow::Result<()> {
+    // Thousands of connections at once, as the router holds them: the same limit it takes.
+    kernel_tests::raise_open_files().context("failed to raise the limit on open files")?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args
         .iter()
@@ -108,7 +110,15 @@ fn main() -> anyhow::Result<()> {
 fn sink(addr: &str) -> anyhow::Result<()> {
     let listener = listen(addr).with_context(|| format!("failed to bind {addr}"))?;
     for conn in listener.incoming() {
-        let mut conn = conn?;
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            // Out of descriptors, say: the connection waits in the queue until some close.
+            Err(e) => {
+                eprintln!("loadgen sink: accept failed: {e}");
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
         thread::spawn(move || {
             if let Ok(sum) = checksum_to_eof(&mut conn) {
                 let _ = conn.write_all(&sum);

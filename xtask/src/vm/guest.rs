@@ -312,6 +312,10 @@ fn run_script(plan: &Plan<'_>) -> String {
          echo \"skiff-vm: kernel $(uname -r), lockdown: \
          $(cat /sys/kernel/security/lockdown 2>/dev/null || echo 'not built in')\"\n",
     );
+    // Open files as systemd limits a service (DefaultLimitNOFILE=1024:524288), not as the
+    // kernel limits init (1024:4096): the router raises its soft limit to the hard one, and a
+    // gateway's hard limit is systemd's or the container runtime's.
+    s.push_str("ulimit -Hn 524288 && ulimit -Sn 1024\n");
     s.push_str("export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
     s.push_str("export HOME=/tmp\n");
     for (i, dir) in plan.hidden.iter().enumerate() {
