@@ -20,9 +20,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    ByteString,
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Resource, ResourceExt as _,
@@ -32,7 +30,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
-use super::{reconcile::router_name, status::Verdict};
+use super::{
+    reconcile::router_name,
+    secrets::{MANAGED_BY, managed, owner},
+    status::Verdict,
+};
 use crate::{
     admin::{self, Request},
     link::dial,
@@ -42,8 +44,6 @@ use crate::{
     token::{self, Token},
 };
 
-/// Marks the Secrets the controller writes.
-const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "skiff");
 /// The key of a token Secret that holds the AccessToken manifest.
 pub const TOKEN_KEY: &str = "token.yaml";
 /// The record of what came of each resource, in the state directory.
@@ -153,16 +153,6 @@ impl std::fmt::Debug for Access {
         f.debug_struct("Access")
             .field("record", &self.record)
             .finish_non_exhaustive()
-    }
-}
-
-fn owner<K: Resource<DynamicType = ()>>(object: &K) -> OwnerReference {
-    OwnerReference {
-        api_version: K::api_version(&()).into_owned(),
-        kind: K::kind(&()).into_owned(),
-        name: object.name_any(),
-        uid: object.uid().unwrap_or_default(),
-        ..OwnerReference::default()
     }
 }
 
@@ -640,15 +630,6 @@ impl Access {
             }
         }
     }
-}
-
-fn managed(secret: &Secret) -> bool {
-    secret
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(MANAGED_BY.0))
-        .is_some_and(|v| v == MANAGED_BY.1)
 }
 
 fn grant_verdict(issued: &Issued, secret: &str) -> Verdict {

@@ -259,53 +259,41 @@ pub async fn run(client: Client, options: Options) -> Result<(), Error> {
             secrets.sync(&site.name, &connectors, &listeners).await;
         }
         let mut present = std::collections::HashSet::new();
-        for (object, verdict) in &outcome.sites {
-            present.insert(object.uid());
-            written
-                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
-                .await;
-        }
-        for (object, verdict) in &outcome.policies {
-            present.insert(object.uid());
-            written
-                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
-                .await;
-        }
-        for (object, verdict) in &outcome.listeners {
-            present.insert(object.uid());
-            written
-                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
-                .await;
-        }
-        for (object, verdict) in &outcome.connectors {
-            present.insert(object.uid());
-            written
-                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
-                .await;
-        }
+        let w = &mut written;
+        w.write_all(&client, &outcome.sites, |o| o.status.as_ref(), &mut present)
+            .await;
+        w.write_all(
+            &client,
+            &outcome.policies,
+            |o| o.status.as_ref(),
+            &mut present,
+        )
+        .await;
+        w.write_all(
+            &client,
+            &outcome.listeners,
+            |o| o.status.as_ref(),
+            &mut present,
+        )
+        .await;
+        w.write_all(
+            &client,
+            &outcome.connectors,
+            |o| o.status.as_ref(),
+            &mut present,
+        )
+        .await;
         let linked = if outcome.router_down {
             access::Outcome::default()
         } else {
             access.sync(&linking).await
         };
-        for (object, verdict) in &linked.grants {
-            present.insert(object.uid());
-            written
-                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
-                .await;
-        }
-        for (object, verdict) in &linked.tokens {
-            present.insert(object.uid());
-            written
-                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
-                .await;
-        }
-        for (object, verdict) in &linked.links {
-            present.insert(object.uid());
-            written
-                .write(&client, object.as_ref(), object.status.as_ref(), verdict)
-                .await;
-        }
+        w.write_all(&client, &linked.grants, |o| o.status.as_ref(), &mut present)
+            .await;
+        w.write_all(&client, &linked.tokens, |o| o.status.as_ref(), &mut present)
+            .await;
+        w.write_all(&client, &linked.links, |o| o.status.as_ref(), &mut present)
+            .await;
         written
             .0
             .retain(|uid, _| present.contains(&Some(uid.clone())));
@@ -321,6 +309,27 @@ pub async fn run(client: Client, options: Options) -> Result<(), Error> {
 struct Written(std::collections::HashMap<String, Condition>);
 
 impl Written {
+    /// Writes each verdict of a pass on its object ([`Self::write`]); notes the objects' uids
+    /// in `present`.
+    async fn write_all<K>(
+        &mut self,
+        client: &Client,
+        verdicts: &[(Arc<K>, status::Verdict)],
+        status: impl Fn(&K) -> Option<&Status>,
+        present: &mut std::collections::HashSet<Option<String>>,
+    ) where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        for (object, verdict) in verdicts {
+            present.insert(object.uid());
+            self.write(client, object.as_ref(), status(object), verdict)
+                .await;
+        }
+    }
+
     /// Writes `verdict` on `object` unless its status, or the last write, says so already.
     async fn write<K>(
         &mut self,

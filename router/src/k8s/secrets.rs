@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// Marks the Secrets the controller writes.
-const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "skiff");
+pub(super) const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "skiff");
 /// What a Secret's bundle was issued for; a change means a new bundle.
 const ISSUED_FOR: &str = "skiff.io/issued-for";
 /// The record of Secrets made, in the state directory.
@@ -55,7 +55,8 @@ struct Wanted {
     owners: Vec<OwnerReference>,
 }
 
-fn owner<K: Resource<DynamicType = ()>>(object: &K) -> OwnerReference {
+/// `object` as the owner of a Secret: the garbage collector deletes the Secret with it.
+pub(super) fn owner<K: Resource<DynamicType = ()>>(object: &K) -> OwnerReference {
     OwnerReference {
         api_version: K::api_version(&()).into_owned(),
         kind: K::kind(&()).into_owned(),
@@ -214,8 +215,7 @@ impl Secrets {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &want.namespace);
         let existing = api.get_opt(&want.name).await.map_err(|e| error_chain(&e))?;
         if let Some(existing) = &existing {
-            let labels = existing.metadata.labels.clone().unwrap_or_default();
-            if labels.get(MANAGED_BY.0).map(String::as_str) != Some(MANAGED_BY.1) {
+            if !managed(existing) {
                 return Err(format!(
                     "Secret {} exists and was not made by skiff: left alone",
                     want.name
@@ -246,6 +246,16 @@ impl Secrets {
         info!(namespace = %want.namespace, secret = %want.name, "service TLS Secret written");
         Ok(())
     }
+}
+
+/// Whether the controller wrote `secret` (it touches no other).
+pub(super) fn managed(secret: &Secret) -> bool {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY.0))
+        .is_some_and(|v| v == MANAGED_BY.1)
 }
 
 /// Whether `existing` holds a bundle for what `want` is, not yet due, with its owners.
