@@ -161,8 +161,12 @@ pub fn memory_pressure(sk: u64) -> bool {
     ) else {
         return false;
     };
+    // The count is a signed `atomic_long_t`, and it goes below zero while the CPUs' forward
+    // allocations hold more than the whole (the kernel reads it as at least 0): read as
+    // unsigned, a count just under zero would be past any mark.
+    let pages = pages as i64;
     // `sysctl_mem` is `long[3]`: the low mark, the pressure threshold, the hard limit.
-    read(limits).is_some_and(|low| pages > low)
+    read(limits).is_some_and(|low| pages > low as i64)
 }
 
 /// The router's network namespace cookie, set by the router when it loads the programs;
