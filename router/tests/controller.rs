@@ -173,6 +173,8 @@ async fn resources_become_router_changes_and_deletes_leave_nothing() {
     assert!(api.patches("connectors", "team-a", "db") <= 1);
     assert!(!running.is_finished(), "the controller keeps running");
     running.abort();
+    // Gone before the sites drop: it writes in their state directories.
+    let _ = running.await;
 }
 
 /// Something the controller did not make keeps its name: a listener made with the CLI is
@@ -231,6 +233,8 @@ async fn what_the_cli_made_is_left_alone() {
         "cli"
     );
     running.abort();
+    // Gone before the sites drop: it writes in their state directories.
+    let _ = running.await;
 }
 
 /// On a new node the controller creates the site from its Site resource, as `skiff apply -f`
@@ -277,6 +281,8 @@ async fn the_site_is_created_from_its_resource_and_the_rest_follows_its_router()
     api.wait_ready("sites", "team-a", "north", is("True", "Running"))
         .await;
     running.abort();
+    // Gone before the sites drop: it writes in their state directories.
+    let _ = running.await;
     site.stop().await;
 }
 
@@ -456,6 +462,8 @@ async fn tls_bundles_live_in_secrets_and_go_with_their_resources() {
     api.wait_object("secrets", "team-b", "skiff-service-client", |s| s.is_none())
         .await;
     running.abort();
+    // Gone before the sites drop: it writes in their state directories.
+    let _ = running.await;
 }
 
 fn controller_options(site: &Site, pods: &kernel_tests::TempDir) -> Options {
@@ -545,6 +553,8 @@ async fn linking_two_clusters_is_kubectl_apply_on_both_sides() {
     // A restarted controller finds the token redeemed and does not spend another redemption
     // (this grant allowed one: a second try would be refused and say so).
     east_controller.abort();
+    // Gone before the sites drop: it writes in their state directories.
+    let _ = (&mut east_controller).await;
     east_controller = tokio::spawn(controller::run(
         east_api.client(),
         controller_options(&east, &pods),
@@ -651,5 +661,11 @@ async fn linking_two_clusters_is_kubectl_apply_on_both_sides() {
     );
 
     west_controller.abort();
+
+    // Gone before the sites drop: it writes in their state directories.
+
+    let _ = west_controller.await;
     east_controller.abort();
+    // Gone before the sites drop: it writes in their state directories.
+    let _ = (&mut east_controller).await;
 }
