@@ -220,11 +220,19 @@ impl Access {
                 BTreeSet::new()
             }
         };
-        let outcome = Outcome {
-            grants: self.grants(&wanted.grants).await,
-            tokens: self.tokens(&wanted.tokens, &links_now).await,
-            links: self.links(&wanted.links, &links_now).await,
-        };
+        let mut outcome = Outcome::default();
+        for object in &wanted.grants {
+            let verdict = self.grant(object).await;
+            outcome.grants.push((object.clone(), verdict));
+        }
+        for object in &wanted.tokens {
+            let verdict = self.token(object, &links_now).await;
+            outcome.tokens.push((object.clone(), verdict));
+        }
+        for object in &wanted.links {
+            let verdict = self.link(object, &links_now).await;
+            outcome.links.push((object.clone(), verdict));
+        }
         if self.record != before
             && let Err(e) = self.state.write_json(RECORD, &self.record)
         {
@@ -233,19 +241,7 @@ impl Access {
         outcome
     }
 
-    /// One grant per AccessGrant, its token in a Secret.
-    async fn grants(
-        &mut self,
-        grants: &[Arc<kinds::AccessGrant>],
-    ) -> Vec<(Arc<kinds::AccessGrant>, Verdict)> {
-        let mut out = Vec::new();
-        for grant in grants {
-            let verdict = self.grant(grant).await;
-            out.push((grant.clone(), verdict));
-        }
-        out
-    }
-
+    /// A grant for one AccessGrant, its token in a Secret.
     async fn grant(&mut self, object: &kinds::AccessGrant) -> Verdict {
         let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
         let uid = object.uid().unwrap_or_default();
@@ -348,20 +344,7 @@ impl Access {
         }
     }
 
-    /// Each AccessToken redeemed once, for the link `NS-NAME`.
-    async fn tokens(
-        &mut self,
-        tokens: &[Arc<kinds::AccessToken>],
-        links_now: &BTreeSet<String>,
-    ) -> Vec<(Arc<kinds::AccessToken>, Verdict)> {
-        let mut out = Vec::new();
-        for object in tokens {
-            let verdict = self.token(object, links_now).await;
-            out.push((object.clone(), verdict));
-        }
-        out
-    }
-
+    /// One AccessToken, redeemed once, for the link `NS-NAME`.
     async fn token(
         &mut self,
         object: &kinds::AccessToken,
@@ -443,20 +426,7 @@ impl Access {
         verdict
     }
 
-    /// Each Link made from its credential Secret; made again when either changes.
-    async fn links(
-        &mut self,
-        links: &[Arc<kinds::Link>],
-        links_now: &BTreeSet<String>,
-    ) -> Vec<(Arc<kinds::Link>, Verdict)> {
-        let mut out = Vec::new();
-        for object in links {
-            let verdict = self.link(object, links_now).await;
-            out.push((object.clone(), verdict));
-        }
-        out
-    }
-
+    /// One Link, made from its credential Secret; made again when either changes.
     async fn link(&mut self, object: &kinds::Link, links_now: &BTreeSet<String>) -> Verdict {
         let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
         let uid = object.uid().unwrap_or_default();
