@@ -14,6 +14,7 @@
 //! A relayed connection that fails says which side failed and why ([`Failure`]); the stream
 //! peer is told with the reset code that side maps to ([`Failure::reset_code`]).
 
+pub mod budget;
 mod conn;
 mod copy;
 mod epoll;
@@ -77,6 +78,8 @@ pub struct DataPath {
     backpressure: Option<Arc<Backpressure>>,
     /// Where connections to backends register with the programs before connect().
     own_sockets: Option<Arc<OwnSockets>>,
+    /// The kernel memory relayed streams' sockets may pin.
+    budget: budget::ReceiveBudget,
 }
 
 /// A listening socket of the data path.
@@ -121,6 +124,7 @@ impl DataPath {
             note,
             backpressure: accel.map(Accel::backpressure),
             own_sockets: accel.map(Accel::own_sockets),
+            budget: budget::ReceiveBudget::default(),
         })
     }
 
@@ -268,6 +272,7 @@ impl DataPath {
     /// directions end. A failure closes the socket with RST and resets the stream with the
     /// code the failing side maps to.
     pub async fn relay(&self, conn: Conn, side: Side, tx: StreamTx, rx: StreamRx) -> Outcome {
+        let _share = self.budget.enter(socket2::SockRef::from(conn.tcp()));
         match (&self.uring, conn, &self.backpressure) {
             // The worker that carries the link serves a plain socket too; redirected sockets
             // need the epoll copy's flow control.
