@@ -2,16 +2,19 @@
 //!
 //! TCP's memory is one pool for the whole machine (`net.ipv4.tcp_mem`). Past its pressure
 //! mark, the kernel lets a socket grow only while it holds less than an even share of the
-//! pool, so the one socket that holds the most, a link connection carrying every stream, is
-//! the one whose segments are dropped, and every stream on it waits out retransmission
-//! timeouts. A thousand relayed sockets, each autotuning its receive buffer, reach that mark
-//! on their own (docs/performance.md, "Many streams at once").
+//! pool: segments of the sockets that hold more are pruned and dropped, and their senders wait
+//! out retransmission timeouts. A thousand relayed sockets, each autotuning its receive buffer
+//! towards `tcp_rmem`'s largest (32 MiB here), go a long way towards that mark on their own
+//! (docs/performance.md, "1,000 streams: who holds TCP's memory").
 //!
-//! So the router gives the sockets of relayed streams a budget: a quarter of what TCP may
-//! use before the kernel starts to economise (`tcp_mem`'s first figure). While the budget
-//! divided among the live streams is more than a stream can use (twice its largest window),
-//! sockets autotune as usual; beyond that, each socket relayed from then on gets its share
-//! as a fixed receive buffer, and never less than [`FLOOR`].
+//! So the sockets of relayed streams share a budget: a quarter of what TCP may use before the
+//! kernel starts to economise (`tcp_mem`'s first figure). A socket relayed gets half of what
+//! is left of the budget as a fixed receive buffer, never more than a stream can use
+//! ([`CEILING`], twice its largest window) and never less than [`FLOOR`], and gives it back
+//! when its stream ends. The first few dozen streams get the ceiling; once the budget is spent,
+//! streams get the floor, so the sockets hold at most the budget plus a floor per stream.
+//! Where `net.core.rmem_max` is too small to set a share (distributions ship 208 KiB), the
+//! socket autotunes instead.
 
 use std::{
     io,
@@ -21,77 +24,90 @@ use std::{
     },
 };
 
-/// What a socket may pin when the budget is spread thin: a few records' worth.
+/// What a socket gets when the budget is spent: two loopback segments' worth.
 pub const FLOOR: usize = 128 * 1024;
-/// A share at least this large leaves the socket autotuning: twice a stream's largest window,
-/// which is all the socket's queue can usefully hold.
-pub const UNCAPPED: usize = 2 * crate::link::stream::MAX_WINDOW as usize;
+/// The most a socket gets: twice a stream's largest window, which is all the socket's queue
+/// can usefully hold.
+pub const CEILING: usize = 2 * crate::link::stream::MAX_WINDOW as usize;
 /// The budget when `tcp_mem` cannot be read.
 const FALLBACK: usize = 128 * 1024 * 1024;
 
-/// The budget and the streams that share it.
+/// The budget and how much of it the live streams hold.
 #[derive(Debug)]
 pub struct ReceiveBudget {
     bytes: usize,
-    live: Arc<AtomicUsize>,
+    /// The largest receive buffer `SO_RCVBUF` can give (twice `net.core.rmem_max`).
+    settable: usize,
+    allotted: Arc<AtomicUsize>,
 }
 
 impl Default for ReceiveBudget {
     fn default() -> Self {
-        Self::new(from_tcp_mem().unwrap_or(FALLBACK))
+        let settable = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|max| max.trim().parse::<usize>().ok())
+            .map_or(0, |max| max.saturating_mul(2));
+        Self::new(from_tcp_mem().unwrap_or(FALLBACK), settable)
     }
 }
 
-/// A relayed stream's place in the budget, given up when dropped.
+/// What a relayed stream holds of the budget, given back when dropped.
 #[derive(Debug)]
-pub struct Share(Arc<AtomicUsize>);
+pub struct Share {
+    bytes: usize,
+    allotted: Arc<AtomicUsize>,
+}
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.allotted.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
 impl ReceiveBudget {
     #[must_use]
-    pub fn new(bytes: usize) -> Self {
+    pub fn new(bytes: usize, settable: usize) -> Self {
         Self {
             bytes,
-            live: Arc::default(),
+            settable,
+            allotted: Arc::default(),
         }
     }
 
-    /// The budget in bytes.
-    #[must_use]
-    pub const fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    /// Counts one more relayed stream, and caps `socket`'s receive buffer at its share when
-    /// the share is below [`UNCAPPED`]. A socket the kernel refuses to cap still relays.
+    /// Allots `socket` its share and sets it as the socket's receive buffer, when it can be
+    /// set. A socket the kernel refuses to cap still relays.
     pub fn enter(&self, socket: socket2::SockRef<'_>) -> Share {
-        let live = self.live.fetch_add(1, Ordering::Relaxed) + 1;
-        if let Some(cap) = cap(self.bytes, live) {
+        let mut bytes = FLOOR;
+        let _ = self
+            .allotted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |allotted| {
+                bytes = share(self.bytes.saturating_sub(allotted));
+                Some(allotted + bytes)
+            });
+        if bytes <= self.settable {
             // The kernel doubles what it is given, for its own bookkeeping: ask for half.
-            if let Err(e) = socket.set_recv_buffer_size(cap / 2) {
+            if let Err(e) = socket.set_recv_buffer_size(bytes / 2) {
                 tracing::debug!(error = %e, "could not cap a relayed socket's receive buffer");
             }
         }
-        Share(Arc::clone(&self.live))
+        Share {
+            bytes,
+            allotted: Arc::clone(&self.allotted),
+        }
     }
 }
 
-/// The receive buffer (as the kernel counts it) for a socket relayed while `live` streams
-/// share `budget` bytes, or `None` to leave it autotuning.
+/// The receive buffer (as the kernel counts it) for a socket relayed while `left` bytes of
+/// the budget are not allotted.
 #[must_use]
-pub const fn cap(budget: usize, live: usize) -> Option<usize> {
-    let share = budget / if live == 0 { 1 } else { live };
-    if share >= UNCAPPED {
-        None
-    } else if share < FLOOR {
-        Some(FLOOR)
+pub const fn share(left: usize) -> usize {
+    let half = left / 2;
+    if half > CEILING {
+        CEILING
+    } else if half < FLOOR {
+        FLOOR
     } else {
-        Some(share)
+        half
     }
 }
 
@@ -115,43 +131,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn few_streams_autotune_and_many_share_the_budget_down_to_the_floor() {
-        let budget = 256 * 1024 * 1024;
-        assert_eq!(cap(budget, 1), None);
-        assert_eq!(cap(budget, 0), None);
-        assert_eq!(cap(budget, budget / UNCAPPED), None);
-        assert_eq!(
-            cap(budget, budget / UNCAPPED + 1),
-            Some(budget / (budget / UNCAPPED + 1))
-        );
-        assert_eq!(cap(budget, 1000), Some(budget / 1000));
-        assert_eq!(cap(budget, 1_000_000), Some(FLOOR));
+    fn a_stream_gets_half_of_what_is_left_between_the_floor_and_the_ceiling() {
+        assert_eq!(share(usize::MAX), CEILING);
+        assert_eq!(share(2 * CEILING), CEILING);
+        assert_eq!(share(3 * FLOOR), 3 * FLOOR / 2);
+        assert_eq!(share(FLOOR), FLOOR);
+        assert_eq!(share(0), FLOOR);
     }
 
     #[test]
-    fn a_socket_relayed_beyond_the_budget_gets_its_share_and_the_share_is_given_back() {
+    fn sockets_hold_the_budget_plus_a_floor_each_and_give_it_back() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let sockets: Vec<std::net::TcpStream> = (0..3)
+        let sockets: Vec<std::net::TcpStream> = (0..4)
             .map(|_| std::net::TcpStream::connect(listener.local_addr().expect("addr")))
             .collect::<Result<_, _>>()
             .expect("connect");
         let recv_buffer =
             |s: &std::net::TcpStream| socket2::SockRef::from(s).recv_buffer_size().expect("get");
-        let autotuned = recv_buffer(&sockets[2]);
-        // Two streams already share a budget of three floors: the third gets one and a half.
-        let budget = ReceiveBudget::new(3 * FLOOR);
-        let first = budget.enter(socket2::SockRef::from(&sockets[0]));
-        let second = budget.enter(socket2::SockRef::from(&sockets[1]));
+        // A budget of six floors: half (three floors), then half the rest, then the floor.
+        let budget = ReceiveBudget::new(6 * FLOOR, 6 * FLOOR);
+        let shares: Vec<Share> = sockets[..3]
+            .iter()
+            .map(|s| budget.enter(socket2::SockRef::from(s)))
+            .collect();
+        let got: Vec<usize> = sockets[..3].iter().map(recv_buffer).collect();
+        assert_eq!(got, [3 * FLOOR, 3 * FLOOR / 2, FLOOR]);
         assert_eq!(
-            recv_buffer(&sockets[0]),
-            3 * FLOOR,
-            "one stream: its whole budget"
+            budget.allotted.load(Ordering::Relaxed),
+            5 * FLOOR + FLOOR / 2
         );
-        assert_eq!(recv_buffer(&sockets[1]), 3 * FLOOR / 2);
-        drop((first, second));
-        assert_eq!(budget.live.load(Ordering::Relaxed), 0);
-        // With the shares given back, a large budget leaves the socket as it was.
-        let _third = ReceiveBudget::new(64 * UNCAPPED).enter(socket2::SockRef::from(&sockets[2]));
-        assert_eq!(recv_buffer(&sockets[2]), autotuned);
+        drop(shares);
+        assert_eq!(budget.allotted.load(Ordering::Relaxed), 0);
+        // With the shares given back, the next stream has half the budget again.
+        let _fourth = budget.enter(socket2::SockRef::from(&sockets[3]));
+        assert_eq!(recv_buffer(&sockets[3]), 3 * FLOOR);
+        // A share larger than rmem_max allows leaves the socket autotuning.
+        let autotuned = ReceiveBudget::new(6 * FLOOR, FLOOR);
+        let before = recv_buffer(&sockets[0]);
+        let _fifth = autotuned.enter(socket2::SockRef::from(&sockets[0]));
+        assert_eq!(recv_buffer(&sockets[0]), before);
     }
 }
