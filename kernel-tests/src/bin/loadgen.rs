@@ -570,6 +570,9 @@ async fn discard(addr: &str) -> anyhow::Result<()> {
 /// `conns` connections sending at once for `seconds`: the aggregate rate the discard server
 /// counted, over the time from the first connect to the last answer (so bytes still queued
 /// when the clock stops are counted with the time they took to arrive).
+/// What each flood sender may queue (`SO_SNDBUF`).
+const SENDER_QUEUE: u32 = 256 * 1024;
+
 async fn flood(addr: &str, conns: usize, seconds: f64) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let addr: std::net::SocketAddr = addr.parse()?;
@@ -580,7 +583,17 @@ async fn flood(addr: &str, conns: usize, seconds: f64) -> anyhow::Result<()> {
         .map(|_| {
             let block = std::sync::Arc::clone(&block);
             tokio::spawn(async move {
-                let mut conn = tokio::net::TcpStream::connect(addr).await?;
+                // A client on its own host queues in its own memory. Here the senders share
+                // TCP's memory with the routers under test: each keeps at most 256 KiB queued
+                // (the kernel counts twice that), so a thousand of them stay below tcp_mem's
+                // pressure mark by themselves instead of deciding when it is crossed.
+                let socket = if addr.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.set_send_buffer_size(SENDER_QUEUE)?;
+                let mut conn = socket.connect(addr).await?;
                 while tokio::time::Instant::now() < until {
                     conn.write_all(&block).await?;
                 }
