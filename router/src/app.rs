@@ -446,6 +446,10 @@ impl Router {
             uring_connections: datapath.uring_connections(),
             uring_links: datapath.uring_carried().0,
             uring_streams: datapath.uring_carried().1,
+            receive_budget: {
+                let (bytes, allotted) = datapath.receive_budget();
+                ReceiveBudget { bytes, allotted }
+            },
             accel: self.node.accel_view(),
             accel_summary: self.node.accel_summary().to_owned(),
             isolation: self.node.isolation_view(),
@@ -509,12 +513,21 @@ struct Status {
     /// Link connections the io_uring workers carried, and link streams they served.
     uring_links: u64,
     uring_streams: u64,
+    /// What relayed streams' sockets may pin of TCP's memory, and what they hold.
+    receive_budget: ReceiveBudget,
     accel: AccelView,
     accel_summary: String,
     isolation: IsolationView,
     isolation_summary: String,
     metrics_addr: Option<SocketAddr>,
     console_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReceiveBudget {
+    bytes: usize,
+    allotted: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -736,6 +749,7 @@ impl metrics::Source for Router {
             datapath: datapath.backend(),
             uring_connections: datapath.uring_connections(),
             uring_carried: datapath.uring_carried(),
+            receive_budget: datapath.receive_budget(),
             links_refused: self.links.refused(),
             link_churn: self.links.churn(),
             handshakes: Handshakes::merged(self.links.handshakes(), self.forwarding.handshakes())

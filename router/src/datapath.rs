@@ -291,6 +291,13 @@ impl DataPath {
             .map(|u| Arc::clone(u) as Arc<dyn crate::link::Carrier>)
     }
 
+    /// The receive budget of relayed streams' sockets, and what the live ones hold of it, in
+    /// bytes.
+    #[must_use]
+    pub fn receive_budget(&self) -> (usize, usize) {
+        (self.budget.bytes(), self.budget.allotted())
+    }
+
     /// Link connections the io_uring workers carried, and link streams they served.
     #[must_use]
     pub fn uring_carried(&self) -> (u64, u64) {

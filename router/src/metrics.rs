@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub uring_connections: u64,
     /// Link connections the io_uring workers carried, and link streams they served.
     pub uring_carried: (u64, u64),
+    /// The receive budget of relayed streams' sockets and what the live ones hold, bytes.
+    pub receive_budget: (usize, usize),
     /// Link connections refused after their TLS handshake.
     pub links_refused: u64,
     /// TLS handshakes by endpoint, and their failures by reason.
@@ -377,6 +379,18 @@ impl<S: Source> Collector for RouterCollector<S> {
             "skiff_uring_streams",
             "Link streams the io_uring workers served, socket and link on one worker.",
             s.uring_carried.1,
+        )?;
+        gauge(
+            &mut encoder,
+            "skiff_receive_budget_bytes",
+            "Receive buffer relayed streams' sockets may hold in all (a quarter of tcp_mem's low mark).",
+            s.receive_budget.0 as u64,
+        )?;
+        gauge(
+            &mut encoder,
+            "skiff_receive_budget_allotted_bytes",
+            "Receive buffer the live relayed streams' sockets were given.",
+            s.receive_budget.1 as u64,
         )?;
         encode_handshakes(&mut encoder, &s.handshakes)?;
         counter(

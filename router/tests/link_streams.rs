@@ -116,3 +116,55 @@ async fn a_thousand_concurrent_streams_cross_the_link_exactly() {
         client.await.expect("transfer");
     }
 }
+
+/// What a site's relayed sockets hold of its receive budget (`skiff status`).
+async fn allotted(site: &Site) -> u64 {
+    let status = site.call(Request::Status).await.expect("status");
+    let budget = &status["receiveBudget"];
+    let (bytes, allotted) = (
+        budget["bytes"].as_u64().expect("a size"),
+        budget["allotted"].as_u64().expect("a size"),
+    );
+    assert!(bytes > 0 && allotted <= bytes, "{budget}");
+    allotted
+}
+
+/// A relayed stream's socket holds a share of its router's receive budget (a fixed receive
+/// buffer) while the stream lives, at both ends, and gives it back when the stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_holds_a_share_of_the_receive_budget_until_it_ends() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = backend.local_addr().expect("addr").port();
+    let (west, east, listener) = linked(port).await;
+    for site in [&east, &west] {
+        assert_eq!(allotted(site).await, 0);
+    }
+    let mut client = TcpStream::connect(("127.0.0.1", listener))
+        .await
+        .expect("connect");
+    client.write_all(b"ping").await.expect("write");
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
+        .await
+        .expect("the router connects in time")
+        .expect("accept");
+    let mut got = [0u8; 4];
+    conn.read_exact(&mut got).await.expect("the bytes arrive");
+    // East relays the client's socket, west the backend's.
+    let floor = router::datapath::budget::FLOOR as u64;
+    let ceiling = router::datapath::budget::CEILING as u64;
+    for site in [&east, &west] {
+        let share = allotted(site).await;
+        assert!((floor..=ceiling).contains(&share), "{share}");
+    }
+    drop((client, conn));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    for site in [&east, &west] {
+        while allotted(site).await != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the share is given back when the stream ends"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -74,6 +74,18 @@ impl ReceiveBudget {
         }
     }
 
+    /// The budget in bytes.
+    #[must_use]
+    pub const fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// What the live streams hold of it, in bytes.
+    #[must_use]
+    pub fn allotted(&self) -> usize {
+        self.allotted.load(Ordering::Relaxed)
+    }
+
     /// Allots `socket` its share and sets it as the socket's receive buffer, when it can be
     /// set. A socket the kernel refuses to cap still relays.
     pub fn enter(&self, socket: socket2::SockRef<'_>) -> Share {
