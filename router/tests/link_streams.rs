@@ -90,10 +90,16 @@ async fn a_client_reset_crosses_the_link_and_the_link_goes_on() {
         Ok(n) => panic!("a clean read of {n} bytes instead of a reset"),
     }
     // The link is still up for the next stream.
-    let mut next = TcpStream::connect(("127.0.0.1", listener))
+    ping_through(listener, &backend).await;
+}
+
+/// Opens a stream from a client at `listener` to `backend` and sends "ping" across it: the
+/// client's and the backend's connections, once the bytes arrived.
+async fn ping_through(listener: u16, backend: &TcpListener) -> (TcpStream, TcpStream) {
+    let mut client = TcpStream::connect(("127.0.0.1", listener))
         .await
         .expect("connect");
-    next.write_all(b"ping").await.expect("send");
+    client.write_all(b"ping").await.expect("send");
     let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
         .await
         .expect("the router connects in time")
@@ -101,6 +107,7 @@ async fn a_client_reset_crosses_the_link_and_the_link_goes_on() {
     let mut got = [0u8; 4];
     conn.read_exact(&mut got).await.expect("the bytes arrive");
     assert_eq!(&got, b"ping");
+    (client, conn)
 }
 
 /// 1,000 streams at once on one link connection, each with its own checksummed transfer and
@@ -139,16 +146,7 @@ async fn a_relayed_stream_holds_a_share_of_the_receive_budget_until_it_ends() {
     for site in [&east, &west] {
         assert_eq!(allotted(site).await, 0);
     }
-    let mut client = TcpStream::connect(("127.0.0.1", listener))
-        .await
-        .expect("connect");
-    client.write_all(b"ping").await.expect("write");
-    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), backend.accept())
-        .await
-        .expect("the router connects in time")
-        .expect("accept");
-    let mut got = [0u8; 4];
-    conn.read_exact(&mut got).await.expect("the bytes arrive");
+    let (client, conn) = ping_through(listener, &backend).await;
     // East relays the client's socket, west the backend's.
     let floor = router::datapath::budget::FLOOR as u64;
     let ceiling = router::datapath::budget::CEILING as u64;
