@@ -567,12 +567,12 @@ async fn discard(addr: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `conns` connections sending at once for `seconds`: the aggregate rate the discard server
-/// counted, over the time from the first connect to the last answer (so bytes still queued
-/// when the clock stops are counted with the time they took to arrive).
 /// What each flood sender may queue (`SO_SNDBUF`).
 const SENDER_QUEUE: u32 = 256 * 1024;
 
+/// `conns` connections sending at once for `seconds`: the aggregate rate the discard server
+/// counted, over the time from the first connect to the last answer (so bytes still queued
+/// when the clock stops are counted with the time they took to arrive).
 async fn flood(addr: &str, conns: usize, seconds: f64) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let addr: std::net::SocketAddr = addr.parse()?;

@@ -94,7 +94,7 @@ impl ReceiveBudget {
             .allotted
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |allotted| {
                 bytes = share(self.bytes.saturating_sub(allotted));
-                Some(allotted + bytes)
+                Some(allotted.saturating_add(bytes))
             });
         if bytes <= self.settable {
             // The kernel doubles what it is given, for its own bookkeeping: ask for half.
@@ -112,15 +112,8 @@ impl ReceiveBudget {
 /// The receive buffer (as the kernel counts it) for a socket relayed while `left` bytes of
 /// the budget are not allotted.
 #[must_use]
-pub const fn share(left: usize) -> usize {
-    let half = left / 2;
-    if half > CEILING {
-        CEILING
-    } else if half < FLOOR {
-        FLOOR
-    } else {
-        half
-    }
+pub fn share(left: usize) -> usize {
+    (left / 2).clamp(FLOOR, CEILING)
 }
 
 /// A quarter of `tcp_mem`'s first figure (pages below which TCP's memory is not under
