@@ -24,6 +24,8 @@ pub(super) struct BufRing {
     bufs_layout: Layout,
     /// The tail as published to the kernel, plus entries written but not yet published.
     tail: u16,
+    /// Buffers in the ring: pushed and not yet seen taken in a completion.
+    lent: u16,
 }
 
 impl std::fmt::Debug for BufRing {
@@ -75,6 +77,7 @@ impl BufRing {
             bufs,
             bufs_layout,
             tail: 0,
+            lent: 0,
         };
         // SAFETY: the ring memory is page-aligned, `entries` long, and lives until `this` is
         // dropped, which unregisters it first (the worker drops the BufRing before the ring).
@@ -111,6 +114,17 @@ impl BufRing {
         entry.set_len(self.buf_size);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
+        self.lent += 1;
+    }
+
+    /// Notes that a completion carried one of the ring's buffers: the kernel took it.
+    pub(super) fn taken(&mut self) {
+        self.lent = self.lent.saturating_sub(1);
+    }
+
+    /// Buffers the kernel may still take (pushed ones included, published or not).
+    pub(super) const fn lent(&self) -> u16 {
+        self.lent
     }
 
     /// Makes every pushed buffer visible to the kernel.
@@ -135,5 +149,31 @@ impl Drop for BufRing {
             dealloc(self.ring.cast(), self.ring_layout);
             dealloc(self.bufs, self.bufs_layout);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ring counts what it lends: every buffer at first, one less for each the kernel is
+    /// seen taking, one more for each handed back; never below zero.
+    #[test]
+    fn the_ring_counts_the_buffers_it_lends() {
+        // The uring suite runs where io_uring does (SKIFF_DATAPATH=uring in `cargo xtask test`).
+        let ring = IoUring::new(8).expect("io_uring");
+        let mut bufs = BufRing::new(&ring, 7, 4, 4096).expect("a provided buffer ring");
+        assert_eq!(bufs.lent(), 4);
+        bufs.taken();
+        bufs.taken();
+        assert_eq!(bufs.lent(), 2);
+        bufs.push(0);
+        bufs.publish();
+        assert_eq!(bufs.lent(), 3);
+        for _ in 0..5 {
+            bufs.taken();
+        }
+        assert_eq!(bufs.lent(), 0);
+        bufs.unregister(&ring);
     }
 }

@@ -301,6 +301,9 @@ impl Worker {
         let slot = usize::try_from((user_data >> 8) & 0xff_ffff).expect("slots fit usize");
         let index = usize::try_from(user_data >> 32).expect("slots fit usize");
         let op = user_data & 0xff;
+        if cqueue::buffer_select(flags).is_some() {
+            self.stream_bufs.taken();
+        }
         if self.links.get(slot).is_none_or(Option::is_none) {
             if let Some(bid) = cqueue::buffer_select(flags) {
                 self.give_back_stream(bid);
@@ -363,13 +366,17 @@ impl Worker {
         self.links.iter().all(Option::is_none)
     }
 
-    /// Lets served streams that found the buffer ring empty receive again.
+    /// Lets served streams that found the buffer ring empty receive again, oldest first and
+    /// no more of them than the ring has buffers: the others would find it empty again.
     pub(super) fn feed_starved_streams(&mut self) {
-        let starved = std::mem::take(&mut self.starved_streams);
-        for (slot, index) in starved {
+        let mut room = self.stream_bufs.lent();
+        while room > 0
+            && let Some((slot, index)) = self.starved_streams.pop_front()
+        {
             if let Some(served) = self.live_served(slot, index) {
                 served.waiting = false;
                 self.stream_receive(slot, index);
+                room -= 1;
             }
         }
     }

@@ -344,6 +344,8 @@ impl Worker {
             if self.stream_returned {
                 self.stream_returned = false;
                 self.stream_bufs.publish();
+            }
+            if !self.starved_streams.is_empty() {
                 self.feed_starved_streams();
             }
             self.send_due_links();
