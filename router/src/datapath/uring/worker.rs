@@ -291,6 +291,7 @@ impl Worker {
                 }
                 if let Some(bid) = cqueue::buffer_select(flags) {
                     got += result;
+                    self.bufs.taken();
                     self.bufs.push(bid);
                     self.bufs.publish();
                 }
@@ -339,6 +340,8 @@ impl Worker {
             if self.returned {
                 self.returned = false;
                 self.bufs.publish();
+            }
+            if !self.starved.is_empty() {
                 self.feed_starved();
             }
             if self.stream_returned {
@@ -409,6 +412,9 @@ impl Worker {
         }
         if user_data & 0xff >= super::carrier::FIRST_OP && user_data != WAKE - 1 {
             return self.complete_carried(user_data, result, flags);
+        }
+        if cqueue::buffer_select(flags).is_some() {
+            self.bufs.taken();
         }
         let slot = usize::try_from(user_data >> 8).expect("slots fit usize");
         if self.pairs.get(slot).is_none_or(Option::is_none) {
@@ -732,13 +738,17 @@ impl Worker {
         self.returned = true;
     }
 
-    /// Lets directions that found the ring empty receive again, oldest first.
+    /// Lets directions that found the ring empty receive again, oldest first and no more of
+    /// them than the ring has buffers: the others would find it empty again.
     fn feed_starved(&mut self) {
-        let starved = std::mem::take(&mut self.starved);
-        for (slot, dir) in starved {
+        let mut room = self.bufs.lent();
+        while room > 0
+            && let Some((slot, dir)) = self.starved.pop_front()
+        {
             if let Some(pair) = self.pairs.get_mut(slot).and_then(Option::as_mut) {
                 pair.dirs[dir].starved = false;
                 self.rearm_if_room(slot, dir);
+                room -= 1;
             }
         }
     }
