@@ -428,6 +428,8 @@ impl Router {
         let (listeners, connectors) = self.services.counts();
         let datapath = self.forwarding.datapath();
         let trimmer = self.forwarding.trimmer();
+        // One read, so that the two counts come from the same moment.
+        let (uring_links, uring_streams) = datapath.uring_carried();
         Status {
             site: self.config.name.clone(),
             link_access: self.config.link_access.clone(),
@@ -444,8 +446,8 @@ impl Router {
             datapath: datapath.backend(),
             datapath_summary: datapath.note().to_owned(),
             uring_connections: datapath.uring_connections(),
-            uring_links: datapath.uring_carried().0,
-            uring_streams: datapath.uring_carried().1,
+            uring_links,
+            uring_streams,
             receive_budget: {
                 let (bytes, allotted) = datapath.receive_budget();
                 ReceiveBudget { bytes, allotted }
