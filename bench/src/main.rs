@@ -26,8 +26,8 @@ use kernel_tests::Proc;
 #[command(name = "bench")]
 struct Args {
     /// Scenarios to run (default: all). Known: direct, socat, haproxy, nginx, skiff-hop,
-    /// skiff-hop-uring, skiff-hop-accel, direct-sockmap, haproxy-tls, stunnel, skiff-chain, skiff-mtls,
-    /// skiff-mtls-uring, skiff-mtls-accel.
+    /// skiff-hop-uring, skiff-hop-accel, direct-sockmap, haproxy-tls, stunnel, skiff-chain, skiff-chain-uring,
+    /// skiff-mtls, skiff-mtls-uring, skiff-mtls-accel.
     scenarios: Vec<String>,
     /// Runs per scenario.
     #[arg(long, default_value_t = 5)]

@@ -152,6 +152,7 @@ pub const ALL: &[&str] = &[
     "haproxy-tls",
     "stunnel",
     "skiff-chain",
+    "skiff-chain-uring",
     "skiff-mtls",
     "skiff-mtls-uring",
     "skiff-mtls-accel",
@@ -708,18 +709,25 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
                 _files: None,
             }
         }
-        "skiff-chain" => {
+        "skiff-chain" | "skiff-chain-uring" => {
             // The mTLS path's shape without TLS: the same three TCP legs (loopback, veth,
-            // loopback) and two routers, each joining a listener to a connector with splice(2).
-            // What it makes is a ceiling for the mTLS path on this machine, which does all of
-            // this and encrypts and decrypts every byte on top.
-            let west_ns = Netns::new("bchainw")?;
-            let east_ns = Netns::new("bchaine")?;
+            // loopback) and two routers, each joining a listener to a connector: with splice(2)
+            // on epoll, through its worker's buffer ring on uring. What the better of the two
+            // makes is a ceiling for the mTLS path on this machine, which does all of this and
+            // encrypts and decrypts every byte on top.
+            let uring = name == "skiff-chain-uring";
+            let (west, east) = if uring {
+                ("bchainuw", "bchainue")
+            } else {
+                ("bchainw", "bchaine")
+            };
+            let west_ns = Netns::new(west)?;
+            let east_ns = Netns::new(east)?;
             let (west_ip, _) = west_ns.link(&east_ns, subnet)?;
             let backends = backends(&west_ns, None)?;
-            let epoll = ["--datapath", "epoll"];
-            let west = Site::start_with(&west_ns, None, "west", None, &[], &epoll)?;
-            let east = Site::start_with(&east_ns, None, "east", None, &[], &epoll)?;
+            let datapath = ["--datapath", if uring { "uring" } else { "epoll" }];
+            let west = Site::start_with(&west_ns, None, "west", None, &[], &datapath)?;
+            let east = Site::start_with(&east_ns, None, "east", None, &[], &datapath)?;
             for (((key, port), listen), tunnel) in SERVICES.iter().zip(FRONT..).zip(TUNNEL..) {
                 let tunnel = tunnel.to_string();
                 west.connector(key, *port)?;
@@ -739,8 +747,16 @@ pub fn build(name: &str, subnet: u8, link_connections: u32) -> anyhow::Result<Sc
             }
             wait_front(&east_ns, None)?;
             Scenario {
-                name: "skiff-chain",
-                description: "client -> router east -> plain TCP over veth -> router west -> server (the mTLS path without TLS)",
+                name: if uring {
+                    "skiff-chain-uring"
+                } else {
+                    "skiff-chain"
+                },
+                description: if uring {
+                    "the same on io_uring: each router copies through its worker's buffer ring"
+                } else {
+                    "client -> router east -> plain TCP over veth -> router west -> server (the mTLS path without TLS)"
+                },
                 ports: front,
                 relays: vec![router_pid(&east)?, router_pid(&west)?],
                 _relay_procs: vec![],
