@@ -448,6 +448,7 @@ impl Router {
             uring_connections: datapath.uring_connections(),
             uring_links,
             uring_streams,
+            uring_starved_receives: datapath.uring_starved(),
             receive_budget: {
                 let (bytes, allotted) = datapath.receive_budget();
                 ReceiveBudget { bytes, allotted }
@@ -515,6 +516,8 @@ struct Status {
     /// Link connections the io_uring workers carried, and link streams they served.
     uring_links: u64,
     uring_streams: u64,
+    /// Receives that found a worker's buffer ring empty and waited for a buffer.
+    uring_starved_receives: u64,
     /// What relayed streams' sockets may pin of TCP's memory, and what they hold.
     receive_budget: ReceiveBudget,
     accel: AccelView,
@@ -751,6 +754,7 @@ impl metrics::Source for Router {
             datapath: datapath.backend(),
             uring_connections: datapath.uring_connections(),
             uring_carried: datapath.uring_carried(),
+            uring_starved: datapath.uring_starved(),
             receive_budget: datapath.receive_budget(),
             links_refused: self.links.refused(),
             link_churn: self.links.churn(),

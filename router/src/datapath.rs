@@ -144,6 +144,12 @@ impl DataPath {
         self.uring.as_ref().map_or(0, |u| u.connections())
     }
 
+    /// Receives on the io_uring workers that found a buffer ring empty (none on epoll).
+    #[must_use]
+    pub fn uring_starved(&self) -> u64 {
+        self.uring.as_ref().map_or(0, |u| u.starved())
+    }
+
     /// Which backend runs, and why (for a fallback), in one line.
     #[must_use]
     pub fn note(&self) -> &str {

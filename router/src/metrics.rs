@@ -35,6 +35,8 @@ pub struct Snapshot {
     pub uring_connections: u64,
     /// Link connections the io_uring workers carried, and link streams they served.
     pub uring_carried: (u64, u64),
+    /// Receives that found an io_uring worker's buffer ring empty.
+    pub uring_starved: u64,
     /// The receive budget of relayed streams' sockets and what the live ones hold, bytes.
     pub receive_budget: (usize, usize),
     /// Link connections refused after their TLS handshake.
@@ -379,6 +381,12 @@ impl<S: Source> Collector for RouterCollector<S> {
             "skiff_uring_streams",
             "Link streams the io_uring workers served, socket and link on one worker.",
             s.uring_carried.1,
+        )?;
+        counter(
+            &mut encoder,
+            "skiff_uring_receives_starved",
+            "Receives that found an io_uring worker's buffer ring empty and waited for a buffer.",
+            s.uring_starved,
         )?;
         gauge(
             &mut encoder,

@@ -43,6 +43,8 @@ pub struct Uring {
     /// Link connections carried and streams served so far.
     carried: std::sync::atomic::AtomicU64,
     served: std::sync::atomic::AtomicU64,
+    /// Receives that found their worker's buffer ring empty (the workers count them).
+    starved: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -100,8 +102,9 @@ impl Uring {
     pub fn start(workers: usize) -> Result<Self, Unavailable> {
         let mut handles = Vec::new();
         let mut setup = String::new();
+        let starved = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for index in 0..workers.max(1) {
-            match spawn(index) {
+            match spawn(index, Arc::clone(&starved)) {
                 Ok((handle, label)) => {
                     handles.push(handle);
                     setup = label;
@@ -114,6 +117,7 @@ impl Uring {
                         connections: 0.into(),
                         carried: 0.into(),
                         served: 0.into(),
+                        starved,
                     });
                     return Err(e);
                 }
@@ -126,6 +130,7 @@ impl Uring {
             connections: 0.into(),
             carried: 0.into(),
             served: 0.into(),
+            starved,
         })
     }
 
@@ -133,6 +138,13 @@ impl Uring {
     #[must_use]
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Receives that found their worker's buffer ring empty, so far: each waits until a
+    /// buffer comes back.
+    #[must_use]
+    pub fn starved(&self) -> u64 {
+        self.starved.load(Ordering::Relaxed)
     }
 
     /// How many workers run, and how their rings were set up.
@@ -239,7 +251,10 @@ impl Drop for Uring {
 }
 
 /// Starts worker `index`; returns once its ring is set up and checked.
-fn spawn(index: usize) -> Result<(Handle, String), Unavailable> {
+fn spawn(
+    index: usize,
+    starved: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<(Handle, String), Unavailable> {
     // SAFETY: eventfd returns a new descriptor or -1.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if fd < 0 {
@@ -266,7 +281,7 @@ fn spawn(index: usize) -> Result<(Handle, String), Unavailable> {
                     return;
                 }
             };
-            match Worker::new(ring, worker_wake, worker_woken, rx) {
+            match Worker::new(ring, worker_wake, worker_woken, starved, rx) {
                 Ok(worker) => {
                     let _ = ready_tx.send(Ok(label));
                     worker.run();

@@ -758,6 +758,7 @@ impl Worker {
             e if -e == libc::ENOBUFS => {
                 served.waiting = true;
                 self.starved_streams.push_back((slot, index));
+                self.count_starved();
             }
             e if -e == libc::ECANCELED => {}
             e => {

@@ -210,6 +210,9 @@ pub(super) struct Worker {
     /// Set by whoever writes the wake eventfd for a link, cleared before the worker looks:
     /// many frames queued at once wake the worker once.
     woken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Receives that found a buffer ring empty, counted for `skiff status` (shared by all
+    /// workers of the router).
+    pub(super) starved_receives: std::sync::Arc<std::sync::atomic::AtomicU64>,
     jobs: mpsc::Receiver<Msg>,
     pub(super) stopping: bool,
 }
@@ -224,6 +227,7 @@ impl Worker {
         ring: IoUring,
         wake: OwnedFd,
         woken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        starved_receives: std::sync::Arc<std::sync::atomic::AtomicU64>,
         jobs: mpsc::Receiver<Msg>,
     ) -> io::Result<Self> {
         let bufs = BufRing::new(&ring, 0, BUFS, BUF_SIZE).map_err(|e| {
@@ -253,6 +257,7 @@ impl Worker {
             wake_buf: Box::new(0),
             wake_armed: false,
             woken,
+            starved_receives,
             jobs,
             stopping: false,
         };
@@ -566,6 +571,7 @@ impl Worker {
                 libc::ENOBUFS => {
                     pair.dirs[dir].starved = true;
                     self.starved.push_back((slot, dir));
+                    self.count_starved();
                 }
                 // Cancelled for back-pressure; received again once the queue drains.
                 libc::ECANCELED => {}
@@ -740,6 +746,12 @@ impl Worker {
 
     /// Lets directions that found the ring empty receive again, oldest first and no more of
     /// them than the ring has buffers: the others would find it empty again.
+    /// Counts one receive that found a buffer ring empty.
+    pub(super) fn count_starved(&self) {
+        self.starved_receives
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn feed_starved(&mut self) {
         let mut room = self.bufs.lent();
         while room > 0
