@@ -32,6 +32,7 @@ fn smoke_run_writes_results_for_every_requested_scenario() -> anyhow::Result<()>
             "haproxy-tls",
             "stunnel",
             "skiff-chain",
+            "skiff-chain-uring",
             "skiff-mtls",
             "skiff-mtls-uring",
             "skiff-mtls-accel",
