@@ -124,7 +124,7 @@ async fn a_thousand_concurrent_streams_cross_the_link_exactly() {
     }
     // East serves the clients' sockets. Sockets that found its buffer ring empty are received
     // again no faster than buffers come back, so each misses a few times at most; re-arming
-    // every waiting socket at each hand-back made them miss hundreds of times each.
+    // every waiting socket at each turn made them miss about 80 times each (80k in all).
     let status = east.call(Request::Status).await.expect("status");
     let starved = status["uringStarvedReceives"].as_u64().expect("a count");
     eprintln!("receives that found the ring empty: {starved}");

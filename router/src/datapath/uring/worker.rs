@@ -212,7 +212,7 @@ pub(super) struct Worker {
     woken: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// Receives that found a buffer ring empty, counted for `skiff status` (shared by all
     /// workers of the router).
-    pub(super) starved_receives: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    starved_receives: std::sync::Arc<std::sync::atomic::AtomicU64>,
     jobs: mpsc::Receiver<Msg>,
     pub(super) stopping: bool,
 }
@@ -744,14 +744,14 @@ impl Worker {
         self.returned = true;
     }
 
-    /// Lets directions that found the ring empty receive again, oldest first and no more of
-    /// them than the ring has buffers: the others would find it empty again.
     /// Counts one receive that found a buffer ring empty.
     pub(super) fn count_starved(&self) {
         self.starved_receives
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Lets directions that found the ring empty receive again, oldest first and no more of
+    /// them than the ring has buffers: the others would find it empty again.
     fn feed_starved(&mut self) {
         let mut room = self.bufs.lent();
         while room > 0
